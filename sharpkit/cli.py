@@ -1,0 +1,62 @@
+"""The ``sharpkit`` command line.
+
+Each subcommand lives beside the code it drives and registers itself through
+``add_parser(subparsers)``, which must set ``func`` (called with the parsed arguments, returning
+an exit code).  This file only lists those modules.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+from . import __version__
+
+# Modules providing ``add_parser(subparsers)``, in the order ``--help`` lists them.
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
+def _backends(args: argparse.Namespace) -> int:
+    from .ops import backends
+
+    table = backends()
+    if args.json:
+        print(json.dumps(table, indent=2))
+    else:
+        width = max(len(k) for k in table)
+        for name, why in table.items():
+            print(f"{name:<{width}}  {why}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sharpkit",
+        description="Measure the sharpness of neural-network minima (Keskar et al. 2017 and successors).",
+    )
+    parser.add_argument("--version", action="version", version=f"sharpkit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    p = sub.add_parser("backends", help="list the kernel backends usable here and why the others are not")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_backends)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

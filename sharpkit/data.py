@@ -1,0 +1,247 @@
+"""Batches, sample-weighted means, and the embedded data sets.
+
+sharpkit's objective is always the *sample-weighted* mean loss over all of ``data``:
+``f = sum_b n_b * loss_fn(model(X_b), Y_b) / sum_b n_b`` with ``loss_fn`` mean-reduced, so an
+uneven last batch is weighted exactly.  ``data`` is a ``(inputs, targets)`` tuple of tensors or
+any re-iterable of such batches (a DataLoader, a list).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import torch
+
+__all__ = [
+    "Batches",
+    "as_batches",
+    "load_mnist1d",
+    "load_digits",
+    "load_tensor_file",
+    "TensorDataset",
+]
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class Batches:
+    """A re-iterable view of ``data`` as ``(inputs, targets)`` batches, with sample counts.
+
+    A single ``(X, Y)`` pair becomes one batch, or batches of ``batch_size`` rows when given.
+    A one-shot iterator (a generator) is read once into memory so that it can be replayed;
+    re-iterables (DataLoader, list) are iterated afresh on every pass.
+    """
+
+    def __init__(self, data: Any, batch_size: int | None = None):
+        if isinstance(data, Batches):
+            self._source, self._split = data._source, data._split
+            return
+        if _is_tensor_pair(data):
+            x, y = data
+            if x.shape[0] != y.shape[0]:
+                raise ValueError(
+                    f"inputs and targets disagree on the number of samples: {x.shape[0]} vs {y.shape[0]}"
+                )
+            self._source: Iterable = [(x, y)]
+            self._split = batch_size
+        elif isinstance(data, Iterable):
+            self._source = list(data) if iter(data) is data else data
+            self._split = batch_size
+        else:
+            raise TypeError(
+                f"data must be an (inputs, targets) tuple of tensors or an iterable of batches, got {type(data).__name__}"
+            )
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+    def __iter__(self) -> Iterator[Batch]:
+        seen = False
+        for i, batch in enumerate(self._source):
+            if not _is_tensor_pair(batch):
+                raise TypeError(
+                    f"batch {i} is not an (inputs, targets) pair of tensors (got {type(batch).__name__})"
+                )
+            x, y = batch
+            if x.shape[0] != y.shape[0]:
+                raise ValueError(f"batch {i}: inputs have {x.shape[0]} samples but targets {y.shape[0]}")
+            if x.shape[0] == 0:
+                continue
+            if self._split is None:
+                seen = True
+                yield x, y
+            else:
+                for s in range(0, x.shape[0], self._split):
+                    seen = True
+                    yield x[s : s + self._split], y[s : s + self._split]
+        if not seen:
+            raise ValueError("data is empty: it holds no samples")
+
+    def num_samples(self) -> int:
+        """Total number of samples (one pass over the data)."""
+        return sum(x.shape[0] for x, _ in self)
+
+    def materialize(self) -> Batch:
+        """All batches concatenated into one ``(X, Y)`` pair (for data that fit in memory)."""
+        xs, ys = zip(*self)
+        return torch.cat(xs), torch.cat(ys)
+
+
+def as_batches(data: Any, batch_size: int | None = None) -> Batches:
+    """Wrap ``data`` as :class:`Batches` (idempotent)."""
+    return data if isinstance(data, Batches) and batch_size is None else Batches(data, batch_size)
+
+
+def _is_tensor_pair(obj: Any) -> bool:
+    return (
+        isinstance(obj, (tuple, list))
+        and len(obj) == 2
+        and isinstance(obj[0], torch.Tensor)
+        and isinstance(obj[1], torch.Tensor)
+    )
+
+
+def to_device(batch: Batch, device: torch.device | str | None, dtype: torch.dtype | None = None) -> Batch:
+    """Move a batch to ``device``; floating inputs are cast to ``dtype`` when given (targets keep theirs
+    unless they are floating, as for MSE)."""
+    x, y = batch
+    x = x.to(device=device, dtype=dtype if (dtype is not None and x.is_floating_point()) else None)
+    y = y.to(device=device, dtype=dtype if (dtype is not None and y.is_floating_point()) else None)
+    return x, y
+
+
+class TensorDataset:
+    """Train and test tensors of one data set, with a name for reports."""
+
+    def __init__(self, name: str, x_train, y_train, x_test, y_test, num_classes: int):
+        self.name = name
+        self.x_train, self.y_train = x_train, y_train
+        self.x_test, self.y_test = x_test, y_test
+        self.num_classes = num_classes
+
+    @property
+    def train(self) -> Batch:
+        return self.x_train, self.y_train
+
+    @property
+    def test(self) -> Batch:
+        return self.x_test, self.y_test
+
+    def __repr__(self) -> str:
+        return (
+            f"TensorDataset({self.name!r}, train={tuple(self.x_train.shape)}, "
+            f"test={tuple(self.x_test.shape)}, classes={self.num_classes})"
+        )
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("SHARPKIT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "sharpkit"
+    )
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def load_mnist1d(num_samples: int = 5000, seed: int = 42, cache: bool = True) -> TensorDataset:
+    """MNIST-1D (Greydanus 2020), generated offline by the ``mnist1d`` package.
+
+    ``num_samples`` sequences of length 40 in 10 classes, split 80/20 into train/test as the
+    package does (the package default is 5000 -> 4000 train / 1000 test).  The generated arrays are
+    cached under ``$SHARPKIT_CACHE`` (default ``~/.cache/sharpkit``) keyed by the arguments.
+    Inputs are float32 of shape ``(N, 40)``, targets int64.
+    """
+    if num_samples < 10:
+        raise ValueError(f"num_samples must be >= 10, got {num_samples}")
+    key = hashlib.sha1(f"mnist1d-v1-{num_samples}-{seed}".encode()).hexdigest()[:12]
+    path = _cache_dir() / f"mnist1d-{num_samples}-{seed}-{key}.npz"
+    if cache and path.exists():
+        arrays = dict(np.load(path))
+    else:
+        from mnist1d.data import get_dataset_args, make_dataset
+
+        args = get_dataset_args()
+        args.num_samples = num_samples
+        args.seed = seed
+        made = make_dataset(args)
+        arrays = {k: np.asarray(made[k]) for k in ("x", "y", "x_test", "y_test")}
+        if cache:
+            _atomic_save_npz(path, arrays)
+    return TensorDataset(
+        "mnist1d",
+        torch.as_tensor(arrays["x"], dtype=torch.float32),
+        torch.as_tensor(arrays["y"], dtype=torch.int64),
+        torch.as_tensor(arrays["x_test"], dtype=torch.float32),
+        torch.as_tensor(arrays["y_test"], dtype=torch.int64),
+        num_classes=10,
+    )
+
+
+def load_digits(test_fraction: float = 0.2, seed: int = 0) -> TensorDataset:
+    """scikit-learn's 8x8 digits (1797 images, shipped with the package) as flat 64-vectors in [0, 1]."""
+    from sklearn.datasets import load_digits as _load
+
+    bunch = _load()
+    x = torch.as_tensor(bunch.data / 16.0, dtype=torch.float32)
+    y = torch.as_tensor(bunch.target, dtype=torch.int64)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    n_test = int(round(test_fraction * len(x)))
+    test, train = perm[:n_test], perm[n_test:]
+    return TensorDataset("digits", x[train], y[train], x[test], y[test], num_classes=10)
+
+
+def load_tensor_file(path: str | os.PathLike) -> TensorDataset:
+    """A data set from a ``.npz`` or ``.pt`` file.
+
+    Expected keys: ``x_train``, ``y_train`` and optionally ``x_test``, ``y_test`` (``x``/``y`` are
+    accepted for the training split).  Without a test split the training data double as test data
+    and the name says so.  ``.pt`` files are read with ``weights_only=True``.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"data file not found: {path}")
+    if path.suffix == ".npz":
+        raw = {k: torch.as_tensor(v) for k, v in np.load(path).items()}
+    elif path.suffix in (".pt", ".pth"):
+        raw = torch.load(path, weights_only=True, map_location="cpu")
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: expected a dict of tensors, got {type(raw).__name__}")
+    else:
+        raise ValueError(f"{path}: unsupported data file type {path.suffix!r} (use .npz or .pt)")
+    x = raw.get("x_train", raw.get("x"))
+    y = raw.get("y_train", raw.get("y"))
+    if x is None or y is None:
+        raise ValueError(f"{path}: needs keys x_train and y_train (or x and y); found {sorted(raw)}")
+    x_test, y_test = raw.get("x_test"), raw.get("y_test")
+    name = path.stem
+    if x_test is None or y_test is None:
+        x_test, y_test, name = x, y, f"{path.stem} (no test split)"
+    x, x_test = x.float(), x_test.float()
+    y, y_test = torch.as_tensor(y), torch.as_tensor(y_test)
+    if len(x) == 0:
+        raise ValueError(f"{path}: the training split is empty")
+    num_classes = int(max(y.max(), y_test.max()).item()) + 1 if not y.is_floating_point() else 0
+    return TensorDataset(name, x, y.long() if num_classes else y.float(), x_test, y_test.long() if num_classes else y_test.float(), num_classes)
+
+
+def load_dataset(spec: str, **kwargs: Any) -> TensorDataset:
+    """Resolve a data-set spec: ``mnist1d``, ``digits`` or a path to a ``.npz``/``.pt`` file."""
+    if spec == "mnist1d":
+        return load_mnist1d(**kwargs)
+    if spec in ("digits", "sklearn-digits"):
+        return load_digits(**kwargs)
+    if spec.endswith((".npz", ".pt", ".pth")):
+        return load_tensor_file(spec)
+    raise ValueError(f"unknown data set {spec!r}: use mnist1d, digits, or a .npz/.pt file")
+
+
+def _atomic_save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+

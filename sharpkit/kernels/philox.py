@@ -1,0 +1,71 @@
+"""Counter-based Philox-4x32-10 in plain torch integer arithmetic: the definition of
+:class:`~sharpkit.kernels.subspace.GaussianSubspace`'s entries that every backend reproduces.
+
+Entry ``A[i, j]`` (``i < n`` rows, ``j < p`` columns) is defined by ``(seed, i, j)`` alone:
+
+* counter ``(i mod 2**32, i div 2**32, j div 2, 0)``, key ``(seed mod 2**32, (seed div 2**32) mod 2**32)``;
+* ten Philox-4x32 rounds give ``r0..r3``; ``u1 = (r0 + 0.5) / 2**32``, ``u2 = (r1 + 0.5) / 2**32``;
+* Box-Muller: ``A[i, j] = sqrt(-2 ln u1) * (cos(2 pi u2) if j is even else sin(2 pi u2))``.
+
+uint32 values live in int64 tensors; 32x32-bit products are split into 16-bit halves so that
+nothing overflows int64.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+PHILOX_M0 = 0xD2511F53
+PHILOX_M1 = 0xCD9E8D57
+PHILOX_W0 = 0x9E3779B9
+PHILOX_W1 = 0xBB67AE85
+MASK32 = 0xFFFFFFFF
+ROUNDS = 10
+
+
+def _mulhilo(a: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo) 32-bit halves of ``a * m`` for uint32 ``a`` (int64 tensor) and constant ``m``."""
+    s = a * (m & 0xFFFF)
+    t = a * (m >> 16)
+    low_part = s + ((t & 0xFFFF) << 16)
+    return (low_part >> 32) + (t >> 16), low_part & MASK32
+
+
+def philox4x32(c0, c1, c2, c3, seed: int):
+    """Ten Philox-4x32 rounds on int64 tensors holding uint32 counters; returns ``(r0, r1, r2, r3)``."""
+    k0, k1 = seed & MASK32, (seed >> 32) & MASK32
+    for _ in range(ROUNDS):
+        hi0, lo0 = _mulhilo(c0, PHILOX_M0)
+        hi1, lo1 = _mulhilo(c2, PHILOX_M1)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + PHILOX_W0) & MASK32, (k1 + PHILOX_W1) & MASK32
+    return c0, c1, c2, c3
+
+
+def gaussian_block(
+    seed: int,
+    row_start: int,
+    num_rows: int,
+    p: int,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Rows ``row_start : row_start + num_rows`` of A (shape ``(num_rows, p)``), computed from scratch."""
+    if seed < 0 or seed >= 2**64:
+        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+    rows = torch.arange(row_start, row_start + num_rows, device=device, dtype=torch.int64)
+    pairs = torch.arange((p + 1) // 2, device=device, dtype=torch.int64)
+    c0 = (rows & MASK32)[:, None].expand(num_rows, pairs.numel())
+    c1 = (rows >> 32)[:, None].expand_as(c0)
+    c2 = pairs[None, :].expand_as(c0)
+    c3 = torch.zeros_like(c0)
+    r0, r1, _, _ = philox4x32(c0, c1, c2, c3, seed)
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    scale = 2.0**-32
+    u1 = (r0.to(work) + 0.5) * scale
+    u2 = (r1.to(work) + 0.5) * scale
+    radius = torch.sqrt(-2.0 * torch.log(u1))
+    angle = (2.0 * math.pi) * u2
+    out = torch.stack((radius * torch.cos(angle), radius * torch.sin(angle)), dim=-1)
+    return out.reshape(num_rows, -1)[:, :p].to(dtype)

@@ -1,0 +1,105 @@
+"""The objective every measurement shares: the sample-weighted mean loss over ``data`` as a
+function of the flat parameter vector.
+
+Evaluation goes through :func:`torch.func.functional_call` with views of a flat vector, so the
+model's own tensors are never written; BatchNorm/dropout follow the ``bn`` policy of
+:func:`sharpkit.params.measurement_mode`.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from .data import Batches, as_batches, to_device
+from .params import FlatParams, check_finite_parameters
+
+__all__ = ["Objective", "LossFn"]
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class Objective:
+    """``f(x) = sum_b n_b * loss_fn(model_x(X_b), Y_b) / sum_b n_b`` on the flat parameters x.
+
+    Args:
+        model: the network; only read.  Call inside :func:`~sharpkit.params.measurement_mode`
+            to fix its BatchNorm/dropout behaviour.
+        loss_fn: mean-reduced loss ``loss_fn(outputs, targets) -> scalar``.
+        data: ``(X, Y)`` tensors or an iterable of batches.
+        device, dtype: where/in what precision to evaluate (default: the parameters' own);
+            floating inputs are cast to ``dtype``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        data: Any,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        check_finite_parameters(model)
+        self.model = model
+        self.loss_fn = loss_fn
+        self.flat = FlatParams(model)
+        self.device = torch.device(device) if device is not None else self.flat.device
+        self.dtype = dtype or self.flat.dtype
+        self.batches: Batches = as_batches(data)
+        self.num_samples = self.batches.num_samples()
+        self.num_evals = 0
+        self._frozen = {
+            n: t.to(self.device, self.dtype if t.is_floating_point() else None)
+            for n, t in list(model.named_parameters()) + list(model.named_buffers())
+            if n not in set(self.flat.names)
+        }
+
+    @property
+    def n(self) -> int:
+        return self.flat.n
+
+    def x0(self) -> torch.Tensor:
+        """The model's current parameter vector on this objective's device and dtype."""
+        return self.flat.get().to(self.device, self.dtype)
+
+    def batch_loss(self, x: torch.Tensor, batch) -> torch.Tensor:
+        """Mean loss of one batch at parameters ``x`` (differentiable in ``x``)."""
+        inputs, targets = to_device(batch, self.device, self.dtype)
+        tensors = dict(self._frozen)
+        tensors.update(self.flat.as_dict(x))
+        out = functional_call(self.model, tensors, (inputs,))
+        loss = self.loss_fn(out, targets)
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ValueError(f"loss_fn must return a scalar (mean-reduced) tensor, got {shape}")
+        return loss
+
+    def loss(self, x: torch.Tensor) -> torch.Tensor:
+        """``f(x)`` as a 0-dim tensor (no graph)."""
+        with torch.no_grad():
+            total = torch.zeros((), device=self.device, dtype=torch.float64)
+            for batch in self.batches:
+                total += self.batch_loss(x, batch).double() * batch[0].shape[0]
+        self.num_evals += 1
+        return total / self.num_samples
+
+    def loss_and_grad(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(f(x), grad f(x))``: the loss as a float64 0-dim tensor, the gradient shaped like ``x``.
+
+        Objective and gradient come from the same pass with the same sample weights, so they are
+        consistent (what L-BFGS-B's line search needs).
+        """
+        x = x.detach()
+        total = torch.zeros((), device=self.device, dtype=torch.float64)
+        grad = torch.zeros_like(x)
+        for batch in self.batches:
+            xr = x.clone().requires_grad_(True)
+            n_b = batch[0].shape[0]
+            loss = self.batch_loss(xr, batch)
+            (g,) = torch.autograd.grad(loss * (n_b / self.num_samples), xr)
+            grad += g
+            total += loss.detach().double() * n_b
+        self.num_evals += 1
+        return total / self.num_samples, grad

@@ -1,0 +1,177 @@
+"""The flat parameter space: one contiguous vector <-> a model's trainable parameters.
+
+Every sharpkit measurement works on the vector x of a model's parameters with
+``requires_grad=True``, taken in ``model.named_parameters()`` order and flattened like
+``torch.nn.utils.parameters_to_vector``.  :class:`FlatParams` reads that vector, writes
+``x + y`` into the model in place (no reallocation of the model's tensors) and restores it
+bit for bit.  :func:`preserved` snapshots everything a measurement could touch (parameters,
+buffers, train/eval flags) and puts it back on exit, even after an exception.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+
+__all__ = ["FlatParams", "preserved", "measurement_mode", "check_finite_parameters"]
+
+
+@dataclass(frozen=True)
+class ParamBlock:
+    """One parameter tensor's place in the flat vector: ``flat[offset:offset + numel]``."""
+
+    name: str
+    shape: torch.Size
+    offset: int
+    numel: int
+
+    @property
+    def slice(self) -> slice:
+        return slice(self.offset, self.offset + self.numel)
+
+
+class FlatParams:
+    """A contiguous vector view of ``model``'s trainable parameters.
+
+    The layout (names, shapes, offsets) is fixed at construction; the model's tensors are
+    never replaced, only written in place with ``copy_``.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError("the model has no parameters with requires_grad=True")
+        self.names: list[str] = [n for n, _ in named]
+        self.params: list[torch.Tensor] = [p for _, p in named]
+        blocks, offset = [], 0
+        for n, p in named:
+            blocks.append(ParamBlock(n, p.shape, offset, p.numel()))
+            offset += p.numel()
+        self.blocks: list[ParamBlock] = blocks
+        self.n: int = offset
+        first = self.params[0]
+        self.device, self.dtype = first.device, first.dtype
+
+    def __len__(self) -> int:
+        return self.n
+
+    def get(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A new contiguous copy of the parameter vector x (shape ``(n,)``)."""
+        flat = torch.cat([p.detach().reshape(-1) for p in self.params])
+        return flat if dtype is None else flat.to(dtype)
+
+    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Views of ``flat`` (shape ``(n,)`` or ``(n, k)``) shaped like each parameter.
+
+        For ``(n, k)`` input the views have shape ``(*param.shape, k)``.
+        """
+        self._check(flat)
+        trailing = tuple(flat.shape[1:])
+        return [flat[b.slice].view(*b.shape, *trailing) for b in self.blocks]
+
+    def as_dict(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{name: view}`` for :func:`torch.func.functional_call`."""
+        return dict(zip(self.names, self.views(flat)))
+
+    def set_(self, x: torch.Tensor) -> None:
+        """Write the vector ``x`` into the model's parameters in place."""
+        self._check(x, vector=True)
+        with torch.no_grad():
+            torch._foreach_copy_(self.params, self.views(x.to(self.dtype)))
+
+    def set_sum_(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Write ``x + y`` into the model in place (``x`` the reference point, ``y`` a perturbation)."""
+        self._check(x, vector=True)
+        self._check(y, vector=True)
+        with torch.no_grad():
+            torch._foreach_copy_(self.params, self.views(x.to(self.dtype)))
+            torch._foreach_add_(self.params, self.views(y.to(self.dtype)))
+
+    def _check(self, flat: torch.Tensor, vector: bool = False) -> None:
+        if flat.dim() == 0 or flat.shape[0] != self.n or (vector and flat.dim() != 1):
+            want = f"({self.n},)" if vector else f"({self.n},) or ({self.n}, k)"
+            raise ValueError(f"expected a parameter-space tensor of shape {want}, got {tuple(flat.shape)}")
+
+
+@dataclass
+class _Snapshot:
+    params: list[torch.Tensor]
+    buffers: list[torch.Tensor]
+    training: list[bool]
+
+
+@contextlib.contextmanager
+def preserved(model: nn.Module) -> Iterator[nn.Module]:
+    """Restore ``model``'s parameters, buffers and train/eval flags bit for bit on exit."""
+    modules = list(model.modules())
+    params = [p for p in model.parameters()]
+    buffers = [b for b in model.buffers()]
+    snap = _Snapshot(
+        params=[p.detach().clone() for p in params],
+        buffers=[b.detach().clone() for b in buffers],
+        training=[m.training for m in modules],
+    )
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for p, saved in zip(params, snap.params):
+                p.copy_(saved)
+            for b, saved in zip(buffers, snap.buffers):
+                b.copy_(saved)
+        for m, flag in zip(modules, snap.training):
+            m.training = flag
+
+
+BN_POLICIES = ("eval", "train")
+
+
+def is_batchnorm(module: nn.Module) -> bool:
+    """True for BatchNorm1d/2d/3d and SyncBatchNorm (modules with running statistics)."""
+    return isinstance(module, nn.modules.batchnorm._BatchNorm)
+
+
+@contextlib.contextmanager
+def measurement_mode(model: nn.Module, bn: str = "eval") -> Iterator[nn.Module]:
+    """Put ``model`` in the state a measurement needs and restore everything afterwards.
+
+    Dropout is always off (the whole model is put in eval mode).  ``bn="eval"`` makes BatchNorm
+    use its running statistics; ``bn="train"`` makes it normalise with each batch's statistics.
+    Either way the running buffers are restored on exit (a measurement never changes them), as
+    are the parameters and every module's train/eval flag.
+    """
+    if bn not in BN_POLICIES:
+        raise ValueError(f"bn must be one of {BN_POLICIES}, got {bn!r}")
+    with preserved(model):
+        model.eval()
+        if bn == "train":
+            for m in model.modules():
+                if is_batchnorm(m):
+                    m.train()
+        yield model
+
+
+def check_finite_parameters(model: nn.Module) -> None:
+    """Raise ``ValueError`` naming the first trainable parameter that holds NaN or inf."""
+    for name, p in model.named_parameters():
+        if p.requires_grad and not bool(torch.isfinite(p.detach()).all()):
+            bad = "NaN" if bool(torch.isnan(p.detach()).any()) else "inf"
+            raise ValueError(f"parameter {name!r} contains {bad}; sharpness of a non-finite model is undefined")
+
+
+def num_parameters(model: nn.Module) -> int:
+    """Number of trainable scalars (the dimension n of the parameter space)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def describe(n: int) -> str:
+    """Human-readable parameter count, e.g. ``1.3M``."""
+    if n < 1000:
+        return str(n)
+    exp = min(int(math.log10(n)) // 3, 3)
+    return f"{n / 10 ** (3 * exp):.1f}{'kMG'[exp - 1]}"
