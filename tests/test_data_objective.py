@@ -1,0 +1,116 @@
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from sharpkit.data import Batches, load_dataset, load_tensor_file
+from sharpkit.objective import Objective
+from sharpkit.params import FlatParams
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+
+
+def _data(n=23):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
+
+
+def test_batches_split_and_count():
+    x, y = _data(23)
+    b = Batches((x, y), batch_size=5)
+    sizes = [xb.shape[0] for xb, _ in b]
+    assert sizes == [5, 5, 5, 5, 3]
+    assert b.num_samples() == 23
+    X, Y = b.materialize()
+    assert torch.equal(X, x) and torch.equal(Y, y)
+
+
+def test_generator_is_replayable():
+    x, y = _data(10)
+    gen = ((x[i : i + 4], y[i : i + 4]) for i in range(0, 10, 4))
+    b = Batches(gen)
+    assert b.num_samples() == 10 and b.num_samples() == 10
+
+
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        ((torch.zeros(0, 4), torch.zeros(0, dtype=torch.long)), "empty"),
+        ([], "empty"),
+        ((torch.zeros(3, 4), torch.zeros(2, dtype=torch.long)), "disagree"),
+        ([(torch.zeros(3, 4),)], "pair"),
+    ],
+)
+def test_bad_data_is_named(data, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        Batches(data).num_samples()
+
+
+def test_objective_is_sample_weighted_mean_with_uneven_batches():
+    model, (x, y) = _mlp(), _data(23)
+    loss_fn = nn.CrossEntropyLoss()
+    whole = Objective(model, loss_fn, (x, y))
+    split = Objective(model, loss_fn, Batches((x, y), batch_size=6))
+    x0 = whole.x0()
+    expected = loss_fn(model(x), y).double()
+    assert torch.allclose(whole.loss(x0), expected, rtol=1e-12)
+    assert torch.allclose(split.loss(x0), expected, rtol=1e-12)
+    # Gradient against autograd on the full batch, at a perturbed point.
+    pert = x0 + 0.1 * torch.randn_like(x0)
+    f, g = split.loss_and_grad(pert)
+    FlatParams(model).set_(pert)
+    model.zero_grad()
+    ref = loss_fn(model(x), y)
+    ref.backward()
+    ref_g = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    assert torch.allclose(f, ref.double(), rtol=1e-12)
+    assert torch.allclose(g, ref_g, rtol=1e-10, atol=1e-12)
+
+
+def test_objective_leaves_model_untouched():
+    model, data = _mlp(), _data()
+    before = [p.clone() for p in model.parameters()]
+    obj = Objective(model, nn.CrossEntropyLoss(), data)
+    obj.loss_and_grad(obj.x0() + 1.0)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_objective_rejects_nonscalar_loss_and_nan_params():
+    model, data = _mlp(), _data()
+    obj = Objective(model, nn.CrossEntropyLoss(reduction="none"), data)
+    with pytest.raises(ValueError, match="scalar"):
+        obj.loss(obj.x0())
+    with torch.no_grad():
+        model[0].bias[1] = float("inf")
+    with pytest.raises(ValueError, match="0.bias.*inf"):
+        Objective(model, nn.CrossEntropyLoss(), data)
+
+
+def test_tensor_file_roundtrip(tmp_path):
+    x, y = _data(12)
+    path = tmp_path / "d.npz"
+    np.savez(path, x_train=x.numpy(), y_train=y.numpy())
+    ds = load_tensor_file(path)
+    assert ds.x_train.shape == (12, 4) and "no test split" in ds.name
+    pt = tmp_path / "d.pt"
+    torch.save({"x": x, "y": y, "x_test": x[:3], "y_test": y[:3]}, pt)
+    ds = load_dataset(str(pt))
+    assert ds.x_test.shape == (3, 4) and ds.num_classes == int(y.max()) + 1
+    with pytest.raises(ValueError, match="unknown data set"):
+        load_dataset("cifar-10")
+    with pytest.raises(FileNotFoundError):
+        load_tensor_file(tmp_path / "missing.npz")
+
+
+def test_mnist1d_is_generated_offline_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("SHARPKIT_CACHE", str(tmp_path))
+    from sharpkit.data import load_mnist1d
+
+    a = load_mnist1d(num_samples=200)
+    assert a.x_train.shape == (160, 40) and a.x_test.shape == (40, 40)
+    assert len(list(tmp_path.glob("mnist1d-*.npz"))) == 1
+    b = load_mnist1d(num_samples=200)
+    assert torch.equal(a.x_train, b.x_train)
