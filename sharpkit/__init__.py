@@ -6,6 +6,7 @@ __version__ = "0.1.0"
 
 from . import ops
 from .data import load_digits, load_mnist1d
+from .landscape import Curve, interpolate
 from .params import FlatParams, measurement_mode, preserved
 
 __all__ = [
@@ -16,4 +17,6 @@ __all__ = [
     "measurement_mode",
     "load_mnist1d",
     "load_digits",
+    "interpolate",
+    "Curve",
 ]

@@ -1,0 +1,219 @@
+"""Loss-landscape curves: 1-D paths between two minimizers (Keskar et al. Fig. 2/3/7) and slices
+along filter-normalised random directions around one minimizer (Li et al. 2018).
+
+Every point is one pass over ``data`` accumulating sample-weighted sums (loss and correct
+predictions) and dividing once, as everywhere in sharpkit.  The user's models are never written:
+points are evaluated on one private copy.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data import as_batches, to_device
+from .params import FlatParams, check_finite_parameters, measurement_mode
+
+__all__ = ["Curve", "Surface", "interpolate", "evaluate", "random_direction", "slice_1d", "slice_2d"]
+
+PATHS = ("linear", "sin")
+
+
+@dataclass
+class Curve:
+    """Loss and accuracy along a 1-D path.
+
+    ``alphas``: the path coordinates; ``loss``: mean loss at each (same units as ``loss_fn``);
+    ``accuracy``: fraction of correct argmax predictions in [0, 1] (NaN where the task is not
+    classification).
+    """
+
+    alphas: np.ndarray
+    loss: np.ndarray
+    accuracy: np.ndarray
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class Surface:
+    """Loss and accuracy on a 2-D grid: ``loss[i, j]`` at ``(alphas[i], betas[j])``."""
+
+    alphas: np.ndarray
+    betas: np.ndarray
+    loss: np.ndarray
+    accuracy: np.ndarray
+
+
+def evaluate(
+    model: nn.Module,
+    loss_fn,
+    data: Any,
+    bn: str = "eval",
+    device: torch.device | str | None = None,
+) -> tuple[float, float]:
+    """``(mean loss, accuracy)`` of ``model`` over ``data`` (sample-weighted, exact with uneven batches).
+
+    ``bn``: "eval" (running statistics) or "train" (each batch's statistics); dropout is off and
+    the model is restored exactly.  Accuracy is the fraction of samples whose argmax output equals
+    an integer target, NaN when outputs are not ``(N, C)`` class scores.
+    """
+    dev = torch.device(device) if device is not None else _param_device(model)
+    dtype = _param_dtype(model)
+    loss_sum, correct, count, classify = 0.0, 0.0, 0, True
+    with measurement_mode(model, bn), torch.no_grad():
+        for batch in as_batches(data):
+            inputs, targets = to_device(batch, dev, dtype)
+            out = model(inputs)
+            loss = loss_fn(out, targets)
+            if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+                raise ValueError("loss_fn must return a scalar (mean-reduced) tensor")
+            n_b = inputs.shape[0]
+            loss_sum += float(loss) * n_b
+            count += n_b
+            if classify and out.dim() == 2 and not targets.is_floating_point() and targets.dim() == 1:
+                correct += float((out.argmax(dim=1) == targets).sum())
+            else:
+                classify = False
+    return loss_sum / count, (correct / count if classify else math.nan)
+
+
+def interpolate(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    loss_fn,
+    data: Any,
+    alphas: Sequence[float] | np.ndarray | torch.Tensor = tuple(np.linspace(-1.0, 2.0, 25)),
+    path: str = "linear",
+    bn: str = "train",
+    device: torch.device | str | None = None,
+) -> Curve:
+    """Loss and accuracy along a path from ``model_a`` (alpha = 0) to ``model_b`` (alpha = 1).
+
+    ``path="linear"``: ``x(alpha) = (1 - alpha) x_a + alpha x_b`` (Keskar et al. Fig. 2/3 with
+    a = SB, b = LB).  ``path="sin"``: ``x(alpha) = cos(alpha pi/2) x_a + sin(alpha pi/2) x_b``
+    (their Fig. 7).  ``alphas`` default: 25 points in [-1, 2].
+
+    ``bn`` (default "train"): BatchNorm normalises with each batch's statistics at every point,
+    as in the authors' code.  Running statistics of two different networks do not combine along
+    a path (beyond the end points an interpolated variance can turn negative), so ``bn="eval"``
+    keeps the running buffers of ``model_a`` for every alpha; use it only for models without
+    BatchNorm or when that is what you want.  Pass ``data`` as one ``(X, Y)`` pair for full-batch
+    statistics.  Both models must have the same architecture; neither is modified.
+    """
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    alphas_np = np.asarray(torch.as_tensor(alphas, dtype=torch.float64).cpu().numpy(), dtype=np.float64).reshape(-1)
+    if alphas_np.size == 0:
+        raise ValueError("alphas is empty")
+    if not np.all(np.isfinite(alphas_np)):
+        raise ValueError("alphas must be finite")
+    check_finite_parameters(model_a)
+    check_finite_parameters(model_b)
+    fa, fb = FlatParams(model_a), FlatParams(model_b)
+    if fa.n != fb.n or [b.shape for b in fa.blocks] != [b.shape for b in fb.blocks]:
+        raise ValueError(
+            f"model_a and model_b must have the same parameter shapes (got {fa.n} and {fb.n} parameters)"
+        )
+    xa, xb = fa.get(), fb.get().to(fa.device, fa.dtype)
+    work = copy.deepcopy(model_a)  # one private copy; the user's models are only read
+    fw = FlatParams(work)
+    losses, accs = [], []
+    for a in alphas_np:
+        if path == "linear":
+            ca, cb = 1.0 - a, a
+        else:
+            ca, cb = math.cos(a * math.pi / 2), math.sin(a * math.pi / 2)
+        fw.set_(ca * xa + cb * xb)
+        loss, acc = evaluate(work, loss_fn, data, bn=bn, device=device)
+        losses.append(loss)
+        accs.append(acc)
+    return Curve(alphas_np, np.asarray(losses), np.asarray(accs), {"path": path, "bn": bn})
+
+
+def random_direction(model: nn.Module, seed: int = 0, filter_normalize: bool = True) -> torch.Tensor:
+    """A Gaussian direction in parameter space (shape ``(n,)``), filter-normalised (Li et al. 2018).
+
+    Each filter (row of a weight: output unit or conv channel) of ``d`` is rescaled to the norm of
+    the matching filter of the weights, ``d_f <- d_f ||w_f|| / ||d_f||``; 1-D parameters (biases,
+    BatchNorm scales) are zeroed, as Li et al. do.  ``filter_normalize=False`` returns the raw
+    Gaussian direction.
+    """
+    flat = FlatParams(model)
+    gen = torch.Generator().manual_seed(int(seed))
+    d = torch.randn(flat.n, generator=gen, dtype=torch.float64).to(flat.device, flat.dtype)
+    if not filter_normalize:
+        return d
+    x = flat.get()
+    for dv, wv in zip(flat.views(d), flat.views(x)):
+        if dv.dim() <= 1:
+            dv.zero_()
+            continue
+        d2, w2 = dv.reshape(dv.shape[0], -1), wv.reshape(wv.shape[0], -1)
+        dv.copy_((d2 * (w2.norm(dim=1, keepdim=True) / d2.norm(dim=1, keepdim=True).clamp_min(1e-12))).view_as(dv))
+    return d
+
+
+def slice_1d(
+    model: nn.Module,
+    loss_fn,
+    data: Any,
+    alphas: Sequence[float] = tuple(np.linspace(-1.0, 1.0, 21)),
+    direction: torch.Tensor | None = None,
+    seed: int = 0,
+    bn: str = "eval",
+) -> Curve:
+    """Loss and accuracy at ``x + alpha d`` (``d``: ``direction`` or :func:`random_direction` (seed))."""
+    surf = _grid(model, loss_fn, data, alphas, [0.0], direction, None, seed, bn)
+    return Curve(surf.alphas, surf.loss[:, 0], surf.accuracy[:, 0], {"path": "direction", "bn": bn})
+
+
+def slice_2d(
+    model: nn.Module,
+    loss_fn,
+    data: Any,
+    alphas: Sequence[float] = tuple(np.linspace(-1.0, 1.0, 11)),
+    betas: Sequence[float] = tuple(np.linspace(-1.0, 1.0, 11)),
+    directions: tuple[torch.Tensor, torch.Tensor] | None = None,
+    seed: int = 0,
+    bn: str = "eval",
+) -> Surface:
+    """Loss and accuracy at ``x + alpha d1 + beta d2`` on a grid (two filter-normalised directions
+    drawn from ``seed`` and ``seed + 1`` unless ``directions`` are given)."""
+    d1, d2 = directions if directions is not None else (None, None)
+    return _grid(model, loss_fn, data, alphas, betas, d1, d2, seed, bn)
+
+
+def _grid(model, loss_fn, data, alphas, betas, d1, d2, seed, bn) -> Surface:
+    check_finite_parameters(model)
+    flat = FlatParams(model)
+    d1 = random_direction(model, seed) if d1 is None else d1
+    d2 = random_direction(model, seed + 1) if d2 is None else d2
+    for d in (d1, d2):
+        if d.shape != (flat.n,):
+            raise ValueError(f"a direction must have shape ({flat.n},), got {tuple(d.shape)}")
+    x = flat.get()
+    work = copy.deepcopy(model)
+    fw = FlatParams(work)
+    a_np, b_np = np.asarray(alphas, dtype=np.float64), np.asarray(betas, dtype=np.float64)
+    loss = np.empty((a_np.size, b_np.size))
+    acc = np.empty_like(loss)
+    for i, a in enumerate(a_np):
+        for j, b in enumerate(b_np):
+            fw.set_(x + a * d1.to(x) + b * d2.to(x))
+            loss[i, j], acc[i, j] = evaluate(work, loss_fn, data, bn=bn)
+    return Surface(a_np, b_np, loss, acc)
+
+
+def _param_device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _param_dtype(model: nn.Module) -> torch.dtype:
+    p = next(model.parameters(), None)
+    return p.dtype if p is not None else torch.float32

@@ -1,0 +1,151 @@
+"""``sharpkit study``: the large- vs small-batch study with a report, from the command line."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+__all__ = ["add_parser", "config_from_args"]
+
+SOLVERS = ("lbfgsb", "pga", "apgd")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "study",
+        help="reproduce the large- vs small-batch sharpness study (MNIST-1D by default) with an HTML report",
+        description=(
+            "Train small-batch (SB) and large-batch (LB) models over several seeds, measure their "
+            "ε-sharpness and Hessian spectrum, sweep batch sizes, warm-start LB from SB, track sharpness "
+            "along training, and write results.json, CSV tables, PNG figures and report.html to --out. "
+            "Re-running with the same --out resumes."
+        ),
+    )
+    p.add_argument("--data", default="mnist1d", help="mnist1d (default), digits, or a .npz/.pt file of tensors")
+    p.add_argument("--num-samples", type=int, default=None,
+                   help="MNIST-1D samples to generate (80%% train); default 10000, 4000 with --quick")
+    p.add_argument("--model", default=None,
+                   help="comma-separated: f1, c1, or module:factory (called as factory(input_shape, num_classes)); default f1,c1")
+    p.add_argument("--sb", type=int, default=None, help="small batch size (default: min(256, LB // 16))")
+    p.add_argument("--lb", type=int, default=None, help="large batch size (default: 10%% of the training set)")
+    p.add_argument("--seeds", default=None, help="number of seeds (e.g. 5) or a comma-separated list (e.g. 0,3,7); default 5, 2 with --quick")
+    p.add_argument("--epochs", type=int, default=None, help="epoch cap per training (default 40, 10 with --quick)")
+    p.add_argument("--device", default="auto", help="auto (GPU when available), cpu, cuda, cuda:1 ...")
+    p.add_argument("--eps", default=None, help="comma-separated ε values (default 1e-3,5e-4)")
+    p.add_argument("--solvers", default=None, help=f"comma-separated ε-sharpness solvers from {SOLVERS} (default lbfgsb,apgd)")
+    p.add_argument("--sweep", default=None, help="comma-separated batch sizes for the sweep (default: SB, 2SB, 4SB, ... LB)")
+    p.add_argument("--warm-epochs", default=None, help="comma-separated k for the warm-start experiment")
+    p.add_argument("--quick", action="store_true", help="same pipeline, smaller: about 3 minutes on a 2-core CPU")
+    p.add_argument("--out", default="sharpkit-study", help="output directory (default sharpkit-study/); reused to resume")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_run, _parser=p)
+    return p
+
+
+def _ints(text: str, what: str, parser) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        parser.error(f"{what} must be comma-separated integers, got {text!r}")
+    if not vals:
+        parser.error(f"{what} is empty")
+    return vals
+
+
+def config_from_args(args: argparse.Namespace):
+    """A :class:`~sharpkit.study.pipeline.StudyConfig` from parsed flags; bad values -> ``parser.error`` (exit 2)."""
+    from .pipeline import default_config, quick_config
+
+    parser = args._parser
+    over: dict = {"data": args.data, "device": args.device}
+    if args.num_samples is not None:
+        if args.num_samples < 100:
+            parser.error(f"--num-samples must be >= 100, got {args.num_samples}")
+        over["num_samples"] = args.num_samples
+    if args.model is not None:
+        models = tuple(m.strip() for m in args.model.split(",") if m.strip())
+        if not models:
+            parser.error("--model is empty")
+        from .models import resolve_factory
+
+        for m in models:
+            try:
+                resolve_factory(m)
+            except ValueError as exc:
+                parser.error(str(exc))
+        over["models"] = models
+    for name in ("sb", "lb"):
+        v = getattr(args, name)
+        if v is not None:
+            if v < 2:
+                parser.error(f"--{name} must be >= 2 (BatchNorm needs two samples), got {v}")
+            over[name] = v
+    if args.sb is not None and args.lb is not None and args.sb >= args.lb:
+        parser.error(f"--sb ({args.sb}) must be smaller than --lb ({args.lb})")
+    if args.seeds is not None:
+        if "," in args.seeds:
+            seeds = _ints(args.seeds, "--seeds", parser)
+            if len(set(seeds)) != len(seeds) or min(seeds) < 0:
+                parser.error(f"--seeds must be distinct non-negative integers, got {args.seeds!r}")
+        else:
+            (count,) = _ints(args.seeds, "--seeds", parser)
+            if count < 1:
+                parser.error(f"--seeds must be >= 1, got {count}")
+            seeds = tuple(range(count))
+        over["seeds"] = seeds
+    if args.epochs is not None:
+        if args.epochs < 1:
+            parser.error(f"--epochs must be >= 1, got {args.epochs}")
+        over["max_epochs"] = args.epochs
+    if args.eps is not None:
+        try:
+            eps = tuple(float(v) for v in args.eps.split(",") if v.strip())
+        except ValueError:
+            parser.error(f"--eps must be comma-separated numbers, got {args.eps!r}")
+        if not eps or any(not (e > 0 and e < float("inf")) for e in eps):
+            parser.error(f"--eps values must be positive and finite, got {args.eps!r}")
+        over["eps"] = eps
+    if args.solvers is not None:
+        solvers = tuple(s.strip() for s in args.solvers.split(",") if s.strip())
+        bad = [s for s in solvers if s not in SOLVERS]
+        if not solvers or bad:
+            parser.error(f"--solvers must be chosen from {', '.join(SOLVERS)}; got {args.solvers!r}")
+        over["solvers"] = solvers
+    if args.sweep is not None:
+        sweep = _ints(args.sweep, "--sweep", parser)
+        if min(sweep) < 2:
+            parser.error("--sweep batch sizes must be >= 2")
+        over["sweep"] = sweep
+    if args.warm_epochs is not None:
+        ks = _ints(args.warm_epochs, "--warm-epochs", parser)
+        if min(ks) < 0:
+            parser.error("--warm-epochs must be >= 0")
+        over["warm_epochs"] = ks
+    if args.device not in ("auto",):
+        import torch
+
+        try:
+            dev = torch.device(args.device)
+        except RuntimeError:
+            parser.error(f"--device {args.device!r} is not a device name (auto, cpu, cuda, cuda:0 ...)")
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            parser.error(f"--device {args.device} requested but CUDA is not available here")
+    return (quick_config if args.quick else default_config)(**over)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .pipeline import run_study
+
+    config = config_from_args(args)
+    t = time.perf_counter()
+    try:
+        results = run_study(config, args.out, progress=not args.no_progress)
+    except (ValueError, FileNotFoundError, TypeError) as exc:
+        print(f"sharpkit study: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"sharpkit study: wrote {args.out}/report.html, results.json, CSV tables and "
+          f"{len(results.get('figures', []))} figures in {time.perf_counter() - t:.0f} s")
+    for spec, s in results["summary"]["models"].items():
+        for v in s["verdicts"]:
+            print(f"  [{spec}] {v['verdict']:<34} {v['claim']}")
+    return 0

@@ -1,0 +1,542 @@
+"""Turn a study's raw results into the paper's tables, figures and per-claim verdicts, and write
+``results.json``, CSV tables, PNG figures and a self-contained ``report.html``."""
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .store import atomic_write_bytes, atomic_write_text
+
+__all__ = ["summarize", "write_outputs", "PAPER"]
+
+# Keskar et al. 2017, Tables 2-4 (mean, std over 5 runs), for the networks the study mimics.
+PAPER = {
+    "f1": {
+        "net": "F1 (MNIST)",
+        "train_acc": {"sb": (99.66, 0.05), "lb": (99.92, 0.01)},
+        "test_acc": {"sb": (98.03, 0.07), "lb": (97.81, 0.07)},
+        "full": {1e-3: {"sb": (1.23, 0.83), "lb": (205.14, 69.52)}, 5e-4: {"sb": (0.61, 0.27), "lb": (42.90, 17.14)}},
+        "sub": {1e-3: {"sb": (0.11, 0.00), "lb": (9.22, 0.56)}, 5e-4: {"sb": (0.05, 0.00), "lb": (9.17, 0.14)}},
+    },
+    "c1": {
+        "net": "C1 (CIFAR-10)",
+        "train_acc": {"sb": (99.89, 0.02), "lb": (99.66, 0.2)},
+        "test_acc": {"sb": (80.04, 0.12), "lb": (77.26, 0.42)},
+        "full": {1e-3: {"sb": (28.58, 3.13), "lb": (707.23, 43.04)}, 5e-4: {"sb": (7.08, 0.88), "lb": (227.31, 23.23)}},
+        "sub": {1e-3: {"sb": (2.18, 0.23), "lb": (137.25, 21.60)}, 5e-4: {"sb": (0.71, 0.15), "lb": (29.50, 7.48)}},
+    },
+}
+
+
+# ---------------------------------------------------------------------- statistics
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof=1; 0 for a single value; NaN for none)."""
+    v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=np.float64)
+    if v.size == 0:
+        return math.nan, math.nan
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
+
+
+def paired_test(sb: Sequence[float], lb: Sequence[float], lb_greater: bool = True, log: bool = False) -> dict:
+    """Paired comparison over seeds of LB against SB.
+
+    The per-seed difference ``d = lb - sb`` (``log(lb / sb)`` with ``log=True``, for quantities
+    that differ by factors) gives the paired t statistic ``mean(d) / (std(d) / sqrt(n))`` and a
+    one-sided p-value for the claimed direction (``lb_greater``).  The verdict: "reproduced"
+    (right direction, p < 0.05, n >= 3), "same direction, not significant", "same direction
+    (too few seeds to test)" (n < 3, every seed agrees) or "not reproduced".
+    """
+    from scipy import stats
+
+    pairs = [(a, b) for a, b in zip(sb, lb) if a is not None and b is not None and np.isfinite(a) and np.isfinite(b)]
+    if log:
+        pairs = [(a, b) for a, b in pairs if a > 0 and b > 0]
+    n = len(pairs)
+    if n == 0:
+        return {"n": 0, "verdict": "not measured", "t": math.nan, "p": math.nan, "mean_diff": math.nan}
+    a = np.array([p[0] for p in pairs])
+    b = np.array([p[1] for p in pairs])
+    d = np.log(b / a) if log else b - a
+    sign = 1.0 if lb_greater else -1.0
+    mean_d = float(d.mean())
+    if n >= 2 and d.std(ddof=1) > 0:
+        t = float(mean_d / (d.std(ddof=1) / math.sqrt(n)))
+        p = float(stats.t.sf(sign * t, df=n - 1))
+    else:
+        t, p = (math.inf * np.sign(mean_d) if mean_d != 0 else math.nan), math.nan
+    right = sign * mean_d > 0
+    all_right = bool(np.all(sign * d > 0))
+    if not right:
+        verdict = "not reproduced"
+    elif n >= 3 and (p < 0.05 or (math.isnan(p) and all_right)):
+        verdict = "reproduced"
+    elif n >= 3:
+        verdict = "same direction, not significant"
+    else:
+        verdict = "same direction (too few seeds to test)" if all_right else "not reproduced"
+    out = {"n": n, "t": t, "p": p, "mean_diff": mean_d, "verdict": verdict, "seeds_agreeing": int(np.sum(sign * d > 0))}
+    if log:
+        out["ratio_geomean"] = float(np.exp(mean_d))
+    return out
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
+    from scipy import stats
+
+    pts = [(a, b) for a, b in zip(x, y) if a is not None and b is not None and np.isfinite(a) and np.isfinite(b)]
+    if len(pts) < 3:
+        return math.nan, math.nan
+    r = stats.spearmanr([p[0] for p in pts], [p[1] for p in pts])
+    return float(r.statistic), float(r.pvalue)
+
+
+# ---------------------------------------------------------------------- summary
+def _by_role(runs: list[dict], field: str, scale: float = 1.0) -> dict[str, list]:
+    out: dict[str, list] = {"sb": [], "lb": []}
+    for r in sorted(runs, key=lambda r: r["seed"]):
+        v = r.get(field)
+        out[r["role"]].append(None if v is None else v * scale)
+    return out
+
+
+def _sharp_values(rows: list[dict], eps: float, solver: str, space: str) -> dict[str, list]:
+    out: dict[str, dict] = {"sb": {}, "lb": {}}
+    for r in rows:
+        if r["eps"] == eps and r["solver"] == solver and r["space"] == space:
+            out[r["role"]][r["seed"]] = r["value"]
+    seeds = sorted(set(out["sb"]) | set(out["lb"]))
+    return {role: [out[role].get(s) for s in seeds] for role in ("sb", "lb")}
+
+
+def _fmt(ms: tuple[float, float], digits: int = 2) -> str:
+    m, s = ms
+    if m is None or not np.isfinite(m):
+        return "n/a"
+    return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def summarize(results: dict) -> dict:
+    """Tables (with the paper's numbers beside ours) and one verdict per claim, per model."""
+    cfg = results["config"]
+    summary: dict[str, Any] = {"models": {}}
+    for spec, m in results["models"].items():
+        paper = PAPER.get(spec)
+        runs = m["runs"]
+        s: dict[str, Any] = {"tables": {}, "verdicts": []}
+        verdicts = s["verdicts"]
+        # Table 2
+        rows = []
+        for split in ("train_acc", "test_acc"):
+            v = _by_role(runs, split, 100.0)
+            row = {"metric": split, "sb": _fmt(mean_std(v["sb"])), "lb": _fmt(mean_std(v["lb"]))}
+            if paper:
+                row.update(paper_sb=_fmt(paper[split]["sb"]), paper_lb=_fmt(paper[split]["lb"]))
+            rows.append(row)
+        s["tables"]["table2_accuracy"] = rows
+        acc = _by_role(runs, "test_acc", 100.0)
+        t = paired_test(acc["sb"], acc["lb"], lb_greater=False)
+        gap = mean_std([a - b for a, b in zip(acc["sb"], acc["lb"]) if a is not None and b is not None])
+        verdicts.append(_verdict("Generalization gap: LB test accuracy below SB (Table 2)",
+                                 f"gap {_fmt(gap)} points (SB − LB)",
+                                 (f"paper: {paper['test_acc']['sb'][0] - paper['test_acc']['lb'][0]:.2f} points"
+                                  if paper else ""), t))
+        tr = _by_role(runs, "train_acc", 100.0)
+        s["train_accuracy_note"] = f"train accuracy SB {_fmt(mean_std(tr['sb']))} %, LB {_fmt(mean_std(tr['lb']))} %"
+        # Tables 3 and 4
+        for space, tname, pkey in (("full", "table3_sharpness_full", "full"),
+                                   (f"p={cfg['subspace_dim']}", "table4_sharpness_subspace", "sub")):
+            rows = []
+            for eps in cfg["eps"]:
+                for solver in cfg["solvers"]:
+                    v = _sharp_values(m["sharpness"], eps, solver, space)
+                    if not v["sb"]:
+                        continue
+                    row = {"eps": eps, "solver": solver, "sb": _fmt(mean_std(v["sb"])), "lb": _fmt(mean_std(v["lb"]))}
+                    if paper and eps in paper[pkey]:
+                        row.update(paper_sb=_fmt(paper[pkey][eps]["sb"]), paper_lb=_fmt(paper[pkey][eps]["lb"]))
+                    test = paired_test(v["sb"], v["lb"], lb_greater=True, log=True)
+                    row["lb_over_sb"] = test.get("ratio_geomean", math.nan)
+                    rows.append(row)
+                    pap = ""
+                    if paper and eps in paper[pkey]:
+                        pap = f"paper: LB/SB = {paper[pkey][eps]['lb'][0] / paper[pkey][eps]['sb'][0]:.0f}x"
+                    verdicts.append(_verdict(
+                        f"LB sharper than SB: ε-sharpness, {'full space' if space == 'full' else 'random subspace ' + space}, "
+                        f"ε={eps:g}, {solver}",
+                        f"SB {row['sb']}, LB {row['lb']}; LB/SB {_ratio(test)}", pap, test))
+            s["tables"][tname] = rows
+        # Curvature
+        rows, lam, trc = [], {"sb": [], "lb": []}, {"sb": [], "lb": []}
+        for c in sorted(m["curvature"], key=lambda c: c["seed"]):
+            lam[c["role"]].append(c["lambda_max"]["value"] if c["lambda_max"] else None)
+            trc[c["role"]].append(c["trace"]["value"] if c["trace"] else None)
+        for name, v in (("lambda_max", lam), ("trace", trc)):
+            test = paired_test(v["sb"], v["lb"], lb_greater=True, log=True)
+            rows.append({"metric": name, "sb": _fmt(mean_std(v["sb"]), 3), "lb": _fmt(mean_std(v["lb"]), 3),
+                         "lb_over_sb": test.get("ratio_geomean", math.nan)})
+            verdicts.append(_verdict(f"LB has larger Hessian {'top eigenvalue' if name == 'lambda_max' else 'trace'}",
+                                     f"SB {rows[-1]['sb']}, LB {rows[-1]['lb']}; LB/SB {_ratio(test)}", "", test))
+        s["tables"]["curvature"] = rows
+        # Distance from the start
+        d = _by_role(runs, "dist_from_init")
+        ratios = [a / b for a, b in zip(d["sb"], d["lb"]) if a and b]
+        test = paired_test(d["sb"], d["lb"], lb_greater=False, log=True)
+        s["distance_ratio"] = {"mean_std": mean_std(ratios), "per_seed": ratios,
+                               "sb": mean_std(d["sb"]), "lb": mean_std(d["lb"])}
+        verdicts.append(_verdict("LB iterates stay closer to the start: ‖x_SB − x₀‖ / ‖x_LB − x₀‖ > 1",
+                                 f"ratio {_fmt(mean_std(ratios))}", "paper: 3–10", test))
+        # Fig 2/3: flatness around each end of the path
+        s["curves"] = {}
+        for path, splits in m.get("curves", {}).items():
+            tr_curve = splits.get("train")
+            if not tr_curve:
+                continue
+            a = np.asarray(tr_curve["alphas"])
+            loss = np.asarray(tr_curve["loss"])
+            rise = {}
+            for end, at in (("sb", 0.0), ("lb", 1.0)):
+                i = int(np.argmin(np.abs(a - at)))
+                nb = [j for j in (i - 1, i + 1) if 0 <= j < a.size]
+                rise[end] = float(np.mean([(loss[j] - loss[i]) / abs(a[j] - a[i]) for j in nb]))
+            mid = loss[(a > 0) & (a < 1)]
+            barrier = float(mid.max() - max(loss[int(np.argmin(np.abs(a)))], loss[int(np.argmin(np.abs(a - 1)))])) if mid.size else math.nan
+            s["curves"][path] = {"rise_sb": rise["sb"], "rise_lb": rise["lb"], "barrier": barrier}
+            ok = rise["lb"] > rise["sb"]
+            verdicts.append({"claim": f"Fig. {'2/3' if path == 'linear' else '7'} ({path} path): loss rises faster around the LB end than around SB",
+                             "measured": f"slope of train loss next to LB {rise['lb']:.3g}, next to SB {rise['sb']:.3g} per unit α; "
+                                         f"barrier between them {barrier:.3g}",
+                             "paper": "paper: flat around SB, sharp around LB",
+                             "statistic": "one seed (first)", "verdict": "reproduced (one seed)" if ok else "not reproduced (one seed)"})
+        # Fig 6: sharpness along training
+        track = {r["role"]: r.get("tracking", []) for r in runs if r["seed"] == min(x["seed"] for x in runs)}
+        lam_end = {role: next((h["lambda_max"] for h in reversed(track.get(role, [])) if h.get("lambda_max") is not None), None)
+                   for role in ("sb", "lb")}
+        lam_peak = {role: max((h["lambda_max"] for h in track.get(role, []) if h.get("lambda_max") is not None), default=None)
+                    for role in ("sb", "lb")}
+        if lam_end["sb"] is not None and lam_end["lb"] is not None:
+            ok = lam_end["lb"] > lam_end["sb"]
+            verdicts.append({"claim": "Fig. 6: at the end of training LB is sharper (top eigenvalue) than SB",
+                             "measured": f"λ_max at end: SB {lam_end['sb']:.3g} (peak {lam_peak['sb']:.3g}), LB {lam_end['lb']:.3g} "
+                                         f"(peak {lam_peak['lb']:.3g})",
+                             "paper": "paper: SB sharpness falls late in training, LB stays high",
+                             "statistic": "one seed (first)", "verdict": "reproduced (one seed)" if ok else "not reproduced (one seed)"})
+        s["tracking"] = {"end": lam_end, "peak": lam_peak}
+        # Fig 4 / 5 / noise scale
+        if m.get("sweep"):
+            sw = m["sweep"]
+            b = [r["batch"] for r in sw]
+            rho_s, p_s = spearman(b, [r["sharpness"] for r in sw])
+            rho_a, p_a = spearman(b, [r["test_acc"] for r in sw])
+            rho_l, _ = spearman(b, [r["lambda_max"] for r in sw])
+            jump = _jump(sw)
+            s["sweep"] = {"spearman_sharpness": rho_s, "p_sharpness": p_s, "spearman_test_acc": rho_a, "p_test_acc": p_a,
+                          "spearman_lambda_max": rho_l, "jump_batch": jump}
+            verdicts.append({"claim": "Fig. 4: sharpness grows and test accuracy falls with batch size",
+                             "measured": f"Spearman ρ(batch, sharpness) = {rho_s:.2f}, ρ(batch, λ_max) = {rho_l:.2f}, "
+                                         f"ρ(batch, test acc) = {rho_a:.2f}; largest sharpness jump at batch {jump}",
+                             "paper": "paper: a threshold beyond which sharpness jumps and accuracy drops",
+                             "statistic": f"{len(sw)} batch sizes, one seed; p = {p_s:.2g} / {p_a:.2g}",
+                             "verdict": _trend_verdict(rho_s > 0 and rho_a < 0, min(p_s, 1) if np.isfinite(p_s) else math.nan)})
+        if m.get("warm_start"):
+            ws = m["warm_start"]
+            k = [r["k"] for r in ws]
+            rho_s, p_s = spearman(k, [r["sharpness"] for r in ws])
+            rho_a, p_a = spearman(k, [r["test_acc"] for r in ws])
+            s["warm_start"] = {"spearman_sharpness": rho_s, "spearman_test_acc": rho_a}
+            verdicts.append({"claim": "Fig. 5: warm-starting LB from later SB iterates gives flatter, better minimizers",
+                             "measured": f"Spearman ρ(k, sharpness) = {rho_s:.2f}, ρ(k, test acc) = {rho_a:.2f}",
+                             "paper": "paper: sharpness falls and test accuracy rises with k",
+                             "statistic": f"{len(ws)} values of k, one seed; p = {p_s:.2g} / {p_a:.2g}",
+                             "verdict": _trend_verdict(rho_s < 0 and rho_a > 0, p_s)})
+        if m.get("noise_scale"):
+            bs = [r["b_simple"] for r in m["noise_scale"] if r.get("b_simple") is not None and np.isfinite(r["b_simple"])]
+            jump = s.get("sweep", {}).get("jump_batch")
+            if bs:
+                lo, hi = min(bs), max(bs)
+                s["noise"] = {"b_simple_min": lo, "b_simple_max": hi, "jump_batch": jump}
+                consistent = jump is not None and lo / 2 <= jump <= hi * 2
+                verdicts.append({"claim": "Gradient noise scale B_simple predicts the batch size where sharpness jumps",
+                                 "measured": f"B_simple along SB training {lo:.0f}–{hi:.0f} samples; sweep's sharpness jump at "
+                                             f"batch {jump}",
+                                 "paper": "McCandlish et al.: critical batch ≈ B_simple",
+                                 "statistic": "consistent = jump within a factor 2 of the B_simple range",
+                                 "verdict": "consistent" if consistent else "not consistent"})
+        summary["models"][spec] = s
+    return summary
+
+
+def _jump(sweep: list[dict]) -> int | None:
+    """Batch size at the largest increase of log sharpness between consecutive sweep points."""
+    pts = [(r["batch"], r["sharpness"]) for r in sweep if r.get("sharpness") is not None and r["sharpness"] > 0]
+    if len(pts) < 2:
+        return None
+    steps = [(math.log(b2[1] / b1[1]), b2[0]) for b1, b2 in zip(pts, pts[1:])]
+    return max(steps)[1]
+
+
+def _trend_verdict(right: bool, p: float) -> str:
+    if not right:
+        return "not reproduced"
+    return "reproduced" if np.isfinite(p) and p < 0.05 else "same direction, not significant"
+
+
+def _ratio(test: dict) -> str:
+    r = test.get("ratio_geomean")
+    return "n/a" if r is None or not np.isfinite(r) else f"{r:.3g}x (geometric mean over seeds)"
+
+
+def _verdict(claim: str, measured: str, paper: str, test: dict) -> dict:
+    stat = f"paired over {test['n']} seeds: t = {test['t']:.2f}, one-sided p = {test['p']:.2g}" if test["n"] else "not measured"
+    return {"claim": claim, "measured": measured, "paper": paper, "statistic": stat, "verdict": test["verdict"]}
+
+
+# ---------------------------------------------------------------------- outputs
+def _clean(obj: Any) -> Any:
+    """JSON-safe copy: NaN/inf -> None, tuples -> lists, numpy scalars -> Python numbers."""
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        f = float(obj)
+        return f if math.isfinite(f) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    if not rows:
+        return
+    fields: list[str] = []
+    for r in rows:
+        fields += [k for k in r if k not in fields]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fields)
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if v is None else v) for k, v in r.items()})
+    atomic_write_text(path, buf.getvalue())
+
+
+def write_outputs(results: dict, out: Path) -> dict:
+    """Add the summary to ``results`` and write results.json, *.csv, fig_*.png and report.html."""
+    out.mkdir(parents=True, exist_ok=True)
+    results["summary"] = summarize(results)
+    figures = make_figures(results, out)
+    results["figures"] = [f.name for f in figures]
+    _write_tables(results, out)
+    atomic_write_text(out / "results.json", json.dumps(_clean(results), indent=1))
+    atomic_write_text(out / "report.html", render_html(results, figures))
+    return results
+
+
+def _write_tables(results: dict, out: Path) -> None:
+    runs, sharp, curv, verdicts, sweep, warm, noise, track = [], [], [], [], [], [], [], []
+    for spec, m in results["models"].items():
+        for r in m["runs"]:
+            runs.append({"model": spec, **{k: v for k, v in r.items() if k != "tracking"}})
+            for h in r.get("tracking", []):
+                track.append({"model": spec, "role": r["role"], "seed": r["seed"], **h})
+        sharp += [{"model": spec, **r} for r in m["sharpness"]]
+        for c in m["curvature"]:
+            curv.append({"model": spec, "role": c["role"], "seed": c["seed"],
+                         "lambda_max": (c["lambda_max"] or {}).get("value"),
+                         "lambda_max_matvecs": (c["lambda_max"] or {}).get("num_matvecs"),
+                         "trace": (c["trace"] or {}).get("value"), "trace_stderr": (c["trace"] or {}).get("stderr")})
+        sweep += [{"model": spec, **r} for r in m.get("sweep", [])]
+        warm += [{"model": spec, **r} for r in m.get("warm_start", [])]
+        noise += [{"model": spec, **r} for r in m.get("noise_scale", [])]
+        s = results["summary"]["models"][spec]
+        verdicts += [{"model": spec, **v} for v in s["verdicts"]]
+        for tname, rows in s["tables"].items():
+            _write_csv(out / f"{tname}_{spec}.csv", rows)
+    for name, rows in (("runs", runs), ("sharpness", sharp), ("curvature", curv), ("verdicts", verdicts),
+                       ("sweep", sweep), ("warm_start", warm), ("noise_scale", noise), ("tracking", track)):
+        _write_csv(out / f"{name}.csv", rows)
+
+
+# ---------------------------------------------------------------------- figures
+def make_figures(results: dict, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths: list[Path] = []
+
+    def save(fig, name):
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        atomic_write_bytes(out / name, buf.getvalue())
+        paths.append(out / name)
+
+    for spec, m in results["models"].items():
+        for path, splits in m.get("curves", {}).items():
+            if not splits.get("train"):
+                continue
+            fig, ax = plt.subplots(figsize=(6.4, 4.2))
+            ax2 = ax.twinx()
+            for split, style in (("train", "-"), ("test", "--")):
+                c = splits.get(split)
+                if not c:
+                    continue
+                ax.plot(c["alphas"], c["loss"], style, color="tab:blue", marker=".", label=f"{split} loss")
+                ax2.plot(c["alphas"], [100 * a for a in c["accuracy"]], style, color="tab:red", marker=".", label=f"{split} accuracy")
+            ax.set_yscale("log")
+            ax.set_xlabel("α  (0 = SB minimizer, 1 = LB minimizer)")
+            ax.set_ylabel("cross-entropy", color="tab:blue")
+            ax2.set_ylabel("accuracy (%)", color="tab:red")
+            for x in (0, 1):
+                ax.axvline(x, color="grey", lw=0.6, ls=":")
+            title = "x(α) = (1−α) x_SB + α x_LB" if path == "linear" else "x(α) = cos(απ/2) x_SB + sin(απ/2) x_LB"
+            ax.set_title(f"{spec}: {title}\n(solid: train, dashed: test)", fontsize=10)
+            h1, l1 = ax.get_legend_handles_labels()
+            h2, l2 = ax2.get_legend_handles_labels()
+            ax.legend(h1 + h2, l1 + l2, fontsize=8, loc="upper center")
+            save(fig, f"fig_interp_{path}_{spec}.png")
+        if m.get("sharpness"):
+            cfg = results["config"]
+            combos = [(e, so, sp) for sp in ("full", f"p={cfg['subspace_dim']}") for e in cfg["eps"] for so in cfg["solvers"]]
+            combos = [c for c in combos if _sharp_values(m["sharpness"], *c)["sb"]]
+            fig, ax = plt.subplots(figsize=(max(6.4, 1.1 * len(combos)), 4.2))
+            xs = np.arange(len(combos))
+            for off, role, color in ((-0.18, "sb", "tab:green"), (0.18, "lb", "tab:purple")):
+                ms = [mean_std(_sharp_values(m["sharpness"], *c)[role]) for c in combos]
+                ax.bar(xs + off, [v[0] for v in ms], 0.36, yerr=[v[1] for v in ms], color=color, label=role.upper(), capsize=3)
+            ax.set_xticks(xs, [f"{sp}\nε={e:g}\n{so}" for e, so, sp in combos], fontsize=8)
+            ax.set_yscale("log")
+            ax.set_ylabel("ε-sharpness (%)")
+            ax.set_title(f"{spec}: ε-sharpness, SB vs LB (mean ± std over seeds)", fontsize=10)
+            ax.legend()
+            save(fig, f"fig_sharpness_{spec}.png")
+        if m.get("sweep"):
+            save(_trend_fig(plt, m["sweep"], "batch", "batch size (log scale)", f"{spec}: batch-size sweep (Fig. 4)",
+                            m.get("extras_measure"), logx=True), f"fig_sweep_{spec}.png")
+        if m.get("warm_start"):
+            save(_trend_fig(plt, m["warm_start"], "k", "k: SB epochs before switching to LB",
+                            f"{spec}: warm start (Fig. 5)", m.get("extras_measure"), logx=False), f"fig_warm_{spec}.png")
+        tracked = [r for r in m["runs"] if r.get("tracking")]
+        if any(h.get("lambda_max") is not None for r in tracked for h in r["tracking"]):
+            fig, ax = plt.subplots(figsize=(6.4, 4.2))
+            for r in tracked:
+                pts = [(h["eval_loss"], h["lambda_max"], h["epoch"]) for h in r["tracking"] if h.get("lambda_max") is not None]
+                if not pts:
+                    continue
+                color = "tab:green" if r["role"] == "sb" else "tab:purple"
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o", ms=3, color=color,
+                        label=f"{r['role'].upper()} (batch {r['batch']})")
+                ax.annotate(f"ep {pts[-1][2]}", (pts[-1][0], pts[-1][1]), fontsize=7)
+            ax.set_xscale("log")
+            ax.invert_xaxis()
+            ax.set_xlabel("training cross-entropy (log scale, decreasing →)")
+            ax.set_ylabel("top Hessian eigenvalue λ_max")
+            ax.set_title(f"{spec}: sharpness along training (Fig. 6), warm-started Lanczos", fontsize=10)
+            ax.legend()
+            save(fig, f"fig_tracking_{spec}.png")
+    return paths
+
+
+def _trend_fig(plt, rows, xkey, xlabel, title, measure, logx):
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax2 = ax.twinx()
+    x = [r[xkey] for r in rows]
+    lab = f"ε-sharpness ({measure['solver']}, ε={measure['eps']:g})" if measure else "ε-sharpness"
+    if any(r.get("sharpness") is not None for r in rows):
+        ax.plot(x, [r["sharpness"] for r in rows], "-o", color="tab:purple", label=lab)
+    if any(r.get("lambda_max") is not None for r in rows):
+        ax.plot(x, [r["lambda_max"] for r in rows], "-s", color="tab:orange", label="λ_max")
+    ax2.plot(x, [100 * r["test_acc"] for r in rows], "--^", color="tab:red", label="test accuracy")
+    if logx:
+        ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("sharpness (log scale)")
+    ax2.set_ylabel("test accuracy (%)", color="tab:red")
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, fontsize=8, loc="best")
+    ax.set_title(title, fontsize=10)
+    return fig
+
+
+# ---------------------------------------------------------------------- HTML
+def _table(rows: list[dict]) -> str:
+    if not rows:
+        return "<p><em>not measured</em></p>"
+    cols: list[str] = []
+    for r in rows:
+        cols += [k for k in r if k not in cols]
+
+    def cell(v):
+        if isinstance(v, float):
+            return f"{v:.4g}" if math.isfinite(v) else "n/a"
+        return html.escape(str(v))
+
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(f"<td>{cell(r.get(c, ''))}</td>" for c in cols) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+_CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:.6em 0 1.2em;font-size:.9em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}
+th{background:#f3f3f3}.ok{color:#176b1c;font-weight:600}.bad{color:#a11;font-weight:600}.meh{color:#a66a00;font-weight:600}
+img{max-width:100%;border:1px solid #eee;margin:.4em 0}code{background:#f5f5f5;padding:0 3px}"""
+
+
+def render_html(results: dict, figures: list[Path]) -> str:
+    cfg, res, env = results["config"], results["resolved"], results["environment"]
+    imgs = {p.name: base64.b64encode(p.read_bytes()).decode() for p in figures}
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>sharpkit study</title><style>{_CSS}</style></head><body>",
+             "<h1>Large-batch vs small-batch: sharpness study</h1>",
+             "<p>Reproduction of Keskar et al., <em>On Large-Batch Training for Deep Learning: Generalization Gap and "
+             "Sharp Minima</em> (ICLR 2017) on this machine's setting. Paper numbers are for F1 on MNIST and C1 on "
+             "CIFAR-10; here the data and widths differ (below), so compare directions and ratios, not absolute values.</p>"]
+    stats = results.get("stats", {})
+    parts.append("<h2>Configuration</h2>" + _table([
+        {"setting": "data", "value": f"{res['data_name']}: {res['n_train']} train / {res['n_test']} test, input {res['input_shape']}, {res['num_classes']} classes"},
+        {"setting": "models", "value": ", ".join(f"{k} ({v['num_params']} parameters, {v['model_kwargs']})" for k, v in results["models"].items())},
+        {"setting": "batch sizes", "value": f"SB = {res['sb']}, LB = {res['lb']} (LB/SB = {res['lb_over_sb']:.1f})"},
+        {"setting": "training", "value": f"Adam lr {cfg['lr']}, until the epoch loss stops improving by {cfg['min_rel_improvement']:.0%} for {cfg['patience']} epochs, cap {cfg['max_epochs']} epochs"},
+        {"setting": "seeds", "value": ", ".join(map(str, cfg["seeds"]))},
+        {"setting": "ε-sharpness", "value": f"ε ∈ {cfg['eps']}, solvers {cfg['solvers']}, {cfg['sharpness_iters']} iterations, subspace p = {cfg['subspace_dim']} (Gaussian, Philox-seeded), on {res['sharpness_samples']} training samples, BN {cfg['bn']}"},
+        {"setting": "Hessian", "value": f"λ_max by Lanczos (tol {cfg['eig_tol']}), trace by Hutch++ ({cfg['trace_matvecs']} matvecs), on {res['curvature_samples']} training samples"},
+        {"setting": "environment", "value": f"sharpkit {env['sharpkit']}, torch {env['torch']}, device {env['device']} ({env['device_name']}), {env['threads']} threads"},
+        {"setting": "wall time", "value": f"{results.get('wall_seconds', 0):.0f} s this invocation; trainings run {stats.get('trainings_run')}, reused {stats.get('trainings_reused')}; measurements run {stats.get('measurements_run')}, reused {stats.get('measurements_reused')}"},
+    ]))
+    if stats.get("unavailable"):
+        parts.append("<p class='bad'>Not measured (API missing): " + html.escape("; ".join(stats["unavailable"])) + "</p>")
+    for spec, s in results["summary"]["models"].items():
+        m = results["models"][spec]
+        parts.append(f"<h2>Model {html.escape(spec)}</h2><h3>Verdicts</h3>")
+        vrows = []
+        for v in s["verdicts"]:
+            cls = "ok" if v["verdict"].startswith(("reproduced", "consistent")) else ("bad" if v["verdict"].startswith("not") else "meh")
+            vrows.append(f"<tr><td>{html.escape(v['claim'])}</td><td>{html.escape(v['measured'])}</td><td>{html.escape(v['paper'])}</td>"
+                         f"<td>{html.escape(v['statistic'])}</td><td class='{cls}'>{html.escape(v['verdict'])}</td></tr>")
+        parts.append("<table><thead><tr><th>claim</th><th>measured</th><th>paper</th><th>statistic</th><th>verdict</th></tr></thead>"
+                     f"<tbody>{''.join(vrows)}</tbody></table>")
+        titles = {"table2_accuracy": "Table 2: accuracy (%)", "table3_sharpness_full": "Table 3: ε-sharpness, full space",
+                  "table4_sharpness_subspace": "Table 4: ε-sharpness, random subspace", "curvature": "Hessian top eigenvalue and trace"}
+        for tname, rows in s["tables"].items():
+            parts.append(f"<h3>{titles.get(tname, tname)}</h3>" + _table(rows))
+        dr = s["distance_ratio"]
+        parts.append(f"<p>‖x_SB − x₀‖ / ‖x_LB − x₀‖ = {_fmt(dr['mean_std'])} (paper: 3–10); {s['train_accuracy_note']}.</p>")
+        parts.append(_table([{k: v for k, v in r.items() if k not in ("tracking", "key")} for r in m["runs"]]))
+        if m.get("noise_scale"):
+            parts.append("<h3>Gradient noise scale (SB run, first seed)</h3>" + _table(m["noise_scale"]))
+        for name in sorted(imgs):
+            if name.endswith(f"_{spec}.png"):
+                parts.append(f"<figure><img alt='{html.escape(name)}' src='data:image/png;base64,{imgs[name]}'>"
+                             f"<figcaption>{html.escape(name)}</figcaption></figure>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
