@@ -69,3 +69,49 @@ def gaussian_block(
     angle = (2.0 * math.pi) * u2
     out = torch.stack((radius * torch.cos(angle), radius * torch.sin(angle)), dim=-1)
     return out.reshape(num_rows, -1)[:, :p].to(dtype)
+
+
+def _as_int32_bits(values: torch.Tensor) -> torch.Tensor:
+    """uint32 values (in an int64 tensor) -> the same 32-bit patterns as int32."""
+    v = values.to(torch.int64) & MASK32
+    return torch.where(v >= 1 << 31, v - (1 << 32), v).to(torch.int32).contiguous()
+
+
+def philox4x32_batch(counters: torch.Tensor, keys: torch.Tensor, backend: str = "torch") -> torch.Tensor:
+    """Philox-4x32-10 of ``counters`` (m, 4) under ``keys`` (m, 2) on one backend, for known-answer
+    tests: every backend that generates GaussianSubspace entries exposes its Philox here.
+
+    Values are uint32 held in integer tensors; the result is an int64 tensor (m, 4) of uint32 values
+    on the inputs' device.
+    """
+    from ._backend import launch, resolve
+
+    if counters.ndim != 2 or counters.shape[1] != 4 or keys.shape != (counters.shape[0], 2):
+        raise ValueError(f"philox4x32_batch: need counters (m, 4) and keys (m, 2), got "
+                         f"{tuple(counters.shape)} and {tuple(keys.shape)}")
+    name = resolve(backend, counters.device, torch.float32, "philox4x32_batch")
+    m = counters.shape[0]
+    if name == "torch":
+        c = counters.to(torch.int64) & MASK32
+        k = keys.to(torch.int64) & MASK32
+        rows = []
+        for i in range(m):
+            seed = int(k[i, 0]) | (int(k[i, 1]) << 32)
+            rows.append(torch.stack(philox4x32(*(c[i, j : j + 1] for j in range(4)), seed=seed), dim=1))
+        return torch.cat(rows) if rows else torch.zeros(0, 4, dtype=torch.int64, device=counters.device)
+    c32, k32 = _as_int32_bits(counters), _as_int32_bits(keys)
+    out = torch.empty_like(c32)
+    if m == 0:
+        return out.to(torch.int64)
+    if name == "cpp":
+        from ._backend import cpp_module
+
+        cpp_module()[0].philox4x32(c32.data_ptr(), k32.data_ptr(), out.data_ptr(), m)
+    elif name == "triton":
+        from . import _triton
+
+        out = _triton.philox4x32(c32, k32)
+    else:
+        launch(name, "subspace.cu", "sk_philox4x32", (-(-m // 128),), (128,),
+               [("p", c32.data_ptr()), ("p", k32.data_ptr()), ("p", out.data_ptr()), ("q", m)], counters.device)
+    return out.to(torch.int64) & MASK32

@@ -1,16 +1,34 @@
 """Matrix-free Gaussian random subspace A (n x p), entries generated on the fly from (seed, i, j).
 
-A is never stored: products walk over blocks of rows, generating each block with Philox
-(:mod:`sharpkit.kernels.philox` defines the entries) and discarding it, so memory stays
-O(block_rows * p) however large n is.
+A is never stored: products walk over blocks of rows, generating each block's entries with
+Philox (:mod:`sharpkit.kernels.philox` defines them) and discarding them, so memory stays
+O(block_rows * p) however large n is.  The fast backends generate the entries inside the product
+kernels (C++: OpenMP over rows; Triton: ``tl.umulhi`` Philox; CUDA/CuPy: ``__umulhi``).
 """
 from __future__ import annotations
 
 import torch
 
+from ._backend import DTYPE_CODES, DTYPE_SUFFIX, cpp_module, launch, multiprocessor_count, ptr, resolve
 from .philox import gaussian_block
 
 DEFAULT_BLOCK_ROWS = 1 << 14
+# CUDA launch shapes (csrc/subspace.cu: SK_RMV_THREADS threads, SK_RMV_PAIRS column pairs per block).
+_CUDA_THREADS = 256
+_CUDA_RMV_PAIRS = 8
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _check_int(name: str, value, low: int, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"GaussianSubspace: {name} must be an int, got {type(value).__name__}")
+    if value < low or (high is not None and value >= high):
+        bound = f"[{low}, {high})" if high is not None else f">= {low}"
+        raise ValueError(f"GaussianSubspace: {name} must be {bound}, got {value}")
+    return int(value)
 
 
 class GaussianSubspace:
@@ -18,10 +36,13 @@ class GaussianSubspace:
 
     Args:
         n: rows (the parameter count).  p: columns (the subspace dimension, e.g. 100).
-        seed: 64-bit seed; the same seed gives the same A on every backend and device.
-        backend: ``"auto"`` or one of :func:`sharpkit.ops.backends`' names.
-        dtype, device: of the products' results (default float32 on CPU).
-        block_rows: rows generated per block (memory ``block_rows * p`` elements).
+        seed: integer in [0, 2**64); the same seed gives the same A (to float rounding) on every
+            backend, device and block size.
+        backend: ``"auto"`` (fastest usable for ``device``) or one of :func:`sharpkit.ops.backends`' names.
+        dtype: of the results (default float32; float16/bfloat16 on GPU backends and torch).
+        device: of the results (default CPU).
+        block_rows: rows handled per step (default 16384); the torch backend and ``gram`` hold
+            ``block_rows * p`` entries at a time.
     """
 
     def __init__(
@@ -34,52 +55,133 @@ class GaussianSubspace:
         device: torch.device | str | None = None,
         block_rows: int = DEFAULT_BLOCK_ROWS,
     ):
-        if n < 0 or p < 0:
-            raise ValueError(f"GaussianSubspace needs n >= 0 and p >= 0, got n={n}, p={p}")
-        if block_rows < 1:
-            raise ValueError(f"block_rows must be >= 1, got {block_rows}")
-        self.n, self.p, self.seed = int(n), int(p), int(seed)
-        self.backend = backend
+        self.n = _check_int("n", n, 0)
+        self.p = _check_int("p", p, 0, 1 << 33)
+        self.seed = _check_int("seed", seed, 0, 1 << 64)
+        self.block_rows = _check_int("block_rows", block_rows, 1)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"GaussianSubspace: dtype must be a floating torch.dtype, got {dtype!r}")
         self.dtype = dtype
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.block_rows = block_rows
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.backend = resolve(backend, self.device, dtype, "GaussianSubspace")
+        # Products accumulate in float32 for the 16-bit dtypes.
+        self._work = dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
     @property
     def shape(self) -> tuple[int, int]:
         return (self.n, self.p)
 
-    def _blocks(self):
+    def __repr__(self) -> str:
+        return (f"GaussianSubspace(n={self.n}, p={self.p}, seed={self.seed}, backend={self.backend!r}, "
+                f"dtype={self.dtype}, device={self.device})")
+
+    def _chunks(self):
         for start in range(0, self.n, self.block_rows):
-            rows = min(self.block_rows, self.n - start)
-            yield start, gaussian_block(self.seed, start, rows, self.p, self.dtype, self.device)
+            yield start, min(self.block_rows, self.n - start)
 
-    def matvec(self, z: torch.Tensor) -> torch.Tensor:
-        """``A @ z`` for z of shape ``(p,)`` -> ``(n,)``."""
-        if z.shape != (self.p,):
-            raise ValueError(f"matvec expects z of shape ({self.p},), got {tuple(z.shape)}")
-        out = torch.empty(self.n, dtype=self.dtype, device=self.device)
-        zz = z.to(self.device, self.dtype)
-        for start, block in self._blocks():
-            out[start : start + block.shape[0]] = block @ zz
-        return out
+    def _vector(self, v: torch.Tensor, length: int, what: str) -> torch.Tensor:
+        if not isinstance(v, torch.Tensor):
+            raise TypeError(f"GaussianSubspace.{what} expects a torch.Tensor, got {type(v).__name__}")
+        if v.shape != (length,):
+            raise ValueError(f"GaussianSubspace.{what} expects shape ({length},), got {tuple(v.shape)}")
+        return v.to(self.device, self.dtype).contiguous()
 
-    def rmatvec(self, g: torch.Tensor) -> torch.Tensor:
-        """``A.T @ g`` for g of shape ``(n,)`` -> ``(p,)``."""
-        if g.shape != (self.n,):
-            raise ValueError(f"rmatvec expects g of shape ({self.n},), got {tuple(g.shape)}")
-        out = torch.zeros(self.p, dtype=self.dtype, device=self.device)
-        gg = g.to(self.device, self.dtype)
-        for start, block in self._blocks():
-            out += block.T @ gg[start : start + block.shape[0]]
-        return out
+    # ---- entries -------------------------------------------------------------------------------
 
-    def gram(self) -> torch.Tensor:
-        """``A.T @ A`` (p x p)."""
-        out = torch.zeros(self.p, self.p, dtype=self.dtype, device=self.device)
-        for _, block in self._blocks():
-            out += block.T @ block
+    def rows(self, start: int, count: int) -> torch.Tensor:
+        """Rows ``start : start + count`` of A, shape ``(count, p)``, generated by this backend."""
+        start = _check_int("start", start, 0)
+        count = _check_int("count", count, 0)
+        if start + count > self.n:
+            raise ValueError(f"GaussianSubspace.rows: rows {start}..{start + count} exceed n={self.n}")
+        if self.backend == "torch":
+            return gaussian_block(self.seed, start, count, self.p, self.dtype, self.device)
+        out = torch.empty(count, self.p, dtype=self.dtype, device=self.device)
+        if count == 0 or self.p == 0:
+            return out
+        if self.backend == "cpp":
+            cpp_module()[0].subspace_fill(self.seed, start, count, self.p, out.data_ptr(), DTYPE_CODES[self.dtype])
+        elif self.backend == "triton":
+            from . import _triton
+
+            _triton.subspace_fill(self.seed, start, out)
+        else:
+            total = count * ((self.p + 1) // 2)
+            blocks = min(_cdiv(total, _CUDA_THREADS), multiprocessor_count(self.device.index) * 32)
+            launch(self.backend, "subspace.cu", f"sk_subspace_fill_{DTYPE_SUFFIX[self.dtype]}", (blocks,),
+                   (_CUDA_THREADS,), [ptr(out), ("q", start), ("q", count), ("q", self.p), *self._key_args()],
+                   self.device)
         return out
 
     def materialize(self) -> torch.Tensor:
-        """A itself (n x p) — for tests and small n only."""
-        return gaussian_block(self.seed, 0, self.n, self.p, self.dtype, self.device)
+        """A itself (n x p): for tests and small n only (it stores n * p entries)."""
+        return self.rows(0, self.n)
+
+    def _key_args(self) -> list[tuple[str, int]]:
+        return [("I", self.seed & 0xFFFFFFFF), ("I", self.seed >> 32)]
+
+    # ---- products ------------------------------------------------------------------------------
+
+    def matvec(self, z: torch.Tensor) -> torch.Tensor:
+        """``A @ z`` for z of shape ``(p,)`` (converted to this dtype/device) -> ``(n,)``."""
+        z = self._vector(z, self.p, "matvec")
+        out = torch.empty(self.n, dtype=self.dtype, device=self.device)
+        if self.p == 0:
+            return out.zero_()
+        for start, count in self._chunks():
+            part = out[start : start + count]
+            if self.backend == "torch":
+                part.copy_(gaussian_block(self.seed, start, count, self.p, self.dtype, self.device) @ z)
+            elif self.backend == "cpp":
+                cpp_module()[0].subspace_matvec(self.seed, start, count, self.p, z.data_ptr(), part.data_ptr(),
+                                                DTYPE_CODES[self.dtype])
+            elif self.backend == "triton":
+                from . import _triton
+
+                _triton.subspace_matvec(self.seed, start, z, part)
+            else:
+                blocks = min(_cdiv(count, _CUDA_THREADS), multiprocessor_count(self.device.index) * 16)
+                launch(self.backend, "subspace.cu", f"sk_subspace_matvec_{DTYPE_SUFFIX[self.dtype]}", (blocks,),
+                       (_CUDA_THREADS,), [ptr(z), ptr(part), ("q", start), ("q", count), ("q", self.p),
+                                          *self._key_args()], self.device)
+        return out
+
+    def rmatvec(self, g: torch.Tensor) -> torch.Tensor:
+        """``A.T @ g`` for g of shape ``(n,)`` (converted to this dtype/device) -> ``(p,)``."""
+        g = self._vector(g, self.n, "rmatvec")
+        total = torch.zeros(self.p, dtype=self._work, device=self.device)
+        if self.p == 0:
+            return total.to(self.dtype)
+        for start, count in self._chunks():
+            part = g[start : start + count]
+            if self.backend == "torch":
+                block = gaussian_block(self.seed, start, count, self.p, self._work, self.device)
+                total += block.T @ part.to(self._work)
+            elif self.backend == "cpp":
+                piece = torch.empty(self.p, dtype=self.dtype, device=self.device)
+                cpp_module()[0].subspace_rmatvec(self.seed, start, count, self.p, part.data_ptr(), piece.data_ptr(),
+                                                 DTYPE_CODES[self.dtype])
+                total += piece
+            elif self.backend == "triton":
+                from . import _triton
+
+                total += _triton.subspace_rmatvec(self.seed, start, part, self.p)
+            else:
+                gx = min(_cdiv(count, _CUDA_THREADS), multiprocessor_count(self.device.index) * 4)
+                gy = _cdiv((self.p + 1) // 2, _CUDA_RMV_PAIRS)
+                partial = torch.empty(gx, self.p, dtype=self._work, device=self.device)
+                launch(self.backend, "subspace.cu", f"sk_subspace_rmatvec_{DTYPE_SUFFIX[self.dtype]}", (gx, gy),
+                       (_CUDA_THREADS,), [ptr(part), ptr(partial), ("q", start), ("q", count), ("q", self.p),
+                                          *self._key_args()], self.device)
+                total += partial.sum(0)
+        return total.to(self.dtype)
+
+    def gram(self) -> torch.Tensor:
+        """``A.T @ A`` (p x p), accumulated block by block (float32 for 16-bit dtypes)."""
+        out = torch.zeros(self.p, self.p, dtype=self._work, device=self.device)
+        for start, count in self._chunks():
+            block = self.rows(start, count).to(self._work)
+            out += block.T @ block
+        return out.to(self.dtype)

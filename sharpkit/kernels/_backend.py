@@ -1,0 +1,241 @@
+"""Backend availability and dispatch shared by every fused op (one place for this concern).
+
+Backends, fastest first per device:
+
+* ``"cuda"``   sharpkit._C_cuda (csrc/*.cu compiled by nvcc at install time, static cudart);
+* ``"triton"`` Triton kernels in sharpkit/kernels/*.py (GPU; CPU tensors only under
+  ``TRITON_INTERPRET=1``, for testing, and never chosen by ``"auto"`` there);
+* ``"cupy"``   the same csrc/*.cu compiled at run time by CuPy (NVRTC) when _C_cuda is missing;
+* ``"cpp"``    sharpkit._C, C++ CPU kernels (OpenMP where the compiler had it);
+* ``"torch"``  the reference definitions, any device and dtype.
+
+Native kernels receive raw pointers (``tensor.data_ptr()``), sizes and the dtype codes below.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+BACKENDS: tuple[str, ...] = ("torch", "cpp", "triton", "cuda", "cupy")
+GPU_PREFERENCE: tuple[str, ...] = ("cuda", "triton", "cupy", "torch")
+CPU_PREFERENCE: tuple[str, ...] = ("cpp", "torch")
+
+# Codes shared with csrc/sk_common.h (SK_F32, ...) and the suffixes of the CUDA entry points.
+DTYPE_CODES: dict[torch.dtype, int] = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+DTYPE_SUFFIX: dict[torch.dtype, str] = {torch.float32: "f32", torch.float64: "f64", torch.float16: "f16",
+                                        torch.bfloat16: "bf16"}
+# dtypes each backend accepts (torch: any floating dtype).
+CPU_DTYPES = (torch.float32, torch.float64)
+GPU_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _import_reason(module: str) -> tuple[Any, str]:
+    try:
+        return importlib.import_module(module), "ok"
+    except Exception as exc:  # ImportError, or a broken shared library (OSError)
+        return None, f"cannot import {module}: {exc}"
+
+
+@functools.lru_cache(maxsize=None)
+def cpp_module() -> tuple[Any, str]:
+    """(sharpkit._C or None, "ok" or why not)."""
+    mod, why = _import_reason("sharpkit._C")
+    if mod is None:
+        why += " (sharpkit was installed without its native core; reinstall with `pip install .`)"
+    return mod, why
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_module() -> tuple[Any, str]:
+    """(sharpkit._C_cuda or None, "ok" or why not)."""
+    if not torch.cuda.is_available():
+        return None, "no CUDA GPU visible to torch"
+    try:
+        mod = importlib.import_module("sharpkit._C_cuda")
+    except ImportError:
+        return None, "sharpkit was built without CUDA kernels (no nvcc at install time, or SHARPKIT_CUDA=OFF)"
+    except Exception as exc:
+        return None, f"cannot import sharpkit._C_cuda: {exc}"
+    status = mod.status()
+    return (mod, "ok") if status == "ok" else (None, status)
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import_reason() -> str:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as exc:
+        return f"cannot import triton: {exc}"
+    return "ok"
+
+
+def triton_reason() -> str:
+    why = _triton_import_reason()
+    if why != "ok":
+        return why
+    if torch.cuda.is_available() or triton_interpreted():
+        return "ok"
+    return "needs a CUDA GPU (or TRITON_INTERPRET=1 to test on CPU tensors)"
+
+
+def kernel_source_dir() -> Path | None:
+    """The folder holding the .cu sources: installed beside the package, or csrc/ of a checkout."""
+    here = Path(__file__).resolve().parent.parent
+    for candidate in (here / "csrc", here.parent / "csrc"):
+        if (candidate / "box_ascent.cu").is_file():
+            return candidate
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _cupy_import_reason() -> str:
+    try:
+        import cupy  # noqa: F401
+    except Exception as exc:
+        return f"cannot import cupy: {exc}"
+    if kernel_source_dir() is None:
+        return "the CUDA kernel sources (csrc/*.cu) are not installed"
+    return "ok"
+
+
+def cupy_reason() -> str:
+    if not torch.cuda.is_available():
+        return "no CUDA GPU visible to torch"
+    return _cupy_import_reason()
+
+
+def backends() -> dict[str, str]:
+    """``{name: "ok" or the reason it is unusable}`` for torch, cpp, triton, cuda, cupy."""
+    return {
+        "torch": "ok",
+        "cpp": cpp_module()[1],
+        "triton": triton_reason(),
+        "cuda": cuda_module()[1],
+        "cupy": cupy_reason(),
+    }
+
+
+def _reason(name: str) -> str:
+    return {"torch": lambda: "ok", "cpp": lambda: cpp_module()[1], "triton": triton_reason,
+            "cuda": lambda: cuda_module()[1], "cupy": cupy_reason}[name]()
+
+
+def resolve(backend: str, device: torch.device, dtype: torch.dtype, op: str) -> str:
+    """The concrete backend for tensors on ``device`` of ``dtype``.
+
+    ``"auto"`` picks the fastest usable backend that supports them (CPU: cpp, else torch;
+    GPU: cuda > triton > cupy > torch).  An explicit name is checked and raises a clear error when
+    it cannot run here or cannot take these tensors.
+    """
+    if not isinstance(backend, str) or (backend != "auto" and backend not in BACKENDS):
+        raise ValueError(f"{op}: backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+    on_gpu = device.type == "cuda"
+    if backend == "auto":
+        for name in GPU_PREFERENCE if on_gpu else CPU_PREFERENCE:
+            if _supports(name, device, dtype) is None and _reason(name) == "ok":
+                return name
+        return "torch"
+    why = _reason(backend)
+    if why != "ok":
+        raise RuntimeError(f"{op}: backend {backend!r} is unusable here: {why}")
+    problem = _supports(backend, device, dtype)
+    if problem is not None:
+        raise ValueError(f"{op}: backend {backend!r} {problem}")
+    return backend
+
+
+def _supports(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """None if backend ``name`` can take tensors of this device/dtype, else why not."""
+    if name == "torch":
+        return None
+    if name == "cpp":
+        if device.type != "cpu":
+            return f"runs on CPU tensors only, got device {device}"
+        if dtype not in CPU_DTYPES:
+            return f"supports float32/float64 only, got {dtype}"
+        return None
+    if name == "triton":
+        if device.type == "cpu" and not triton_interpreted():
+            return "runs on CUDA tensors (CPU tensors only under TRITON_INTERPRET=1)"
+        if device.type not in ("cpu", "cuda"):
+            return f"cannot run on device {device}"
+        if dtype not in GPU_DTYPES:
+            return f"does not support {dtype}"
+        return None
+    # cuda, cupy
+    if device.type != "cuda":
+        return f"runs on CUDA tensors only, got device {device}"
+    if dtype not in GPU_DTYPES:
+        return f"does not support {dtype}"
+    return None
+
+
+# ---- launching the CUDA kernels (compiled by nvcc into _C_cuda, or by CuPy at run time) ----------
+
+def ptr(t: torch.Tensor | None) -> tuple[str, int]:
+    """A pointer kernel argument (NULL for None)."""
+    return ("p", 0 if t is None else t.data_ptr())
+
+
+@functools.lru_cache(maxsize=None)
+def _cupy_module(source: str, device_index: int):
+    import cupy
+
+    folder = kernel_source_dir()
+    code = (folder / source).read_text()
+    with cupy.cuda.Device(device_index):
+        module = cupy.RawModule(code=code, options=("-I" + str(folder), "--std=c++17"))
+        module.compile()
+    return module
+
+
+def _cupy_arg(code: str, value: Any):
+    import numpy as np
+
+    kinds = {"p": np.uint64, "Q": np.uint64, "q": np.int64, "i": np.int32, "I": np.uint32, "f": np.float32,
+             "d": np.float64}
+    return kinds[code](value)
+
+
+def launch(backend: str, source: str, name: str, grid: Sequence[int], block: Sequence[int],
+           args: Sequence[tuple[str, Any]], device: torch.device, shared_bytes: int = 0) -> None:
+    """Launch kernel ``name`` (an extern "C" entry point of csrc/``source``) on the current stream.
+
+    ``args`` are ``(code, value)`` pairs; codes: p pointer, q int64, Q uint64, i int32, I uint32,
+    f float32, d float64.
+    """
+    grid3 = (list(grid) + [1, 1, 1])[:3]
+    block3 = (list(block) + [1, 1, 1])[:3]
+    if grid3[0] == 0:
+        return
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    stream = torch.cuda.current_stream(index).cuda_stream
+    if backend == "cuda":
+        mod, why = cuda_module()
+        if mod is None:
+            raise RuntimeError(f"backend 'cuda' is unusable here: {why}")
+        mod.launch(name, grid3, block3, shared_bytes, index, stream, list(args))
+    elif backend == "cupy":
+        import cupy
+
+        kernel = _cupy_module(source, index).get_function(name)
+        # RawKernel launches on CuPy's current stream: make it torch's current stream.
+        with cupy.cuda.Device(index), cupy.cuda.ExternalStream(stream):
+            kernel(tuple(grid3), tuple(block3), tuple(_cupy_arg(c, v) for c, v in args), shared_mem=shared_bytes)
+    else:
+        raise ValueError(f"launch: backend must be 'cuda' or 'cupy', got {backend!r}")
+
+
+@functools.lru_cache(maxsize=None)
+def multiprocessor_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
