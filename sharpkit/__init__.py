@@ -5,6 +5,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from . import ops
+from .audit import audit
 from .data import load_digits, load_mnist1d
 from .landscape import Curve, interpolate
 from .params import FlatParams, measurement_mode, preserved
@@ -19,4 +20,5 @@ __all__ = [
     "load_digits",
     "interpolate",
     "Curve",
+    "audit",
 ]

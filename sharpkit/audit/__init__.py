@@ -1,0 +1,300 @@
+"""Batch sharpness audits of many checkpoints (``sk.audit`` and ``sharpkit audit``).
+
+Checkpoints of one architecture are measured together: their parameters are stacked and the
+model runs under ``torch.func.vmap``, so one pass over the data serves a whole group (losses,
+gradients for the ascent of ε-sharpness, Hessian-vector products for Lanczos and Hutchinson).
+Each finished checkpoint's row is appended durably to a JSONL store keyed by the checkpoint's
+content hash and the metric configuration, so an interrupted audit resumes where it stopped.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .. import __version__
+from ..data import Batches, as_batches
+from ..params import measurement_mode
+from .checkpoints import CheckpointError, describe_checkpoint, find_checkpoints, fit_state_dict, load_state_dict
+from .metrics import METRICS, MetricConfig, run_metrics
+from .store import ResultStore, row_key
+
+__all__ = ["audit", "MetricConfig", "METRICS", "ResultStore", "resolve_data", "resolve_model", "LOSSES"]
+
+LOSSES: dict[str, Callable[[], nn.Module]] = {
+    "cross_entropy": nn.CrossEntropyLoss,
+    "mse": nn.MSELoss,
+}
+
+
+def resolve_data(spec: Any, batch_size: int | None = None) -> tuple[Batches, str, int | None]:
+    """``(batches, description, num_classes)`` for a data spec or data object.
+
+    ``spec``: ``"mnist1d"``, ``"digits"``, a ``.pt``/``.npz`` file (training split, via
+    :func:`sharpkit.data.load_dataset`), ``"module:function"`` returning a DataLoader or an
+    ``(inputs, targets)`` pair, or such data directly.  ``batch_size`` splits tensor data.
+    """
+    num_classes = None
+    if isinstance(spec, str):
+        if ":" in spec and not os.path.exists(spec) and not spec.endswith((".pt", ".pth", ".npz")):
+            import importlib
+
+            mod_name, _, attr = spec.partition(":")
+            try:
+                fn = getattr(importlib.import_module(mod_name), attr)
+            except (ImportError, AttributeError) as exc:
+                raise ValueError(f"data spec {spec!r}: cannot find {attr!r} in module {mod_name!r} ({exc})") from None
+            data, desc = fn(), spec
+        else:
+            from ..data import load_dataset
+
+            ds = load_dataset(spec)
+            data, desc, num_classes = ds.train, f"{spec}:train", ds.num_classes or None
+    else:
+        data, desc = spec, None
+    batches = as_batches(data, batch_size)
+    n = batches.num_samples()
+    if desc is None:
+        desc = f"data:{_fingerprint(batches)}"
+    return batches, f"{desc}:{n}", num_classes
+
+
+def _fingerprint(batches: Batches) -> str:
+    """A content hash of in-memory data (so that rows of different data never collide)."""
+    h = hashlib.sha256()
+    for x, y in batches:
+        for t in (x, y):
+            t = t.detach().cpu().contiguous()
+            h.update(str((tuple(t.shape), str(t.dtype))).encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def resolve_model(spec: Any, batches: Batches, num_classes: int | None, seed: int = 0) -> tuple[nn.Module, str]:
+    """``(model, description)`` for an ``nn.Module``, a zero-argument factory, or a spec string.
+
+    Strings are resolved by the study's model registry (``f1``, ``c1``, ``module:factory``), which
+    is given the data's sample shape and class count.
+    """
+    if isinstance(spec, nn.Module):
+        return spec, _describe_module(spec)
+    if callable(spec) and not isinstance(spec, str):
+        model = spec()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model factory returned {type(model).__name__}, expected torch.nn.Module")
+        return model, _describe_module(model)
+    if not isinstance(spec, str):
+        raise TypeError(f"model must be an nn.Module, a factory or a spec string, got {type(spec).__name__}")
+    from ..study.models import build_model
+
+    x, y = next(iter(batches))
+    if num_classes is None:
+        num_classes = int(y.max().item()) + 1 if not y.is_floating_point() else (y.shape[1] if y.dim() > 1 else 1)
+    model = build_model(spec, tuple(x.shape[1:]), max(num_classes, 2), seed)
+    return model, f"{spec}|{_describe_module(model)}"
+
+
+def _describe_module(model: nn.Module) -> str:
+    shapes = [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
+    digest = hashlib.sha256(json.dumps(shapes).encode()).hexdigest()[:12]
+    return f"{type(model).__name__}[{digest}]"
+
+
+def audit(
+    checkpoints: str | os.PathLike | Iterable[str | os.PathLike],
+    model: Any,
+    data: Any,
+    metrics: str | Sequence[str] = ("keskar",),
+    out: str | os.PathLike | None = None,
+    loss_fn: Callable | str = "cross_entropy",
+    epsilon: float = 1e-3,
+    subspace_dim: int = 100,
+    rho: float = 2e-3,
+    adaptive_scale: bool = True,
+    solver: str = "pga",
+    max_iter: int = 10,
+    k: int = 1,
+    lanczos_steps: int = 20,
+    trace_samples: int = 20,
+    seed: int = 0,
+    bn: str = "eval",
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+    group_size: int | None = None,
+    batch_size: int | None = None,
+    progress: bool = False,
+    memory_fraction: float = 0.25,
+) -> list[dict[str, Any]]:
+    """Measure the sharpness of many checkpoints of one architecture; one row per checkpoint.
+
+    Args:
+        checkpoints: files, directories (their ``.pt/.pth/.bin/.ckpt/.safetensors`` files) or glob
+            patterns.
+        model: the architecture: an ``nn.Module`` (left exactly as found), a zero-argument factory,
+            or a spec (``f1``, ``c1``, ``module:factory``).
+        data: training data: ``(inputs, targets)``, an iterable of batches, ``"mnist1d"``,
+            ``"digits"``, a ``.pt``/``.npz`` file or ``"module:function"``.
+        metrics: names from ``METRICS`` (``keskar``, ``keskar-subspace``, ``adaptive``,
+            ``top-eig``, ``trace``), a list or a comma-separated string.
+        out: JSONL results file; rows already there (same checkpoint content, same
+            configuration) are reused, not recomputed.  ``None``: nothing is written.
+        loss_fn: mean-reduced ``loss_fn(outputs, targets)`` or ``"cross_entropy"`` / ``"mse"``.
+        epsilon, subspace_dim, rho, adaptive_scale, solver, max_iter, k, lanczos_steps,
+            trace_samples, seed: metric options, see :class:`~sharpkit.audit.metrics.MetricConfig`.
+        bn: ``"eval"`` (running statistics, default) or ``"train"`` (batch statistics).
+        device, dtype: where and in what precision to measure (default: CPU, the model's dtype).
+        group_size: checkpoints measured together; ``None`` chooses it from free memory, 1
+            measures one at a time on :class:`sharpkit.objective.Objective`.
+        batch_size: split tensor data into batches of this many samples (default: one batch).
+        progress: show a progress bar with ETA on stderr.
+        memory_fraction: share of free memory the automatic group size may use (default 0.25).
+
+    Returns:
+        One dict per checkpoint in the order found: ``key``, ``checkpoint``, ``name``, ``sha256``,
+        ``step``, ``epoch``, ``status`` (``"ok"`` or ``"error"``), ``error``, ``loss``, one entry
+        per metric, ``details``, ``config``.  Bad checkpoints (missing, unreadable, corrupt, not
+        fitting the model, NaN/inf weights) get ``status="error"`` and a message; the others are
+        still measured.
+    """
+    config = MetricConfig(
+        metrics=metrics, epsilon=epsilon, subspace_dim=subspace_dim, rho=rho, adaptive_scale=adaptive_scale,
+        solver=solver, max_iter=max_iter, k=k, lanczos_steps=lanczos_steps, trace_samples=trace_samples, seed=seed,
+    )
+    if group_size is not None and (not isinstance(group_size, int) or group_size < 1):
+        raise ValueError(f"group_size must be a positive integer or None, got {group_size!r}")
+    if isinstance(checkpoints, (str, os.PathLike)):
+        checkpoints = [checkpoints]
+    paths = find_checkpoints(checkpoints)
+    if not paths:
+        raise ValueError("no checkpoints given")
+    if isinstance(loss_fn, str):
+        if loss_fn not in LOSSES:
+            raise ValueError(f"unknown loss {loss_fn!r}: use one of {sorted(LOSSES)} or pass a callable")
+        loss_name, loss_fn = loss_fn, LOSSES[loss_fn]()
+    else:
+        loss_name = getattr(loss_fn, "__name__", type(loss_fn).__name__)
+    if isinstance(dtype, str):
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"unknown dtype {dtype!r} (use float32 or float64)")
+        dtype = getattr(torch, dtype)
+
+    batches, data_desc, num_classes = resolve_data(data, batch_size)
+    net, model_desc = resolve_model(model, batches, num_classes, seed)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if dtype is None:
+        dtype = next(iter(net.parameters())).dtype
+    key_config = {
+        **config.key(), "data": data_desc, "model": model_desc, "loss": loss_name, "bn": bn,
+        "dtype": str(dtype).replace("torch.", ""), "batch_size": batch_size,
+    }
+    store = ResultStore(out) if out is not None else None
+    runner = _Runner(net, loss_fn, batches, config, key_config, device, dtype, bn, store)
+    return runner.run(paths, group_size, progress, memory_fraction)
+
+
+class _Runner:
+    """One audit: resolve checkpoints to rows, measure the pending ones group by group."""
+
+    def __init__(self, model, loss_fn, batches, config, key_config, device, dtype, bn, store):
+        self.model, self.loss_fn, self.batches = model, loss_fn, batches
+        self.config, self.key_config = config, key_config
+        self.device, self.dtype, self.bn, self.store = device, dtype, bn, store
+        self.num_samples = batches.num_samples()
+
+    def _base_row(self, ck, key: str) -> dict[str, Any]:
+        return {
+            "key": key, "checkpoint": str(ck.path), "name": ck.name, "sha256": ck.sha256,
+            "step": ck.step, "epoch": ck.epoch, "config": self.key_config, "sharpkit": __version__,
+        }
+
+    def _write(self, row: dict[str, Any]) -> dict[str, Any]:
+        row["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        if self.store is not None:
+            self.store.append(row)
+        return row
+
+    def _error_row(self, ck, key: str, message: str) -> dict[str, Any]:
+        return self._write({**self._base_row(ck, key), "status": "error", "error": message})
+
+    def run(self, paths: list[Path], group_size: int | None, progress: bool, memory_fraction: float):
+        cks = [describe_checkpoint(p) for p in paths]
+        keys = [row_key(ck.sha256 or "path:" + os.path.abspath(ck.path), self.key_config) for ck in cks]
+        rows: dict[str, dict[str, Any]] = {}
+        pending = []
+        for ck, key in zip(cks, keys):
+            done = self.store.get(key) if self.store is not None else None
+            if done is not None:
+                rows[key] = done
+            elif key in rows or any(key == k for _, k in pending):
+                continue  # the same file content listed twice: measured once
+            else:
+                pending.append((ck, key))
+        with measurement_mode(self.model, self.bn):
+            if group_size is None and pending:
+                from .batched import estimate_group_size
+
+                group_size, _ = estimate_group_size(
+                    self.model, self.batches, self.device, self.dtype,
+                    self.config.vectors_per_checkpoint(), memory_fraction=memory_fraction,
+                )
+            bar = None
+            if progress and pending:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=len(pending), unit="ckpt", desc="audit", dynamic_ncols=True)
+            try:
+                group: list[tuple[Any, str, dict[str, torch.Tensor]]] = []
+                for i, (ck, key) in enumerate(pending):
+                    if ck.error is not None:
+                        rows[key] = self._error_row(ck, key, ck.error)
+                        bar and bar.update(1)
+                    else:
+                        try:
+                            state = fit_state_dict(load_state_dict(ck.path), self.model, str(ck.path))
+                            group.append((ck, key, state))
+                        except CheckpointError as exc:
+                            rows[key] = self._error_row(ck, key, str(exc))
+                            bar and bar.update(1)
+                    if group and (len(group) >= group_size or i == len(pending) - 1):
+                        for row in self._measure(group):
+                            rows[row["key"]] = row
+                        bar and bar.update(len(group))
+                        group = []
+            finally:
+                if bar is not None:
+                    bar.close()
+        return [rows[k] for k in dict.fromkeys(keys)]
+
+    def _measure(self, group) -> list[dict[str, Any]]:
+        """Measure one group (stacked under vmap, or alone on Objective when it has one member)."""
+        t0 = time.perf_counter()
+        states = [s for _, _, s in group]
+        if len(group) == 1:
+            from ..objective import Objective
+            from .batched import SingleObjective
+
+            self.model.load_state_dict(states[0])  # measurement_mode restores the model afterwards
+            engine = SingleObjective(Objective(self.model, self.loss_fn, self.batches, self.device, self.dtype))
+        else:
+            from .batched import StackedObjective, stack_checkpoints
+
+            X, frozen = stack_checkpoints(self.model, states, self.device, self.dtype)
+            engine = StackedObjective(self.model, self.loss_fn, self.batches, X, frozen, self.num_samples)
+        results = run_metrics(engine, self.config)
+        seconds = (time.perf_counter() - t0) / len(group)
+        rows = []
+        for (ck, key, _), res in zip(group, results):
+            values = [res["loss"]] + [res[m] for m in self.config.metrics]
+            row = {**self._base_row(ck, key), "group_size": len(group), "seconds": round(seconds, 4)}
+            if all(v == v and abs(v) != float("inf") for v in values):
+                row.update(status="ok", error=None, **res)
+            else:
+                row.update(status="error", error="the loss or a metric is not finite at this checkpoint", **res)
+            rows.append(self._write(row))
+        return rows

@@ -1,0 +1,300 @@
+"""Objectives over many parameter vectors at once: the engines the audit's metrics run on.
+
+An *engine* holds ``B`` reference points ``X`` (shape ``(B, n)``: B checkpoints of one
+architecture) and evaluates, for a batch of points ``W`` (also ``(B, n)``, row b belonging to
+checkpoint b):
+
+- ``loss(W) -> (B,)`` float64, the sample-weighted mean loss of each row;
+- ``loss_and_grad(W) -> ((B,), (B, n))`` from the same pass (the solver contract:
+  ``num_problems``, ``dim``, ``loss_and_grad(Y)``);
+- ``hvp(V) -> (B, n)``, the Hessian of each checkpoint's loss at its ``X[b]`` times ``V[b]``.
+
+:class:`StackedObjective` runs the model under ``torch.func.vmap(functional_call)`` with the B
+parameter vectors (and buffers) stacked, so one pass over the data serves every checkpoint.
+:class:`SingleObjective` is the one-at-a-time engine (B = 1) on :class:`sharpkit.objective.Objective`.
+Both accumulate sample-weighted sums over ``as_batches(data)`` in one place (``_accumulate``)
+and divide once, where a distributed all-reduce of the sums belongs.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+
+from ..data import Batches, to_device
+from ..objective import Objective
+from ..params import FlatParams
+
+__all__ = ["StackedObjective", "SingleObjective", "stack_checkpoints", "estimate_group_size"]
+
+
+def stack_checkpoints(
+    model: nn.Module, states: list[Mapping[str, torch.Tensor]], device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Stack fitted state dicts: ``(X, frozen)``.
+
+    ``X`` (shape ``(G, n)``) holds each checkpoint's trainable parameters in
+    :class:`~sharpkit.params.FlatParams` order; ``frozen`` maps every other state entry (buffers,
+    frozen parameters) to a ``(G, ...)`` tensor.  Floating tensors are cast to ``dtype``.
+    """
+    flat = FlatParams(model)
+    trainable = set(flat.names)
+    X = torch.stack(
+        [torch.cat([s[name].reshape(-1).to(device, dtype) for name in flat.names]) for s in states]
+    )
+    frozen = {}
+    for name in states[0]:
+        if name in trainable:
+            continue
+        ts = [s[name].to(device, dtype if s[name].is_floating_point() else None) for s in states]
+        frozen[name] = torch.stack(ts)
+    return X, frozen
+
+
+class _HvpCache:
+    """The first-order graph of a single-batch objective, kept across Hessian-vector products.
+
+    With all data in one batch the primal pass (forward, backward with ``create_graph``) does not
+    depend on the vector, so it is done once and each HVP costs only the second backward.
+    """
+
+    def __init__(self):
+        self.xr: torch.Tensor | None = None
+        self.grad: torch.Tensor | None = None
+
+
+class StackedObjective:
+    """B checkpoints of one architecture evaluated together under ``vmap``.
+
+    Args:
+        model: the architecture (its own tensors are never read or written; it is used as a
+            functional template).  Call inside :func:`~sharpkit.params.measurement_mode`.
+        loss_fn: mean-reduced ``loss_fn(outputs, targets) -> scalar``.
+        batches: the data (:class:`~sharpkit.data.Batches`).
+        X: ``(B, n)`` reference parameter vectors.  frozen: ``{name: (B, ...)}`` buffers.
+        device, dtype: where and in what precision to evaluate (``X``'s own by default).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable,
+        batches: Batches,
+        X: torch.Tensor,
+        frozen: dict[str, torch.Tensor],
+        num_samples: int | None = None,
+    ):
+        if X.dim() != 2:
+            raise ValueError(f"X must have shape (B, n), got {tuple(X.shape)}")
+        self.model = model
+        self.loss_fn = loss_fn
+        self.batches = batches
+        self.flat = FlatParams(model)
+        if X.shape[1] != self.flat.n:
+            raise ValueError(f"X has {X.shape[1]} columns but the model has {self.flat.n} trainable parameters")
+        self.X = X.detach()
+        self.frozen = frozen
+        self.device, self.dtype = X.device, X.dtype
+        self.num_samples = num_samples if num_samples is not None else batches.num_samples()
+        self.num_problems, self.dim = X.shape
+        self.num_evals = 0
+        self.num_hvps = 0
+        self._cache = _HvpCache()
+
+        def one(x: torch.Tensor, buffers: dict[str, torch.Tensor], inputs: torch.Tensor, targets: torch.Tensor):
+            tensors = dict(buffers)
+            tensors.update(self.flat.as_dict(x))
+            loss = loss_fn(functional_call(model, tensors, (inputs,)), targets)
+            if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+                shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+                raise ValueError(f"loss_fn must return a scalar (mean-reduced) tensor, got {shape}")
+            return loss
+
+        self._batched = vmap(one, in_dims=(0, 0, None, None))
+
+    def batch_losses(self, W: torch.Tensor, batch) -> torch.Tensor:
+        """``(B,)`` mean losses of one batch at the rows of ``W`` (differentiable in ``W``)."""
+        inputs, targets = to_device(batch, self.device, self.dtype)
+        return self._batched(W, self.frozen, inputs, targets)
+
+    def _check(self, W: torch.Tensor) -> torch.Tensor:
+        if W.shape != self.X.shape:
+            raise ValueError(f"expected points of shape {tuple(self.X.shape)}, got {tuple(W.shape)}")
+        return W.detach().to(self.device, self.dtype)
+
+    def _accumulate(self, W: torch.Tensor, with_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Sample-weighted sums over the data (the one place an all-reduce would go), divided once."""
+        total = torch.zeros(self.num_problems, device=self.device, dtype=torch.float64)
+        grad = torch.zeros_like(W) if with_grad else None
+        for batch in self.batches:
+            n_b = batch[0].shape[0]
+            if with_grad:
+                Wr = W.clone().requires_grad_(True)
+                losses = self.batch_losses(Wr, batch)
+                # Rows are independent, so the gradient of the sum is each row's own gradient.
+                (g,) = torch.autograd.grad((losses * (n_b / self.num_samples)).sum(), Wr)
+                grad += g
+            else:
+                with torch.no_grad():
+                    losses = self.batch_losses(W, batch)
+            total += losses.detach().double() * n_b
+        self.num_evals += 1
+        return total / self.num_samples, grad
+
+    def loss(self, W: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` float64 losses at the rows of ``W``."""
+        return self._accumulate(self._check(W), with_grad=False)[0]
+
+    def loss_and_grad(self, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``((B,) float64 losses, (B, n) gradients)`` at the rows of ``W``, from one pass."""
+        total, grad = self._accumulate(self._check(W), with_grad=True)
+        return total, grad
+
+    def hvp(self, V: torch.Tensor) -> torch.Tensor:
+        """``(B, n)``: row b is ``H_b V[b]`` with ``H_b`` the Hessian of checkpoint b's loss at ``X[b]``."""
+        V = self._check(V)
+        self.num_hvps += 1
+        batches = list(self.batches) if self._cache.grad is None else None
+        if self._cache.grad is not None or len(batches) == 1:
+            if self._cache.grad is None:
+                Xr = self.X.clone().requires_grad_(True)
+                losses = self.batch_losses(Xr, batches[0])
+                (g,) = torch.autograd.grad(losses.sum(), Xr, create_graph=True)
+                self._cache.xr, self._cache.grad = Xr, g
+            (hv,) = torch.autograd.grad(self._cache.grad, self._cache.xr, V, retain_graph=True)
+            return hv.detach()
+        out = torch.zeros_like(V)
+        for batch in batches:
+            n_b = batch[0].shape[0]
+            Xr = self.X.clone().requires_grad_(True)
+            losses = self.batch_losses(Xr, batch)
+            (g,) = torch.autograd.grad((losses * (n_b / self.num_samples)).sum(), Xr, create_graph=True)
+            (hv,) = torch.autograd.grad(g, Xr, V)
+            out += hv
+        return out
+
+
+class SingleObjective:
+    """The one-at-a-time engine: one checkpoint (B = 1) on :class:`sharpkit.objective.Objective`.
+
+    Args:
+        objective: built on the model with the checkpoint's weights loaded.
+    """
+
+    def __init__(self, objective: Objective):
+        self.objective = objective
+        self.X = objective.x0().unsqueeze(0)
+        self.device, self.dtype = self.X.device, self.X.dtype
+        self.num_problems, self.dim = self.X.shape
+        self.num_samples = objective.num_samples
+        self.num_hvps = 0
+        self._cache = _HvpCache()
+
+    @property
+    def num_evals(self) -> int:
+        return self.objective.num_evals
+
+    def _check(self, W: torch.Tensor) -> torch.Tensor:
+        if W.shape != self.X.shape:
+            raise ValueError(f"expected points of shape {tuple(self.X.shape)}, got {tuple(W.shape)}")
+        return W.detach().to(self.device, self.dtype)
+
+    def loss(self, W: torch.Tensor) -> torch.Tensor:
+        return self.objective.loss(self._check(W)[0]).reshape(1)
+
+    def loss_and_grad(self, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f, g = self.objective.loss_and_grad(self._check(W)[0])
+        return f.reshape(1), g.unsqueeze(0)
+
+    def hvp(self, V: torch.Tensor) -> torch.Tensor:
+        v = self._check(V)[0]
+        obj = self.objective
+        self.num_hvps += 1
+        batches = list(obj.batches) if self._cache.grad is None else None
+        if self._cache.grad is not None or len(batches) == 1:
+            if self._cache.grad is None:
+                xr = self.X[0].clone().requires_grad_(True)
+                (g,) = torch.autograd.grad(obj.batch_loss(xr, batches[0]), xr, create_graph=True)
+                self._cache.xr, self._cache.grad = xr, g
+            (hv,) = torch.autograd.grad(self._cache.grad, self._cache.xr, v, retain_graph=True)
+            return hv.detach().unsqueeze(0)
+        out = torch.zeros_like(v)
+        for batch in batches:
+            n_b = batch[0].shape[0]
+            xr = self.X[0].clone().requires_grad_(True)
+            loss = obj.batch_loss(xr, batch) * (n_b / self.num_samples)
+            (g,) = torch.autograd.grad(loss, xr, create_graph=True)
+            (hv,) = torch.autograd.grad(g, xr, v)
+            out += hv
+        return out.unsqueeze(0)
+
+
+def _available_bytes(device: torch.device) -> int:
+    """Free memory on ``device``: CUDA's free bytes, else the host's MemAvailable."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30
+
+
+def activation_elements(model: nn.Module, batch, device: torch.device, dtype: torch.dtype) -> int:
+    """Elements of every module output in one forward of ``batch`` (a proxy for activation memory)."""
+    total = 0
+
+    def hook(_module, _inputs, output):
+        nonlocal total
+        if isinstance(output, torch.Tensor):
+            total += output.numel()
+
+    leaves = [m for m in model.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    try:
+        inputs, _ = to_device(batch, device, dtype)
+        params = {k: v.to(device, dtype if v.is_floating_point() else None) for k, v in model.state_dict().items()}
+        with torch.no_grad():
+            functional_call(model, params, (inputs,))
+    finally:
+        for h in handles:
+            h.remove()
+    return total
+
+
+def estimate_group_size(
+    model: nn.Module,
+    batches: Batches,
+    device: torch.device,
+    dtype: torch.dtype,
+    vectors_per_checkpoint: int,
+    memory_fraction: float = 0.25,
+    max_group: int = 64,
+    available_bytes: int | None = None,
+) -> tuple[int, int]:
+    """How many checkpoints to stack: ``(group_size, bytes_per_checkpoint)``.
+
+    Per checkpoint the audit holds ``vectors_per_checkpoint`` parameter-sized vectors (points,
+    gradients, Lanczos basis...) and, for the largest batch, the activations of a forward pass
+    about four times over (forward, first and second backward, the kept HVP graph).  The group
+    uses at most ``memory_fraction`` (default 0.25) of the free memory and at most ``max_group``
+    (default 64) checkpoints; never fewer than one.
+    """
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    n = FlatParams(model).n
+    largest = max(batches, key=lambda b: b[0].shape[0])
+    acts = activation_elements(model, largest, device, dtype)
+    per = itemsize * (n * vectors_per_checkpoint + 4 * acts)
+    free = _available_bytes(device) if available_bytes is None else available_bytes
+    group = int(min(max_group, max(1, (memory_fraction * free) // max(per, 1))))
+    return group, per

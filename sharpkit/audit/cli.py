@@ -1,0 +1,103 @@
+"""``sharpkit audit``: batch sharpness audits of checkpoints from the command line."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+__all__ = ["add_parser", "main", "EXIT_OK", "EXIT_FAILED_CHECKPOINTS", "EXIT_USAGE"]
+
+EXIT_OK = 0
+EXIT_FAILED_CHECKPOINTS = 1
+EXIT_USAGE = 2
+
+_EPILOG = """\
+exit codes:
+  0  every checkpoint was measured (or already had an ok row in --out)
+  1  at least one checkpoint has status "error" (missing, unreadable or corrupt file, state dict
+     not fitting the model, NaN/inf weights, non-finite loss); the others were still measured
+  2  bad arguments (unknown metric, unusable --model or --data, no checkpoints given ...)
+  130 interrupted (rows already written stay valid; re-run the command to resume)
+
+Results are appended to --out (JSONL), one line per checkpoint, keyed by the file's SHA-256 and
+the metric configuration: re-running the same command skips finished checkpoints.
+
+examples:
+  sharpkit audit runs/sb/ runs/lb/ --model f1 --data mnist1d --metrics keskar,top-eig --out audit.jsonl
+  sharpkit audit 'ckpts/epoch=*.ckpt' --model mypkg.nets:make_net --data mypkg.data:train_loader \\
+      --metrics keskar,keskar-subspace,adaptive,top-eig,trace --out audit.jsonl --report audit.html
+"""
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``audit`` on the ``sharpkit`` command's subparsers."""
+    from .metrics import METRICS
+
+    p = subparsers.add_parser(
+        "audit",
+        help="measure the sharpness of many checkpoints, batched across checkpoints",
+        description="Measure sharpness metrics of many checkpoints of one architecture. Checkpoints "
+        "are measured in groups: their parameters are stacked and the model runs under vmap, so one "
+        "pass over the data serves the whole group.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("checkpoints", nargs="+", metavar="CKPT_OR_DIR_OR_GLOB",
+                   help="checkpoint files (.pt/.pth/.bin torch.save state dicts, .safetensors, Lightning .ckpt), "
+                   "directories holding them, or glob patterns")
+    p.add_argument("--model", required=True, help="f1, c1, or MODULE:FACTORY returning the nn.Module")
+    p.add_argument("--data", default="mnist1d",
+                   help="mnist1d (default), digits, a .pt/.npz file of tensors, or MODULE:FUNCTION returning a "
+                   "DataLoader or (inputs, targets); the training split is used")
+    p.add_argument("--metrics", default="keskar", help=f"comma-separated, from {','.join(METRICS)} (default: keskar)")
+    p.add_argument("--out", default="audit.jsonl", help="JSONL results file, appended to and resumed (default: audit.jsonl)")
+    p.add_argument("--report", default=None, help="write a self-contained HTML report here")
+    p.add_argument("--loss", default="cross_entropy", choices=("cross_entropy", "mse"), help="loss (default: cross_entropy)")
+    p.add_argument("--epsilon", type=float, default=1e-3, help="box size of keskar metrics (default: 1e-3)")
+    p.add_argument("--p", dest="subspace_dim", type=int, default=100, help="subspace dimension of keskar-subspace (default: 100)")
+    p.add_argument("--rho", type=float, default=2e-3, help="radius of adaptive sharpness, l-infinity (default: 2e-3)")
+    p.add_argument("--no-adaptive-scale", dest="adaptive_scale", action="store_false",
+                   help="adaptive: use c = 1 (standard sharpness) instead of c = |w|")
+    p.add_argument("--solver", default="pga", choices=("pga",), help="ascent solver (default: pga)")
+    p.add_argument("--max-iter", type=int, default=10, help="ascent iterations (default: 10)")
+    p.add_argument("--k", type=int, default=1, help="top-eig: eigenvalues to report (default: 1)")
+    p.add_argument("--lanczos-steps", type=int, default=20, help="top-eig: Lanczos iterations (default: 20)")
+    p.add_argument("--trace-samples", type=int, default=20, help="trace: Hutchinson probes (default: 20)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the subspace, Lanczos start and probes (default: 0)")
+    p.add_argument("--bn", default="eval", choices=("eval", "train"), help="BatchNorm statistics (default: eval)")
+    p.add_argument("--device", default=None, help="torch device (default: cpu)")
+    p.add_argument("--dtype", default=None, choices=("float32", "float64"), help="precision (default: the model's)")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="checkpoints measured together (default: chosen from free memory; 1 = one at a time)")
+    p.add_argument("--batch-size", type=int, default=None, help="split tensor data into batches of this size")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.set_defaults(func=main)
+    return p
+
+
+def main(args: argparse.Namespace) -> int:
+    from . import audit
+    from .metrics import MetricConfig
+    from .report import format_table, write_html
+
+    try:
+        metrics = MetricConfig(metrics=args.metrics).metrics
+        rows = audit(
+            args.checkpoints, model=args.model, data=args.data, metrics=metrics, out=args.out,
+            loss_fn=args.loss, epsilon=args.epsilon, subspace_dim=args.subspace_dim, rho=args.rho,
+            adaptive_scale=args.adaptive_scale, solver=args.solver, max_iter=args.max_iter, k=args.k,
+            lanczos_steps=args.lanczos_steps, trace_samples=args.trace_samples, seed=args.seed, bn=args.bn,
+            device=args.device, dtype=args.dtype, group_size=args.group_size, batch_size=args.batch_size,
+            progress=args.progress,
+        )
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        print(f"sharpkit audit: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(format_table(rows, metrics))
+    if args.report:
+        path = write_html(args.report, rows, metrics)
+        print(f"report: {path}", file=sys.stderr)
+    failed = sum(r["status"] == "error" for r in rows)
+    if failed:
+        print(f"{failed} of {len(rows)} checkpoints failed (rows with status 'error' in {args.out})", file=sys.stderr)
+        return EXIT_FAILED_CHECKPOINTS
+    return EXIT_OK
