@@ -37,6 +37,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--warm-epochs", default=None, help="comma-separated k for the warm-start experiment")
     p.add_argument("--quick", action="store_true", help="same pipeline, smaller: about 3 minutes on a 2-core CPU")
     p.add_argument("--out", default="sharpkit-study", help="output directory (default sharpkit-study/); reused to resume")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: one per available core)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_run, _parser=p)
     return p
@@ -121,6 +122,8 @@ def config_from_args(args: argparse.Namespace):
         if min(ks) < 0:
             parser.error("--warm-epochs must be >= 0")
         over["warm_epochs"] = ks
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
     if args.device not in ("auto",):
         import torch
 
@@ -139,7 +142,7 @@ def _run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     t = time.perf_counter()
     try:
-        results = run_study(config, args.out, progress=not args.no_progress)
+        results = run_study(config, args.out, progress=not args.no_progress, threads=args.threads)
     except (ValueError, FileNotFoundError, TypeError) as exc:
         print(f"sharpkit study: error: {exc}", file=sys.stderr)
         return 2

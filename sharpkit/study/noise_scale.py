@@ -7,7 +7,9 @@ With ``G_B`` the mean gradient of a random batch of B samples, ``E|G_B|^2 = |G|^
     tr Sigma ~ (E|G_small|^2 - E|G_big|^2) / (1/B_small - 1/B_big)
 
 and ``B_simple = tr(Sigma) / |G|^2``, the batch size beyond which larger batches stop paying
-(the critical batch size, to within a small factor).
+(the critical batch size, to within a small factor).  Batches here are drawn without replacement
+from a finite training set of N samples, for which ``E|G_B|^2 = |G|^2 + tr(Sigma) (N - B) / (B (N - 1))``;
+the estimator solves these two equations exactly (it reduces to the formulas above as N grows).
 """
 from __future__ import annotations
 
@@ -50,15 +52,16 @@ def gradient_noise_scale(
     b_small: int,
     b_big: int,
     seed: int = 0,
-    bn: str = "train",
+    bn: str = "eval",
     max_batches: int | None = None,
 ) -> NoiseScale:
     """Estimate B_simple at ``model``'s current parameters from gradients at two batch sizes.
 
     ``data = (X, Y)`` is shuffled (``seed``) and cut into disjoint batches of ``b_small`` (then of
     ``b_big``) samples, incomplete batches dropped; ``E|G_B|^2`` is the mean over those batches
-    (at most ``max_batches`` each).  ``bn="train"`` (default) uses batch statistics as training
-    does; the model is left untouched either way.
+    (at most ``max_batches`` each).  ``bn="eval"`` (default) makes every sample's gradient a fixed
+    function of the parameters, as the estimator assumes; with ``bn="train"`` batch statistics
+    couple the samples of a batch and small batches bias the estimate.  The model is left untouched.
     """
     x, y = data
     n = x.shape[0]
@@ -82,8 +85,10 @@ def gradient_noise_scale(
                 total += float(g.double().pow(2).sum())
                 count += 1
             mean_sq[b], counts[b] = total / count, count
-    grad_sq = (b_big * mean_sq[b_big] - b_small * mean_sq[b_small]) / (b_big - b_small)
-    trace_sigma = (mean_sq[b_small] - mean_sq[b_big]) / (1.0 / b_small - 1.0 / b_big)
+    # Finite-population weights of tr(Sigma) at each batch size (sampling without replacement).
+    c_small, c_big = ((n - b) / (b * (n - 1)) if n > 1 else 0.0 for b in (b_small, b_big))
+    trace_sigma = (mean_sq[b_small] - mean_sq[b_big]) / (c_small - c_big)
+    grad_sq = mean_sq[b_big] - c_big * trace_sigma
     b_simple = trace_sigma / grad_sq if grad_sq > 0 else math.nan
     return NoiseScale(
         b_simple, grad_sq, trace_sigma, b_small, b_big, mean_sq[b_small], mean_sq[b_big], counts[b_small], counts[b_big]

@@ -461,21 +461,27 @@ def environment(device: torch.device) -> dict:
     return env
 
 
-def run_study(config: StudyConfig, out_dir: str | os.PathLike = "sharpkit-study", progress: bool = True) -> dict:
+def run_study(
+    config: StudyConfig, out_dir: str | os.PathLike = "sharpkit-study", progress: bool = True, threads: int | None = None
+) -> dict:
     """Run (or resume) the study in ``out_dir``, write results.json, CSV tables, figures and
-    report.html there, and return the results (raw numbers plus the summary and verdicts)."""
+    report.html there, and return the results (raw numbers plus the summary and verdicts).
+
+    ``threads``: torch CPU threads (None: one per core this process may use).
+    """
     from .report import write_outputs
 
-    _set_threads()
+    _set_threads(threads)
     study = Study(config, out_dir, progress=progress)
     results = study.run()
     return write_outputs(results, Path(out_dir))
 
 
-def _set_threads() -> None:
-    # Use the cores this process may run on (containers often allow fewer than os.cpu_count()).
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    torch.set_num_threads(max(1, cores))
+def _set_threads(threads: int | None) -> None:
+    if threads is None:
+        # The cores this process may run on (containers often allow fewer than os.cpu_count()).
+        try:
+            threads = len(os.sched_getaffinity(0))
+        except AttributeError:
+            threads = os.cpu_count() or 1
+    torch.set_num_threads(max(1, int(threads)))

@@ -244,7 +244,7 @@ def summarize(results: dict) -> dict:
                                          f"ρ(batch, test acc) = {rho_a:.2f}; largest sharpness jump at batch {jump}",
                              "paper": "paper: a threshold beyond which sharpness jumps and accuracy drops",
                              "statistic": f"{len(sw)} batch sizes, one seed; p = {p_s:.2g} / {p_a:.2g}",
-                             "verdict": _trend_verdict(rho_s > 0 and rho_a < 0, min(p_s, 1) if np.isfinite(p_s) else math.nan)})
+                             "verdict": _trend_verdict(rho_s, p_s, +1, rho_a, -1)})
         if m.get("warm_start"):
             ws = m["warm_start"]
             k = [r["k"] for r in ws]
@@ -255,7 +255,7 @@ def summarize(results: dict) -> dict:
                              "measured": f"Spearman ρ(k, sharpness) = {rho_s:.2f}, ρ(k, test acc) = {rho_a:.2f}",
                              "paper": "paper: sharpness falls and test accuracy rises with k",
                              "statistic": f"{len(ws)} values of k, one seed; p = {p_s:.2g} / {p_a:.2g}",
-                             "verdict": _trend_verdict(rho_s < 0 and rho_a > 0, p_s)})
+                             "verdict": _trend_verdict(rho_s, p_s, -1, rho_a, +1)})
         if m.get("noise_scale"):
             bs = [r["b_simple"] for r in m["noise_scale"] if r.get("b_simple") is not None and np.isfinite(r["b_simple"])]
             jump = s.get("sweep", {}).get("jump_batch")
@@ -282,10 +282,17 @@ def _jump(sweep: list[dict]) -> int | None:
     return max(steps)[1]
 
 
-def _trend_verdict(right: bool, p: float) -> str:
-    if not right:
+def _trend_verdict(rho_s: float, p_s: float, sign_s: int, rho_a: float, sign_a: int) -> str:
+    """Verdict on a sharpness trend (rank correlation ``rho_s`` expected to have sign ``sign_s``)
+    together with the accuracy trend ``rho_a`` (expected sign ``sign_a``)."""
+    if not np.isfinite(rho_s):
+        return "not measured"
+    if sign_s * rho_s <= 0:
         return "not reproduced"
-    return "reproduced" if np.isfinite(p) and p < 0.05 else "same direction, not significant"
+    acc_ok = np.isfinite(rho_a) and sign_a * rho_a > 0
+    if np.isfinite(p_s) and p_s < 0.05:
+        return "reproduced" if acc_ok else "sharpness trend reproduced, accuracy trend not"
+    return "same direction, not significant" if acc_ok else "sharpness same direction (not significant), accuracy trend not"
 
 
 def _ratio(test: dict) -> str:

@@ -89,7 +89,6 @@ def train(
         gen.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         result.history = state["history"]
-        result.stopped = state.get("stopped", "")
         result.resumed_from = result.epochs = len(result.history) - 1
     else:
         torch.manual_seed(int(seed) + 7919)  # dropout masks

@@ -1,0 +1,132 @@
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import sharpkit as sk
+from sharpkit.landscape import evaluate, random_direction, slice_1d, slice_2d
+
+
+def _net(seed, bn=True):
+    torch.manual_seed(seed)
+    layers = [nn.Linear(5, 7)] + ([nn.BatchNorm1d(7)] if bn else []) + [nn.ReLU(), nn.Dropout(0.3), nn.Linear(7, 3)]
+    m = nn.Sequential(*layers).double()
+    if bn:  # non-trivial running statistics
+        m.train()
+        with torch.no_grad():
+            m(torch.randn(50, 5, dtype=torch.float64) * 2 + 1)
+    return m
+
+
+def _data(n=37):
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(n, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
+
+
+def _state(m):
+    return {k: v.clone() for k, v in m.state_dict().items()}, [mod.training for mod in m.modules()]
+
+
+def _direct(model_a, model_b, x, y, ca, cb, bn):
+    """Independent float64 evaluation: build the interpolated network by hand."""
+    m = copy.deepcopy(model_a)
+    with torch.no_grad():
+        for pm, pa, pb in zip(m.parameters(), model_a.parameters(), model_b.parameters()):
+            pm.copy_(ca * pa + cb * pb)
+    m.eval()
+    if bn == "train":
+        for mod in m.modules():
+            if isinstance(mod, nn.BatchNorm1d):
+                mod.train()
+                mod.track_running_stats = False
+                mod.running_mean = mod.running_var = None
+    with torch.no_grad():
+        out = m(x)
+    return float(nn.functional.cross_entropy(out, y)), float((out.argmax(1) == y).double().mean())
+
+
+@pytest.mark.parametrize("path", ["linear", "sin"])
+@pytest.mark.parametrize("bn", ["train", "eval"])
+def test_interpolate_matches_direct_evaluation(path, bn):
+    a, b = _net(0), _net(1)
+    a.train()  # a flag that must survive
+    x, y = _data()
+    before_a, before_b = _state(a), _state(b)
+    alphas = [-1.0, -0.25, 0.0, 0.5, 1.0, 1.75, 2.0]
+    curve = sk.interpolate(a, b, nn.CrossEntropyLoss(), (x, y), alphas, path=path, bn=bn)
+    assert isinstance(curve, sk.Curve)
+    assert curve.loss.shape == curve.accuracy.shape == (len(alphas),)
+    for i, al in enumerate(alphas):
+        ca, cb = (1 - al, al) if path == "linear" else (math.cos(al * math.pi / 2), math.sin(al * math.pi / 2))
+        loss, acc = _direct(a, b, x, y, ca, cb, bn)
+        assert curve.loss[i] == pytest.approx(loss, rel=1e-12, abs=1e-12)
+        assert curve.accuracy[i] == pytest.approx(acc)
+    for m, (st, flags) in ((a, before_a), (b, before_b)):
+        now, now_flags = _state(m)
+        assert now_flags == flags
+        assert all(torch.equal(now[k], st[k]) for k in st)
+
+
+def test_interpolate_uneven_batches_are_sample_weighted():
+    a, b = _net(0, bn=False), _net(1, bn=False)
+    x, y = _data(37)
+    whole = sk.interpolate(a, b, nn.CrossEntropyLoss(), (x, y), [0.3, 1.4])
+    batched = sk.interpolate(a, b, nn.CrossEntropyLoss(), [(x[i : i + 10], y[i : i + 10]) for i in range(0, 37, 10)], [0.3, 1.4])
+    np.testing.assert_allclose(batched.loss, whole.loss, rtol=1e-12)
+    np.testing.assert_allclose(batched.accuracy, whole.accuracy)
+
+
+def test_interpolate_end_points_equal_the_models():
+    a, b = _net(0, bn=False), _net(1, bn=False)
+    x, y = _data()
+    c = sk.interpolate(a, b, nn.CrossEntropyLoss(), (x, y), [0.0, 1.0])
+    assert c.loss[0] == pytest.approx(evaluate(a, nn.CrossEntropyLoss(), (x, y))[0], rel=1e-12)
+    assert c.loss[1] == pytest.approx(evaluate(b, nn.CrossEntropyLoss(), (x, y))[0], rel=1e-12)
+
+
+def test_interpolate_bad_input():
+    a, x_y = _net(0), _data()
+    other = nn.Sequential(nn.Linear(5, 3)).double()
+    with pytest.raises(ValueError, match="same parameter shapes"):
+        sk.interpolate(a, other, nn.CrossEntropyLoss(), x_y, [0.0])
+    with pytest.raises(ValueError, match="path"):
+        sk.interpolate(a, _net(1), nn.CrossEntropyLoss(), x_y, [0.0], path="cubic")
+    with pytest.raises(ValueError, match="empty"):
+        sk.interpolate(a, _net(1), nn.CrossEntropyLoss(), x_y, [])
+    bad = _net(1)
+    with torch.no_grad():
+        bad[0].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        sk.interpolate(a, bad, nn.CrossEntropyLoss(), x_y, [0.0])
+    with pytest.raises(ValueError, match="empty"):
+        sk.interpolate(a, _net(1), nn.CrossEntropyLoss(), (x_y[0][:0], x_y[1][:0]), [0.0])
+    with pytest.raises(ValueError, match="scalar"):
+        sk.interpolate(a, _net(1), nn.CrossEntropyLoss(reduction="none"), x_y, [0.0])
+
+
+def test_random_direction_is_filter_normalised():
+    m = _net(0)
+    d = random_direction(m, seed=5)
+    flat = sk.FlatParams(m)
+    for blk, dv, wv in zip(flat.blocks, flat.views(d), flat.views(flat.get())):
+        if dv.dim() <= 1:
+            assert torch.count_nonzero(dv) == 0, blk.name
+        else:
+            torch.testing.assert_close(dv.norm(dim=1), wv.norm(dim=1), rtol=1e-10, atol=0)
+    assert torch.equal(d, random_direction(m, seed=5))
+
+
+def test_slices_at_origin_and_along_direction():
+    m = _net(0, bn=False)
+    x, y = _data()
+    d = random_direction(m, seed=1)
+    c = slice_1d(m, nn.CrossEntropyLoss(), (x, y), [0.0, 0.5], direction=d)
+    assert c.loss[0] == pytest.approx(evaluate(m, nn.CrossEntropyLoss(), (x, y))[0], rel=1e-12)
+    moved = copy.deepcopy(m)
+    sk.FlatParams(moved).set_(sk.FlatParams(m).get() + 0.5 * d)
+    assert c.loss[1] == pytest.approx(evaluate(moved, nn.CrossEntropyLoss(), (x, y))[0], rel=1e-12)
+    s = slice_2d(m, nn.CrossEntropyLoss(), (x, y), [0.0, 0.5], [0.0], directions=(d, torch.zeros_like(d)))
+    np.testing.assert_allclose(s.loss[:, 0], c.loss, rtol=1e-12)

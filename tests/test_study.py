@@ -1,0 +1,287 @@
+import base64
+import csv
+import json
+import re
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import sharpkit
+from sharpkit.cli import main
+from sharpkit.objective import Objective
+from sharpkit.params import measurement_mode
+from sharpkit.study import build_model
+from sharpkit.study.pipeline import StudyConfig, run_study
+from sharpkit.study.report import paired_test
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models: one thread avoids contention with whatever else runs on the machine.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def npz(tmp_path):
+    """A small separable 3-class problem with 12 features, as a user's .npz file."""
+    g = np.random.default_rng(0)
+    w = g.normal(size=(12, 3))
+    x = g.normal(size=(200, 12)).astype(np.float32)
+    y = (x @ w + 0.3 * g.normal(size=(200, 3))).argmax(1)
+    path = tmp_path / "toy.npz"
+    np.savez(path, x_train=x[:160], y_train=y[:160], x_test=x[160:], y_test=y[160:])
+    return str(path)
+
+
+class FakeAPI:
+    """Stand-ins for the measurement API with the promised signatures (cheap, deterministic);
+    they record calls so the tests can check what the study asked for."""
+
+    def __init__(self):
+        self.calls = []
+
+    def _grad(self, model, loss_fn, data, bn):
+        with measurement_mode(model, bn):
+            obj = Objective(model, loss_fn, data)
+            x = obj.x0()
+            f, g = obj.loss_and_grad(x)
+            return obj, x, float(f), g
+
+    def keskar_sharpness(self, model, loss_fn, data, epsilon=1e-3, subspace_dim=None, solver="lbfgsb",
+                         max_iter=10, seed=0, bn="eval"):
+        self.calls.append(("keskar", solver, subspace_dim))
+        with measurement_mode(model, bn):
+            obj = Objective(model, loss_fn, data)
+            x = obj.x0()
+            f, g = obj.loss_and_grad(x)
+            y = epsilon * (x.abs() + 1) * g.sign()
+            f1 = float(obj.loss(x + y))
+        f = float(f)
+        return SimpleNamespace(value=100 * (f1 - f) / (1 + f), loss=f, max_loss=f1, num_evals=2)
+
+    def hessian(self, model, loss_fn, data, bn="eval"):
+        return SimpleNamespace(model=model, loss_fn=loss_fn, data=data, bn=bn)
+
+    def eigenvalues(self, H, k=1, tol=1e-3, seed=0, v0=None):
+        self.calls.append(("eig", v0 is not None))
+        _, _, _, g = self._grad(H.model, H.loss_fn, H.data, H.bn)
+        return SimpleNamespace(values=torch.tensor([float(g.norm())]), vectors=(g / g.norm()).reshape(-1, 1),
+                               num_matvecs=2 if v0 is not None else 5)
+
+    def trace(self, H, method="hutch++", num_matvecs=100, seed=0):
+        _, _, _, g = self._grad(H.model, H.loss_fn, H.data, H.bn)
+        return SimpleNamespace(value=float(g.pow(2).sum()), stderr=0.0, num_matvecs=num_matvecs)
+
+
+@pytest.fixture
+def api(monkeypatch):
+    fake = FakeAPI()
+    for name in ("keskar_sharpness", "hessian", "eigenvalues", "trace"):
+        monkeypatch.setattr(sharpkit, name, getattr(fake, name), raising=False)
+    return fake
+
+
+def _tiny(npz, **over):
+    base = dict(data=npz, models=("f1", "c1"), f1_width=16, f1_depth=2, c1_channels=4, c1_hidden=(8,),
+                sb=8, lb=32, seeds=(0, 1, 2), max_epochs=3, patience=2, sharpness_samples=64,
+                curvature_samples=64, warm_epochs=(0, 1, 2), track_every=1, curve_points=5)
+    base.update(over)
+    return StudyConfig(**base)
+
+
+def test_quick_pipeline_end_to_end(tmp_path, npz, api):
+    out = tmp_path / "study"
+    results = run_study(_tiny(npz), out, progress=False, threads=1)
+    # results.json: every number, config, environment, seeds
+    data = json.loads((out / "results.json").read_text())
+    assert data["config"]["seeds"] == [0, 1, 2]
+    assert data["environment"]["torch"] == torch.__version__ and data["environment"]["device"] == "cpu"
+    assert data["resolved"]["sb"] == 8 and data["resolved"]["lb"] == 32
+    f1 = data["models"]["f1"]
+    assert len(f1["runs"]) == 6 and {r["role"] for r in f1["runs"]} == {"sb", "lb"}
+    # 2 eps x 2 solvers x 2 spaces x 6 minimizers
+    assert len(f1["sharpness"]) == 48
+    assert [r["batch"] for r in f1["sweep"]] == [8, 16, 32]
+    assert [r["k"] for r in f1["warm_start"]] == [0, 1, 2]
+    assert "sweep" not in data["models"]["c1"]  # extras only for the first model by default
+    assert {n["epoch"] for n in f1["noise_scale"]} >= {0, "final"}
+    assert len(f1["curves"]["sin"]["test"]["alphas"]) == 5
+    track = [r for r in f1["runs"] if r["seed"] == 0 and r["role"] == "lb"][0]["tracking"]
+    assert [h["epoch"] for h in track] == list(range(len(track))) and track[-1]["lambda_max"] > 0
+    assert any(warm for kind, warm in api.calls if kind == "eig")  # Lanczos warm-started along training
+    verdicts = data["summary"]["models"]["f1"]["verdicts"]
+    assert any("Generalization gap" in v["claim"] for v in verdicts)
+    assert all(v["verdict"] for v in verdicts)
+    assert results["summary"]["models"].keys() == {"f1", "c1"}
+    # CSV tables parse and hold the rows
+    with open(out / "sharpness.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 48 * 2 and float(rows[0]["value"]) == pytest.approx(f1["sharpness"][0]["value"])
+    for name in ("table2_accuracy_f1.csv", "table3_sharpness_full_c1.csv", "verdicts.csv", "sweep.csv", "runs.csv"):
+        with open(out / name) as fh:
+            assert len(list(csv.DictReader(fh))) > 0, name
+    # PNG figures and a self-contained HTML report embedding them
+    pngs = sorted(p.name for p in out.glob("fig_*.png"))
+    assert {"fig_interp_linear_f1.png", "fig_sweep_f1.png", "fig_warm_f1.png", "fig_tracking_f1.png",
+            "fig_sharpness_c1.png"} <= set(pngs)
+    assert all((out / p).read_bytes().startswith(PNG) for p in pngs)
+    page = (out / "report.html").read_text()
+    embedded = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", page)
+    assert len(embedded) == len(pngs)
+    assert all(base64.b64decode(e).startswith(PNG) for e in embedded)
+    assert "Table 3" in page and "205.14" in page  # paper numbers side by side
+    assert not list(out.rglob(".*.tmp*"))  # atomic writes leave no temporaries
+
+
+def test_resume_skips_finished_work(tmp_path, npz, api):
+    out = tmp_path / "study"
+    cfg = _tiny(npz, models=("f1",), seeds=(0, 1), eps=(1e-3,), solvers=("apgd",))
+    first = run_study(cfg, out, progress=False, threads=1)["stats"]
+    # 2 seeds x (SB, LB) + the sweep's middle batch + 2 warm starts
+    assert first["trainings_run"] == 7 and first["measurements_run"] > 0
+    api.calls.clear()
+    again = run_study(cfg, out, progress=False, threads=1)
+    assert again["stats"]["trainings_run"] == 0 and again["stats"]["trainings_reused"] >= 7
+    assert again["stats"]["measurements_run"] == 0 and api.calls == []
+    # An interrupted training (checkpoint written, no final weights) resumes from its last epoch.
+    run_dir = next(p for p in (out / "runs").iterdir() if p.name.startswith("f1-b32-s1-"))
+    (run_dir / "final.pt").unlink()
+    third = run_study(cfg, out, progress=False, threads=1)
+    assert third["stats"]["trainings_run"] == 1 and third["stats"]["measurements_run"] == 0
+    ckpt = torch.load(run_dir / "final.pt", weights_only=False)
+    assert ckpt["record"]["resumed_from_epoch"] == ckpt["record"]["epochs"]
+    # More seeds reuse the finished ones.
+    more = run_study(_tiny(npz, models=("f1",), seeds=(0, 1, 2), eps=(1e-3,), solvers=("apgd",)), out, progress=False, threads=1)
+    assert more["stats"]["trainings_run"] == 2
+
+
+def test_training_resume_is_exact(tmp_path, npz):
+    from sharpkit.data import load_tensor_file
+    from sharpkit.study.train import TrainConfig, train
+
+    ds = load_tensor_file(npz)
+    loss_fn = nn.CrossEntropyLoss()
+    straight = build_model("c1", (12,), 3, seed=0, channels=4, hidden=(8,))
+    r = train(straight, loss_fn, ds.train, TrainConfig(8, max_epochs=4, patience=10), seed=0)
+    assert r.epochs == 4 and r.stopped == "cap"
+    part = build_model("c1", (12,), 3, seed=0, channels=4, hidden=(8,))
+    train(part, loss_fn, ds.train, TrainConfig(8, max_epochs=2, patience=10), seed=0, checkpoint=tmp_path / "c.pt")
+    resumed = build_model("c1", (12,), 3, seed=0, channels=4, hidden=(8,))
+    r2 = train(resumed, loss_fn, ds.train, TrainConfig(8, max_epochs=4, patience=10), seed=0, checkpoint=tmp_path / "c.pt")
+    assert r2.resumed_from == 2 and r2.epochs == 4
+    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+    assert [h["train_loss"] for h in r.history[1:]] == [h["train_loss"] for h in r2.history[1:]]
+
+
+def test_models_and_factories(tmp_path, monkeypatch):
+    f1 = build_model("f1", (40,), 10, seed=0, width=32, depth=5)
+    assert sum(isinstance(m, nn.BatchNorm1d) for m in f1.modules()) == 5
+    c1 = build_model("c1", (40,), 10, seed=0, channels=8)
+    assert c1.eval()(torch.randn(3, 40)).shape == (3, 10)
+    assert c1(torch.randn(3, 2, 40)[:, :1].reshape(3, 40)).shape == (3, 10)
+    assert torch.equal(build_model("f1", (4,), 3, seed=1, width=8)[1].weight, build_model("f1", (4,), 3, seed=1, width=8)[1].weight)
+    (tmp_path / "mynets.py").write_text(
+        "import torch.nn as nn\n"
+        "def net(input_shape, num_classes):\n    return nn.Sequential(nn.Flatten(), nn.Linear(input_shape[0], num_classes))\n"
+        "def bare():\n    return nn.Linear(4, 3)\n"
+        "def wrong(a, b):\n    return 3\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert build_model("mynets:net", (6,), 4, seed=0)(torch.randn(2, 6)).shape == (2, 4)
+    assert isinstance(build_model("mynets:bare", (4,), 3, seed=0), nn.Linear)
+    with pytest.raises(TypeError, match="expected torch.nn.Module"):
+        build_model("mynets:wrong", (4,), 3, seed=0)
+    with pytest.raises(ValueError, match="no callable"):
+        build_model("mynets:missing", (4,), 3, seed=0)
+    with pytest.raises(ValueError, match="unknown model"):
+        build_model("resnet", (4,), 3, seed=0)
+    with pytest.raises(ValueError, match="num_classes"):
+        build_model("f1", (4,), 1, seed=0)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--sb", "0"], "--sb must be >= 2"),
+        (["--sb", "64", "--lb", "32"], "must be smaller than --lb"),
+        (["--solvers", "newton"], "--solvers must be chosen from"),
+        (["--eps=-1e-3"], "--eps values must be positive"),
+        (["--eps", "0,1e-3"], "--eps values must be positive"),
+        (["--eps", "abc"], "--eps must be comma-separated numbers"),
+        (["--seeds", "0"], "--seeds must be >= 1"),
+        (["--seeds", "1,1"], "distinct"),
+        (["--model", "resnet"], "unknown model"),
+        (["--epochs", "0"], "--epochs must be >= 1"),
+        (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
+        (["--sweep", "1,64"], "--sweep batch sizes must be >= 2"),
+        (["--threads", "0"], "--threads must be >= 1"),
+    ],
+)
+def test_bad_flags_exit_2(flags, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        main(["study", "--out", str(tmp_path / "x"), *flags])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_data_exits_2(capsys, tmp_path):
+    assert main(["study", "--data", "imagenet", "--out", str(tmp_path / "x"), "--no-progress"]) == 2
+    assert "unknown data set 'imagenet'" in capsys.readouterr().err
+    assert main(["study", "--data", str(tmp_path / "none.npz"), "--out", str(tmp_path / "x"), "--no-progress"]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_cli_runs_a_user_setting(capsys, tmp_path, npz, api):
+    out = tmp_path / "cli"
+    code = main(["study", "--data", npz, "--model", "f1", "--sb", "8", "--lb", "32", "--seeds", "0,5", "--epochs", "1",
+                 "--eps", "1e-3", "--solvers", "pga", "--sweep", "8,32", "--warm-epochs", "1", "--out", str(out),
+                 "--no-progress", "--threads", "1"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "report.html" in printed and "[f1]" in printed
+    data = json.loads((out / "results.json").read_text())
+    assert data["config"]["seeds"] == [0, 5] and data["config"]["solvers"] == ["pga"]
+    assert {r["solver"] for r in data["models"]["f1"]["sharpness"]} == {"pga"}
+
+
+def test_paired_test_matches_scipy():
+    from scipy import stats
+
+    sb = [1.0, 1.4, 0.9, 1.2, 1.1]
+    lb = [3.0, 2.1, 2.9, 4.2, 2.0]
+    r = paired_test(sb, lb, lb_greater=True, log=True)
+    ref = stats.ttest_rel(np.log(lb), np.log(sb), alternative="greater")
+    assert r["t"] == pytest.approx(ref.statistic) and r["p"] == pytest.approx(ref.pvalue)
+    assert r["verdict"] == "reproduced"
+    assert r["ratio_geomean"] == pytest.approx(np.exp(np.mean(np.log(np.array(lb) / np.array(sb)))))
+    assert paired_test(lb, sb, lb_greater=True)["verdict"] == "not reproduced"
+    assert paired_test([1.0, 2.0], [2.0, 3.0])["verdict"].startswith("same direction (too few seeds")
+    assert paired_test([None], [None])["verdict"] == "not measured"
+
+
+def test_real_measurement_api_wiring():
+    """With the real API installed, the study's calls return plain numbers and leave the model as found."""
+    if not all(hasattr(sharpkit, n) for n in ("keskar_sharpness", "hessian", "eigenvalues", "trace")):
+        pytest.skip("the measurement API is not installed yet")
+    from sharpkit.study import measure
+
+    model = build_model("f1", (6,), 3, seed=0, width=8, depth=2).double()
+    g = torch.Generator().manual_seed(0)
+    data = (torch.randn(40, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (40,), generator=g))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    s = measure.keskar(model, nn.CrossEntropyLoss(), data, 1e-3, "lbfgsb", None, 10, 0, "eval")
+    assert s["value"] >= 0 and s["max_loss"] >= s["loss"]
+    info, vec = measure.top_eigen(model, nn.CrossEntropyLoss(), data, "eval", 1e-6, 0)
+    info2, _ = measure.top_eigen(model, nn.CrossEntropyLoss(), data, "eval", 1e-6, 0, v0=vec)
+    assert info2["value"] == pytest.approx(info["value"], rel=1e-3) and info2["warm"]
+    t = measure.hessian_trace(model, nn.CrossEntropyLoss(), data, "eval", 30, 0)
+    assert np.isfinite(t["value"])
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
