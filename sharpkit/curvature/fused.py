@@ -86,7 +86,10 @@ def _parse_model(model: nn.Module, bn_train: bool | None) -> list[_Layer]:
     layers: list[_Layer] = []
 
     def walk(seq: nn.Sequential, prefix: str) -> None:
-        for child_name, m in seq.named_children():
+        # _modules, not named_children(): a module used twice (shared weights) must appear twice.
+        for child_name, m in seq._modules.items():
+            if m is None:
+                continue
             name = f"{prefix}.{child_name}" if prefix else child_name
             if isinstance(m, nn.Sequential):
                 walk(m, name)
