@@ -159,15 +159,24 @@ def rbackward_reference(
 if _HAVE_TRITON:
 
     @triton.jit
+    def _tanh_sech2(u):
+        """(tanh(u), 1 - tanh(u)^2) from e = exp(-2|u|): no cancellation near saturation."""
+        e = tl.exp(-2.0 * tl.abs(u))
+        t = (1.0 - e) / (1.0 + e)
+        t = tl.where(u < 0, -t, t)
+        return t, 4.0 * e / ((1.0 + e) * (1.0 + e))
+
+    @triton.jit
     def _derivs(z, KIND: tl.constexpr, alpha, NEED_D2: tl.constexpr):
         """(sigma'(z), sigma''(z)) elementwise, in z's (compute) dtype."""
-        zero = z * 0.0
+        # Constants, not z * 0: NaN/inf in z must not leak into the piecewise-constant derivatives
+        # (the reference and autograd give ReLU'(NaN) = 0).
         if KIND == 0:  # relu
-            d1 = tl.where(z > 0, zero + 1.0, zero)
-            d2 = zero
+            d1 = tl.where(z > 0, 1.0, 0.0)
+            d2 = 0.0
         elif KIND == 1:  # leaky_relu
-            d1 = tl.where(z > 0, zero + 1.0, zero + alpha)
-            d2 = zero
+            d1 = tl.where(z > 0, 1.0, alpha)
+            d2 = 0.0
         elif KIND == 2:  # gelu (erf)
             cdf = 0.5 * (1.0 + tl.erf(z * 0.7071067811865476))
             pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327
@@ -177,13 +186,11 @@ if _HAVE_TRITON:
             u = 0.7978845608028654 * (z + 0.044715 * z * z * z)
             du = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * z * z)
             ddu = 0.7978845608028654 * 6.0 * 0.044715 * z
-            t = 2.0 * tl.sigmoid(2.0 * u) - 1.0
-            sech2 = 1.0 - t * t
+            t, sech2 = _tanh_sech2(u)
             d1 = 0.5 * (1.0 + t) + 0.5 * z * sech2 * du
             d2 = sech2 * (du - z * t * du * du + 0.5 * z * ddu)
         elif KIND == 4:  # tanh
-            t = 2.0 * tl.sigmoid(2.0 * z) - 1.0
-            d1 = 1.0 - t * t
+            t, d1 = _tanh_sech2(z)
             d2 = -2.0 * t * d1
         elif KIND == 5:  # sigmoid
             s = tl.sigmoid(z)
