@@ -80,6 +80,8 @@ def file_sha256(path: str | os.PathLike) -> str:
                 digest.update(chunk)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: file not found") from None
+    except PermissionError:
+        raise CheckpointError(f"{path}: file is not readable (permission denied)") from None
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read file ({exc.strerror or exc})") from None
     return digest.hexdigest()

@@ -1,0 +1,632 @@
+"""Tests of ``sk.audit`` / ``sharpkit audit``: checkpoint formats and bad input, the stacked (vmap)
+objective against float64 references, batched == one at a time, the durable store (torn lines,
+duplicates, kill and resume), the report and the command line."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import sharpkit as sk
+from sharpkit.audit import audit
+from sharpkit.audit.batched import SingleObjective, StackedObjective, estimate_group_size, stack_checkpoints
+from sharpkit.audit.checkpoints import (
+    CheckpointError,
+    find_checkpoints,
+    fit_state_dict,
+    load_state_dict,
+    parse_step,
+)
+from sharpkit.audit.metrics import MetricConfig, box_ascent, hutchinson_trace, lanczos_top
+from sharpkit.audit.report import format_table, render_html, sort_rows, write_html
+from sharpkit.audit.store import ResultStore
+from sharpkit.data import as_batches
+from sharpkit.objective import Objective
+from sharpkit.params import FlatParams
+
+ALL_METRICS = "keskar,keskar-subspace,adaptive,top-eig,trace"
+
+# A module the CLI and the subprocesses import by name (MODULE:FACTORY, MODULE:FUNCTION).
+NETS_SOURCE = textwrap.dedent(
+    """
+    import os, time
+    import torch
+    from torch import nn
+
+    def make_mlp():
+        return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+
+    def make_bn():
+        return nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+
+    class Slow(nn.Module):
+        # Sleeps in every forward so that a test can kill the audit mid-run.
+        def __init__(self):
+            super().__init__()
+            self.net = make_mlp()
+        def forward(self, x):
+            time.sleep(float(os.environ.get("AUDIT_TEST_SLEEP", "0")))
+            return self.net(x)
+
+    def make_slow():
+        return Slow()
+
+    def data():
+        g = torch.Generator().manual_seed(1)
+        return torch.randn(40, 6, generator=g), torch.randint(0, 3, (40,), generator=g)
+
+    def loader():
+        x, y = data()
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    """
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The models here are tiny: extra intra-op threads only add contention on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def nets(tmp_path, monkeypatch):
+    """Import path with the ``auditnets`` module."""
+    (tmp_path / "auditnets.py").write_text(NETS_SOURCE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("auditnets", None)
+    import auditnets
+
+    return auditnets
+
+
+def make_mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def make_bn() -> nn.Module:
+    return nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def toy_data(n: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def save_checkpoints(folder: Path, factory=make_mlp, count: int = 4, prefix: str = "step_") -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        torch.manual_seed(100 + i)
+        m = factory()
+        for b in m.buffers():  # distinct BN running statistics per checkpoint
+            if b.is_floating_point():
+                b.add_(torch.rand_like(b) * 0.5)
+        path = folder / f"{prefix}{(i + 1) * 10}.pt"
+        torch.save(m.state_dict(), path)
+        paths.append(path)
+    return paths
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("epoch=3-step=1200.ckpt", (1200, 3)),
+        ("ckpt_step_500.pt", (500, None)),
+        ("model-e07.pt", (None, 7)),
+        ("iter1000.safetensors", (1000, None)),
+        ("ckpt_0040.pt", (40, None)),
+        ("final.pt", (None, None)),
+        ("run2_v3.pt", (None, None)),
+        ("epoch_2.pth", (None, 2)),
+    ],
+)
+def test_parse_step(name, expected):
+    assert parse_step(name) == expected
+
+
+def test_find_checkpoints_dirs_globs_missing_and_duplicates(tmp_path):
+    paths = save_checkpoints(tmp_path / "a", count=3)
+    (tmp_path / "a" / "notes.txt").write_text("not a checkpoint")
+    found = find_checkpoints([tmp_path / "a", str(tmp_path / "a" / "step_1*.pt"), tmp_path / "nope.pt", paths[0]])
+    assert found == sorted(paths) + [tmp_path / "nope.pt"]
+
+
+def test_formats_torch_safetensors_lightning_ddp(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    m = make_bn()
+    sd = {k: v.clone() for k, v in m.state_dict().items()}
+    torch.save(sd, tmp_path / "plain.pt")
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "w.safetensors"))
+    torch.save(
+        {"epoch": 3, "global_step": 120, "state_dict": {"model." + k: v for k, v in sd.items()},
+         "optimizer_states": [], "hyper_parameters": {"lr": 0.1}},
+        tmp_path / "epoch=3-step=120.ckpt",
+    )
+    torch.save({"module." + k: v for k, v in sd.items()}, tmp_path / "ddp.pth")
+    target = make_bn()
+    for name in ("plain.pt", "w.safetensors", "epoch=3-step=120.ckpt", "ddp.pth"):
+        fitted = fit_state_dict(load_state_dict(tmp_path / name), target, name)
+        assert list(fitted) == list(sd)
+        for k in sd:
+            assert torch.equal(fitted[k], sd[k]), (name, k)
+
+
+def _bad(path: Path, kind: str, model: nn.Module) -> Path:
+    if kind == "missing":
+        return path
+    sd = model.state_dict()
+    if kind == "corrupt":
+        path.write_bytes(os.urandom(300))
+    elif kind == "truncated":
+        torch.save(sd, path)
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif kind == "empty-file":
+        path.write_bytes(b"")
+    elif kind == "not-a-dict":
+        torch.save([v for v in sd.values()], path)
+    elif kind == "pickled-object":
+        torch.save({"cfg": torch.nn.ReLU()}, path)  # weights_only=True refuses to unpickle a module
+    elif kind == "missing-keys":
+        torch.save({k: v for k, v in sd.items() if not k.startswith("2.")}, path)
+    elif kind == "unexpected-keys":
+        torch.save({**sd, "extra.weight": torch.zeros(2)}, path)
+    elif kind == "misshaped":
+        torch.save({**sd, "0.weight": torch.zeros(5, 6)}, path)
+    elif kind == "nan":
+        torch.save({**sd, "0.bias": torch.full((8,), float("nan"))}, path)
+    elif kind == "inf":
+        bad = sd["2.weight"].clone()
+        bad[0, 0] = float("inf")
+        torch.save({**sd, "2.weight": bad}, path)
+    elif kind == "unreadable":
+        torch.save(sd, path)
+        path.chmod(0)
+    else:
+        raise AssertionError(kind)
+    return path
+
+
+BAD_CASES = {
+    "missing": "file not found",
+    "corrupt": "cannot load",
+    "truncated": "cannot load",
+    "empty-file": "cannot load",
+    "not-a-dict": "expected a state dict",
+    "pickled-object": "weights_only=True",
+    "missing-keys": "missing keys: 2.weight, 2.bias",
+    "unexpected-keys": "unexpected keys: extra.weight",
+    "misshaped": "mis-shaped keys: 0.weight (checkpoint (5, 6), model (8, 6))",
+    "nan": "'0.bias' contains NaN",
+    "inf": "'2.weight' contains inf",
+    "unreadable": "not readable",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_CASES))
+def test_bad_checkpoint_gets_error_row_others_measured(tmp_path, kind, monkeypatch):
+    if kind == "unreadable" and os.geteuid() == 0:
+        # root reads files whatever their mode: make the permission check report what it would.
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode: not str(p).endswith("step_99.pt") and real_access(p, mode))
+    good = save_checkpoints(tmp_path / "ck", count=2)
+    bad = _bad(tmp_path / "ck" / "step_99.pt", kind, make_mlp())
+    rows = audit([*good, bad], make_mlp, toy_data(), metrics="keskar", out=tmp_path / "a.jsonl", max_iter=2)
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["step_99.pt"]["status"] == "error"
+    assert BAD_CASES[kind] in by_name["step_99.pt"]["error"]
+    assert str(bad) in by_name["step_99.pt"]["error"]
+    for p in good:
+        assert by_name[p.name]["status"] == "ok" and math.isfinite(by_name[p.name]["keskar"])
+    stored = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert sorted(r["name"] for r in stored) == sorted(by_name)
+
+
+# --------------------------------------------------------------------------- engines vs float64 references
+
+
+def _reference_loss_grad(model_factory, state, data, batch_size=None):
+    """Plain nn.Module forward/backward per batch, sample-weighted, in float64."""
+    m = model_factory().double().eval()
+    m.load_state_dict(state)
+    x, y = data
+    n = x.shape[0]
+    bs = batch_size or n
+    total = 0.0
+    m.zero_grad()
+    for s in range(0, n, bs):
+        xb, yb = x[s : s + bs].double(), y[s : s + bs]
+        loss = nn.functional.cross_entropy(m(xb), yb)
+        (loss * xb.shape[0] / n).backward()
+        total += loss.item() * xb.shape[0]
+    grad = torch.cat([p.grad.reshape(-1) for p in m.parameters()])
+    return total / n, grad
+
+
+@pytest.mark.parametrize("factory", [make_mlp, make_bn])
+@pytest.mark.parametrize("batch_size", [None, 15])
+def test_stacked_loss_and_grad_match_reference(tmp_path, factory, batch_size):
+    paths = save_checkpoints(tmp_path, factory, count=3)
+    model = factory().double().eval()
+    states = [fit_state_dict(load_state_dict(p), model) for p in paths]
+    data = toy_data()
+    X, frozen = stack_checkpoints(model, states, torch.device("cpu"), torch.float64)
+    eng = StackedObjective(model, nn.CrossEntropyLoss(), as_batches(data, batch_size), X, frozen)
+    losses, grads = eng.loss_and_grad(X)
+    assert torch.allclose(eng.loss(X), losses, rtol=1e-12, atol=0)
+    for b, st in enumerate(states):
+        ref_loss, ref_grad = _reference_loss_grad(factory, st, data, batch_size)
+        assert losses[b].item() == pytest.approx(ref_loss, rel=1e-12)
+        torch.testing.assert_close(grads[b], ref_grad, rtol=1e-10, atol=1e-12)
+
+
+def _explicit_hessian(factory, state, data):
+    m = factory().double().eval()
+    m.load_state_dict(state)
+    flat = FlatParams(m)
+    x0 = flat.get()
+    buffers = dict(m.named_buffers())
+    xd, yd = data[0].double(), data[1]
+
+    def f(x):
+        out = torch.func.functional_call(m, {**buffers, **flat.as_dict(x)}, (xd,))
+        return nn.functional.cross_entropy(out, yd)
+
+    return torch.func.hessian(f)(x0)
+
+
+@pytest.mark.parametrize("factory", [make_mlp, make_bn])
+@pytest.mark.parametrize("batch_size", [None, 15])
+def test_hvp_matches_explicit_hessian(tmp_path, factory, batch_size):
+    paths = save_checkpoints(tmp_path, factory, count=2)
+    model = factory().double().eval()
+    states = [fit_state_dict(load_state_dict(p), model) for p in paths]
+    data = toy_data()
+    X, frozen = stack_checkpoints(model, states, torch.device("cpu"), torch.float64)
+    batches = as_batches(data, batch_size)
+    eng = StackedObjective(model, nn.CrossEntropyLoss(), batches, X, frozen)
+    V = torch.randn_like(X)
+    HV = eng.hvp(V)
+    HV2 = eng.hvp(2 * V)  # second call reuses the cached graph when there is one batch
+    for b, st in enumerate(states):
+        H = _explicit_hessian(factory, st, data)
+        torch.testing.assert_close(HV[b], H @ V[b], rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(HV2[b], 2 * (H @ V[b]), rtol=1e-9, atol=1e-11)
+        model.load_state_dict(st)
+        single = SingleObjective(Objective(model, nn.CrossEntropyLoss(), batches))
+        torch.testing.assert_close(single.hvp(V[b : b + 1])[0], H @ V[b], rtol=1e-9, atol=1e-11)
+
+
+def test_lanczos_and_hutchinson_against_explicit_hessian(tmp_path):
+    paths = save_checkpoints(tmp_path, make_mlp, count=2)
+    model = make_mlp().double().eval()
+    states = [fit_state_dict(load_state_dict(p), model) for p in paths]
+    data = toy_data()
+    X, frozen = stack_checkpoints(model, states, torch.device("cpu"), torch.float64)
+    eng = StackedObjective(model, nn.CrossEntropyLoss(), as_batches(data), X, frozen)
+    n = X.shape[1]
+    top = lanczos_top(eng, k=3, steps=n, seed=0)  # n steps: the Krylov space is all of R^n
+    est, err = hutchinson_trace(eng, samples=300, seed=0)
+    for b, st in enumerate(states):
+        H = _explicit_hessian(make_mlp, st, data)
+        evals = torch.linalg.eigvalsh(H).flip(0)[:3]
+        torch.testing.assert_close(top[b], evals, rtol=1e-7, atol=1e-9)
+        tr = float(torch.trace(H))
+        assert err[b] > 0
+        assert abs(float(est[b]) - tr) < 5 * float(err[b]) + 1e-9
+
+
+class QuadraticEngine:
+    """f_b(w) = sum_i a_bi (w_i - c_bi)^2 on B problems: the box maximum is known in closed form."""
+
+    def __init__(self, a, c, X):
+        self.a, self.c, self.X = a, c, X
+        self.num_problems, self.dim = X.shape
+        self.device, self.dtype = X.device, X.dtype
+
+    def loss(self, W):
+        return (self.a * (W - self.c) ** 2).sum(1)
+
+    def loss_and_grad(self, W):
+        return self.loss(W), 2 * self.a * (W - self.c)
+
+
+def test_box_ascent_reaches_closed_form_maximum_of_separable_quadratic():
+    g = torch.Generator().manual_seed(3)
+    B, n = 3, 7
+    X = torch.randn(B, n, generator=g, dtype=torch.float64)
+    a = torch.rand(B, n, generator=g, dtype=torch.float64) + 0.1
+    c = torch.randn(B, n, generator=g, dtype=torch.float64)
+    eng = QuadraticEngine(a, c, X)
+    eps = 0.05
+    bound = eps * (X.abs() + 1)
+    f0, fmax = box_ascent(eng, X, bound, max_iter=5)
+    # Each convex term is largest at the box end farther from its centre c.
+    best = (a * torch.maximum((X + bound - c) ** 2, (X - bound - c) ** 2)).sum(1)
+    torch.testing.assert_close(f0, eng.loss(X))
+    torch.testing.assert_close(fmax, best, rtol=1e-12, atol=0)
+
+
+# --------------------------------------------------------------------------- batched == one at a time
+
+
+@pytest.mark.parametrize("factory", [make_mlp, make_bn])
+def test_batched_equals_one_at_a_time(tmp_path, factory):
+    paths = save_checkpoints(tmp_path / "ck", factory, count=5)
+    kw = dict(metrics=ALL_METRICS, dtype="float64", subspace_dim=5, max_iter=4, lanczos_steps=8, k=2,
+              trace_samples=4, batch_size=15)
+    single = audit(paths, factory, toy_data(), group_size=1, **kw)
+    batched = audit(paths, factory, toy_data(), group_size=3, **kw)
+    assert [r["group_size"] for r in batched] == [3, 3, 3, 2, 2]
+    for s, b in zip(single, batched):
+        assert s["status"] == b["status"] == "ok"
+        assert s["key"] == b["key"]
+        for m in ("loss", "keskar", "keskar-subspace", "adaptive", "top-eig", "trace"):
+            assert b[m] == pytest.approx(s[m], rel=1e-9, abs=1e-12), m
+        assert b["details"]["top-eig"]["values"] == pytest.approx(s["details"]["top-eig"]["values"], rel=1e-9)
+    # keskar is the paper's formula applied to the recorded losses.
+    for r in batched:
+        assert r["keskar"] == pytest.approx(100 * (r["details"]["keskar"]["max_loss"] - r["loss"]) / (1 + r["loss"]))
+        assert r["keskar"] >= 0 and r["adaptive"] >= 0
+
+
+def test_float32_batched_close_to_one_at_a_time(tmp_path):
+    paths = save_checkpoints(tmp_path / "ck", count=4)
+    kw = dict(metrics="keskar,top-eig", max_iter=3, lanczos_steps=6)
+    single = audit(paths, make_mlp, toy_data(), group_size=1, **kw)
+    batched = audit(paths, make_mlp, toy_data(), group_size=4, **kw)
+    for s, b in zip(single, batched):
+        # keskar is 100 * a difference of float32 losses: judge it on the scale of the loss.
+        assert b["loss"] == pytest.approx(s["loss"], rel=1e-5)
+        assert b["keskar"] == pytest.approx(s["keskar"], abs=100 * 1e-5 * (1 + s["loss"]))
+        assert b["top-eig"] == pytest.approx(s["top-eig"], rel=1e-4)
+
+
+def test_model_left_exactly_as_found(tmp_path):
+    paths = save_checkpoints(tmp_path / "ck", make_bn, count=3)
+    torch.manual_seed(7)
+    model = make_bn().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    audit(paths, model, toy_data(), metrics="keskar,top-eig", group_size=2, max_iter=2, lanczos_steps=3)
+    audit(paths, model, toy_data(), metrics="keskar", group_size=1, max_iter=2, bn="train")
+    assert model.training and all(m.training for m in model.modules())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_group_size_from_memory(tmp_path):
+    model = make_mlp()
+    batches = as_batches(toy_data())
+    _, per = estimate_group_size(model, batches, torch.device("cpu"), torch.float32, 10, available_bytes=1 << 40)
+    n = FlatParams(model).n
+    acts = 40 * (8 + 8 + 3)  # outputs of Linear, Tanh, Linear for 40 samples
+    assert per == 4 * (10 * n + 4 * acts)
+    assert estimate_group_size(model, batches, torch.device("cpu"), torch.float32, 10, available_bytes=1)[0] == 1
+    assert estimate_group_size(model, batches, torch.device("cpu"), torch.float32, 10, available_bytes=1 << 40)[0] == 64
+    g, _ = estimate_group_size(model, batches, torch.device("cpu"), torch.float32, 10, memory_fraction=0.5,
+                               available_bytes=10 * per)
+    assert g == 5
+    # The automatic choice is used when no group size is given.
+    rows = audit(save_checkpoints(tmp_path, count=3), make_mlp, toy_data(), max_iter=2)
+    assert all(r["group_size"] == 3 for r in rows)
+
+
+def test_bn_train_batched_equals_one_at_a_time(tmp_path):
+    paths = save_checkpoints(tmp_path / "ck", make_bn, count=3)
+    kw = dict(metrics="keskar,trace", dtype="float64", max_iter=3, trace_samples=3, bn="train", batch_size=20)
+    single = audit(paths, make_bn, toy_data(), group_size=1, **kw)
+    batched = audit(paths, make_bn, toy_data(), group_size=3, **kw)
+    for s, b in zip(single, batched):
+        for m in ("loss", "keskar", "trace"):
+            assert b[m] == pytest.approx(s[m], rel=1e-9), m
+
+
+# --------------------------------------------------------------------------- store
+
+
+def test_store_skips_done_and_never_duplicates(tmp_path):
+    paths = save_checkpoints(tmp_path / "ck", count=3)
+    out = tmp_path / "a.jsonl"
+    first = audit(paths, make_mlp, toy_data(), out=out, max_iter=2)
+    text = out.read_text()
+    again = audit(paths + [paths[0]], make_mlp, toy_data(), out=out, max_iter=2)
+    assert out.read_text() == text  # nothing recomputed, nothing appended
+    assert [r["key"] for r in again] == [r["key"] for r in first]
+    assert [r["finished_at"] for r in again] == [r["finished_at"] for r in first]
+    # Another configuration is another key: new rows, the old ones kept.
+    audit(paths, make_mlp, toy_data(), out=out, max_iter=2, epsilon=5e-4)
+    lines = out.read_text().splitlines()
+    keys = [json.loads(line)["key"] for line in lines]
+    assert len(lines) == 6 and len(set(keys)) == 6
+    # A copy of a checkpoint under another name has the same content hash: measured once.
+    copy = tmp_path / "ck" / "copy.pt"
+    copy.write_bytes(paths[0].read_bytes())
+    rows = audit([paths[0], copy], make_mlp, toy_data(), out=out, max_iter=2)
+    assert rows[0]["key"] == first[0]["key"] and len(rows) == 1
+    assert len(out.read_text().splitlines()) == 6
+
+
+@pytest.mark.parametrize("tail", [b'{"key": "abc", "status": "o', b'not json at all\n', b'{"key": "x"'])
+def test_store_repairs_torn_last_line(tmp_path, tail):
+    path = tmp_path / "s.jsonl"
+    store = ResultStore(path)
+    assert store.append({"key": "k1", "v": 1}) and not store.append({"key": "k1", "v": 2})
+    store.append({"key": "k2", "v": float("nan")})
+    good = path.read_bytes()
+    with open(path, "ab") as fh:
+        fh.write(tail)
+    reopened = ResultStore(path)
+    assert reopened.repaired_bytes == len(tail)
+    assert path.read_bytes() == good
+    assert [r["key"] for r in reopened.rows()] == ["k1", "k2"] and math.isnan(reopened.get("k2")["v"])
+    reopened.append({"key": "k3"})
+    assert [json.loads(line)["key"] for line in path.read_text().splitlines()] == ["k1", "k2", "k3"]
+
+
+def test_store_rejects_foreign_file(tmp_path):
+    path = tmp_path / "other.jsonl"
+    path.write_text('{"a": 1}\n{"b": 2}\n')
+    with pytest.raises(ValueError, match="row without a 'key'"):
+        ResultStore(path)
+
+
+def test_kill_and_resume(tmp_path, nets):
+    ckdir = tmp_path / "ck"
+    save_checkpoints(ckdir, nets.make_slow, count=10)
+    out = tmp_path / "audit.jsonl"
+    torch.save(dict(zip(("x", "y"), toy_data())), tmp_path / "data.pt")
+    cmd = [sys.executable, "-m", "sharpkit", "audit", str(ckdir), "--model", "auditnets:make_slow",
+           "--data", str(tmp_path / "data.pt"), "--out", str(out), "--group-size", "2", "--max-iter", "4",
+           "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
+           "AUDIT_TEST_SLEEP": "0.04", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        if out.exists() and out.read_bytes().count(b"\n") >= 2:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, proc.stderr.read().decode()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    raw = out.read_bytes()
+    assert raw.endswith(b"\n"), "torn last line"
+    before = [json.loads(line) for line in raw.decode().splitlines()]
+    assert 2 <= len(before) < 10
+    resumed = subprocess.run(cmd, env={**env, "AUDIT_TEST_SLEEP": "0"}, capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    after_raw = out.read_bytes()
+    assert after_raw.startswith(raw)  # rows of the killed run kept as they were
+    rows = [json.loads(line) for line in after_raw.decode().splitlines()]
+    assert len(rows) == 10 and len({r["key"] for r in rows}) == 10
+    assert sorted(r["name"] for r in rows) == sorted(p.name for p in ckdir.iterdir())
+    assert all(r["status"] == "ok" for r in rows)
+
+
+# --------------------------------------------------------------------------- report and CLI
+
+
+def test_report_table_and_html(tmp_path):
+    rows = [
+        {"name": "b.pt", "step": 200, "epoch": None, "status": "ok", "loss": 0.5, "keskar": 2.0},
+        {"name": "a.pt", "step": 100, "epoch": None, "status": "ok", "loss": 0.7, "keskar": 1.0},
+        {"name": "z.pt", "step": None, "epoch": None, "status": "error", "error": "z.pt: file not found"},
+    ]
+    assert [r["name"] for r in sort_rows(rows)] == ["a.pt", "b.pt", "z.pt"]
+    table = format_table(rows, ["keskar"])
+    lines = table.splitlines()
+    assert lines[0].split() == ["name", "epoch", "step", "status", "loss", "keskar"]
+    assert lines[2].split() == ["a.pt", "-", "100", "ok", "0.7", "1"]
+    assert "error: z.pt: z.pt: file not found" in table
+    path = write_html(tmp_path / "r" / "audit.html", rows, ["keskar"])
+    doc = path.read_text()
+    assert doc.count("data:image/png;base64,") == 2  # loss and keskar against step
+    assert "<td>a.pt</td>" in doc and "file not found" in doc and "src=\"http" not in doc
+    assert not list((tmp_path / "r").glob(".*tmp*"))
+    assert render_html([], ["keskar"]).startswith("<!DOCTYPE html>")
+
+
+def test_cli_end_to_end(tmp_path, nets, capsys):
+    from sharpkit.cli import main
+
+    ckdir = tmp_path / "ck"
+    paths = save_checkpoints(ckdir, nets.make_mlp, count=3, prefix="epoch=1-step=")
+    torch.save(dict(zip(("x_train", "y_train"), toy_data())), tmp_path / "data.pt")
+    out, report = tmp_path / "audit.jsonl", tmp_path / "audit.html"
+    args = ["audit", str(ckdir / "*.pt"), "--model", "auditnets:make_mlp", "--data", str(tmp_path / "data.pt"),
+            "--metrics", "keskar,top-eig", "--out", str(out), "--report", str(report), "--max-iter", "2",
+            "--lanczos-steps", "4", "--dtype", "float64", "--group-size", "2"]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert "keskar" in captured.out and "top-eig" in captured.out
+    assert "ckpt" in captured.err  # tqdm progress bar on stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["step"] for r in rows) == [10, 20, 30] and {r["epoch"] for r in rows} == {1}
+    assert "data:image/png;base64," in report.read_text()
+    # Same rows through the Python API (same configuration -> same keys, nothing appended).
+    api = sk.audit(paths, "auditnets:make_mlp", str(tmp_path / "data.pt"), metrics=["keskar", "top-eig"],
+                   out=out, max_iter=2, lanczos_steps=4, dtype="float64")
+    assert sorted(r["key"] for r in api) == sorted(r["key"] for r in rows)
+    # One bad checkpoint: exit code 1, its error in the table, the others reported.
+    (ckdir / "epoch=1-step=40.pt").write_bytes(b"garbage")
+    assert main(args + ["--no-progress"]) == 1
+    captured = capsys.readouterr()
+    assert "cannot load" in captured.out and "1 of 4 checkpoints failed" in captured.err
+    # Bad arguments: exit code 2 with a message.
+    assert main(["audit", str(ckdir), "--model", "auditnets:make_mlp", "--metrics", "sharpest"]) == 2
+    assert "unknown metric" in capsys.readouterr().err
+    assert main(["audit", str(ckdir), "--model", "auditnets:nope", "--data", str(tmp_path / "data.pt")]) == 2
+    assert "nope" in capsys.readouterr().err
+
+
+def test_cli_help_documents_exit_codes():
+    from sharpkit.cli import build_parser
+
+    sub = build_parser()._subparsers._group_actions[0].choices["audit"]
+    text = sub.format_help()
+    assert "exit codes" in text and "status \"error\"" in text
+
+
+def test_data_module_function_dataloader(tmp_path, nets):
+    paths = save_checkpoints(tmp_path / "ck", nets.make_mlp, count=2)
+    via_loader = audit(paths, "auditnets:make_mlp", "auditnets:loader", metrics="keskar", max_iter=2, dtype="float64")
+    via_tensors = audit(paths, make_mlp, toy_data(), metrics="keskar", max_iter=2, dtype="float64", batch_size=16)
+    for a, b in zip(via_loader, via_tensors):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-12)
+        assert a["keskar"] == pytest.approx(b["keskar"], rel=1e-9)
+
+
+def test_builtin_model_names_resolve_through_study_registry():
+    from sharpkit.audit import resolve_model
+
+    model, desc = resolve_model("f1", as_batches(toy_data()), num_classes=3)
+    assert desc.startswith("f1|") and model[-1].out_features == 3 and model[1].in_features == 6
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(metrics="keskar,sharpest"), "unknown metric"),
+        (dict(metrics=""), "metrics is empty"),
+        (dict(epsilon=-1.0), "epsilon must be a positive"),
+        (dict(rho=float("nan")), "rho must be a positive"),
+        (dict(solver="lbfgsb"), "L-BFGS-B runs per checkpoint"),
+        (dict(k=5, lanczos_steps=3, metrics="top-eig"), "lanczos_steps >= k"),
+        (dict(group_size=0), "group_size"),
+        (dict(loss_fn="hinge"), "unknown loss"),
+        (dict(dtype="float17"), "unknown dtype"),
+    ],
+)
+def test_bad_arguments(tmp_path, kwargs, match):
+    paths = save_checkpoints(tmp_path, count=1)
+    with pytest.raises(ValueError, match=match):
+        audit(paths, make_mlp, toy_data(), **kwargs)
+
+
+def test_bad_data_and_loss(tmp_path):
+    paths = save_checkpoints(tmp_path, count=2)
+    with pytest.raises(ValueError, match="data is empty"):
+        audit(paths, make_mlp, (torch.zeros(0, 6), torch.zeros(0, dtype=torch.long)))
+    with pytest.raises(ValueError, match="no checkpoints given"):
+        audit([], make_mlp, toy_data())
+    for gs in (1, 2):
+        with pytest.raises(ValueError, match="scalar"):
+            audit(paths, make_mlp, toy_data(), loss_fn=nn.CrossEntropyLoss(reduction="none"), group_size=gs, max_iter=1)
