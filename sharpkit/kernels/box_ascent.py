@@ -33,7 +33,8 @@ def box_ascent_step_reference(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The definition, written as the unfused torch chain (computed in the inputs' dtype)."""
     bound = epsilon * (x.abs() + 1)
-    direction = torch.sign(g) if mode == "sign" else g
+    # torch.sign(NaN) is 0, which would hide a NaN gradient: keep NaN, as the docstring promises.
+    direction = torch.where(torch.isnan(g), g, torch.sign(g)) if mode == "sign" else g
     z = torch.minimum(torch.maximum(y + step * direction, -bound), bound)
     if y_prev is not None:
         z = y + momentum * (z - y) + (1 - momentum) * (y - y_prev)

@@ -68,7 +68,7 @@ def gaussian_block(
     radius = torch.sqrt(-2.0 * torch.log(u1))
     angle = (2.0 * math.pi) * u2
     out = torch.stack((radius * torch.cos(angle), radius * torch.sin(angle)), dim=-1)
-    return out.reshape(num_rows, -1)[:, :p].to(dtype)
+    return out.reshape(num_rows, 2 * pairs.numel())[:, :p].to(dtype)
 
 
 def _as_int32_bits(values: torch.Tensor) -> torch.Tensor:
