@@ -414,19 +414,37 @@ def test_model_left_exactly_as_found(tmp_path):
 
 def test_group_size_from_memory(tmp_path):
     model = make_mlp()
-    batches = as_batches(toy_data())
-    _, per = estimate_group_size(model, batches, torch.device("cpu"), torch.float32, 10, available_bytes=1 << 40)
+    batches = as_batches(toy_data(), 10)
+    cpu = torch.device("cpu")
     n = FlatParams(model).n
-    acts = 40 * (8 + 8 + 3)  # outputs of Linear, Tanh, Linear for 40 samples
-    assert per == 4 * (10 * n + 4 * acts)
-    assert estimate_group_size(model, batches, torch.device("cpu"), torch.float32, 10, available_bytes=1)[0] == 1
-    assert estimate_group_size(model, batches, torch.device("cpu"), torch.float32, 10, available_bytes=1 << 40)[0] == 64
-    g, _ = estimate_group_size(model, batches, torch.device("cpu"), torch.float32, 10, memory_fraction=0.5,
-                               available_bytes=10 * per)
-    assert g == 5
+    acts = 8 + 8 + 3  # outputs of Linear, Tanh, Linear per sample
+    keep = 4 * (10 * n + 4 * acts * 40)  # graphs of all 40 samples kept
+    plan = estimate_group_size(model, batches, cpu, torch.float32, 10, available_bytes=1 << 40)
+    assert plan.bytes_per_checkpoint == keep and plan.keep_graphs and plan.group_size == 64
+    plan = estimate_group_size(model, batches, cpu, torch.float32, 10, memory_fraction=0.5, available_bytes=10 * keep)
+    assert plan.group_size == 5 and plan.keep_graphs
+    # Too little memory to keep every batch's graph: only the largest batch's activations count.
+    plan = estimate_group_size(model, batches, cpu, torch.float32, 10, memory_fraction=1.0, available_bytes=keep - 1)
+    assert not plan.keep_graphs and plan.bytes_per_checkpoint == 4 * (10 * n + 4 * acts * 10)
+    assert plan.group_size == (keep - 1) // plan.bytes_per_checkpoint
+    assert estimate_group_size(model, batches, cpu, torch.float32, 10, available_bytes=1).group_size == 1
     # The automatic choice is used when no group size is given.
     rows = audit(save_checkpoints(tmp_path, count=3), make_mlp, toy_data(), max_iter=2)
     assert all(r["group_size"] == 3 for r in rows)
+
+
+def test_hvp_without_kept_graphs_and_split_batches(tmp_path):
+    paths = save_checkpoints(tmp_path, make_mlp, count=2)
+    model = make_mlp().double().eval()
+    states = [fit_state_dict(load_state_dict(p), model) for p in paths]
+    X, frozen = stack_checkpoints(model, states, torch.device("cpu"), torch.float64)
+    V = torch.randn_like(X)
+    loss = nn.CrossEntropyLoss()
+    ref = StackedObjective(model, loss, as_batches(toy_data()), X, frozen)
+    other = StackedObjective(model, loss, as_batches(toy_data()), X, frozen, keep_graphs=False, max_rows=7)
+    assert len(list(other.batches)) == 6
+    torch.testing.assert_close(other.hvp(V), ref.hvp(V), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(other.loss_and_grad(X)[1], ref.loss_and_grad(X)[1], rtol=1e-10, atol=1e-12)
 
 
 def test_bn_train_batched_equals_one_at_a_time(tmp_path):

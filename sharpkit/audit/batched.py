@@ -18,6 +18,7 @@ and divide once, where a distributed all-reduce of the sums belongs.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import torch
@@ -28,7 +29,7 @@ from ..data import Batches, to_device
 from ..objective import Objective
 from ..params import FlatParams
 
-__all__ = ["StackedObjective", "SingleObjective", "stack_checkpoints", "estimate_group_size"]
+__all__ = ["StackedObjective", "SingleObjective", "stack_checkpoints", "estimate_group_size", "GroupPlan"]
 
 
 def stack_checkpoints(
@@ -55,15 +56,37 @@ def stack_checkpoints(
 
 
 class _HvpCache:
-    """The first-order graph of a single-batch objective, kept across Hessian-vector products.
+    """First-order graphs kept across Hessian-vector products, one per data batch.
 
-    With all data in one batch the primal pass (forward, backward with ``create_graph``) does not
-    depend on the vector, so it is done once and each HVP costs only the second backward.
+    The primal pass (forward, then backward with ``create_graph``) does not depend on the vector,
+    so where memory allows (``keep=True``) it is done once per batch and every later HVP costs
+    only the second backward.  Otherwise each HVP redoes it.
     """
 
-    def __init__(self):
-        self.xr: torch.Tensor | None = None
-        self.grad: torch.Tensor | None = None
+    def __init__(self, keep: bool):
+        self.keep = keep
+        self.graphs: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def hvp(self, batches, make_graph, V: torch.Tensor) -> torch.Tensor:
+        """Sum over batches of ``d(g_b . V)/dx`` with ``(x, g_b) = make_graph(batch)`` (g_b already
+        carries the batch's sample weight)."""
+        if self.keep and self.graphs is None:
+            self.graphs = [make_graph(batch) for batch in batches]
+        out = torch.zeros_like(V)
+        for item in self.graphs if self.keep else batches:
+            xr, g = item if self.keep else make_graph(item)
+            (hv,) = torch.autograd.grad(g, xr, V, retain_graph=self.keep)
+            out += hv
+        return out
+
+
+def _split_batches(batches: Batches, max_rows: int) -> Batches:
+    if max_rows < 1:
+        raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+    pieces = []
+    for x, y in batches:
+        pieces += [(x[s : s + max_rows], y[s : s + max_rows]) for s in range(0, x.shape[0], max_rows)]
+    return Batches(pieces)
 
 
 class StackedObjective:
@@ -74,8 +97,14 @@ class StackedObjective:
             functional template).  Call inside :func:`~sharpkit.params.measurement_mode`.
         loss_fn: mean-reduced ``loss_fn(outputs, targets) -> scalar``.
         batches: the data (:class:`~sharpkit.data.Batches`).
-        X: ``(B, n)`` reference parameter vectors.  frozen: ``{name: (B, ...)}`` buffers.
-        device, dtype: where and in what precision to evaluate (``X``'s own by default).
+        X: ``(B, n)`` reference parameter vectors (their device and dtype are the evaluation's).
+        frozen: ``{name: (B, ...)}`` buffers and frozen parameters.
+        num_samples: the data's sample count when already known.
+        keep_graphs: keep each batch's first-order graph across HVPs (default True; memory
+            about four times the activations of all data for B checkpoints).
+        max_rows: split batches larger than this many samples (None: keep the batches).  Only for
+            models whose samples do not interact (BatchNorm in eval mode): the sample-weighted
+            sums are the same, and B x max_rows activations stay closer to the CPU caches.
     """
 
     def __init__(
@@ -86,12 +115,14 @@ class StackedObjective:
         X: torch.Tensor,
         frozen: dict[str, torch.Tensor],
         num_samples: int | None = None,
+        keep_graphs: bool = True,
+        max_rows: int | None = None,
     ):
         if X.dim() != 2:
             raise ValueError(f"X must have shape (B, n), got {tuple(X.shape)}")
         self.model = model
         self.loss_fn = loss_fn
-        self.batches = batches
+        self.batches = batches if max_rows is None else _split_batches(batches, max_rows)
         self.flat = FlatParams(model)
         if X.shape[1] != self.flat.n:
             raise ValueError(f"X has {X.shape[1]} columns but the model has {self.flat.n} trainable parameters")
@@ -102,7 +133,7 @@ class StackedObjective:
         self.num_problems, self.dim = X.shape
         self.num_evals = 0
         self.num_hvps = 0
-        self._cache = _HvpCache()
+        self._cache = _HvpCache(keep_graphs)
 
         def one(x: torch.Tensor, buffers: dict[str, torch.Tensor], inputs: torch.Tensor, targets: torch.Tensor):
             tensors = dict(buffers)
@@ -157,24 +188,15 @@ class StackedObjective:
         """``(B, n)``: row b is ``H_b V[b]`` with ``H_b`` the Hessian of checkpoint b's loss at ``X[b]``."""
         V = self._check(V)
         self.num_hvps += 1
-        batches = list(self.batches) if self._cache.grad is None else None
-        if self._cache.grad is not None or len(batches) == 1:
-            if self._cache.grad is None:
-                Xr = self.X.clone().requires_grad_(True)
-                losses = self.batch_losses(Xr, batches[0])
-                (g,) = torch.autograd.grad(losses.sum(), Xr, create_graph=True)
-                self._cache.xr, self._cache.grad = Xr, g
-            (hv,) = torch.autograd.grad(self._cache.grad, self._cache.xr, V, retain_graph=True)
-            return hv.detach()
-        out = torch.zeros_like(V)
-        for batch in batches:
-            n_b = batch[0].shape[0]
+
+        def graph(batch):
             Xr = self.X.clone().requires_grad_(True)
             losses = self.batch_losses(Xr, batch)
+            n_b = batch[0].shape[0]
             (g,) = torch.autograd.grad((losses * (n_b / self.num_samples)).sum(), Xr, create_graph=True)
-            (hv,) = torch.autograd.grad(g, Xr, V)
-            out += hv
-        return out
+            return Xr, g
+
+        return self._cache.hvp(self.batches, graph, V).detach()
 
 
 class SingleObjective:
@@ -182,16 +204,17 @@ class SingleObjective:
 
     Args:
         objective: built on the model with the checkpoint's weights loaded.
+        keep_graphs: keep each batch's first-order graph across HVPs (default True).
     """
 
-    def __init__(self, objective: Objective):
+    def __init__(self, objective: Objective, keep_graphs: bool = True):
         self.objective = objective
         self.X = objective.x0().unsqueeze(0)
         self.device, self.dtype = self.X.device, self.X.dtype
         self.num_problems, self.dim = self.X.shape
         self.num_samples = objective.num_samples
         self.num_hvps = 0
-        self._cache = _HvpCache()
+        self._cache = _HvpCache(keep_graphs)
 
     @property
     def num_evals(self) -> int:
@@ -210,26 +233,17 @@ class SingleObjective:
         return f.reshape(1), g.unsqueeze(0)
 
     def hvp(self, V: torch.Tensor) -> torch.Tensor:
-        v = self._check(V)[0]
+        """``(1, n)``: the Hessian at the checkpoint times ``V[0]``."""
         obj = self.objective
         self.num_hvps += 1
-        batches = list(obj.batches) if self._cache.grad is None else None
-        if self._cache.grad is not None or len(batches) == 1:
-            if self._cache.grad is None:
-                xr = self.X[0].clone().requires_grad_(True)
-                (g,) = torch.autograd.grad(obj.batch_loss(xr, batches[0]), xr, create_graph=True)
-                self._cache.xr, self._cache.grad = xr, g
-            (hv,) = torch.autograd.grad(self._cache.grad, self._cache.xr, v, retain_graph=True)
-            return hv.detach().unsqueeze(0)
-        out = torch.zeros_like(v)
-        for batch in batches:
-            n_b = batch[0].shape[0]
+
+        def graph(batch):
             xr = self.X[0].clone().requires_grad_(True)
-            loss = obj.batch_loss(xr, batch) * (n_b / self.num_samples)
+            loss = obj.batch_loss(xr, batch) * (batch[0].shape[0] / self.num_samples)
             (g,) = torch.autograd.grad(loss, xr, create_graph=True)
-            (hv,) = torch.autograd.grad(g, xr, v)
-            out += hv
-        return out.unsqueeze(0)
+            return xr, g
+
+        return self._cache.hvp(obj.batches, graph, self._check(V)[0]).detach().unsqueeze(0)
 
 
 def _available_bytes(device: torch.device) -> int:
@@ -272,6 +286,16 @@ def activation_elements(model: nn.Module, batch, device: torch.device, dtype: to
     return total
 
 
+@dataclass(frozen=True)
+class GroupPlan:
+    """How the audit groups checkpoints: ``group_size`` checkpoints stacked, each needing about
+    ``bytes_per_checkpoint``; ``keep_graphs`` whether HVP graphs of all batches are kept."""
+
+    group_size: int
+    bytes_per_checkpoint: int
+    keep_graphs: bool
+
+
 def estimate_group_size(
     model: nn.Module,
     batches: Batches,
@@ -281,20 +305,24 @@ def estimate_group_size(
     memory_fraction: float = 0.25,
     max_group: int = 64,
     available_bytes: int | None = None,
-) -> tuple[int, int]:
-    """How many checkpoints to stack: ``(group_size, bytes_per_checkpoint)``.
+) -> GroupPlan:
+    """How many checkpoints to stack, from free memory.
 
     Per checkpoint the audit holds ``vectors_per_checkpoint`` parameter-sized vectors (points,
-    gradients, Lanczos basis...) and, for the largest batch, the activations of a forward pass
-    about four times over (forward, first and second backward, the kept HVP graph).  The group
-    uses at most ``memory_fraction`` (default 0.25) of the free memory and at most ``max_group``
-    (default 64) checkpoints; never fewer than one.
+    gradients, Lanczos basis...) and activations about four times over (forward, first and second
+    backward, the kept HVP graph): of all the data when HVP graphs are kept, else of the largest
+    batch.  Graphs are kept when one checkpoint's share fits.  The group uses at most
+    ``memory_fraction`` (default 0.25) of the free memory (``available_bytes``, default: measured)
+    and at most ``max_group`` (default 64) checkpoints; never fewer than one.
     """
     itemsize = torch.empty((), dtype=dtype).element_size()
     n = FlatParams(model).n
     largest = max(batches, key=lambda b: b[0].shape[0])
-    acts = activation_elements(model, largest, device, dtype)
-    per = itemsize * (n * vectors_per_checkpoint + 4 * acts)
-    free = _available_bytes(device) if available_bytes is None else available_bytes
-    group = int(min(max_group, max(1, (memory_fraction * free) // max(per, 1))))
-    return group, per
+    rows = largest[0].shape[0]
+    per_sample = activation_elements(model, largest, device, dtype) / rows
+    total = batches.num_samples()
+    budget = memory_fraction * (_available_bytes(device) if available_bytes is None else available_bytes)
+    keep = itemsize * (n * vectors_per_checkpoint + 4 * per_sample * total)
+    per = keep if keep <= budget else itemsize * (n * vectors_per_checkpoint + 4 * per_sample * rows)
+    group = int(min(max_group, max(1, budget // max(per, 1))))
+    return GroupPlan(group, int(per), keep <= budget)

@@ -1,0 +1,130 @@
+"""Batched versus one-at-a-time audits of small MNIST-1D MLP checkpoints.
+
+Script mode (prints a table; the figures quoted anywhere come from it)::
+
+    python benchmarks/bench_audit.py                       # 16 and 64 checkpoints
+    python benchmarks/bench_audit.py --counts 16 --repeats 5 --metrics keskar,top-eig
+
+The checkpoints are saved along one short Adam run of an MLP ``40 -> 100 -> 100 -> 10`` on the
+MNIST-1D training split (4000 samples).  Each repeat audits them once one at a time
+(``group_size=1``: :class:`sharpkit.objective.Objective` per checkpoint) and once batched
+(``group_size=None``: stacked under vmap, group size from free memory); the two variants are
+interleaved and the medians reported, because this machine's speed drifts.  The rows of both
+variants are compared metric by metric.
+
+Under pytest (``pytest benchmarks/bench_audit.py``) a small pytest-benchmark case times each variant.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import sharpkit as sk
+
+METRICS = "keskar,adaptive,top-eig,trace"
+
+
+def make_mlp(hidden: int = 100) -> nn.Module:
+    return nn.Sequential(nn.Linear(40, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+
+
+def make_checkpoints(folder: Path, count: int, hidden: int = 100, every: int = 10, seed: int = 0) -> list[Path]:
+    """``count`` checkpoints saved every ``every`` Adam steps (batch 128) of one MNIST-1D run."""
+    ds = sk.load_mnist1d()
+    x, y = ds.train
+    torch.manual_seed(seed)
+    model = make_mlp(hidden)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for step in range(1, count * every + 1):
+        idx = torch.randint(0, len(x), (128,), generator=gen)
+        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % every == 0:
+            path = folder / f"step_{step:05d}.pt"
+            torch.save(model.state_dict(), path)
+            paths.append(path)
+    return paths
+
+
+def run_variant(paths, hidden: int, metrics: str, group_size: int | None) -> tuple[float, list[dict]]:
+    t0 = time.perf_counter()
+    rows = sk.audit(paths, lambda: make_mlp(hidden), "mnist1d", metrics=metrics, group_size=group_size)
+    return time.perf_counter() - t0, rows
+
+
+def max_rel_diff(a: list[dict], b: list[dict], names: list[str]) -> dict[str, float]:
+    """Largest |a - b| / max(|a|, |b|, tiny) over the checkpoints, per metric."""
+    out = {}
+    for m in names:
+        worst = 0.0
+        for ra, rb in zip(a, b):
+            va, vb = ra[m], rb[m]
+            worst = max(worst, abs(va - vb) / max(abs(va), abs(vb), 1e-12))
+        out[m] = worst
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--counts", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats per count (default 3)")
+    parser.add_argument("--metrics", default=METRICS)
+    parser.add_argument("--hidden", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = ["loss", *args.metrics.split(",")]
+    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, metrics {args.metrics}, "
+          f"MLP 40-{args.hidden}-{args.hidden}-10 ({sum(p.numel() for p in make_mlp(args.hidden).parameters())} params), "
+          f"MNIST-1D 4000 train samples, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    print(f"{'ckpts':>5}  {'one-at-a-time s':>15}  {'batched s':>9}  {'speedup':>7}  {'group':>5}  max rel diff per metric")
+    with tempfile.TemporaryDirectory() as tmp:
+        all_paths = make_checkpoints(Path(tmp), max(args.counts), args.hidden)
+        for count in args.counts:
+            paths = all_paths[:count]
+            single_t, batched_t = [], []
+            for _ in range(args.repeats):
+                t, single_rows = run_variant(paths, args.hidden, args.metrics, 1)
+                single_t.append(t)
+                t, batched_rows = run_variant(paths, args.hidden, args.metrics, None)
+                batched_t.append(t)
+            ms, mb = statistics.median(single_t), statistics.median(batched_t)
+            diffs = max_rel_diff(single_rows, batched_rows, names)
+            group = max(r["group_size"] for r in batched_rows)
+            print(f"{count:>5}  {ms:>15.2f}  {mb:>9.2f}  {ms / mb:>6.2f}x  {group:>5}  "
+                  + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()), flush=True)
+            print(f"       runs one-at-a-time {['%.2f' % t for t in single_t]}, batched {['%.2f' % t for t in batched_t]}")
+    return 0
+
+
+# ---- pytest-benchmark cases (small, so that `pytest benchmarks/` stays quick)
+
+def _bench_paths(tmp_path_factory, count=4):
+    return make_checkpoints(tmp_path_factory.mktemp("bench_audit"), count, hidden=32)
+
+
+def test_audit_one_at_a_time(benchmark, tmp_path_factory):
+    paths = _bench_paths(tmp_path_factory)
+    benchmark.pedantic(run_variant, args=(paths, 32, "keskar,top-eig", 1), rounds=3)
+
+
+def test_audit_batched(benchmark, tmp_path_factory):
+    paths = _bench_paths(tmp_path_factory)
+    benchmark.pedantic(run_variant, args=(paths, 32, "keskar,top-eig", None), rounds=3)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
