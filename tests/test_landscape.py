@@ -10,6 +10,15 @@ import sharpkit as sk
 from sharpkit.landscape import evaluate, random_direction, slice_1d, slice_2d
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Small problems: one thread avoids contention with whatever else runs on the machine.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _net(seed, bn=True):
     torch.manual_seed(seed)
     layers = [nn.Linear(5, 7)] + ([nn.BatchNorm1d(7)] if bn else []) + [nn.ReLU(), nn.Dropout(0.3), nn.Linear(7, 3)]

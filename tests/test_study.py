@@ -92,7 +92,7 @@ def api(monkeypatch):
 def _tiny(npz, **over):
     base = dict(data=npz, models=("f1", "c1"), f1_width=16, f1_depth=2, c1_channels=4, c1_hidden=(8,),
                 sb=8, lb=32, seeds=(0, 1, 2), max_epochs=3, patience=2, sharpness_samples=64,
-                curvature_samples=64, warm_epochs=(0, 1, 2), track_every=1, curve_points=5)
+                curvature_samples=64, warm_epochs=(0, 1, 2), track_every=1, curve_points=5, lb_epochs_factor=1.0)
     base.update(over)
     return StudyConfig(**base)
 
@@ -115,7 +115,8 @@ def test_quick_pipeline_end_to_end(tmp_path, npz, api):
     assert {n["epoch"] for n in f1["noise_scale"]} >= {0, "final"}
     assert len(f1["curves"]["sin"]["test"]["alphas"]) == 5
     track = [r for r in f1["runs"] if r["seed"] == 0 and r["role"] == "lb"][0]["tracking"]
-    assert [h["epoch"] for h in track] == list(range(len(track))) and track[-1]["lambda_max"] > 0
+    epochs = [h["epoch"] for h in track]
+    assert epochs[0] == 0 and epochs == sorted(set(epochs)) and len(epochs) >= 3 and track[-1]["lambda_max"] > 0
     assert any(warm for kind, warm in api.calls if kind == "eig")  # Lanczos warm-started along training
     verdicts = data["summary"]["models"]["f1"]["verdicts"]
     assert any("Generalization gap" in v["claim"] for v in verdicts)
@@ -161,6 +162,15 @@ def test_resume_skips_finished_work(tmp_path, npz, api):
     # More seeds reuse the finished ones.
     more = run_study(_tiny(npz, models=("f1",), seeds=(0, 1, 2), eps=(1e-3,), solvers=("apgd",)), out, progress=False, threads=1)
     assert more["stats"]["trainings_run"] == 2
+
+
+def test_epoch_cap_scales_with_batch(tmp_path, npz):
+    from sharpkit.study.pipeline import Study
+
+    study = Study(_tiny(npz, max_epochs=10, lb_epochs_factor=4.0), tmp_path / "s", progress=False)
+    assert [study.epoch_cap(b) for b in (8, 16, 32)] == [10, 20, 40]
+    key = study.train_key("f1", 32, 0, track=True)
+    assert key["max_epochs"] == 40 and key["track"]["every"] == 4
 
 
 def test_training_resume_is_exact(tmp_path, npz):

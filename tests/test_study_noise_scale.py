@@ -6,6 +6,15 @@ from torch import nn
 from sharpkit.study.noise_scale import gradient_noise_scale
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Small problems: one thread avoids contention with whatever else runs on the machine.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _problem(n=60):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 3)).double()

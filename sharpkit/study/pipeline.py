@@ -40,12 +40,15 @@ class StudyConfig:
 
     sb/lb: small and large batch (None: LB = 10% of the training set, SB = min(256, LB // 16)).
     max_epochs/patience/min_rel_improvement: training stops when the epoch loss has not improved
-    by 1% (relative) for ``patience`` epochs, or at the cap.  eps/solvers/subspace_dim/
+    by 1% (relative) for ``patience`` epochs, or at the cap.  The cap is ``max_epochs`` at the
+    small batch and ``lb_epochs_factor`` times that at the large batch (geometric in between):
+    a large batch takes ``LB/SB`` times fewer steps per epoch and needs more epochs to converge,
+    while its epochs cost less.  eps/solvers/subspace_dim/
     sharpness_iters: the ε-sharpness protocol (paper: ε in {1e-3, 5e-4}, L-BFGS-B, 10 iterations,
     p = 100).  sharpness_samples/curvature_samples: training samples used by ε-sharpness and by
     the Hessian measurements (None: all).  sweep: batch sizes of the Fig. 4 sweep (None: powers of
     two times SB up to LB).  warm_epochs: k of Fig. 5.  track_every: epochs between top-eigenvalue
-    estimates along training (Fig. 6).  sweep_models: models that get the sweep, warm start and
+    estimates along training (Fig. 6), at the small batch's cap (scaled with the cap).  sweep_models: models that get the sweep, warm start and
     noise scale (None: the first).
     """
 
@@ -60,6 +63,7 @@ class StudyConfig:
     lb: int | None = None
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     max_epochs: int = 40
+    lb_epochs_factor: float = 3.0
     patience: int = 5
     min_rel_improvement: float = 0.01
     lr: float = 1e-3
@@ -96,13 +100,14 @@ def quick_config(**overrides: Any) -> StudyConfig:
         c1_channels=16,
         c1_hidden=(128, 64),
         seeds=(0, 1),
-        max_epochs=10,
+        max_epochs=8,
+        lb_epochs_factor=4.0,
         patience=3,
         sharpness_samples=1024,
         curvature_samples=512,
         trace_matvecs=12,
         eig_tol=1e-2,
-        warm_epochs=(0, 1, 3, 6),
+        warm_epochs=(0, 1, 2, 4),
         track_every=2,
         quick=True,
     )
@@ -177,14 +182,22 @@ class Study:
         return m.to(self.device)
 
     # ------------------------------------------------------------------ trainings
+    def epoch_cap(self, batch: int) -> int:
+        """The epoch cap at ``batch``: ``max_epochs`` at SB, ``lb_epochs_factor`` times that at LB."""
+        c = self.config
+        t = min(max(math.log(batch / self.sb) / math.log(self.lb / self.sb), 0.0), 1.0)
+        return max(1, int(round(c.max_epochs * c.lb_epochs_factor ** t)))
+
     def train_key(self, spec: str, batch: int, seed: int, start: dict | None = None, track: bool = False,
                   snapshots: tuple[int, ...] = ()) -> dict:
         c = self.config
+        cap = self.epoch_cap(batch)
+        every = max(1, int(round(c.track_every * cap / c.max_epochs)))
         return {
             "kind": "train", "data": self.data_key, "model": spec, "model_kwargs": self.model_kwargs(spec),
-            "batch": batch, "seed": seed, "max_epochs": c.max_epochs, "patience": c.patience,
+            "batch": batch, "seed": seed, "max_epochs": cap, "patience": c.patience,
             "min_rel_improvement": c.min_rel_improvement, "lr": c.lr, "start": start,
-            "track": ({"every": c.track_every, "samples": self.curv_n, "tol": c.eig_tol, "bn": c.bn} if track else None),
+            "track": ({"every": every, "samples": self.curv_n, "tol": c.eig_tol, "bn": c.bn} if track else None),
             "snapshots": sorted(snapshots),
         }
 
@@ -233,7 +246,7 @@ class Study:
             out: dict[str, Any] = {}
             if epoch in snapshots:
                 atomic_torch_save(model.state_dict(), run_dir / f"epoch{epoch}.pt")
-            if track and epoch % c.track_every == 0:
+            if track and epoch % key["track"]["every"] == 0:
                 loss, acc = evaluate(model, self.loss_fn, self.curv_xy, bn=c.bn)
                 out.update(eval_loss=loss, eval_acc=acc)
                 try:
@@ -392,6 +405,8 @@ class Study:
         for k in sorted(set((0,) + ks)):
             if k == 0:
                 model, tkey = models[("lb", seed)]  # k = 0 is plain LB training from the same start
+            elif not (self.out / self.snapshot_path(sb_key, k)).exists():
+                continue  # the SB run converged before epoch k: there is no such iterate
             else:
                 start = {"from": key_id(sb_key), "epoch": k, "snapshot": str(self.snapshot_path(sb_key, k))}
                 tkey = self.train_key(spec, self.lb, seed, start=start)
@@ -477,11 +492,20 @@ def run_study(
     return write_outputs(results, Path(out_dir))
 
 
-def _set_threads(threads: int | None) -> None:
+def _set_threads(threads: int | None) -> int:
+    """Set torch's CPU threads: ``threads``, or all available cores on an idle machine and one
+    thread on a busy one.  The study's steps are small (batches of tens of samples through
+    sub-million-parameter nets), so intra-op threads gain little on an idle machine but, on an
+    oversubscribed one, synchronising them made epochs up to ten times slower on a 2-core CPU."""
     if threads is None:
-        # The cores this process may run on (containers often allow fewer than os.cpu_count()).
         try:
-            threads = len(os.sched_getaffinity(0))
+            cores = len(os.sched_getaffinity(0))  # containers often allow fewer than os.cpu_count()
         except AttributeError:
-            threads = os.cpu_count() or 1
+            cores = os.cpu_count() or 1
+        try:
+            busy = os.getloadavg()[0] >= 1.0
+        except (AttributeError, OSError):
+            busy = False
+        threads = 1 if busy else cores
     torch.set_num_threads(max(1, int(threads)))
+    return torch.get_num_threads()

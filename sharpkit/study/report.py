@@ -263,19 +263,22 @@ def summarize(results: dict) -> dict:
                 lo, hi = min(bs), max(bs)
                 s["noise"] = {"b_simple_min": lo, "b_simple_max": hi, "jump_batch": jump}
                 consistent = jump is not None and lo / 2 <= jump <= hi * 2
+                verdict = "not measured" if jump is None else ("consistent" if consistent else "not consistent")
                 verdicts.append({"claim": "Gradient noise scale B_simple predicts the batch size where sharpness jumps",
                                  "measured": f"B_simple along SB training {lo:.0f}–{hi:.0f} samples; sweep's sharpness jump at "
                                              f"batch {jump}",
                                  "paper": "McCandlish et al.: critical batch ≈ B_simple",
                                  "statistic": "consistent = jump within a factor 2 of the B_simple range",
-                                 "verdict": "consistent" if consistent else "not consistent"})
+                                 "verdict": verdict})
         summary["models"][spec] = s
     return summary
 
 
 def _jump(sweep: list[dict]) -> int | None:
-    """Batch size at the largest increase of log sharpness between consecutive sweep points."""
-    pts = [(r["batch"], r["sharpness"]) for r in sweep if r.get("sharpness") is not None and r["sharpness"] > 0]
+    """Batch size at the largest increase of log sharpness (ε-sharpness, else λ_max) between
+    consecutive sweep points."""
+    field = "sharpness" if any(r.get("sharpness") for r in sweep) else "lambda_max"
+    pts = [(r["batch"], r[field]) for r in sweep if r.get(field) is not None and r[field] > 0]
     if len(pts) < 2:
         return None
     steps = [(math.log(b2[1] / b1[1]), b2[0]) for b1, b2 in zip(pts, pts[1:])]
@@ -409,7 +412,7 @@ def make_figures(results: dict, out: Path) -> list[Path]:
             ax.set_title(f"{spec}: {title}\n(solid: train, dashed: test)", fontsize=10)
             h1, l1 = ax.get_legend_handles_labels()
             h2, l2 = ax2.get_legend_handles_labels()
-            ax.legend(h1 + h2, l1 + l2, fontsize=8, loc="upper center")
+            ax.legend(h1 + h2, l1 + l2, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=4)
             save(fig, f"fig_interp_{path}_{spec}.png")
         if m.get("sharpness"):
             cfg = results["config"]
@@ -465,13 +468,17 @@ def _trend_fig(plt, rows, xkey, xlabel, title, measure, logx):
     ax2.plot(x, [100 * r["test_acc"] for r in rows], "--^", color="tab:red", label="test accuracy")
     if logx:
         ax.set_xscale("log", base=2)
+        ax.set_xticks(x, [str(v) for v in x])
+        ax.minorticks_off()
+    else:
+        ax.set_xticks(x)
     ax.set_yscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("sharpness (log scale)")
     ax2.set_ylabel("test accuracy (%)", color="tab:red")
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = ax2.get_legend_handles_labels()
-    ax.legend(h1 + h2, l1 + l2, fontsize=8, loc="best")
+    ax.legend(h1 + h2, l1 + l2, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3)
     ax.set_title(title, fontsize=10)
     return fig
 

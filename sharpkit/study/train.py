@@ -28,7 +28,7 @@ class TrainConfig:
 
     batch_size: samples per Adam step (the last, smaller batch of an epoch is kept).
     max_epochs: the cap.  patience: stop after this many epochs without the epoch training loss
-    improving on its best by more than ``min_rel_improvement`` (relative).  lr: Adam's step size
+    improving on its best by more than ``min_rel_improvement`` (relative) or 1e-4 (absolute).  lr: Adam's step size
     (default 1e-3, Adam's defaults otherwise).
     """
 
@@ -156,7 +156,8 @@ def _converged(history: list[dict], config: TrainConfig) -> bool:
         return False
     best_before = min(losses[: -config.patience])
     recent = min(losses[-config.patience :])
-    return recent > best_before * (1.0 - config.min_rel_improvement)
+    # An absolute floor too: near zero loss, relative changes are noise.
+    return recent > best_before - max(config.min_rel_improvement * best_before, 1e-4)
 
 
 def _has_batchnorm(model: nn.Module) -> bool:
