@@ -58,9 +58,11 @@ def make_checkpoints(folder: Path, count: int, hidden: int = 100, every: int = 1
     return paths
 
 
-def run_variant(paths, hidden: int, metrics: str, group_size: int | None) -> tuple[float, list[dict]]:
+def run_variant(paths, hidden: int, metrics: str, group_size: int | None, batch_size: int | None = None):
+    """Audit ``paths``; returns (seconds, rows)."""
     t0 = time.perf_counter()
-    rows = sk.audit(paths, lambda: make_mlp(hidden), "mnist1d", metrics=metrics, group_size=group_size)
+    rows = sk.audit(paths, lambda: make_mlp(hidden), "mnist1d", metrics=metrics, group_size=group_size,
+                    batch_size=batch_size)
     return time.perf_counter() - t0, rows
 
 
@@ -82,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats per count (default 3)")
     parser.add_argument("--metrics", default=METRICS)
     parser.add_argument("--hidden", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="split the 4000 samples into batches of this size (default: one batch)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -89,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     names = ["loss", *args.metrics.split(",")]
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, metrics {args.metrics}, "
           f"MLP 40-{args.hidden}-{args.hidden}-10 ({sum(p.numel() for p in make_mlp(args.hidden).parameters())} params), "
-          f"MNIST-1D 4000 train samples, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+          f"MNIST-1D 4000 train samples in batches of {args.batch_size or 4000}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print(f"{'ckpts':>5}  {'one-at-a-time s':>15}  {'batched s':>9}  {'speedup':>7}  {'group':>5}  max rel diff per metric")
     with tempfile.TemporaryDirectory() as tmp:
         all_paths = make_checkpoints(Path(tmp), max(args.counts), args.hidden)
@@ -97,9 +101,9 @@ def main(argv: list[str] | None = None) -> int:
             paths = all_paths[:count]
             single_t, batched_t = [], []
             for _ in range(args.repeats):
-                t, single_rows = run_variant(paths, args.hidden, args.metrics, 1)
+                t, single_rows = run_variant(paths, args.hidden, args.metrics, 1, args.batch_size)
                 single_t.append(t)
-                t, batched_rows = run_variant(paths, args.hidden, args.metrics, None)
+                t, batched_rows = run_variant(paths, args.hidden, args.metrics, None, args.batch_size)
                 batched_t.append(t)
             ms, mb = statistics.median(single_t), statistics.median(batched_t)
             diffs = max_rel_diff(single_rows, batched_rows, names)

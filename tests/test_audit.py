@@ -27,7 +27,7 @@ from sharpkit.audit.checkpoints import (
     load_state_dict,
     parse_step,
 )
-from sharpkit.audit.metrics import MetricConfig, box_ascent, hutchinson_trace, lanczos_top
+from sharpkit.audit.metrics import MetricConfig, hutchinson_trace, lanczos_top
 from sharpkit.audit.report import format_table, render_html, sort_rows, write_html
 from sharpkit.audit.store import ResultStore
 from sharpkit.data import as_batches
@@ -334,35 +334,23 @@ def test_lanczos_and_hutchinson_against_explicit_hessian(tmp_path):
         assert abs(float(est[b]) - tr) < 5 * float(err[b]) + 1e-9
 
 
-class QuadraticEngine:
-    """f_b(w) = sum_i a_bi (w_i - c_bi)^2 on B problems: the box maximum is known in closed form."""
+@pytest.mark.parametrize("solver", ["apgd", "pga", "lbfgsb"])
+def test_keskar_matches_sk_keskar_sharpness(tmp_path, solver):
+    from sharpkit.sharpness.keskar import keskar_sharpness
 
-    def __init__(self, a, c, X):
-        self.a, self.c, self.X = a, c, X
-        self.num_problems, self.dim = X.shape
-        self.device, self.dtype = X.device, X.dtype
-
-    def loss(self, W):
-        return (self.a * (W - self.c) ** 2).sum(1)
-
-    def loss_and_grad(self, W):
-        return self.loss(W), 2 * self.a * (W - self.c)
-
-
-def test_box_ascent_reaches_closed_form_maximum_of_separable_quadratic():
-    g = torch.Generator().manual_seed(3)
-    B, n = 3, 7
-    X = torch.randn(B, n, generator=g, dtype=torch.float64)
-    a = torch.rand(B, n, generator=g, dtype=torch.float64) + 0.1
-    c = torch.randn(B, n, generator=g, dtype=torch.float64)
-    eng = QuadraticEngine(a, c, X)
-    eps = 0.05
-    bound = eps * (X.abs() + 1)
-    f0, fmax = box_ascent(eng, X, bound, max_iter=5)
-    # Each convex term is largest at the box end farther from its centre c.
-    best = (a * torch.maximum((X + bound - c) ** 2, (X - bound - c) ** 2)).sum(1)
-    torch.testing.assert_close(f0, eng.loss(X))
-    torch.testing.assert_close(fmax, best, rtol=1e-12, atol=0)
+    paths = save_checkpoints(tmp_path / "ck", count=3)
+    data = toy_data()
+    rows = audit(paths, make_mlp, data, metrics="keskar,keskar-subspace", solver=solver, max_iter=4,
+                 subspace_dim=4, dtype="float64", group_size=3)
+    for path, row in zip(paths, rows):
+        model = make_mlp().double()
+        model.load_state_dict(torch.load(path, weights_only=True))
+        full = keskar_sharpness(model, nn.CrossEntropyLoss(), data, solver=solver, max_iter=4)
+        sub = keskar_sharpness(model, nn.CrossEntropyLoss(), data, solver=solver, max_iter=4, subspace_dim=4)
+        assert row["group_size"] == (1 if solver == "lbfgsb" else 3)
+        assert row["loss"] == pytest.approx(full.loss, rel=1e-12)
+        assert row["keskar"] == pytest.approx(full.value, rel=1e-8, abs=1e-10)
+        assert row["keskar-subspace"] == pytest.approx(sub.value, rel=1e-8, abs=1e-10)
 
 
 # --------------------------------------------------------------------------- batched == one at a time
@@ -626,7 +614,9 @@ def test_builtin_model_names_resolve_through_study_registry():
         (dict(metrics=""), "metrics is empty"),
         (dict(epsilon=-1.0), "epsilon must be a positive"),
         (dict(rho=float("nan")), "rho must be a positive"),
-        (dict(solver="lbfgsb"), "L-BFGS-B runs per checkpoint"),
+        (dict(solver="newton"), "unknown solver"),
+        (dict(adaptive_norm="l1", metrics="adaptive"), "adaptive_norm"),
+        (dict(solver="lbfgsb", adaptive_norm="l2", metrics="adaptive"), "boxes only"),
         (dict(k=5, lanczos_steps=3, metrics="top-eig"), "lanczos_steps >= k"),
         (dict(group_size=0), "group_size"),
         (dict(loss_fn="hinge"), "unknown loss"),

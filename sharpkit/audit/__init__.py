@@ -117,7 +117,8 @@ def audit(
     subspace_dim: int = 100,
     rho: float = 2e-3,
     adaptive_scale: bool = True,
-    solver: str = "pga",
+    adaptive_norm: str = "linf",
+    solver: str = "apgd",
     max_iter: int = 10,
     k: int = 1,
     lanczos_steps: int = 20,
@@ -145,8 +146,10 @@ def audit(
         out: JSONL results file; rows already there (same checkpoint content, same
             configuration) are reused, not recomputed.  ``None``: nothing is written.
         loss_fn: mean-reduced ``loss_fn(outputs, targets)`` or ``"cross_entropy"`` / ``"mse"``.
-        epsilon, subspace_dim, rho, adaptive_scale, solver, max_iter, k, lanczos_steps,
-            trace_samples, seed: metric options, see :class:`~sharpkit.audit.metrics.MetricConfig`.
+        epsilon, subspace_dim, rho, adaptive_scale, adaptive_norm, solver, max_iter, k,
+            lanczos_steps, trace_samples, seed: metric options, see
+            :class:`~sharpkit.audit.metrics.MetricConfig`.  ``solver="lbfgsb"`` (scipy, one problem
+            at a time) measures one checkpoint at a time; ``"apgd"`` (default) and ``"pga"`` batch.
         bn: ``"eval"`` (running statistics, default) or ``"train"`` (batch statistics).
         device, dtype: where and in what precision to measure (default: CPU, the model's dtype).
         group_size: checkpoints measured together; ``None`` chooses it from free memory, 1
@@ -164,7 +167,7 @@ def audit(
     """
     config = MetricConfig(
         metrics=metrics, epsilon=epsilon, subspace_dim=subspace_dim, rho=rho, adaptive_scale=adaptive_scale,
-        solver=solver, max_iter=max_iter, k=k, lanczos_steps=lanczos_steps, trace_samples=trace_samples, seed=seed,
+        adaptive_norm=adaptive_norm, solver=solver, max_iter=max_iter, k=k, lanczos_steps=lanczos_steps, trace_samples=trace_samples, seed=seed,
     )
     if group_size is not None and (not isinstance(group_size, int) or group_size < 1):
         raise ValueError(f"group_size must be a positive integer or None, got {group_size!r}")
@@ -252,6 +255,8 @@ class _Runner:
                 )
                 self.keep_graphs = plan.keep_graphs
                 group_size = group_size or plan.group_size
+                if self.config.solver == "lbfgsb":
+                    group_size = 1  # scipy's L-BFGS-B drives one problem at a time
             bar = None
             if progress and pending:
                 from tqdm.auto import tqdm

@@ -57,7 +57,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--rho", type=float, default=2e-3, help="radius of adaptive sharpness, l-infinity (default: 2e-3)")
     p.add_argument("--no-adaptive-scale", dest="adaptive_scale", action="store_false",
                    help="adaptive: use c = 1 (standard sharpness) instead of c = |w|")
-    p.add_argument("--solver", default="pga", choices=("pga",), help="ascent solver (default: pga)")
+    p.add_argument("--adaptive-norm", default="linf", choices=("linf", "l2"), help="adaptive: norm of the perturbation set (default: linf)")
+    p.add_argument("--solver", default="apgd", choices=("apgd", "pga", "lbfgsb"),
+                   help="ascent solver (default: apgd); lbfgsb (scipy, the paper's protocol) measures one checkpoint at a time")
     p.add_argument("--max-iter", type=int, default=10, help="ascent iterations (default: 10)")
     p.add_argument("--k", type=int, default=1, help="top-eig: eigenvalues to report (default: 1)")
     p.add_argument("--lanczos-steps", type=int, default=20, help="top-eig: Lanczos iterations (default: 20)")
@@ -84,7 +86,7 @@ def main(args: argparse.Namespace) -> int:
         rows = audit(
             args.checkpoints, model=args.model, data=args.data, metrics=metrics, out=args.out,
             loss_fn=args.loss, epsilon=args.epsilon, subspace_dim=args.subspace_dim, rho=args.rho,
-            adaptive_scale=args.adaptive_scale, solver=args.solver, max_iter=args.max_iter, k=args.k,
+            adaptive_scale=args.adaptive_scale, adaptive_norm=args.adaptive_norm, solver=args.solver, max_iter=args.max_iter, k=args.k,
             lanczos_steps=args.lanczos_steps, trace_samples=args.trace_samples, seed=args.seed, bn=args.bn,
             device=args.device, dtype=args.dtype, group_size=args.group_size, batch_size=args.batch_size,
             progress=args.progress,

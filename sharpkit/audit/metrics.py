@@ -13,10 +13,10 @@ of them.  With B = 1 the same code is the one-at-a-time audit, so both give the 
 - ``top-eig``: the k largest Hessian eigenvalues by Lanczos with full reorthogonalisation.
 - ``trace``: the Hessian trace by Hutchinson's estimator with Rademacher probes.
 
-The maximisations use projected sign ascent scaled to the box (``solver="pga"``):
-``y <- clip(y + η_b · bound ⊙ sign(∇f), -bound, bound)`` with ``η_b = 1`` at first (the
-linearised maximiser, a corner of the box) and halved for problem b whenever its loss did not
-increase; the best point seen is kept.  ``max_iter`` gradients plus one final loss evaluation.
+The maximisations are :mod:`sharpkit.sharpness.solvers`' (``apgd`` by default, or ``pga``), run
+on the whole group at once: the engine is the solvers' batched problem (``num_problems`` = B,
+``loss_and_grad(W: (B, n))``) through their ``ShiftedProblem`` / ``SubspaceProblem`` adapters.
+``lbfgsb`` (scipy, one problem at a time) makes the audit measure one checkpoint at a time.
 """
 from __future__ import annotations
 
@@ -25,10 +25,11 @@ from typing import Any
 
 import torch
 
-__all__ = ["MetricConfig", "METRICS", "run_metrics", "box_ascent", "lanczos_top", "hutchinson_trace"]
+__all__ = ["MetricConfig", "METRICS", "SOLVERS", "run_metrics", "lanczos_top", "hutchinson_trace"]
 
 METRICS = ("keskar", "keskar-subspace", "adaptive", "top-eig", "trace")
-SOLVERS = ("pga",)
+SOLVERS = ("apgd", "pga", "lbfgsb")  # sharpkit.sharpness.solvers'; lbfgsb runs one checkpoint at a time
+NORMS = ("linf", "l2")
 
 # Materialise the subspace matrix A up to this many bytes; beyond, products stream it by blocks.
 _MATERIALIZE_LIMIT = 256 << 20
@@ -43,8 +44,10 @@ class MetricConfig:
         epsilon: box half-width factor of ``keskar``/``keskar-subspace`` (default 1e-3).
         subspace_dim: p, columns of A for ``keskar-subspace`` (default 100).
         rho: radius of ``adaptive`` (default 2e-3).  adaptive_scale: ``c = |x|`` when True
-            (default), else ``c = 1``.
-        solver: ascent solver, ``"pga"``.  max_iter: gradient steps per maximisation (default 10).
+            (default), else ``c = 1``.  adaptive_norm: ``"linf"`` (default) or ``"l2"``.
+        solver: ascent solver of :mod:`sharpkit.sharpness.solvers`: ``"apgd"`` (default),
+            ``"pga"`` or ``"lbfgsb"`` (one checkpoint at a time).
+        max_iter: steps per maximisation (default 10).
         k: eigenvalues for ``top-eig`` (default 1).  lanczos_steps: Lanczos iterations (default 20).
         trace_samples: Hutchinson probes (default 20).
         seed: seeds A, the Lanczos start vector and the Hutchinson probes (default 0).
@@ -55,7 +58,8 @@ class MetricConfig:
     subspace_dim: int = 100
     rho: float = 2e-3
     adaptive_scale: bool = True
-    solver: str = "pga"
+    adaptive_norm: str = "linf"
+    solver: str = "apgd"
     max_iter: int = 10
     k: int = 1
     lanczos_steps: int = 20
@@ -74,10 +78,11 @@ class MetricConfig:
         if len(set(self.metrics)) != len(self.metrics):
             raise ValueError(f"metrics lists a name twice: {list(self.metrics)}")
         if self.solver not in SOLVERS:
-            raise ValueError(
-                f"solver {self.solver!r} is not available in the audit (choose from {SOLVERS}); "
-                "L-BFGS-B runs per checkpoint: use sk.keskar_sharpness for it"
-            )
+            raise ValueError(f"unknown solver {self.solver!r}: choose from {', '.join(SOLVERS)}")
+        if self.adaptive_norm not in NORMS:
+            raise ValueError(f"adaptive_norm must be one of {NORMS}, got {self.adaptive_norm!r}")
+        if self.solver == "lbfgsb" and "adaptive" in self.metrics and self.adaptive_norm != "linf":
+            raise ValueError("solver 'lbfgsb' handles boxes only: use adaptive_norm='linf' or solver 'apgd'")
         for name in ("epsilon", "rho"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and value > 0 and value == value and value != float("inf")):
@@ -101,7 +106,7 @@ class MetricConfig:
         if "keskar-subspace" in m:
             used["subspace_dim"] = self.subspace_dim
         if "adaptive" in m:
-            used.update(rho=self.rho, adaptive_scale=self.adaptive_scale)
+            used.update(rho=self.rho, adaptive_scale=self.adaptive_scale, adaptive_norm=self.adaptive_norm)
         if "top-eig" in m:
             used.update(k=self.k, lanczos_steps=self.lanczos_steps)
         if "trace" in m:
@@ -118,58 +123,44 @@ class MetricConfig:
         return need
 
 
-def box_ascent(engine, X: torch.Tensor, bound: torch.Tensor, max_iter: int, A: "_Subspace | None" = None):
-    """Maximise each problem's loss over its box: ``max_{|y| <= bound} f_b(X_b + M y)``.
-
-    ``M`` is the identity, or ``A`` for a subspace.  Returns ``(f0, max_loss)``, both ``(B,)``
-    float64: the loss at ``X`` and the largest loss seen (never below ``f0``).
-    """
-    y = torch.zeros_like(bound)
-    eta = torch.ones(bound.shape[0], dtype=bound.dtype, device=bound.device)
-    f0 = best = prev = None
-    for _ in range(max_iter):
-        W = X if f0 is None else X + (y if A is None else A.matvec(y))
-        losses, grads = engine.loss_and_grad(W)
-        if A is not None:
-            grads = A.rmatvec(grads.to(A.dtype))
-        if f0 is None:
-            f0, best = losses, losses.clone()
-        else:
-            best = torch.maximum(best, losses)
-            # Halve the step of the problems whose last step did not raise the loss.
-            eta = torch.where(losses <= prev, eta / 2, eta).to(eta.dtype)
-        prev = losses
-        step = eta.unsqueeze(1) * bound * torch.sign(grads.to(bound.dtype))
-        y = torch.clamp(y + step, -bound, bound)
-    final = engine.loss(X + (y if A is None else A.matvec(y)))
-    best = torch.maximum(best, final)
-    return f0, best
-
-
-class _Subspace:
-    """A (Gaussian, Philox-seeded) applied to the B problems' vectors at once."""
+class _DenseSubspace:
+    """A materialised once (float64) and shared by every checkpoint of a group: the solvers'
+    ``SubspaceProblem`` applies A row by row, and regenerating it from Philox for each of B rows
+    at every step would cost more than the model.  Falls back to the matrix-free operator when
+    A is too large to hold."""
 
     def __init__(self, n: int, p: int, seed: int, dtype: torch.dtype, device: torch.device):
         from ..ops import GaussianSubspace
 
-        self.dtype = torch.float64  # A⁺x and the box are formed in float64
-        self.out_dtype = dtype
-        self.op = GaussianSubspace(n, p, seed=seed, dtype=self.dtype, device=device)
-        self.dense = self.op.materialize() if n * p * 8 <= _MATERIALIZE_LIMIT else None
+        self.p, self.dtype = p, dtype
+        self.op = GaussianSubspace(n, p, seed=seed, dtype=dtype, device=device)
+        self.dense = (
+            GaussianSubspace(n, p, seed=seed, dtype=torch.float64, device=device).materialize()
+            if n * p * 8 <= _MATERIALIZE_LIMIT else None
+        )
+        self.dense_t = self.dense.to(dtype) if self.dense is not None else None
 
-    def matvec(self, Z: torch.Tensor) -> torch.Tensor:
-        Z = Z.to(self.dtype)
-        out = Z @ self.dense.T if self.dense is not None else torch.stack([self.op.matvec(z) for z in Z])
-        return out.to(self.out_dtype)
+    def matvec(self, z: torch.Tensor) -> torch.Tensor:
+        return self.dense_t @ z.to(self.dtype) if self.dense is not None else self.op.matvec(z)
 
-    def rmatvec(self, G: torch.Tensor) -> torch.Tensor:
-        G = G.to(self.dtype)
-        return G @ self.dense if self.dense is not None else torch.stack([self.op.rmatvec(g) for g in G])
+    def rmatvec(self, g: torch.Tensor) -> torch.Tensor:
+        return g.to(self.dtype) @ self.dense_t if self.dense is not None else self.op.rmatvec(g)
 
-    def pinv_apply(self, X: torch.Tensor) -> torch.Tensor:
-        """``A⁺ x`` for each row: the least-squares solution of ``(AᵀA) z = Aᵀ x``."""
-        gram = self.dense.T @ self.dense if self.dense is not None else self.op.gram()
-        return torch.linalg.solve(gram, self.rmatvec(X).T).T
+    def centers(self, X: torch.Tensor) -> torch.Tensor:
+        """``A⁺x`` (float64) for each row of ``X``: ``(AᵀA)⁻¹ Aᵀx``."""
+        if self.dense is None:
+            from ..sharpness.keskar import subspace_center
+
+            return torch.stack([subspace_center(self.op, x) for x in X])
+        # All rows share AᵀA: one p x p factorisation serves the group.
+        return torch.linalg.solve(self.dense.T @ self.dense, self.dense.T @ X.double().T).T
+
+
+def _ascend(problem, scale: torch.Tensor, norm: str, config: "MetricConfig"):
+    from ..sharpness import solvers
+
+    return solvers.maximize(problem, scale, solver=config.solver, norm=norm, max_iter=config.max_iter,
+                            seed=config.seed)
 
 
 def lanczos_top(engine, k: int, steps: int, seed: int) -> torch.Tensor:
@@ -232,28 +223,32 @@ def run_metrics(engine, config: MetricConfig) -> list[dict[str, Any]]:
     B = engine.num_problems
     out: list[dict[str, Any]] = [{"details": {}} for _ in range(B)]
     f0 = None
-    ms = config.metrics
+    ms = set(config.metrics)
+    if ms & {"keskar", "keskar-subspace", "adaptive"}:
+        from ..sharpness import solvers
     if "keskar" in ms:
-        bound = config.epsilon * (X.abs() + 1)
-        f0, fmax = box_ascent(engine, X, bound, config.max_iter)
+        res = _ascend(solvers.ShiftedProblem(engine, X), solvers.keskar_bound(X, config.epsilon), "linf", config)
+        f0 = res.loss0
         for b in range(B):
-            out[b]["keskar"] = float(100 * (fmax[b] - f0[b]) / (1 + f0[b]))
-            out[b]["details"]["keskar"] = {"max_loss": float(fmax[b])}
+            out[b]["keskar"] = float(100 * (res.max_loss[b] - res.loss0[b]) / (1 + res.loss0[b]))
+            out[b]["details"]["keskar"] = {"max_loss": float(res.max_loss[b]), "num_evals": res.num_evals}
     if "keskar-subspace" in ms:
-        A = _Subspace(engine.dim, config.subspace_dim, config.seed, X.dtype, X.device)
-        bound = config.epsilon * (A.pinv_apply(X).abs() + 1)
-        f0s, fmax = box_ascent(engine, X, bound, config.max_iter, A=A)
-        f0 = f0s if f0 is None else f0
+        A = _DenseSubspace(engine.dim, config.subspace_dim, config.seed, X.dtype, X.device)
+        scale = solvers.keskar_bound(A.centers(X), config.epsilon).to(X.dtype)
+        res = _ascend(solvers.SubspaceProblem(engine, X, A), scale, "linf", config)
+        f0 = res.loss0 if f0 is None else f0
         for b in range(B):
-            out[b]["keskar-subspace"] = float(100 * (fmax[b] - f0s[b]) / (1 + f0s[b]))
-            out[b]["details"]["keskar-subspace"] = {"max_loss": float(fmax[b]), "p": config.subspace_dim}
+            out[b]["keskar-subspace"] = float(100 * (res.max_loss[b] - res.loss0[b]) / (1 + res.loss0[b]))
+            out[b]["details"]["keskar-subspace"] = {"max_loss": float(res.max_loss[b]), "p": config.subspace_dim,
+                                                    "num_evals": res.num_evals}
     if "adaptive" in ms:
-        scale = X.abs() if config.adaptive_scale else torch.ones_like(X)
-        f0a, fmax = box_ascent(engine, X, config.rho * scale, config.max_iter)
-        f0 = f0a if f0 is None else f0
+        scale = config.rho * (X.abs() if config.adaptive_scale else torch.ones_like(X))
+        res = _ascend(solvers.ShiftedProblem(engine, X), scale, config.adaptive_norm, config)
+        f0 = res.loss0 if f0 is None else f0
         for b in range(B):
-            out[b]["adaptive"] = float(fmax[b] - f0a[b])
-            out[b]["details"]["adaptive"] = {"max_loss": float(fmax[b]), "norm": "linf"}
+            out[b]["adaptive"] = float(res.max_loss[b] - res.loss0[b])
+            out[b]["details"]["adaptive"] = {"max_loss": float(res.max_loss[b]), "norm": config.adaptive_norm,
+                                             "num_evals": res.num_evals}
     if "top-eig" in ms:
         values = lanczos_top(engine, config.k, config.lanczos_steps, config.seed)
         for b in range(B):
