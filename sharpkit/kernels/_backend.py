@@ -53,14 +53,14 @@ def cpp_module() -> tuple[Any, str]:
 @functools.lru_cache(maxsize=None)
 def cuda_module() -> tuple[Any, str]:
     """(sharpkit._C_cuda or None, "ok" or why not)."""
-    if not torch.cuda.is_available():
-        return None, "no CUDA GPU visible to torch"
     try:
         mod = importlib.import_module("sharpkit._C_cuda")
     except ImportError:
         return None, "sharpkit was built without CUDA kernels (no nvcc at install time, or SHARPKIT_CUDA=OFF)"
     except Exception as exc:
         return None, f"cannot import sharpkit._C_cuda: {exc}"
+    if not torch.cuda.is_available():
+        return None, "sharpkit._C_cuda is built, but no CUDA GPU is visible to torch"
     status = mod.status()
     return (mod, "ok") if status == "ok" else (None, status)
 
