@@ -51,11 +51,19 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from .distributed import PeerFailure, launcher_session
+
     try:
-        return int(args.func(args) or 0)
+        # Under torchrun (WORLD_SIZE > 1) the measurements shard their data over the process group.
+        with launcher_session():
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except PeerFailure as exc:
+        # The failing rank reports the cause; the others stop with one line.
+        print(f"sharpkit: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

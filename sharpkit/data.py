@@ -35,9 +35,15 @@ class Batches:
     re-iterables (DataLoader, list) are iterated afresh on every pass.
     """
 
+    # This process's share under torch.distributed: (rank, world_size), or None for all the data.
+    _shard: tuple[int, int] | None = None
+    # True when the source already is this rank's part (user-sharded); iterated as given.
+    _presharded: bool = False
+
     def __init__(self, data: Any, batch_size: int | None = None):
         if isinstance(data, Batches):
             self._source, self._split = data._source, data._split
+            self._shard, self._presharded = data._shard, data._presharded
             return
         if _is_tensor_pair(data):
             x, y = data
@@ -57,7 +63,50 @@ class Batches:
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
 
+    @property
+    def is_sharded(self) -> bool:
+        """True when iteration yields only this rank's share of the data (see :meth:`shard`);
+        sums over such batches must be reduced across ranks
+        (:func:`sharpkit.distributed.sharded_pass`)."""
+        return self._shard is not None
+
+    def shard(self, rank: int, world_size: int, presharded: bool = False) -> "Batches":
+        """The share of rank ``rank`` among ``world_size`` processes, as new :class:`Batches`.
+
+        Batch ``j`` of the full sequence (after ``batch_size`` splitting, empty batches skipped)
+        goes to rank ``j % world_size``, whole; a single ``(X, Y)`` pair without ``batch_size`` is
+        split by rows into ``world_size`` contiguous parts instead.  No sample is repeated or
+        dropped; a shard may be empty (iterating it then yields nothing rather than raising).
+        ``presharded=True`` declares the source to be this rank's part already (iterated as is).
+        """
+        if not (isinstance(world_size, int) and world_size >= 1):
+            raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
+        if not (isinstance(rank, int) and 0 <= rank < world_size):
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank!r}")
+        if self._shard is not None:
+            raise ValueError("these batches are already sharded")
+        out = Batches(self)
+        out._shard, out._presharded = (rank, world_size), presharded
+        return out
+
     def __iter__(self) -> Iterator[Batch]:
+        if self._shard is None or self._presharded:
+            yield from self._iter_all(allow_empty=self._presharded)
+            return
+        rank, world = self._shard
+        if self._split is None and isinstance(self._source, list) and len(self._source) == 1 and _is_tensor_pair(self._source[0]):
+            # One (X, Y) pair: split its rows, so that every rank gets work.
+            for x, y in self._iter_all(allow_empty=True):
+                n = x.shape[0]
+                lo, hi = rank * n // world, (rank + 1) * n // world
+                if hi > lo:
+                    yield x[lo:hi], y[lo:hi]
+            return
+        for j, batch in enumerate(self._iter_all(allow_empty=True)):
+            if j % world == rank:
+                yield batch
+
+    def _iter_all(self, allow_empty: bool = False) -> Iterator[Batch]:
         seen = False
         for i, batch in enumerate(self._source):
             if not _is_tensor_pair(batch):
@@ -76,11 +125,12 @@ class Batches:
                 for s in range(0, x.shape[0], self._split):
                     seen = True
                     yield x[s : s + self._split], y[s : s + self._split]
-        if not seen:
+        if not seen and not allow_empty:
             raise ValueError("data is empty: it holds no samples")
 
     def num_samples(self) -> int:
-        """Total number of samples (one pass over the data)."""
+        """Total number of samples (one pass over the data; this rank's share when sharded —
+        :func:`sharpkit.distributed.count_samples` gives the total over all ranks)."""
         return sum(x.shape[0] for x, _ in self)
 
     def materialize(self) -> Batch:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from . import distributed as _dist
 from .data import Batches, as_batches, to_device
 from .params import FlatParams, check_finite_parameters
 
@@ -31,6 +32,11 @@ class Objective:
         data: ``(X, Y)`` tensors or an iterable of batches.
         device, dtype: where/in what precision to evaluate (default: the parameters' own);
             floating inputs are cast to ``dtype``.
+        distributed: shard the data across the ranks of the torch.distributed process group and
+            sum each pass over them (see :mod:`sharpkit.distributed`).  ``None`` (default): when a
+            group of more than one process is initialised; ``True``: initialise one from the
+            torchrun environment if needed; ``False``: every rank evaluates all the data.  Data
+            already sharded (:func:`sharpkit.distributed.local_data`) are always reduced.
     """
 
     def __init__(
@@ -40,6 +46,7 @@ class Objective:
         data: Any,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        distributed: bool | None = None,
     ):
         check_finite_parameters(model)
         self.model = model
@@ -47,8 +54,11 @@ class Objective:
         self.flat = FlatParams(model)
         self.device = torch.device(device) if device is not None else self.flat.device
         self.dtype = dtype or self.flat.dtype
-        self.batches: Batches = as_batches(data)
-        self.num_samples = self.batches.num_samples()
+        batches = as_batches(data)
+        self.distributed: bool = _dist.resolve(distributed) or batches.is_sharded
+        self.batches: Batches = _dist.shard(batches) if self.distributed else batches
+        # The total over all ranks: every pass divides its reduced sums by it.
+        self.num_samples = _dist.count_samples(self.batches, reduce=self.distributed)
         self.num_evals = 0
         self._frozen = {
             n: t.to(self.device, self.dtype if t.is_floating_point() else None)
@@ -78,8 +88,8 @@ class Objective:
 
     def loss(self, x: torch.Tensor) -> torch.Tensor:
         """``f(x)`` as a 0-dim tensor (no graph)."""
-        with torch.no_grad():
-            total = torch.zeros((), device=self.device, dtype=torch.float64)
+        total = torch.zeros((), device=self.device, dtype=torch.float64)
+        with torch.no_grad(), _dist.sharded_pass([total], enabled=self.distributed):
             for batch in self.batches:
                 total += self.batch_loss(x, batch).double() * batch[0].shape[0]
         self.num_evals += 1
@@ -94,12 +104,13 @@ class Objective:
         x = x.detach()
         total = torch.zeros((), device=self.device, dtype=torch.float64)
         grad = torch.zeros_like(x)
-        for batch in self.batches:
-            xr = x.clone().requires_grad_(True)
-            n_b = batch[0].shape[0]
-            loss = self.batch_loss(xr, batch)
-            (g,) = torch.autograd.grad(loss * (n_b / self.num_samples), xr)
-            grad += g
-            total += loss.detach().double() * n_b
+        with _dist.sharded_pass([total, grad], enabled=self.distributed):
+            for batch in self.batches:
+                xr = x.clone().requires_grad_(True)
+                n_b = batch[0].shape[0]
+                loss = self.batch_loss(xr, batch)
+                (g,) = torch.autograd.grad(loss * (n_b / self.num_samples), xr)
+                grad += g
+                total += loss.detach().double() * n_b
         self.num_evals += 1
         return total / self.num_samples, grad

@@ -1,0 +1,352 @@
+"""Scale-out under ``torch.distributed``: sharded data passes reduced with sample weights.
+
+Every sharpkit data pass has the same shape: iterate over the batches, accumulate *sample-weighted
+sums* (``sum_b n_b * loss_b``, ``sum_b n_b * grad_b``, ``sum_b n_b * HVP_b``) and divide once by the
+sample count.  Under a process group each rank iterates over its own share of the batches
+(:func:`shard`) and the sums are added across ranks by one collective (:func:`sharded_pass`), so
+every rank ends the pass holding exactly the single-process result.  Everything downstream of a
+pass (Lanczos, Hutch++, scipy's L-BFGS-B, the sign-ascent solvers) then runs identically on every
+rank from identical numbers; no further communication is needed.
+
+Launch with torchrun, which sets ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT``::
+
+    torchrun --nproc_per_node=4 -m sharpkit audit ...
+
+Without a process group (or with a group of one) every function here is a no-op, so the same code
+runs single-process unchanged.
+
+Failures: a pass that raises on one rank must not leave the others waiting in a collective
+forever.  :func:`sharded_pass` (and :func:`agree` for work outside a data pass, such as loading a
+checkpoint) catches the local exception, still takes part in the collective with an error flag,
+and then every rank raises: the failing rank its own exception (with its rank noted), the others a
+short :class:`PeerFailure` naming the failing rank, so the cause is reported once.  A rank that
+dies outright is covered by torchrun (which stops the other workers) and by the process-group
+timeout (:func:`init_distributed`'s ``timeout``).
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "PeerFailure",
+    "launched_by_torchrun",
+    "init_distributed",
+    "resolve",
+    "is_distributed",
+    "get_rank",
+    "get_world_size",
+    "is_main_process",
+    "shard",
+    "local_data",
+    "count_samples",
+    "all_reduce_sum_",
+    "sharded_pass",
+    "agree",
+    "broadcast_",
+    "broadcast_object",
+    "barrier",
+    "launcher_session",
+]
+
+DEFAULT_TIMEOUT = datetime.timedelta(minutes=10)
+_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+class PeerFailure(RuntimeError):
+    """Another rank failed during a collective step; that rank reports the cause."""
+
+
+# --------------------------------------------------------------------------- process group
+
+
+def launched_by_torchrun() -> bool:
+    """True when the torchrun environment variables (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``,
+    ``MASTER_PORT``) are all set."""
+    return all(v in os.environ for v in _TORCHRUN_VARS)
+
+
+def init_distributed(backend: str | None = None, timeout: datetime.timedelta | float | None = None) -> bool:
+    """Initialise the default process group from the torchrun environment (idempotent).
+
+    Args:
+        backend: ``"nccl"`` or ``"gloo"``; default ``nccl`` when CUDA is available, else ``gloo``.
+        timeout: how long a collective may wait for the other ranks before it fails (a
+            ``timedelta`` or seconds; default 10 minutes).  This is the last guard against a rank
+            that died without torchrun noticing.
+
+    Returns:
+        True when a group of more than one process is active afterwards.
+
+    Raises:
+        RuntimeError: no group is initialised and the torchrun variables are missing.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size() > 1
+    if not dist.is_available():
+        raise RuntimeError("torch.distributed is not available in this PyTorch build")
+    if not launched_by_torchrun():
+        missing = [v for v in _TORCHRUN_VARS if v not in os.environ]
+        raise RuntimeError(
+            f"distributed=True but no process group is initialised and {', '.join(missing)} "
+            "is not set: launch with torchrun (e.g. torchrun --nproc_per_node=2 -m sharpkit ...) "
+            "or call torch.distributed.init_process_group first"
+        )
+    if timeout is None:
+        timeout = DEFAULT_TIMEOUT
+    elif not isinstance(timeout, datetime.timedelta):
+        timeout = datetime.timedelta(seconds=float(timeout))
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        # One GPU per process: torchrun's LOCAL_RANK picks it.
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend=backend, timeout=timeout)
+    return dist.get_world_size() > 1
+
+
+def is_distributed() -> bool:
+    """True when a process group of more than one process is initialised."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def resolve(distributed: bool | None) -> bool:
+    """Whether a measurement shards its data: ``None`` (default) follows :func:`is_distributed`;
+    ``True`` initialises the group from the torchrun environment if needed; ``False`` never
+    shards (every rank then does all the work itself)."""
+    if distributed is None:
+        return is_distributed()
+    if distributed:
+        return init_distributed()
+    return False
+
+
+def get_rank() -> int:
+    """This process's rank (0 without a process group)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def get_world_size() -> int:
+    """Number of processes in the group (1 without a process group)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main_process() -> bool:
+    """True on rank 0 (and without a process group): the one process that writes files and shows
+    progress."""
+    return get_rank() == 0
+
+
+# --------------------------------------------------------------------------- data
+
+
+def shard(data: Any, batch_size: int | None = None, rank: int | None = None, world_size: int | None = None):
+    """This rank's share of ``data`` as :class:`~sharpkit.data.Batches`.
+
+    Without a process group (and ``rank``/``world_size`` not given) this is just
+    :func:`~sharpkit.data.as_batches`.  Otherwise batch ``j`` of the full sequence goes to rank
+    ``j % world_size`` (batches are kept whole, so ``bn="train"`` batch statistics do not change);
+    a single ``(X, Y)`` pair without ``batch_size`` is split by rows into ``world_size`` contiguous
+    parts instead.  Nothing is padded or repeated, so sample weights stay exact; shards may be
+    uneven, and a rank may hold no samples at all.  Data that are already sharded are returned as
+    they are.
+    """
+    from .data import as_batches
+
+    batches = as_batches(data, batch_size)
+    if batches.is_sharded:
+        return batches
+    if rank is None and world_size is None and not is_distributed():
+        return batches
+    world = get_world_size() if world_size is None else int(world_size)
+    r = get_rank() if rank is None else int(rank)
+    return batches.shard(r, world)
+
+
+def local_data(data: Any, batch_size: int | None = None):
+    """Mark ``data`` as this rank's own part (a user-sharded iterable, e.g. a DataLoader with a
+    ``DistributedSampler`` that does not pad): it is iterated as given and the sums of each pass
+    are still reduced across ranks.
+
+    ``torch.utils.data.DistributedSampler`` pads the last shard with repeated samples unless
+    ``drop_last=True`` (which drops samples instead), so neither gives the exact objective over the
+    full data set; :func:`shard` does.
+    """
+    from .data import as_batches
+
+    batches = as_batches(data, batch_size)
+    return batches if batches.is_sharded else batches.shard(get_rank(), get_world_size(), presharded=True)
+
+
+def count_samples(batches: Any, reduce: bool | None = None) -> int:
+    """Total number of samples over all ranks (one pass over the local shard, one collective).
+
+    Raises ValueError on every rank when all the data together hold no sample.
+    """
+    from .data import as_batches
+
+    batches = as_batches(batches)
+    reduce = batches.is_sharded if reduce is None else reduce
+    count = torch.zeros(1, dtype=torch.float64)
+    with sharded_pass([count], enabled=reduce):
+        count += batches.num_samples()
+    total = int(round(count.item()))
+    if total == 0:
+        raise ValueError("data is empty: it holds no samples" + (" on any rank" if reduce else ""))
+    return total
+
+
+# --------------------------------------------------------------------------- collectives
+
+
+def _comm_device(like: torch.device) -> torch.device:
+    """Where the collective runs: gloo works on host memory, NCCL on the current GPU."""
+    backend = dist.get_backend()
+    if backend == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    if backend == "gloo":
+        return torch.device("cpu")
+    return like
+
+
+def all_reduce_sum_(
+    tensors: Sequence[torch.Tensor], dtype: torch.dtype = torch.float64, _extra: torch.Tensor | None = None
+) -> None:
+    """Add ``tensors`` across ranks, in place, with one fused collective.
+
+    The tensors are packed into one contiguous buffer of ``dtype`` (default float64, so that sums
+    of float32 partial results are added without further rounding), reduced once, and copied back
+    into each tensor in its own dtype.  Every rank receives the same values.  A no-op without a
+    process group of more than one process.
+    """
+    if not is_distributed():
+        return
+    tensors = list(tensors)
+    for t in tensors:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"all_reduce_sum_ expects tensors, got {type(t).__name__}")
+        if t.is_complex():
+            raise TypeError("all_reduce_sum_ does not support complex tensors")
+    parts = tensors + ([_extra] if _extra is not None else [])
+    if not parts:
+        return
+    device = _comm_device(parts[0].device)
+    buf = torch.cat([t.detach().reshape(-1).to(device=device, dtype=dtype) for t in parts])
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+    offset = 0
+    with torch.no_grad():
+        for t in parts:
+            n = t.numel()
+            t.copy_(buf[offset : offset + n].view(t.shape))
+            offset += n
+
+
+class sharded_pass(contextlib.AbstractContextManager):
+    """A data pass whose accumulators are summed across ranks on exit, failure-safe.
+
+    ::
+
+        total = torch.zeros((), dtype=torch.float64); grad = torch.zeros(n)
+        with sharded_pass([total, grad]):
+            for batch in local_batches:
+                ...  # total += n_b * loss_b; grad += n_b / N * g_b
+        # here total and grad hold the sums over all ranks
+
+    The accumulators must exist (with the same shapes on every rank) before the pass starts.  An
+    exception inside the block does not skip the collective: the rank joins it with an error flag
+    (packed into the same buffer, so a pass costs one collective), then every rank raises — the
+    failing rank its own exception, the others :class:`PeerFailure`.  With ``enabled=False`` or
+    without a process group it does nothing.
+    """
+
+    def __init__(self, accumulators: Sequence[torch.Tensor] = (), enabled: bool = True, what: str = "a data pass"):
+        self.accumulators = list(accumulators)
+        self.enabled = enabled and is_distributed()
+        self.what = what
+
+    def __enter__(self) -> "sharded_pass":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if not self.enabled:
+            return False
+        if exc is not None and not isinstance(exc, Exception):
+            return False  # KeyboardInterrupt, SystemExit: the process is going away anyway
+        world, rank = get_world_size(), get_rank()
+        flags = torch.zeros(world, dtype=torch.float64)
+        if exc is not None:
+            flags[rank] = 1.0
+        # On a failed rank the accumulators may be half-filled; the result is discarded anyway.
+        all_reduce_sum_(self.accumulators, _extra=flags)
+        failed = [r for r in range(world) if flags[r].item() > 0]
+        if not failed:
+            return False
+        if exc is not None:
+            exc.add_note(f"(raised on rank {rank} of {world} during {self.what})")
+            return False
+        who = ", ".join(str(r) for r in failed)
+        raise PeerFailure(
+            f"rank {who} failed during {self.what}; its error is reported by that process (this is rank {rank})"
+        )
+
+
+def agree(what: str = "this step") -> sharded_pass:
+    """A failure-safe step outside a data pass (loading a checkpoint, checking inputs): if the
+    block raises on any rank, every rank raises on exit instead of some waiting forever in the
+    next collective.  One small collective; a no-op without a process group."""
+    return sharded_pass((), what=what)
+
+
+def broadcast_(tensors: Sequence[torch.Tensor], src: int = 0) -> None:
+    """Overwrite ``tensors`` on every rank with rank ``src``'s values (in place, one collective per
+    tensor).  A no-op without a process group."""
+    if not is_distributed():
+        return
+    for t in tensors:
+        device = _comm_device(t.device)
+        buf = t.detach().to(device).contiguous()
+        dist.broadcast(buf, src=src)
+        with torch.no_grad():
+            t.copy_(buf)
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s picklable ``obj`` on every rank (``obj`` itself without a process group)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, device=_comm_device(torch.device("cpu")))
+    return box[0]
+
+
+def barrier() -> None:
+    """Wait for every rank (a no-op without a process group)."""
+    if is_distributed():
+        dist.barrier()
+
+
+
+@contextlib.contextmanager
+def launcher_session(backend: str | None = None, timeout: datetime.timedelta | float | None = None):
+    """For entry points (``python -m sharpkit`` under torchrun): when the torchrun variables say
+    ``WORLD_SIZE > 1`` and no group exists yet, initialise one, and destroy it on exit.  Yields
+    whether a group of several processes is active.  Outside torchrun it does nothing."""
+    started = False
+    if (
+        launched_by_torchrun()
+        and int(os.environ.get("WORLD_SIZE", "1")) > 1
+        and dist.is_available()
+        and not dist.is_initialized()
+    ):
+        init_distributed(backend, timeout)
+        started = True
+    try:
+        yield is_distributed()
+    finally:
+        if started and dist.is_initialized():
+            dist.destroy_process_group()

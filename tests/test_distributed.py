@@ -1,0 +1,435 @@
+"""sharpkit under torch.distributed: 2 CPU processes with gloo on 127.0.0.1.
+
+Each scenario runs this file as a script in two processes (RANK/WORLD_SIZE/MASTER_* set the way
+torchrun sets them, on a free loopback port); the workers save their results with torch.save and
+the test compares them with the same computation run single-process in the test itself: every
+measurement must agree to 1e-6 relative in float64, and the two ranks must agree bit for bit
+(they drive identical host-side solvers from identical reduced numbers).  Failure scenarios check
+that a rank that raises is reported once and does not hang the other (bounded by a subprocess
+timeout).
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+HERE = Path(__file__).resolve()
+WORLD = 2
+RTOL = 1e-6
+TIMEOUT = 120  # seconds for a whole 2-process scenario; a hang fails the test instead of CI
+
+
+# --------------------------------------------------------------------------- shared problem
+
+
+def make_model(bn: bool = False) -> nn.Module:
+    torch.manual_seed(1)
+    layers = [nn.Linear(10, 8), nn.Tanh(), nn.Linear(8, 3)]
+    if bn:
+        layers.insert(1, nn.BatchNorm1d(8))
+    return nn.Sequential(*layers).double()
+
+
+def make_data(n: int = 37) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(n, 10, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (n,), generator=g)
+    return x, y
+
+
+def data_variants() -> dict[str, object]:
+    """Uneven shards: 4 uneven batches (ranks get 2 each, of different sizes), one (X, Y) pair
+    split by rows (18 / 19), and 5 samples in one batch of 8 (rank 1 holds nothing)."""
+    from sharpkit.data import as_batches
+
+    x, y = make_data()
+    return {
+        "batches": [(x[0:10], y[0:10]), (x[10:20], y[10:20]), (x[20:30], y[20:30]), (x[30:], y[30:])],
+        "pair": (x, y),
+        "empty_rank": as_batches((x[:5], y[:5]), batch_size=8),
+    }
+
+
+def measure_all(tmp: Path) -> dict[str, torch.Tensor]:
+    """Every measurement, run identically single-process and on each rank."""
+    import numpy as np
+    import scipy.optimize
+
+    from sharpkit.objective import Objective
+    from sharpkit.params import measurement_mode
+
+    out: dict[str, torch.Tensor] = {}
+    loss_fn = nn.CrossEntropyLoss()
+    model = make_model()
+    gen = torch.Generator().manual_seed(3)
+    with measurement_mode(model):
+        for name, data in data_variants().items():
+            obj = Objective(model, loss_fn, data)
+            assert obj.distributed == (_world() > 1) and obj.batches.is_sharded == obj.distributed
+            x0 = obj.x0()
+            dx = 0.05 * torch.randn(x0.shape, generator=gen, dtype=x0.dtype)
+            out[f"{name}/num_samples"] = torch.tensor(float(obj.num_samples))
+            out[f"{name}/loss"] = obj.loss(x0 + dx)
+            f, g = obj.loss_and_grad(x0 + dx)
+            out[f"{name}/lg_loss"], out[f"{name}/grad"] = f, g
+        # Host-side solver: scipy L-BFGS-B, Keskar's box, driven identically on every rank.
+        obj = Objective(model, loss_fn, data_variants()["batches"])
+        x0 = obj.x0()
+        bound = 1e-2 * (x0.abs() + 1)
+
+        def neg(y: np.ndarray):
+            f, g = obj.loss_and_grad(x0 + torch.from_numpy(y))
+            return -float(f), -g.numpy().astype(np.float64)
+
+        y, fmax, info = scipy.optimize.fmin_l_bfgs_b(
+            neg, np.zeros(obj.n), bounds=list(zip((-bound).tolist(), bound.tolist())), maxiter=10
+        )
+        out["lbfgsb/y"] = torch.from_numpy(y)
+        out["lbfgsb/max_loss"] = torch.tensor(-fmax)
+        out["lbfgsb/nfev"] = torch.tensor(float(info["funcalls"]))
+    # BatchNorm with batch statistics: whole batches per rank keep every batch's statistics.
+    bn_model = make_model(bn=True)
+    x, y = make_data()
+    with measurement_mode(bn_model, bn="train"):
+        obj = Objective(bn_model, loss_fn, [(x[i : i + 8], y[i : i + 8]) for i in range(0, 37, 8)])
+        f, g = obj.loss_and_grad(obj.x0())
+        out["bn_train/loss"], out["bn_train/grad"] = f, g
+    out.update(_public_api(model, loss_fn))
+    return out
+
+
+def _public_api(model: nn.Module, loss_fn) -> dict[str, torch.Tensor]:
+    """The measurement API functions that exist in this installation (built on the same passes)."""
+    import sharpkit as sk
+
+    data = data_variants()["batches"]
+    res: dict[str, torch.Tensor] = {}
+    if hasattr(sk, "hessian"):
+        H = sk.hessian(model, loss_fn, data)
+        V = torch.randn(H.shape[0], 3, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+        res["api/hvp_block"] = torch.as_tensor(H @ V)
+        if hasattr(sk, "eigenvalues"):
+            r = sk.eigenvalues(H, k=2, seed=0)
+            res["api/eigenvalues"] = torch.as_tensor(r.values, dtype=torch.float64)
+        if hasattr(sk, "trace"):
+            res["api/trace"] = torch.tensor(float(sk.trace(H, num_matvecs=12, seed=0).value))
+    if hasattr(sk, "keskar_sharpness"):
+        for solver in ("lbfgsb", "apgd"):
+            r = sk.keskar_sharpness(model, loss_fn, data, epsilon=1e-3, solver=solver, max_iter=5, seed=0)
+            res[f"api/keskar_{solver}"] = torch.tensor(float(r.value))
+    if hasattr(sk, "adaptive_sharpness"):
+        r = sk.adaptive_sharpness(model, loss_fn, data, rho=2e-3, max_iter=5, seed=0)
+        res["api/adaptive"] = torch.tensor(float(r.value))
+    return res
+
+
+def audit_rows(tmp: Path) -> dict[str, torch.Tensor]:
+    """sk.audit on three checkpoints, stacked (group of 3) and one at a time; out file on rank 0."""
+    import sharpkit as sk
+
+    model = make_model()
+    ck = tmp / "ckpts"
+    if not ck.exists() and _rank() == 0:
+        ck.mkdir()
+        for i in range(3):
+            torch.manual_seed(10 + i)
+            torch.save(make_model().state_dict() if i == 0 else nn.Sequential(
+                nn.Linear(10, 8), nn.Tanh(), nn.Linear(8, 3)).double().state_dict(), ck / f"m{i}.pt")
+    _barrier()
+    res: dict[str, torch.Tensor] = {}
+    data = data_variants()["batches"]
+    tag = "dist" if _world() > 1 else "single"
+    for group in (3, 1):
+        rows = sk.audit(
+            ck, model, data, metrics="keskar,keskar-subspace,adaptive,top-eig,trace", out=tmp / f"audit-{tag}-{group}.jsonl",
+            subspace_dim=5, max_iter=4, lanczos_steps=6, trace_samples=4, group_size=group, progress=True,
+        )
+        for row in rows:
+            assert row["status"] == "ok", row
+            for m in ("loss", "keskar", "keskar-subspace", "adaptive", "top-eig", "trace"):
+                res[f"g{group}/{row['name']}/{m}"] = torch.tensor(float(row[m]), dtype=torch.float64)
+    return res
+
+
+def _rank() -> int:
+    from sharpkit.distributed import get_rank
+
+    return get_rank()
+
+
+def _world() -> int:
+    from sharpkit.distributed import get_world_size
+
+    return get_world_size()
+
+
+def _barrier() -> None:
+    from sharpkit.distributed import barrier
+
+    barrier()
+
+
+# --------------------------------------------------------------------------- launching
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(scenario: str, tmp: Path, world: int = WORLD) -> list[subprocess.Popen]:
+    """Start ``scenario`` in ``world`` processes, the way torchrun would (free loopback port)."""
+    port = _free_port()
+    procs = []
+    for rank in range(world):
+        env = dict(
+            os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+        )
+        procs.append(subprocess.Popen(
+            [sys.executable, str(HERE), scenario, str(tmp)], env=env,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        ))
+    return procs
+
+
+def finish(procs: list[subprocess.Popen], deadline: float, what: str) -> list[tuple[int, str]]:
+    """``[(returncode, stderr)]`` per rank; fails the test (after killing the workers) if they are
+    not done by ``deadline`` (``time.monotonic()``)."""
+    results = []
+    try:
+        for p in procs:
+            _, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            results.append((p.returncode, err))
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+            p.communicate()
+        pytest.fail(f"{what} did not finish in time: a rank hangs")
+    return results
+
+
+def launch(scenario: str, tmp: Path, world: int = WORLD, timeout: float = TIMEOUT) -> list[tuple[int, str]]:
+    """Run ``scenario`` in ``world`` processes and wait for them (bounded by ``timeout`` s)."""
+    return finish(start(scenario, tmp, world), time.monotonic() + timeout, f"scenario {scenario!r}")
+
+
+def _worker(scenario: str, tmp: Path) -> None:
+    torch.set_num_threads(1)
+    from sharpkit.distributed import get_rank, init_distributed
+
+    init_distributed(timeout=60)
+    rank = get_rank()
+    result = SCENARIOS[scenario](tmp)
+    if result is not None:
+        torch.save(result, tmp / f"{scenario}-rank{rank}.pt")
+
+
+def failures(tmp: Path) -> dict[str, str]:
+    """Failures on rank 1, one after another in the same group: what each rank saw.
+
+    1. rank 1's loss raises inside a data pass (as a NaN check or a bad batch would);
+    2. rank 1 cannot read its checkpoint (a step outside a data pass, guarded by ``agree``);
+    3. after both, the group still works; then rank 1 dies outright before a collective.
+    """
+    from sharpkit.distributed import PeerFailure, agree, all_reduce_sum_, get_rank
+    from sharpkit.objective import Objective
+
+    rank, seen = get_rank(), {}
+    calls = {"n": 0}
+
+    def loss_fn(out, y):
+        calls["n"] += 1
+        if rank == 1 and calls["n"] >= 3:
+            raise ValueError("loss is not finite on this shard")
+        return nn.functional.cross_entropy(out, y)
+
+    def attempt(name, fn):
+        try:
+            fn()
+            seen[name] = "ok"
+        except PeerFailure as exc:
+            seen[name] = f"PeerFailure: {exc}"
+        except Exception as exc:  # noqa: BLE001 - the test inspects what was raised
+            seen[name] = f"{type(exc).__name__}: {exc} {' '.join(getattr(exc, '__notes__', []))}"
+
+    obj = Objective(make_model(), loss_fn, data_variants()["batches"])
+
+    def passes():
+        for _ in range(5):
+            obj.loss_and_grad(obj.x0())
+
+    def load():
+        with agree("loading the checkpoint"):
+            if rank == 1:
+                raise FileNotFoundError("checkpoint missing on this node: /nonexistent.pt")
+
+    attempt("in_pass", passes)
+    attempt("load", load)
+    t = torch.ones(2)
+    attempt("after", lambda: all_reduce_sum_([t]))
+    seen["after_value"] = str(t.tolist())
+    if rank == 1:
+        torch.save(seen, tmp / "failures-rank1.pt")
+        os._exit(3)
+    t0 = time.monotonic()
+    attempt("peer_died", lambda: all_reduce_sum_([t]))
+    seen["peer_died_seconds"] = str(time.monotonic() - t0)
+    return seen
+
+
+SCENARIOS = {
+    "measure": measure_all,
+    "audit": audit_rows,
+    "failures": failures,
+}
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def _compare(dist_results: list[dict[str, torch.Tensor]], single: dict[str, torch.Tensor]) -> None:
+    r0, r1 = dist_results
+    assert set(r0) == set(single) == set(r1)
+    for key, ref in single.items():
+        a, b = r0[key], r1[key]
+        assert torch.equal(a, b), f"{key}: ranks disagree"
+        assert a.shape == ref.shape, key
+        err = (a.double() - ref.double()).abs().max().item() if a.numel() else 0.0
+        scale = ref.double().abs().max().item() if ref.numel() else 0.0
+        assert err <= RTOL * max(scale, 1e-12), f"{key}: distributed {a} vs single-process {ref}"
+
+
+def test_measurements_match_single_process(tmp_path):
+    results = launch("measure", tmp_path)
+    for rank, (rc, err) in enumerate(results):
+        assert rc == 0, f"rank {rank} failed:\n{err[-3000:]}"
+    dist_results = [torch.load(tmp_path / f"measure-rank{r}.pt") for r in range(WORLD)]
+    single = measure_all(tmp_path)
+    assert single["empty_rank/num_samples"].item() == 5
+    _compare(dist_results, single)
+
+
+def test_audit_matches_single_process_and_rank0_writes(tmp_path):
+    results = launch("audit", tmp_path)
+    for rank, (rc, err) in enumerate(results):
+        assert rc == 0, f"rank {rank} failed:\n{err[-3000:]}"
+    # Progress shown by rank 0 only.
+    assert "audit" in results[0][1] and "audit" not in results[1][1]
+    dist_results = [torch.load(tmp_path / f"audit-rank{r}.pt") for r in range(WORLD)]
+    single = audit_rows(tmp_path)
+    _compare(dist_results, single)
+    for group in (3, 1):
+        lines = (tmp_path / f"audit-dist-{group}.jsonl").read_text().splitlines()
+        assert len(lines) == 3  # one row per checkpoint: rank 1 wrote nothing
+
+
+def test_failing_rank_is_reported_once_and_nobody_hangs(tmp_path):
+    (rc0, err0), (rc1, _) = launch("failures", tmp_path, timeout=90)
+    assert rc1 == 3, err0
+    assert rc0 == 0, err0
+    r0, r1 = (torch.load(tmp_path / f"failures-rank{r}.pt") for r in range(WORLD))
+    # The failing rank raises its own error, noting its rank; the other a short PeerFailure.
+    assert r1["in_pass"].startswith("ValueError: loss is not finite on this shard") and "rank 1 of 2" in r1["in_pass"]
+    assert r0["in_pass"].startswith("PeerFailure: rank 1 failed") and "not finite" not in r0["in_pass"]
+    assert r1["load"].startswith("FileNotFoundError: checkpoint missing")
+    assert r0["load"].startswith("PeerFailure: rank 1 failed during loading the checkpoint")
+    # The group survives reported failures ...
+    assert r0["after"] == r1["after"] == "ok" and r0["after_value"] == r1["after_value"] == "[2.0, 2.0]"
+    # ... and a dead peer is an error on rank 0, not a hang.
+    assert r0["peer_died"].startswith("RuntimeError") and "Connection" in r0["peer_died"]
+
+
+# --------------------------------------------------------------------------- in-process units
+
+
+def test_shard_assigns_every_sample_once():
+    from sharpkit.data import as_batches
+
+    x, y = make_data(23)
+    cases = [
+        as_batches((x, y)),  # one pair: split by rows
+        as_batches((x, y), batch_size=4),  # 6 batches, round robin
+        as_batches([(x[:20], y[:20]), (x[20:], y[20:])]),
+        as_batches([(x[:0], y[:0]), (x, y), (x[:0], y[:0])]),  # empty batches skipped
+    ]
+    for batches in cases:
+        for world in (1, 2, 3, 5, 40):
+            parts = [list(batches.shard(r, world)) for r in range(world)]
+            got = torch.cat([xb for part in parts for xb, _ in part])
+            ref = torch.cat([xb for xb, _ in batches])
+            assert got.shape == ref.shape
+            # Same multiset of rows: sort by the first feature (distinct random values).
+            assert torch.equal(got[got[:, 0].argsort()], ref[ref[:, 0].argsort()])
+            counts = [sum(xb.shape[0] for xb, _ in part) for part in parts]
+            assert sum(counts) == 23
+            assert all(batches.shard(r, world).is_sharded for r in range(world))
+
+
+def test_shard_keeps_batches_whole_and_validates():
+    from sharpkit.data import as_batches
+
+    x, y = make_data(10)
+    b = as_batches((x, y), batch_size=3)  # 3, 3, 3, 1
+    sizes = [[xb.shape[0] for xb, _ in b.shard(r, 2)] for r in range(2)]
+    assert sizes == [[3, 3], [3, 1]]
+    with pytest.raises(ValueError, match="rank"):
+        b.shard(2, 2)
+    with pytest.raises(ValueError, match="world_size"):
+        b.shard(0, 0)
+    with pytest.raises(ValueError, match="already sharded"):
+        b.shard(0, 2).shard(0, 2)
+
+
+def test_single_process_is_unchanged():
+    """Without a process group every helper is a no-op and Objective does not shard."""
+    from sharpkit import distributed as D
+    from sharpkit.objective import Objective
+
+    assert not D.is_distributed() and D.get_rank() == 0 and D.get_world_size() == 1 and D.is_main_process()
+    t = torch.arange(3.0)
+    D.all_reduce_sum_([t])
+    D.broadcast_([t])
+    assert torch.equal(t, torch.arange(3.0))
+    assert D.broadcast_object({"a": 1}) == {"a": 1}
+    obj = Objective(make_model(), nn.CrossEntropyLoss(), make_data())
+    assert not obj.distributed and not obj.batches.is_sharded and obj.num_samples == 37
+    with pytest.raises(ValueError, match="empty"):
+        D.count_samples(data_variants()["empty_rank"].shard(1, 2))
+
+
+def test_distributed_true_without_launcher_is_a_clear_error(monkeypatch):
+    from sharpkit.objective import Objective
+
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(RuntimeError, match="torchrun"):
+        Objective(make_model(), nn.CrossEntropyLoss(), make_data(), distributed=True)
+
+
+def test_presharded_data_without_group_is_the_local_objective():
+    """local_data marks a user-sharded iterable; alone (world 1) it is the plain objective."""
+    from sharpkit import distributed as D
+    from sharpkit.objective import Objective
+
+    data = data_variants()["batches"]
+    local = D.local_data(data)
+    assert local.is_sharded
+    a = Objective(make_model(), nn.CrossEntropyLoss(), local)
+    b = Objective(make_model(), nn.CrossEntropyLoss(), data)
+    x = b.x0()
+    assert a.distributed and a.num_samples == b.num_samples
+    torch.testing.assert_close(a.loss(x), b.loss(x), rtol=0, atol=0)
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1], Path(sys.argv[2]))
