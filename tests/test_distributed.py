@@ -145,6 +145,7 @@ def audit_rows(tmp: Path) -> dict[str, torch.Tensor]:
                 nn.Linear(10, 8), nn.Tanh(), nn.Linear(8, 3)).double().state_dict(), ck / f"m{i}.pt")
     _barrier()
     res: dict[str, torch.Tensor] = {}
+    res.update(_engine_hvps())
     data = data_variants()["batches"]
     tag = "dist" if _world() > 1 else "single"
     for group in (3, 1):
@@ -156,6 +157,34 @@ def audit_rows(tmp: Path) -> dict[str, torch.Tensor]:
             assert row["status"] == "ok", row
             for m in ("loss", "keskar", "keskar-subspace", "adaptive", "top-eig", "trace"):
                 res[f"g{group}/{row['name']}/{m}"] = torch.tensor(float(row[m]), dtype=torch.float64)
+    return res
+
+
+def _engine_hvps() -> dict[str, torch.Tensor]:
+    """Hessian-vector products of the audit's engines (one at a time and stacked, graphs kept
+    or recomputed) on every data variant."""
+    from sharpkit.audit.batched import SingleObjective, StackedObjective
+    from sharpkit.distributed import count_samples, shard
+    from sharpkit.objective import Objective
+    from sharpkit.params import measurement_mode
+
+    model, loss_fn = make_model(), nn.CrossEntropyLoss()
+    gen = torch.Generator().manual_seed(5)
+    res = {}
+    with measurement_mode(model):
+        for name, data in data_variants().items():
+            obj = Objective(model, loss_fn, data)
+            V = torch.randn(2, obj.n, generator=gen, dtype=torch.float64)
+            for keep in (True, False):
+                eng = SingleObjective(obj, keep_graphs=keep)
+                res[f"{name}/single_hvp/{keep}"] = eng.hvp(V[:1])[0]
+                res[f"{name}/single_hvp2/{keep}"] = eng.hvp(V[1:])[0]  # kept graph reused
+            local = shard(data)
+            X = torch.stack([obj.x0(), obj.x0() + 0.1])
+            stacked = StackedObjective(model, loss_fn, local, X, {}, count_samples(local), max_rows=3)
+            res[f"{name}/stacked_hvp"] = stacked.hvp(V)
+            f, g = stacked.loss_and_grad(X)
+            res[f"{name}/stacked_loss"], res[f"{name}/stacked_grad"] = f, g
     return res
 
 

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .. import __version__
+from .. import distributed as _dist
 from ..data import Batches, as_batches
 from ..params import measurement_mode
 from .checkpoints import CheckpointError, describe_checkpoint, find_checkpoints, fit_state_dict, load_state_dict
@@ -196,7 +197,8 @@ def audit(
         **config.key(), "data": data_desc, "model": model_desc, "loss": loss_name, "bn": bn,
         "dtype": str(dtype).replace("torch.", ""), "batch_size": batch_size,
     }
-    store = ResultStore(out) if out is not None else None
+    # Under torch.distributed only rank 0 reads and writes the store; the other ranks follow its plan.
+    store = ResultStore(out) if out is not None and _dist.is_main_process() else None
     runner = _Runner(net, loss_fn, batches, config, key_config, device, dtype, bn, store)
     return runner.run(paths, group_size, progress, memory_fraction)
 
@@ -214,7 +216,9 @@ class _Runner:
         self.model, self.loss_fn, self.batches = model, loss_fn, batches
         self.config, self.key_config = config, key_config
         self.device, self.dtype, self.bn, self.store = device, dtype, bn, store
-        self.num_samples = batches.num_samples()
+        # Each rank measures on its share of the data; every pass sums over ranks (sharpkit.distributed).
+        self.local_batches = _dist.shard(batches)
+        self.num_samples = _dist.count_samples(self.local_batches)
         self.keep_graphs = True
 
     def _base_row(self, ck, key: str) -> dict[str, Any]:
@@ -245,6 +249,10 @@ class _Runner:
                 continue  # the same file content listed twice: measured once
             else:
                 pending.append((ck, key))
+        if _dist.is_distributed():
+            # Only rank 0 read the store: every rank measures what it found pending.
+            rows, todo = _dist.broadcast_object((rows, [k for _, k in pending]))
+            pending = [(ck, k) for ck, k in pending if k in set(todo)]
         with measurement_mode(self.model, self.bn):
             if pending:
                 from .batched import estimate_group_size
@@ -253,12 +261,13 @@ class _Runner:
                     self.model, self.batches, self.device, self.dtype,
                     self.config.vectors_per_checkpoint(), memory_fraction=memory_fraction,
                 )
+                plan = _dist.broadcast_object(plan)  # free memory differs between ranks
                 self.keep_graphs = plan.keep_graphs
                 group_size = group_size or plan.group_size
                 if self.config.solver == "lbfgsb":
                     group_size = 1  # scipy's L-BFGS-B drives one problem at a time
             bar = None
-            if progress and pending:
+            if progress and pending and _dist.is_main_process():
                 from tqdm.auto import tqdm
 
                 bar = tqdm(total=len(pending), unit="ckpt", desc="audit", dynamic_ncols=True)
@@ -270,7 +279,8 @@ class _Runner:
                         bar and bar.update(1)
                     else:
                         try:
-                            state = fit_state_dict(load_state_dict(ck.path), self.model, str(ck.path))
+                            with _dist.agree(f"loading {ck.path}"):
+                                state = fit_state_dict(load_state_dict(ck.path), self.model, str(ck.path))
                             group.append((ck, key, state))
                         except CheckpointError as exc:
                             rows[key] = self._error_row(ck, key, str(exc))
@@ -294,7 +304,7 @@ class _Runner:
             from .batched import SingleObjective
 
             self.model.load_state_dict(states[0])  # measurement_mode restores the model afterwards
-            objective = Objective(self.model, self.loss_fn, self.batches, self.device, self.dtype)
+            objective = Objective(self.model, self.loss_fn, self.local_batches, self.device, self.dtype)
             engine = SingleObjective(objective, keep_graphs=self.keep_graphs)
         else:
             from .batched import StackedObjective, stack_checkpoints
@@ -304,7 +314,7 @@ class _Runner:
             # activations are kept near cache size by splitting large batches.
             max_rows = max(64, STACKED_ROWS // len(group)) if self.bn == "eval" else None
             engine = StackedObjective(
-                self.model, self.loss_fn, self.batches, X, frozen, self.num_samples,
+                self.model, self.loss_fn, self.local_batches, X, frozen, self.num_samples,
                 keep_graphs=self.keep_graphs, max_rows=max_rows,
             )
         results = run_metrics(engine, self.config)

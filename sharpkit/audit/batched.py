@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
+from .. import distributed as _dist
 from ..data import Batches, to_device
 from ..objective import Objective
 from ..params import FlatParams
@@ -67,16 +68,17 @@ class _HvpCache:
         self.keep = keep
         self.graphs: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
-    def hvp(self, batches, make_graph, V: torch.Tensor) -> torch.Tensor:
+    def hvp(self, batches, make_graph, V: torch.Tensor, reduce: bool = False) -> torch.Tensor:
         """Sum over batches of ``d(g_b . V)/dx`` with ``(x, g_b) = make_graph(batch)`` (g_b already
-        carries the batch's sample weight)."""
-        if self.keep and self.graphs is None:
-            self.graphs = [make_graph(batch) for batch in batches]
+        carries the batch's sample weight); with ``reduce``, also over the ranks holding shards."""
         out = torch.zeros_like(V)
-        for item in self.graphs if self.keep else batches:
-            xr, g = item if self.keep else make_graph(item)
-            (hv,) = torch.autograd.grad(g, xr, V, retain_graph=self.keep)
-            out += hv
+        with _dist.sharded_pass([out], enabled=reduce):
+            if self.keep and self.graphs is None:
+                self.graphs = [make_graph(batch) for batch in batches]
+            for item in self.graphs if self.keep else batches:
+                xr, g = item if self.keep else make_graph(item)
+                (hv,) = torch.autograd.grad(g, xr, V, retain_graph=self.keep)
+                out += hv
         return out
 
 
@@ -86,7 +88,8 @@ def _split_batches(batches: Batches, max_rows: int) -> Batches:
     pieces = []
     for x, y in batches:
         pieces += [(x[s : s + max_rows], y[s : s + max_rows]) for s in range(0, x.shape[0], max_rows)]
-    return Batches(pieces)
+    # A rank's share stays marked as such (and may be empty).
+    return _dist.local_data(pieces) if batches.is_sharded else Batches(pieces)
 
 
 class StackedObjective:
@@ -122,6 +125,7 @@ class StackedObjective:
             raise ValueError(f"X must have shape (B, n), got {tuple(X.shape)}")
         self.model = model
         self.loss_fn = loss_fn
+        self.sharded = batches.is_sharded  # this rank's share: sums are reduced across ranks
         self.batches = batches if max_rows is None else _split_batches(batches, max_rows)
         self.flat = FlatParams(model)
         if X.shape[1] != self.flat.n:
@@ -160,18 +164,19 @@ class StackedObjective:
         """Sample-weighted sums over the data (the one place an all-reduce would go), divided once."""
         total = torch.zeros(self.num_problems, device=self.device, dtype=torch.float64)
         grad = torch.zeros_like(W) if with_grad else None
-        for batch in self.batches:
-            n_b = batch[0].shape[0]
-            if with_grad:
-                Wr = W.clone().requires_grad_(True)
-                losses = self.batch_losses(Wr, batch)
-                # Rows are independent, so the gradient of the sum is each row's own gradient.
-                (g,) = torch.autograd.grad((losses * (n_b / self.num_samples)).sum(), Wr)
-                grad += g
-            else:
-                with torch.no_grad():
-                    losses = self.batch_losses(W, batch)
-            total += losses.detach().double() * n_b
+        with _dist.sharded_pass([total] + ([grad] if with_grad else []), enabled=self.sharded):
+            for batch in self.batches:
+                n_b = batch[0].shape[0]
+                if with_grad:
+                    Wr = W.clone().requires_grad_(True)
+                    losses = self.batch_losses(Wr, batch)
+                    # Rows are independent, so the gradient of the sum is each row's own gradient.
+                    (g,) = torch.autograd.grad((losses * (n_b / self.num_samples)).sum(), Wr)
+                    grad += g
+                else:
+                    with torch.no_grad():
+                        losses = self.batch_losses(W, batch)
+                total += losses.detach().double() * n_b
         self.num_evals += 1
         return total / self.num_samples, grad
 
@@ -196,7 +201,7 @@ class StackedObjective:
             (g,) = torch.autograd.grad((losses * (n_b / self.num_samples)).sum(), Xr, create_graph=True)
             return Xr, g
 
-        return self._cache.hvp(self.batches, graph, V).detach()
+        return self._cache.hvp(self.batches, graph, V, reduce=self.sharded).detach()
 
 
 class SingleObjective:
@@ -243,7 +248,7 @@ class SingleObjective:
             (g,) = torch.autograd.grad(loss, xr, create_graph=True)
             return xr, g
 
-        return self._cache.hvp(obj.batches, graph, self._check(V)[0]).detach().unsqueeze(0)
+        return self._cache.hvp(obj.batches, graph, self._check(V)[0], reduce=obj.distributed).detach().unsqueeze(0)
 
 
 def _available_bytes(device: torch.device) -> int:
