@@ -7,6 +7,8 @@ kernels (C++: OpenMP over rows; Triton: ``tl.umulhi`` Philox; CUDA/CuPy: ``__umu
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from ._backend import DTYPE_CODES, DTYPE_SUFFIX, cpp_module, launch, multiprocessor_count, ptr, resolve
@@ -23,8 +25,12 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def _check_int(name: str, value, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"GaussianSubspace: {name} must be an int, got {type(value).__name__}")
+    if isinstance(value, bool):
+        raise TypeError(f"GaussianSubspace: {name} must be an int, got bool")
+    try:
+        value = operator.index(value)  # int, numpy integers, 0-d integer tensors
+    except TypeError:
+        raise TypeError(f"GaussianSubspace: {name} must be an int, got {type(value).__name__}") from None
     if value < low or (high is not None and value >= high):
         bound = f"[{low}, {high})" if high is not None else f">= {low}"
         raise ValueError(f"GaussianSubspace: {name} must be {bound}, got {value}")
