@@ -217,7 +217,7 @@ class _Runner:
         self.config, self.key_config = config, key_config
         self.device, self.dtype, self.bn, self.store = device, dtype, bn, store
         # Each rank measures on its share of the data; every pass sums over ranks (sharpkit.distributed).
-        self.local_batches = _dist.shard(batches)
+        self.local_batches = _dist.shard(batches, keep_batches=bn == "train")
         self.num_samples = _dist.count_samples(self.local_batches)
         self.keep_graphs = True
 
@@ -317,6 +317,17 @@ class _Runner:
                 self.model, self.loss_fn, self.local_batches, X, frozen, self.num_samples,
                 keep_graphs=self.keep_graphs, max_rows=max_rows,
             )
+        # A checkpoint whose loss is not finite (finite weights that overflow) has no sharpness:
+        # report it and measure the rest of the group without it.
+        losses = engine.loss(engine.X)
+        finite = torch.isfinite(losses).tolist()
+        if not all(finite):
+            rows = [
+                self._error_row(ck, key, f"{ck.path}: the loss at this checkpoint is {float(f)}; sharpness is undefined")
+                for (ck, key, _), f, ok in zip(group, losses.tolist(), finite) if not ok
+            ]
+            rest = [g for g, ok in zip(group, finite) if ok]
+            return rows + (self._measure(rest) if rest else [])
         results = run_metrics(engine, self.config)
         seconds = (time.perf_counter() - t0) / len(group)
         rows = []
