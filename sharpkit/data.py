@@ -39,11 +39,13 @@ class Batches:
     _shard: tuple[int, int] | None = None
     # True when the source already is this rank's part (user-sharded); iterated as given.
     _presharded: bool = False
+    # Never split a batch between ranks (batch statistics matter).
+    _keep_batches: bool = False
 
     def __init__(self, data: Any, batch_size: int | None = None):
         if isinstance(data, Batches):
             self._source, self._split = data._source, data._split
-            self._shard, self._presharded = data._shard, data._presharded
+            self._shard, self._presharded, self._keep_batches = data._shard, data._presharded, data._keep_batches
             return
         if _is_tensor_pair(data):
             x, y = data
@@ -70,14 +72,16 @@ class Batches:
         (:func:`sharpkit.distributed.sharded_pass`)."""
         return self._shard is not None
 
-    def shard(self, rank: int, world_size: int, presharded: bool = False) -> "Batches":
+    def shard(self, rank: int, world_size: int, presharded: bool = False, keep_batches: bool = False) -> "Batches":
         """The share of rank ``rank`` among ``world_size`` processes, as new :class:`Batches`.
 
         Batch ``j`` of the full sequence (after ``batch_size`` splitting, empty batches skipped)
         goes to rank ``j % world_size``, whole; a single ``(X, Y)`` pair without ``batch_size`` is
-        split by rows into ``world_size`` contiguous parts instead.  No sample is repeated or
-        dropped; a shard may be empty (iterating it then yields nothing rather than raising).
-        ``presharded=True`` declares the source to be this rank's part already (iterated as is).
+        split by rows into ``world_size`` contiguous parts instead, unless ``keep_batches`` (for
+        BatchNorm with batch statistics, where splitting a batch would change the objective).  No
+        sample is repeated or dropped; a shard may be empty (iterating it then yields nothing
+        rather than raising).  ``presharded=True`` declares the source to be this rank's part
+        already (iterated as is).
         """
         if not (isinstance(world_size, int) and world_size >= 1):
             raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
@@ -86,7 +90,7 @@ class Batches:
         if self._shard is not None:
             raise ValueError("these batches are already sharded")
         out = Batches(self)
-        out._shard, out._presharded = (rank, world_size), presharded
+        out._shard, out._presharded, out._keep_batches = (rank, world_size), presharded, keep_batches
         return out
 
     def __iter__(self) -> Iterator[Batch]:
@@ -94,7 +98,7 @@ class Batches:
             yield from self._iter_all(allow_empty=self._presharded)
             return
         rank, world = self._shard
-        if self._split is None and isinstance(self._source, list) and len(self._source) == 1 and _is_tensor_pair(self._source[0]):
+        if not self._keep_batches and self._split is None and isinstance(self._source, list) and len(self._source) == 1 and _is_tensor_pair(self._source[0]):
             # One (X, Y) pair: split its rows, so that every rank gets work.
             for x, y in self._iter_all(allow_empty=True):
                 n = x.shape[0]

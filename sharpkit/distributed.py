@@ -43,6 +43,7 @@ __all__ = [
     "get_world_size",
     "is_main_process",
     "shard",
+    "uses_batch_statistics",
     "local_data",
     "count_samples",
     "all_reduce_sum_",
@@ -145,16 +146,23 @@ def is_main_process() -> bool:
 # --------------------------------------------------------------------------- data
 
 
-def shard(data: Any, batch_size: int | None = None, rank: int | None = None, world_size: int | None = None):
+def shard(
+    data: Any,
+    batch_size: int | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+    keep_batches: bool = False,
+):
     """This rank's share of ``data`` as :class:`~sharpkit.data.Batches`.
 
     Without a process group (and ``rank``/``world_size`` not given) this is just
     :func:`~sharpkit.data.as_batches`.  Otherwise batch ``j`` of the full sequence goes to rank
-    ``j % world_size`` (batches are kept whole, so ``bn="train"`` batch statistics do not change);
-    a single ``(X, Y)`` pair without ``batch_size`` is split by rows into ``world_size`` contiguous
-    parts instead.  Nothing is padded or repeated, so sample weights stay exact; shards may be
-    uneven, and a rank may hold no samples at all.  Data that are already sharded are returned as
-    they are.
+    ``j % world_size``, whole; a single ``(X, Y)`` pair without ``batch_size`` is split by rows
+    into ``world_size`` contiguous parts instead — unless ``keep_batches`` (set it when BatchNorm
+    uses batch statistics, see :func:`uses_batch_statistics`: splitting a batch would change its
+    statistics; a single batch then stays whole on rank 0).  Nothing is padded or repeated, so
+    sample weights stay exact; shards may be uneven, and a rank may hold no samples at all.  Data
+    that are already sharded are returned as they are.
     """
     from .data import as_batches
 
@@ -165,7 +173,15 @@ def shard(data: Any, batch_size: int | None = None, rank: int | None = None, wor
         return batches
     world = get_world_size() if world_size is None else int(world_size)
     r = get_rank() if rank is None else int(rank)
-    return batches.shard(r, world)
+    return batches.shard(r, world, keep_batches=keep_batches)
+
+
+def uses_batch_statistics(model: torch.nn.Module) -> bool:
+    """True when a BatchNorm module of ``model`` is in training mode (normalises with the batch's
+    own statistics), so that the samples of a batch interact and batches must not be split."""
+    from .params import is_batchnorm
+
+    return any(is_batchnorm(m) and m.training for m in model.modules())
 
 
 def local_data(data: Any, batch_size: int | None = None):

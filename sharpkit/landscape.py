@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import as_batches, to_device
+from . import distributed as _dist
+from .data import to_device
 from .params import FlatParams, check_finite_parameters, measurement_mode
 
 __all__ = ["Curve", "Surface", "interpolate", "evaluate", "random_direction", "slice_1d", "slice_2d"]
@@ -64,22 +65,29 @@ def evaluate(
     """
     dev = torch.device(device) if device is not None else _param_device(model)
     dtype = _param_dtype(model)
-    loss_sum, correct, count, classify = 0.0, 0.0, 0, True
+    # Sums [loss * n, correct, n, batches that are not classification]: reduced over ranks when
+    # the data are sharded under torch.distributed.
+    sums = torch.zeros(4, dtype=torch.float64)
     with measurement_mode(model, bn), torch.no_grad():
-        for batch in as_batches(data):
-            inputs, targets = to_device(batch, dev, dtype)
-            out = model(inputs)
-            loss = loss_fn(out, targets)
-            if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-                raise ValueError("loss_fn must return a scalar (mean-reduced) tensor")
-            n_b = inputs.shape[0]
-            loss_sum += float(loss) * n_b
-            count += n_b
-            if classify and out.dim() == 2 and not targets.is_floating_point() and targets.dim() == 1:
-                correct += float((out.argmax(dim=1) == targets).sum())
-            else:
-                classify = False
-    return loss_sum / count, (correct / count if classify else math.nan)
+        batches = _dist.shard(data, keep_batches=_dist.uses_batch_statistics(model))
+        with _dist.sharded_pass([sums], enabled=batches.is_sharded):
+            for batch in batches:
+                inputs, targets = to_device(batch, dev, dtype)
+                out = model(inputs)
+                loss = loss_fn(out, targets)
+                if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+                    raise ValueError("loss_fn must return a scalar (mean-reduced) tensor")
+                n_b = inputs.shape[0]
+                sums[0] += float(loss) * n_b
+                sums[2] += n_b
+                if out.dim() == 2 and not targets.is_floating_point() and targets.dim() == 1:
+                    sums[1] += float((out.argmax(dim=1) == targets).sum())
+                else:
+                    sums[3] += 1
+    loss_sum, correct, count, other = sums.tolist()
+    if count == 0:
+        raise ValueError("data is empty: it holds no samples")
+    return loss_sum / count, (correct / count if other == 0 else math.nan)
 
 
 def interpolate(

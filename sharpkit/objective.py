@@ -56,7 +56,9 @@ class Objective:
         self.dtype = dtype or self.flat.dtype
         batches = as_batches(data)
         self.distributed: bool = _dist.resolve(distributed) or batches.is_sharded
-        self.batches: Batches = _dist.shard(batches) if self.distributed else batches
+        self.batches: Batches = (
+            _dist.shard(batches, keep_batches=_dist.uses_batch_statistics(model)) if self.distributed else batches
+        )
         # The total over all ranks: every pass divides its reduced sums by it.
         self.num_samples = _dist.count_samples(self.batches, reduce=self.distributed)
         self.num_evals = 0
@@ -74,12 +76,17 @@ class Objective:
         """The model's current parameter vector on this objective's device and dtype."""
         return self.flat.get().to(self.device, self.dtype)
 
+    def batch_output(self, x: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """The model's output on ``inputs`` (already on this objective's device/dtype) at parameters
+        ``x`` (differentiable in ``x``)."""
+        tensors = dict(self._frozen)
+        tensors.update(self.flat.as_dict(x))
+        return functional_call(self.model, tensors, (inputs,))
+
     def batch_loss(self, x: torch.Tensor, batch) -> torch.Tensor:
         """Mean loss of one batch at parameters ``x`` (differentiable in ``x``)."""
         inputs, targets = to_device(batch, self.device, self.dtype)
-        tensors = dict(self._frozen)
-        tensors.update(self.flat.as_dict(x))
-        out = functional_call(self.model, tensors, (inputs,))
+        out = self.batch_output(x, inputs)
         loss = self.loss_fn(out, targets)
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
             shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__

@@ -30,8 +30,8 @@ TIMEOUT = 120  # seconds for a whole 2-process scenario; a hang fails the test i
 # --------------------------------------------------------------------------- shared problem
 
 
-def make_model(bn: bool = False) -> nn.Module:
-    torch.manual_seed(1)
+def make_model(bn: bool = False, seed: int = 1) -> nn.Module:
+    torch.manual_seed(seed)
     layers = [nn.Linear(10, 8), nn.Tanh(), nn.Linear(8, 3)]
     if bn:
         layers.insert(1, nn.BatchNorm1d(8))
@@ -99,10 +99,19 @@ def measure_all(tmp: Path) -> dict[str, torch.Tensor]:
     bn_model = make_model(bn=True)
     x, y = make_data()
     with measurement_mode(bn_model, bn="train"):
-        obj = Objective(bn_model, loss_fn, [(x[i : i + 8], y[i : i + 8]) for i in range(0, 37, 8)])
-        f, g = obj.loss_and_grad(obj.x0())
-        out["bn_train/loss"], out["bn_train/grad"] = f, g
+        for name, data in (("batches", [(x[i : i + 8], y[i : i + 8]) for i in range(0, 37, 8)]), ("pair", (x, y))):
+            obj = Objective(bn_model, loss_fn, data)  # a single batch stays whole on rank 0
+            f, g = obj.loss_and_grad(obj.x0())
+            out[f"bn_train_{name}/loss"], out[f"bn_train_{name}/grad"] = f, g
+    # Landscape evaluation: sums of loss, correct predictions and counts reduced across ranks.
+    from sharpkit.landscape import interpolate
+
+    curve = interpolate(model, make_model(seed=7), loss_fn, data_variants()["pair"],
+                        alphas=[0.0, 0.5, 1.5], bn="eval")
+    out["landscape/loss"] = torch.as_tensor(curve.loss, dtype=torch.float64)
+    out["landscape/accuracy"] = torch.as_tensor(curve.accuracy, dtype=torch.float64)
     out.update(_public_api(model, loss_fn))
+    out.update(audit_rows(tmp))
     return out
 
 
@@ -123,35 +132,32 @@ def _public_api(model: nn.Module, loss_fn) -> dict[str, torch.Tensor]:
             res["api/trace"] = torch.tensor(float(sk.trace(H, num_matvecs=12, seed=0).value))
     if hasattr(sk, "keskar_sharpness"):
         for solver in ("lbfgsb", "apgd"):
-            r = sk.keskar_sharpness(model, loss_fn, data, epsilon=1e-3, solver=solver, max_iter=5, seed=0)
+            r = sk.keskar_sharpness(model, loss_fn, data, epsilon=1e-3, solver=solver, max_iter=4, seed=0)
             res[f"api/keskar_{solver}"] = torch.tensor(float(r.value))
     if hasattr(sk, "adaptive_sharpness"):
-        r = sk.adaptive_sharpness(model, loss_fn, data, rho=2e-3, max_iter=5, seed=0)
+        r = sk.adaptive_sharpness(model, loss_fn, data, rho=2e-3, max_iter=4, seed=0)
         res["api/adaptive"] = torch.tensor(float(r.value))
     return res
 
 
 def audit_rows(tmp: Path) -> dict[str, torch.Tensor]:
-    """sk.audit on three checkpoints, stacked (group of 3) and one at a time; out file on rank 0."""
+    """sk.audit of two checkpoints, stacked (group of 2) and one at a time; rows written by rank 0."""
     import sharpkit as sk
 
     model = make_model()
     ck = tmp / "ckpts"
-    if not ck.exists() and _rank() == 0:
-        ck.mkdir()
-        for i in range(3):
-            torch.manual_seed(10 + i)
-            torch.save(make_model().state_dict() if i == 0 else nn.Sequential(
-                nn.Linear(10, 8), nn.Tanh(), nn.Linear(8, 3)).double().state_dict(), ck / f"m{i}.pt")
+    if _rank() == 0:
+        ck.mkdir(parents=True, exist_ok=True)
+        for i in range(2):
+            torch.save(make_model(seed=10 + i).state_dict(), ck / f"m{i}.pt")
     _barrier()
     res: dict[str, torch.Tensor] = {}
     res.update(_engine_hvps())
     data = data_variants()["batches"]
-    tag = "dist" if _world() > 1 else "single"
-    for group in (3, 1):
+    for group in (2, 1):
         rows = sk.audit(
-            ck, model, data, metrics="keskar,keskar-subspace,adaptive,top-eig,trace", out=tmp / f"audit-{tag}-{group}.jsonl",
-            subspace_dim=5, max_iter=4, lanczos_steps=6, trace_samples=4, group_size=group, progress=True,
+            ck, model, data, metrics="keskar,keskar-subspace,adaptive,top-eig,trace", out=tmp / f"audit-{group}.jsonl",
+            subspace_dim=5, max_iter=3, lanczos_steps=5, trace_samples=3, group_size=group, progress=True,
         )
         for row in rows:
             assert row["status"] == "ok", row
@@ -318,7 +324,6 @@ def failures(tmp: Path) -> dict[str, str]:
 
 SCENARIOS = {
     "measure": measure_all,
-    "audit": audit_rows,
     "failures": failures,
 }
 
@@ -339,27 +344,21 @@ def _compare(dist_results: list[dict[str, torch.Tensor]], single: dict[str, torc
 
 
 def test_measurements_match_single_process(tmp_path):
-    results = launch("measure", tmp_path)
+    """Objective, HVPs, L-BFGS-B, landscape, the public API and audits on 2 ranks vs 1 process."""
+    procs = start("measure", tmp_path)
+    deadline = time.monotonic() + TIMEOUT
+    single = measure_all(tmp_path / "single")  # meanwhile, the single-process reference
+    results = finish(procs, deadline, "scenario 'measure'")
     for rank, (rc, err) in enumerate(results):
         assert rc == 0, f"rank {rank} failed:\n{err[-3000:]}"
+    # Progress is shown by rank 0 only.
+    assert "audit" in results[0][1] and "audit" not in results[1][1]
     dist_results = [torch.load(tmp_path / f"measure-rank{r}.pt") for r in range(WORLD)]
-    single = measure_all(tmp_path)
     assert single["empty_rank/num_samples"].item() == 5
     _compare(dist_results, single)
-
-
-def test_audit_matches_single_process_and_rank0_writes(tmp_path):
-    results = launch("audit", tmp_path)
-    for rank, (rc, err) in enumerate(results):
-        assert rc == 0, f"rank {rank} failed:\n{err[-3000:]}"
-    # Progress shown by rank 0 only.
-    assert "audit" in results[0][1] and "audit" not in results[1][1]
-    dist_results = [torch.load(tmp_path / f"audit-rank{r}.pt") for r in range(WORLD)]
-    single = audit_rows(tmp_path)
-    _compare(dist_results, single)
-    for group in (3, 1):
-        lines = (tmp_path / f"audit-dist-{group}.jsonl").read_text().splitlines()
-        assert len(lines) == 3  # one row per checkpoint: rank 1 wrote nothing
+    for group in (2, 1):
+        lines = (tmp_path / f"audit-{group}.jsonl").read_text().splitlines()
+        assert len(lines) == 2  # one row per checkpoint: rank 1 wrote nothing
 
 
 def test_failing_rank_is_reported_once_and_nobody_hangs(tmp_path):

@@ -71,7 +71,7 @@ def gradient_noise_scale(
         raise ValueError(f"b_big={b_big} exceeds the {n} samples available")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     with measurement_mode(model, bn):
-        obj = Objective(model, loss_fn, (x[:1], y[:1]))
+        obj = Objective(model, loss_fn, (x[:1], y[:1]), distributed=False)  # only its batch_loss is used
         x0 = obj.x0()
         mean_sq, counts = {}, {}
         for b in (b_small, b_big):
