@@ -377,6 +377,62 @@ def test_failing_rank_is_reported_once_and_nobody_hangs(tmp_path):
     assert r0["peer_died"].startswith("RuntimeError") and "Connection" in r0["peer_died"]
 
 
+def cli_data() -> tuple[torch.Tensor, torch.Tensor]:
+    """Data for the command-line test (``--data test_distributed:cli_data``)."""
+    return make_data()
+
+
+def cli_model(*_args, **_kwargs) -> nn.Module:
+    """The model for the command-line test (``--model test_distributed:cli_model``)."""
+    return make_model()
+
+
+def test_torchrun_audit_command_matches_single_process(tmp_path):
+    """``torchrun --nproc_per_node=2 -m sharpkit audit`` writes the rows a single process writes."""
+    import json
+
+    from sharpkit.cli import main
+
+    ck = tmp_path / "ckpts"
+    ck.mkdir()
+    for i in range(2):
+        torch.save(make_model(seed=20 + i).state_dict(), ck / f"m{i}.pt")
+    args = ["audit", str(ck), "--model", "test_distributed:cli_model", "--data", "test_distributed:cli_data",
+            "--metrics", "keskar,top-eig", "--max-iter", "3", "--lanczos-steps", "5", "--dtype", "float64",
+            "--group-size", "2", "--no-progress"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+         f"--master_port={_free_port()}", "-m", "sharpkit", *args, "--out", str(tmp_path / "dist.jsonl")],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+    )
+    sys.path.insert(0, str(HERE.parent))
+    try:
+        code = main(args + ["--out", str(tmp_path / "single.jsonl")])
+        out, err = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        pytest.fail("torchrun audit did not finish in time")
+    finally:
+        sys.path.remove(str(HERE.parent))
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert code == 0
+    assert proc.returncode == 0, err[-3000:]
+    assert out.count("keskar") == 1  # the table is printed by rank 0 only
+    rows = {}
+    for name in ("single", "dist"):
+        lines = (tmp_path / f"{name}.jsonl").read_text().splitlines()
+        assert len(lines) == 2
+        rows[name] = {r["name"]: r for r in map(json.loads, lines)}
+    for ck_name, ref in rows["single"].items():
+        got = rows["dist"][ck_name]
+        assert got["status"] == ref["status"] == "ok"
+        for m in ("loss", "keskar", "top-eig"):
+            assert got[m] == pytest.approx(ref[m], rel=RTOL), (ck_name, m)
+
+
 # --------------------------------------------------------------------------- in-process units
 
 

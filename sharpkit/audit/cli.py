@@ -77,6 +77,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
+    from ..distributed import is_main_process
     from . import audit
     from .metrics import MetricConfig
     from .report import format_table, write_html
@@ -94,11 +95,13 @@ def main(args: argparse.Namespace) -> int:
     except (ValueError, TypeError, FileNotFoundError) as exc:
         print(f"sharpkit audit: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    failed = sum(r["status"] == "error" for r in rows)
+    if not is_main_process():  # under torchrun every rank holds the same rows; rank 0 reports them
+        return EXIT_FAILED_CHECKPOINTS if failed else EXIT_OK
     print(format_table(rows, metrics))
     if args.report:
         path = write_html(args.report, rows, metrics)
         print(f"report: {path}", file=sys.stderr)
-    failed = sum(r["status"] == "error" for r in rows)
     if failed:
         print(f"{failed} of {len(rows)} checkpoints failed (rows with status 'error' in {args.out})", file=sys.stderr)
         return EXIT_FAILED_CHECKPOINTS
