@@ -6,9 +6,23 @@ __version__ = "0.1.0"
 
 from . import ops
 from .audit import audit
+from .curvature import (
+    CurvatureOperator,
+    Density,
+    EigenResult,
+    Estimate,
+    LayerCurvature,
+    eigenvalues,
+    ggn,
+    hessian,
+    layerwise,
+    spectral_density,
+    trace,
+)
 from .data import load_digits, load_mnist1d
 from .landscape import Curve, interpolate
 from .params import FlatParams, measurement_mode, preserved
+from .sharpness import SharpnessResult, adaptive_sharpness, keskar_sharpness, reparameterize_relu
 
 __all__ = [
     "__version__",
@@ -21,4 +35,19 @@ __all__ = [
     "interpolate",
     "Curve",
     "audit",
+    "hessian",
+    "ggn",
+    "CurvatureOperator",
+    "eigenvalues",
+    "trace",
+    "spectral_density",
+    "layerwise",
+    "EigenResult",
+    "Estimate",
+    "Density",
+    "LayerCurvature",
+    "keskar_sharpness",
+    "adaptive_sharpness",
+    "SharpnessResult",
+    "reparameterize_relu",
 ]

@@ -1,0 +1,155 @@
+"""Adaptive (and standard) sharpness: Kwon et al. 2021 (ASAM); Andriushchenko et al. 2023.
+
+With ``c = |w|`` (adaptive) or ``c = 1`` (standard) and the perturbation set
+``S_ρ = { δ : ‖δ ⊘ c‖_p <= ρ }``, p ∈ {∞, 2}:
+
+* worst case: ``max_{δ ∈ S_ρ} f(w + δ) − f(w)``, maximised by Auto-PGD
+  (:func:`sharpkit.sharpness.solvers.apgd`; ℓ2 projects onto the ellipsoid ``‖δ ⊘ c‖₂ <= ρ``);
+* average case: ``E_ξ f(w + ρ c ⊙ ξ) − f(w)`` with ξ uniform on ``[-1, 1]ⁿ`` (ℓ∞) or standard
+  Gaussian (ℓ2, i.e. ``δ ~ N(0, ρ² diag(c²))``), estimated from ``max_iter`` seeded draws.
+* m-sharpness (``m`` given): the first ``num_examples`` examples (default 1024) are cut into
+  consecutive chunks of ``m``; each chunk's sharpness is measured separately (the chunks are the
+  B independent problems of the batched solver) and the results are averaged with sample weights.
+
+Because the solver iterates in the normalised coordinates ``δ ⊘ (ρ c)``, the adaptive measures
+(c = |w|) are invariant to rescaling a ReLU layer by α and the next by 1/α (Dinh et al. 2017), to
+rounding: see docs/invariance.md.  Defaults follow Andriushchenko et al.: 20 iterations, BN frozen.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..data import as_batches
+from ..objective import LossFn, Objective
+from ..params import measurement_mode
+from . import solvers
+from ._checks import choice, positive_float, positive_int
+from .result import SharpnessResult
+
+__all__ = ["adaptive_sharpness"]
+
+KINDS = ("worst", "average")
+
+
+def _chunks(data: Any, m: int, num_examples: int | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first ``num_examples`` examples of ``data`` in consecutive chunks of ``m``."""
+    xs, ys = as_batches(data).materialize()
+    if num_examples is not None:
+        xs, ys = xs[:num_examples], ys[:num_examples]
+    return [(xs[s : s + m], ys[s : s + m]) for s in range(0, xs.shape[0], m)]
+
+
+def adaptive_sharpness(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Any,
+    rho: float,
+    norm: str = "linf",
+    kind: str = "worst",
+    adaptive: bool = True,
+    m: int | None = None,
+    max_iter: int = 20,
+    seed: int = 0,
+    bn: str = "eval",
+    num_examples: int | None = 1024,
+    solver: str = "apgd",
+    restarts: int = 1,
+    step_size: float = 2.0,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> SharpnessResult:
+    """Worst- or average-case (adaptive) sharpness of ``model`` at its current parameters.
+
+    Args:
+        model, loss_fn, data: as in :func:`sharpkit.keskar_sharpness` (the model is left as found).
+        rho: radius ρ > 0 of ``‖δ ⊘ c‖ <= ρ`` (dimensionless when adaptive, parameter units otherwise).
+        norm: ``"linf"`` (default) or ``"l2"``.
+        kind: ``"worst"`` (default; maximised by ``solver``) or ``"average"`` (random draws).
+        adaptive: ``c = |w|`` when True (default), ``c = 1`` (standard sharpness) when False.
+        m: m-sharpness chunk size (e.g. 128), or ``None`` (default) for one problem over all of data.
+        max_iter: solver steps (worst) or random draws (average); default 20.
+        seed: seeds the random draws and restarts (default 0).
+        bn: BatchNorm policy, ``"eval"`` (default, frozen running statistics) or ``"train"``.
+        num_examples: with ``m``, how many leading examples to use (default 1024; ``None``: all).
+        solver: ``"apgd"`` (default) or ``"pga"`` for the worst case.
+        restarts: solver runs (default 1).  step_size: initial step in units of ρ c (default 2.0).
+        device, dtype: where and in what precision the model is evaluated (default: its own).
+
+    Returns:
+        :class:`SharpnessResult`; ``value = max_loss - loss``.  ``perturbation`` is δ (``(n,)``, or
+        ``(num_chunks, n)`` with ``m``), ``None`` for the average case.
+    """
+    t0 = time.perf_counter()
+    rho = positive_float("rho", rho)
+    choice("norm", norm, solvers.NORMS)
+    choice("kind", kind, KINDS)
+    choice("solver", solver, ("apgd", "pga"))
+    max_iter = positive_int("max_iter", max_iter)
+    restarts = positive_int("restarts", restarts)
+    positive_float("step_size", step_size)
+    if m is not None:
+        m = positive_int("m", m)
+        if num_examples is not None:
+            num_examples = positive_int("num_examples", num_examples)
+    history: list[tuple[int, float, float]] = []
+
+    with measurement_mode(model, bn):
+        if m is None:
+            objectives = [Objective(model, loss_fn, data, device=device, dtype=dtype)]
+        else:
+            objectives = [Objective(model, loss_fn, chunk, device=device, dtype=dtype)
+                          for chunk in _chunks(data, m, num_examples)]
+        weights = torch.tensor([o.num_samples for o in objectives], dtype=torch.float64)
+        weights = weights / weights.sum()
+        engine = solvers.ObjectiveEngine(objectives)
+        x = objectives[0].x0()
+        X = x.unsqueeze(0).expand(engine.num_problems, -1)
+        c = x.abs() if adaptive else torch.ones_like(x)
+        scale = (rho * c).unsqueeze(0).expand(engine.num_problems, -1).contiguous()
+
+        def mean(v: torch.Tensor) -> float:
+            return float((v.cpu() * weights).sum())
+
+        def record(evals: int, loss0: torch.Tensor, best: torch.Tensor) -> None:
+            history.append((evals, time.perf_counter() - t0, mean(best) - mean(loss0)))
+
+        if kind == "worst":
+            problem = solvers.ShiftedProblem(engine, X)
+            res = solvers.maximize(problem, scale, solver=solver, norm=norm, max_iter=max_iter, step_size=step_size,
+                                   restarts=restarts, seed=seed, callback=record)
+            loss0, max_loss, num_evals, info = res.loss0, res.max_loss, res.num_evals, res.info
+            perturbation = res.Y[0] if engine.num_problems == 1 else res.Y
+            used = solver
+        else:
+            loss0 = engine.loss(X)
+            if not bool(torch.isfinite(loss0).all()):
+                raise ValueError(f"the loss at the unperturbed parameters is {loss0.tolist()}; sharpness is undefined there")
+            gen = torch.Generator(device=x.device).manual_seed(int(seed))
+            total = torch.zeros_like(loss0)
+            for s in range(max_iter):
+                if norm == "linf":
+                    xi = torch.rand(scale.shape, generator=gen, dtype=x.dtype, device=x.device) * 2 - 1
+                else:
+                    xi = torch.randn(scale.shape, generator=gen, dtype=x.dtype, device=x.device)
+                total += engine.loss(X + scale * xi)
+                record(s + 2, loss0, total / (s + 1))
+            max_loss, num_evals, info, perturbation, used = total / max_iter, max_iter + 1, {}, None, "sampling"
+    loss, worst = mean(loss0), mean(max_loss)
+    info = dict(info, num_problems=engine.num_problems, norm=norm, adaptive=adaptive, m=m)
+    return SharpnessResult(
+        value=worst - loss,
+        loss=loss,
+        max_loss=worst,
+        perturbation=perturbation,
+        num_evals=num_evals,
+        time_s=time.perf_counter() - t0,
+        solver=used,
+        measure=f"adaptive-{kind}",
+        radius=rho,
+        history=history,
+        info=info,
+    )
