@@ -14,7 +14,7 @@ import sys
 from . import __version__
 
 # Modules providing ``add_parser(subparsers)``, in the order ``--help`` lists them.
-COMMAND_MODULES: tuple[str, ...] = ("sharpkit.study.cli", "sharpkit.audit.cli")
+COMMAND_MODULES: tuple[str, ...] = ("sharpkit.study.cli", "sharpkit.audit.cli", "sharpkit.measure_cli")
 
 
 def _backends(args: argparse.Namespace) -> int:
