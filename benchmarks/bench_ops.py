@@ -3,7 +3,7 @@ and GaussianSubspace products (entries generated on the fly) against a materiali
 
 Two ways to run it:
 
-    python benchmarks/bench_ops.py [--sizes 1e6 1e7] [--rounds 15] [--subspace-n 200000] [--json PATH]
+    python benchmarks/bench_ops.py [--sizes 1e6 1e7] [--rounds 15] [--subspace-n 100000] [--json PATH]
         interleaves the variants round by round (this machine's speed drifts) and prints medians
         and the ratio to the unfused chain: the figure quoted as "C++ vs unfused torch";
     python -m pytest benchmarks/bench_ops.py --benchmark-enable
@@ -59,7 +59,7 @@ def box_variants(n: int, dtype=torch.float32) -> dict[str, Callable[[], object]]
     return variants
 
 
-def subspace_variants(n: int, p: int = 100) -> dict[str, Callable[[], object]]:
+def subspace_variants(n: int, p: int = 100, reference: bool = False) -> dict[str, Callable[[], object]]:
     seed = 1
     z = torch.randn(p)
     g = torch.randn(n)
@@ -70,8 +70,9 @@ def subspace_variants(n: int, p: int = 100) -> dict[str, Callable[[], object]]:
         variants["cpp matvec (fused Philox)"] = lambda: fused.matvec(z)
         variants["cpp rmatvec (fused Philox)"] = lambda: fused.rmatvec(g)
     blocked = sk.ops.GaussianSubspace(n, p, seed, backend="torch")
-    variants["torch matvec (blocked reference)"] = lambda: blocked.matvec(z)
-    variants["torch rmatvec (blocked reference)"] = lambda: blocked.rmatvec(g)
+    if reference:  # the torch definition, integer Philox in tensor ops: slow, optional
+        variants["torch matvec (blocked reference)"] = lambda: blocked.matvec(z)
+        variants["torch rmatvec (blocked reference)"] = lambda: blocked.rmatvec(g)
     # The materialised A: the floor a stored matrix gives, at n * p * 4 bytes of memory.
     A = (fused if usable["cpp"] == "ok" else blocked).materialize()
     variants["materialised A @ z"] = lambda: A @ z
@@ -116,9 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=float, nargs="+", default=[1e6, 1e7], help="box_ascent_step sizes")
     parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds per size (median taken)")
-    parser.add_argument("--subspace-n", type=int, default=200_000, help="rows of the subspace (0: skip)")
+    parser.add_argument("--subspace-n", type=int, default=100_000, help="rows of the subspace (0: skip)")
     parser.add_argument("--subspace-p", type=int, default=100, help="columns of the subspace")
     parser.add_argument("--subspace-rounds", type=int, default=5)
+    parser.add_argument("--subspace-reference", action="store_true",
+                        help="also time the torch reference backend (integer Philox in torch ops; slow)")
     parser.add_argument("--json", help="also write the figures to this JSON file (atomically)")
     args = parser.parse_args(argv)
 
@@ -146,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.subspace_n > 0:
         n, p = args.subspace_n, args.subspace_p
-        med = interleaved_medians(subspace_variants(n, p), args.subspace_rounds, warmup=1)
+        med = interleaved_medians(subspace_variants(n, p, args.subspace_reference), args.subspace_rounds, warmup=1)
         print(f"\nGaussianSubspace n = {n}, p = {p}, float32 (materialised A: {n * p * 4 / 1e6:.0f} MB)")
         print(f"{'variant':<36}{'median ms':>11}{'entries/s':>14}")
         for name, t in med.items():

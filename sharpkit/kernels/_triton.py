@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 # Elements per program of the box ascent kernel, rows and column pairs per subspace tile.
 BOX_BLOCK = 1024
@@ -33,9 +34,13 @@ def _philox4x32_10(c0, c1, c2, c3, k0, k1):
 
 
 @triton.jit
-def _gauss_pair(rows, pairs, keys_ptr, F64: tl.constexpr):
+def _gauss_pair(rows, pairs, keys_ptr, F64: tl.constexpr, LIBDEVICE: tl.constexpr):
     """(A[rows, 2 * pairs], A[rows, 2 * pairs + 1]) for int64 ``rows`` (a column) and ``pairs``
-    (a row); float32 unless F64.  ``keys_ptr``: the seed's two 32-bit halves (int32 bit patterns)."""
+    (a row); float32 unless F64.  ``keys_ptr``: the seed's two 32-bit halves (int32 bit patterns).
+
+    LIBDEVICE (GPU): libdevice's sqrt/log/cos/sin (``tl.sqrt`` lowers to ``sqrt.approx``), so the
+    entries do not depend on how a Triton version lowers the tl math functions.  The interpreter
+    has no libdevice and computes tl.sqrt/tl.log/tl.cos/tl.sin with numpy."""
     c2 = pairs.to(tl.uint32)
     c0 = rows.to(tl.uint32) + c2 * 0  # low 32 bits of the row, broadcast to the tile
     c1 = (rows >> 32).to(tl.uint32) + c2 * 0
@@ -52,9 +57,13 @@ def _gauss_pair(rows, pairs, keys_ptr, F64: tl.constexpr):
         u1 = (r0.to(tl.float32) + 0.5) * 2.3283064365386963e-10
         u2 = (r1.to(tl.float32) + 0.5) * 2.3283064365386963e-10
         two_pi = tl.full([1, 1], 6.283185307179586, tl.float32)
-    radius = tl.sqrt(-2.0 * tl.log(u1))
     angle = two_pi * u2
-    return radius * tl.cos(angle), radius * tl.sin(angle)
+    if LIBDEVICE:
+        radius = libdevice.sqrt(-2.0 * libdevice.log(u1))
+        return radius * libdevice.cos(angle), radius * libdevice.sin(angle)
+    else:
+        radius = tl.sqrt(-2.0 * tl.log(u1))
+        return radius * tl.cos(angle), radius * tl.sin(angle)
 
 
 @triton.jit
@@ -139,11 +148,11 @@ def box_ascent(x, y, g, y_prev, y_out, w_out, epsilon: float, step: float, sign_
 
 
 @triton.jit
-def _subspace_fill_kernel(out_ptr, row0, rows, p, keys_ptr, F64: tl.constexpr,
+def _subspace_fill_kernel(out_ptr, row0, rows, p, keys_ptr, F64: tl.constexpr, LIBDEVICE: tl.constexpr,
                           BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     k = tl.program_id(1).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
-    a, b = _gauss_pair((row0 + r)[:, None], k[None, :], keys_ptr, F64)
+    a, b = _gauss_pair((row0 + r)[:, None], k[None, :], keys_ptr, F64, LIBDEVICE)
     rmask = (r < rows)[:, None]
     base = out_ptr + r[:, None] * p + 2 * k[None, :]
     tl.store(base, a.to(out_ptr.dtype.element_ty), mask=rmask & (2 * k < p)[None, :])
@@ -152,6 +161,7 @@ def _subspace_fill_kernel(out_ptr, row0, rows, p, keys_ptr, F64: tl.constexpr,
 
 @triton.jit
 def _subspace_matvec_kernel(z_ptr, out_ptr, row0, rows, p, keys_ptr, F64: tl.constexpr,
+                            LIBDEVICE: tl.constexpr,
                             BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     pairs = (p + 1) // 2
@@ -161,7 +171,7 @@ def _subspace_matvec_kernel(z_ptr, out_ptr, row0, rows, p, keys_ptr, F64: tl.con
         acc = tl.zeros([BLOCK_R], dtype=tl.float32)
     for k0 in range(0, pairs, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        a, b = _gauss_pair((row0 + r)[:, None], k[None, :], keys_ptr, F64)
+        a, b = _gauss_pair((row0 + r)[:, None], k[None, :], keys_ptr, F64, LIBDEVICE)
         ze = tl.load(z_ptr + 2 * k, mask=2 * k < p, other=0.0).to(acc.dtype)
         zo = tl.load(z_ptr + 2 * k + 1, mask=2 * k + 1 < p, other=0.0).to(acc.dtype)
         acc += tl.sum(a * ze[None, :] + b * zo[None, :], axis=1)
@@ -170,12 +180,13 @@ def _subspace_matvec_kernel(z_ptr, out_ptr, row0, rows, p, keys_ptr, F64: tl.con
 
 @triton.jit
 def _subspace_rmatvec_kernel(g_ptr, partial_ptr, row0, rows, p, keys_ptr, F64: tl.constexpr,
+                             LIBDEVICE: tl.constexpr,
                              BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     # Program (i, j): rows i*BLOCK_R.., column pairs j*BLOCK_K..; partial[i, :] gets its sums and
     # the host adds the partials over i (deterministic, no atomics).
     r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     k = tl.program_id(1).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
-    a, b = _gauss_pair((row0 + r)[:, None], k[None, :], keys_ptr, F64)
+    a, b = _gauss_pair((row0 + r)[:, None], k[None, :], keys_ptr, F64, LIBDEVICE)
     gr = tl.load(g_ptr + r, mask=r < rows, other=0.0).to(a.dtype)
     se = tl.sum(a * gr[:, None], axis=0)
     so = tl.sum(b * gr[:, None], axis=0)
@@ -198,7 +209,7 @@ def subspace_fill(seed: int, row0: int, out: torch.Tensor, block_rows: int = SUB
         return
     keys = _keys(seed, out.device)
     grid = (triton.cdiv(rows, block_rows), triton.cdiv((p + 1) // 2, block_pairs))
-    _subspace_fill_kernel[grid](out, row0, rows, p, keys, F64=out.dtype == torch.float64,
+    _subspace_fill_kernel[grid](out, row0, rows, p, keys, F64=out.dtype == torch.float64, LIBDEVICE=out.is_cuda,
                                 BLOCK_R=block_rows, BLOCK_K=block_pairs)
 
 
@@ -210,7 +221,8 @@ def subspace_matvec(seed: int, row0: int, z: torch.Tensor, out: torch.Tensor, bl
         return
     keys = _keys(seed, out.device)
     _subspace_matvec_kernel[(triton.cdiv(rows, block_rows),)](
-        z, out, row0, rows, p, keys, F64=out.dtype == torch.float64, BLOCK_R=block_rows, BLOCK_K=block_pairs)
+        z, out, row0, rows, p, keys, F64=out.dtype == torch.float64, LIBDEVICE=out.is_cuda,
+        BLOCK_R=block_rows, BLOCK_K=block_pairs)
 
 
 def subspace_rmatvec(seed: int, row0: int, g: torch.Tensor, p: int, block_rows: int = SUBSPACE_ROWS,
@@ -223,6 +235,39 @@ def subspace_rmatvec(seed: int, row0: int, g: torch.Tensor, p: int, block_rows: 
     keys = _keys(seed, g.device)
     grid = (triton.cdiv(rows, block_rows), triton.cdiv((p + 1) // 2, block_pairs))
     partial = torch.empty(grid[0], p, dtype=work, device=g.device)
-    _subspace_rmatvec_kernel[grid](g, partial, row0, rows, p, keys, F64=work == torch.float64,
+    _subspace_rmatvec_kernel[grid](g, partial, row0, rows, p, keys, F64=work == torch.float64, LIBDEVICE=g.is_cuda,
                                    BLOCK_R=block_rows, BLOCK_K=block_pairs)
     return partial.sum(0)
+
+
+def compile_all(capability: int = 90) -> list[str]:
+    """Compile every kernel of this file for an NVIDIA GPU of ``capability`` (e.g. 90, 80) without
+    needing one (Triton's bundled ptxas); returns the compiled variants.  A check for machines
+    without a GPU: the interpreter runs the kernels' semantics, this catches what only the GPU
+    compiler rejects.  Must run without TRITON_INTERPRET (kernels must be JIT functions)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    target = GPUTarget("cuda", capability, 32)
+    done = []
+
+    def build(fn, signature, constexprs):
+        sig = dict(signature, **{k: "constexpr" for k in constexprs})
+        triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=target)
+        done.append(f"{fn.__name__}{constexprs}")
+
+    for dt in ("fp32", "fp64", "fp16", "bf16"):
+        p = "*" + dt
+        for sign, mom in ((True, True), (False, False)):
+            build(_box_ascent_kernel,
+                  {"x_ptr": p, "y_ptr": p, "g_ptr": p, "yp_ptr": p, "yo_ptr": p, "wo_ptr": p,
+                   "scal_ptr": "*fp64" if dt == "fp64" else "*fp32", "n": "i64"},
+                  {"SIGN": sign, "MOMENTUM": mom, "F64": dt == "fp64", "BLOCK": BOX_BLOCK})
+        common = {"row0": "i64", "rows": "i64", "p": "i64", "keys_ptr": "*i32"}
+        tiles = {"F64": dt == "fp64", "LIBDEVICE": True, "BLOCK_R": SUBSPACE_ROWS, "BLOCK_K": SUBSPACE_PAIRS}
+        work = "*fp64" if dt == "fp64" else "*fp32"
+        build(_subspace_fill_kernel, {"out_ptr": p, **common}, tiles)
+        build(_subspace_matvec_kernel, {"z_ptr": p, "out_ptr": p, **common}, tiles)
+        build(_subspace_rmatvec_kernel, {"g_ptr": p, "partial_ptr": work, **common}, tiles)
+    build(_philox_kernel, {"ctr_ptr": "*i32", "key_ptr": "*i32", "out_ptr": "*i32", "count": "i32"}, {"BLOCK": 64})
+    return done

@@ -46,7 +46,7 @@ def box_ascent_step_reference(
 # ---- validation and dispatch ------------------------------------------------------------------
 
 def _check_inputs(x, y, g, epsilon, step, mode, y_prev, momentum, out):
-    """Clear errors for bad arguments; returns the tensors made contiguous."""
+    """Raise a clear TypeError/ValueError for bad arguments (nothing is returned or modified)."""
     named = {"x": x, "y": y, "g": g}
     if y_prev is not None:
         named["y_prev"] = y_prev
