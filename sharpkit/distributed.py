@@ -39,6 +39,7 @@ __all__ = [
     "init_distributed",
     "resolve",
     "is_distributed",
+    "suspended",
     "get_rank",
     "get_world_size",
     "is_main_process",
@@ -111,9 +112,28 @@ def init_distributed(backend: str | None = None, timeout: datetime.timedelta | f
     return dist.get_world_size() > 1
 
 
+# > 0 inside suspended(): this process then works alone despite the process group.
+_suspended = 0
+
+
 def is_distributed() -> bool:
-    """True when a process group of more than one process is initialised."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    """True when a process group of more than one process is initialised (and not
+    :func:`suspended`)."""
+    return _suspended == 0 and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@contextlib.contextmanager
+def suspended():
+    """Inside this block the process works alone: measurements neither shard their data nor
+    communicate (for work one rank does by itself while the others wait, such as rank 0 training a
+    model whose weights it then broadcasts).  Collectives issued explicitly with
+    ``torch.distributed`` are not affected; ranks are still reported by :func:`get_rank`."""
+    global _suspended
+    _suspended += 1
+    try:
+        yield
+    finally:
+        _suspended -= 1
 
 
 def resolve(distributed: bool | None) -> bool:
