@@ -1,0 +1,257 @@
+"""Hessian/GGN-matrix products of one batch's mean loss: the engine interface and the generic engine.
+
+An engine computes ``(curvature of THIS batch's mean loss at x) @ V`` for ``V`` of shape ``(n, k)``;
+:class:`~sharpkit.curvature.operator.CurvatureOperator` sums those products over the batches with
+sample weights.  Two engines exist:
+
+* :class:`GenericEngine` (any model, through :mod:`torch.func`), with two ways of differentiating:
+
+  - ``"forward-over-reverse"``: ``vmap`` over ``jvp(grad(f))``.  The k directions share one primal
+    forward/backward per call (the primal is not batched by vmap).  Used when the primal pass is
+    not cached.
+  - ``"reverse-over-reverse"`` (double backward): the gradient graph of the batch is built once
+    with ``create_graph=True`` and kept; every product is then one batched backward through it
+    (``is_grads_batched``), so repeated products do not redo the primal pass.  Used when the
+    primal is cached, and as the fallback where forward-mode AD fails for a model (e.g.
+    ``nn.MSELoss``: "ZeroTensors are immutable", pytorch issue 123996); the fallback is recorded in
+    :attr:`GenericEngine.info` and announced with a warning.
+
+* the fused engine of :mod:`sharpkit.curvature.fused` (sequential MLPs), selected by
+  :func:`make_engine` for ``engine="auto"`` where it supports the model.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+from torch.func import grad, jvp, vjp, vmap
+
+from ..data import to_device
+from ..objective import Objective
+from ..params import FlatParams
+
+__all__ = ["HVPEngine", "GenericEngine", "make_engine", "KINDS", "ENGINES", "AD_MODES"]
+
+KINDS = ("hessian", "ggn")
+ENGINES = ("auto", "generic", "fused")
+AD_MODES = ("auto", "forward-over-reverse", "reverse-over-reverse")
+
+FOR, ROR = "forward-over-reverse", "reverse-over-reverse"
+
+
+@runtime_checkable
+class HVPEngine(Protocol):
+    """What :class:`~sharpkit.curvature.operator.CurvatureOperator` needs from an engine."""
+
+    name: str
+
+    def batch_matmat(self, batch_index: int, inputs: torch.Tensor, targets: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+        """(Hessian or GGN of THIS batch's mean loss at x) @ V, V of shape (n, k) -> (n, k).
+        May cache the batch's primal pass keyed by batch_index."""
+        ...
+
+
+class GenericEngine:
+    """Exact Hessian or GGN products of one batch's mean loss for any model, via :mod:`torch.func`.
+
+    Args:
+        kind: "hessian" or "ggn" (``J^T H_loss J``, J the Jacobian of the model output in x).
+        objective: the :class:`~sharpkit.objective.Objective` that evaluates the model functionally
+            (its device and dtype are the engine's).
+        x: the parameter vector ``(n,)`` at which the curvature is taken.
+        cache: keep each batch's gradient graph (keyed by ``batch_index``) across calls.
+        ad: "auto" (reverse-over-reverse on cached graphs, forward-over-reverse otherwise, with the
+            reverse fallback where forward mode fails), or force one of :data:`AD_MODES`.
+    """
+
+    name = "generic"
+
+    def __init__(self, kind: str, objective: Objective, x: torch.Tensor, *, cache: bool = True, ad: str = "auto"):
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        if ad not in AD_MODES:
+            raise ValueError(f"ad must be one of {AD_MODES}, got {ad!r}")
+        self.kind = kind
+        self.objective = objective
+        self.x = x.detach().to(objective.device, objective.dtype)
+        self.cache = bool(cache)
+        self.ad = ad
+        self._forward_ok = ad != ROR  # becomes False for good once forward mode fails on this model
+        self._graphs: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {}
+        self.info: dict[str, Any] = {"engine": self.name, "kind": kind, "cache": self.cache, "ad": None}
+
+    # -- public ----------------------------------------------------------------------------------------
+
+    def batch_matmat(self, batch_index: int, inputs: torch.Tensor, targets: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+        """(curvature of this batch's mean loss at x) @ V for V ``(n, k)`` -> ``(n, k)``."""
+        V = V.detach().to(self.objective.device, self.objective.dtype)
+        inputs, targets = to_device((inputs, targets), self.objective.device, self.objective.dtype)
+        use_graph = self.ad == ROR or (self.ad == "auto" and (self.cache or not self._forward_ok))
+        if not use_graph:
+            try:
+                out = self._forward(inputs, targets, V)
+                self.info["ad"] = FOR
+                return out
+            except (RuntimeError, NotImplementedError) as exc:
+                if self.ad == FOR:
+                    raise
+                self._fall_back(exc)
+        fn = self._graphs.get(batch_index) if self.cache else None
+        if fn is None:
+            fn = self._graph(inputs, targets)
+            if self.cache:
+                self._graphs[batch_index] = fn
+        self.info["ad"] = ROR
+        return fn(V)
+
+    def clear_cache(self) -> None:
+        """Drop the kept gradient graphs."""
+        self._graphs.clear()
+
+    # -- forward-over-reverse --------------------------------------------------------------------------
+
+    def _forward(self, inputs: torch.Tensor, targets: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+        obj, x = self.objective, self.x
+        if self.kind == "hessian":
+            def loss(p: torch.Tensor) -> torch.Tensor:
+                return obj.batch_loss(p, (inputs, targets))
+
+            g = grad(loss)
+            return vmap(lambda v: jvp(g, (x,), (v,))[1], in_dims=1, out_dims=1)(V)
+
+        def model_out(p: torch.Tensor) -> torch.Tensor:
+            return obj.batch_output(p, inputs)
+
+        out, pullback = vjp(model_out, x)
+        out = out.detach()
+        g_out = grad(lambda o: _scalar_loss(obj.loss_fn(o, targets)))
+
+        def one(v: torch.Tensor) -> torch.Tensor:
+            jv = jvp(model_out, (x,), (v,))[1]
+            hjv = jvp(g_out, (out,), (jv,))[1]
+            return pullback(hjv)[0]
+
+        return vmap(one, in_dims=1, out_dims=1)(V)
+
+    def _fall_back(self, exc: BaseException) -> None:
+        self._forward_ok = False
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        self.info["fallback"] = f"forward-mode AD failed ({reason}); using reverse-over-reverse (double backward)"
+        warnings.warn(
+            f"sharpkit: forward-mode AD failed for this model/loss ({reason}); "
+            "falling back to reverse-over-reverse (double backward) products",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+    # -- reverse-over-reverse on a kept graph ----------------------------------------------------------
+
+    def _graph(self, inputs: torch.Tensor, targets: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Build the batch's differentiable gradient (or output/loss-gradient) graph once; return the
+        ``V -> curvature @ V`` closure that backpropagates through it."""
+        obj = self.objective
+        xr = self.x.clone().requires_grad_(True)
+        with torch.enable_grad():
+            if self.kind == "hessian":
+                loss = obj.batch_loss(xr, (inputs, targets))
+                (g,) = torch.autograd.grad(loss, xr, create_graph=True)
+                if not g.requires_grad:  # the loss is linear in x: zero Hessian
+                    return lambda V: torch.zeros_like(V)
+
+                def hessian_mm(V: torch.Tensor) -> torch.Tensor:
+                    return _batched_vjp(g, xr, V)
+
+                return hessian_mm
+
+            out = obj.batch_output(xr, inputs)
+            # J v through the "double vjp" trick: u -> J^T u is linear in u; differentiate it in u.
+            u = torch.zeros_like(out, requires_grad=True)
+            (jtu,) = torch.autograd.grad(out, xr, u, create_graph=True)
+            o = out.detach().requires_grad_(True)
+            (g_out,) = torch.autograd.grad(_scalar_loss(obj.loss_fn(o, targets)), o, create_graph=True)
+
+        def ggn_mm(V: torch.Tensor) -> torch.Tensor:
+            jv = _batched_vjp(jtu, u, V)  # (*out.shape, k) laid out as columns
+            k = V.shape[1]
+            jv = jv.reshape(-1, k)
+            hjv = _batched_vjp(g_out, o, jv) if g_out.requires_grad else torch.zeros_like(jv)
+            return _batched_vjp(out, xr, hjv)
+
+        return ggn_mm
+
+
+def _scalar_loss(loss: Any) -> torch.Tensor:
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise ValueError(f"loss_fn must return a scalar (mean-reduced) tensor, got {shape}")
+    return loss
+
+
+def _batched_vjp(y: torch.Tensor, x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """Columns ``(dy/dx)^T w`` for the k columns of ``W`` (``(y.numel(), k)``) -> ``(x.numel(), k)``,
+    keeping the graph.  One batched backward (vmap) where autograd supports it, else a loop."""
+    k = W.shape[1]
+    cols = W.t().reshape(k, *y.shape)
+    try:
+        (res,) = torch.autograd.grad(y, x, cols, retain_graph=True, is_grads_batched=True, allow_unused=True)
+        if res is None:
+            return torch.zeros(x.numel(), k, dtype=W.dtype, device=W.device)
+        return res.reshape(k, -1).t()
+    except (RuntimeError, NotImplementedError):
+        out = []
+        for j in range(k):
+            (r,) = torch.autograd.grad(y, x, cols[j], retain_graph=True, allow_unused=True)
+            out.append(torch.zeros_like(x).reshape(-1) if r is None else r.reshape(-1))
+        return torch.stack(out, 1)
+
+
+def make_engine(
+    kind: str,
+    model: nn.Module,
+    loss_fn: Any,
+    flat: FlatParams,
+    x: torch.Tensor,
+    *,
+    engine: str = "auto",
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    cache: bool = True,
+    objective: Objective | None = None,
+    ad: str = "auto",
+    bn: str | None = None,
+) -> HVPEngine:
+    """Build the engine for ``model``; call inside :func:`~sharpkit.params.measurement_mode`.
+
+    ``engine``: "generic" (torch.func, any model), "fused" (sequential MLPs; raises ``ValueError``
+    with the reason where unsupported) or "auto" (fused where supported, else generic; the reason is
+    kept in the returned engine's ``info["why_not_fused"]``).  ``objective`` is needed by the generic
+    engine (the operator passes its own).  ``ad`` selects the generic engine's differentiation mode.  ``bn``: the
+    measurement's BatchNorm policy (None: read the modules' flags).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    why_not = None
+    if engine in ("auto", "fused"):
+        try:
+            from . import fused
+        except ImportError as exc:
+            fused, why_not = None, f"the fused engine is not available ({exc})"
+        if fused is not None:
+            why_not = fused.fused_support(model, loss_fn, bn=bn)
+            if why_not is None:
+                eng = fused.FusedEngine(kind, model, loss_fn, flat, x, dtype=dtype, device=device, cache=cache)
+                if not hasattr(eng, "info"):
+                    eng.info = {"engine": eng.name, "kind": kind, "cache": cache}
+                return eng
+        if engine == "fused":
+            raise ValueError(f"engine='fused' is not possible here: {why_not}")
+    if objective is None:
+        raise TypeError("the generic engine needs the objective (sharpkit.objective.Objective) to evaluate the model")
+    eng = GenericEngine(kind, objective, x, cache=cache, ad=ad)
+    if why_not is not None:
+        eng.info["why_not_fused"] = why_not
+    return eng

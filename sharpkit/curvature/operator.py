@@ -1,0 +1,240 @@
+"""Curvature operators: the Hessian or generalized Gauss-Newton matrix of the sample-weighted mean
+loss over all of ``data``, as a matrix-free linear operator on the flat parameter space."""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import distributed as _dist
+from ..objective import Objective
+from ..params import is_batchnorm, measurement_mode
+from .engines import KINDS, HVPEngine, make_engine
+
+__all__ = ["CurvatureOperator", "hessian", "ggn"]
+
+# Data with at most this many samples keep their primal passes (gradient graphs) across products
+# by default; larger data recompute them (memory grows with the kept graphs).
+CACHE_MAX_SAMPLES = 8192
+
+
+@contextlib.contextmanager
+def _curvature_mode(model: nn.Module, bn: str) -> Iterator[None]:
+    """:func:`measurement_mode`, and with ``bn="train"`` BatchNorm told not to track running
+    statistics while we differentiate through it: it then normalises with batch statistics and has no
+    buffer update to perform (an in-place update would break forward-mode AD and vmap)."""
+    with measurement_mode(model, bn):
+        touched = []
+        if bn == "train":
+            for m in model.modules():
+                if is_batchnorm(m) and m.track_running_stats:
+                    m.track_running_stats = False
+                    touched.append(m)
+        try:
+            yield
+        finally:
+            for m in touched:
+                m.track_running_stats = True
+
+
+class CurvatureOperator:
+    """``H`` (or ``G``) of ``f(x) = sum_b n_b loss_b(x) / sum_b n_b`` at the model's current parameters.
+
+    Use :func:`hessian` / :func:`ggn` to build one.  ``op @ V`` takes ``V`` of shape ``(n,)`` or
+    ``(n, k)`` and returns the same shape (in ``V``'s dtype; computed in the operator's
+    :attr:`dtype`).  The k columns share every pass over the data and one primal pass per batch;
+    columns are processed ``chunk_size`` at a time when given (memory).
+
+    Attributes:
+        shape: ``(n, n)``.
+        num_matvecs: number of matrix-vector products so far (a product with k columns counts k).
+        num_passes: number of passes over the data so far.
+        engine_info: which engine and AD mode ran, and why (fused not supported, forward-mode fallback).
+        flat: the :class:`~sharpkit.params.FlatParams` layout (parameter blocks, for per-layer work).
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        model: nn.Module,
+        loss_fn: Any,
+        data: Any,
+        *,
+        bn: str = "eval",
+        engine: str = "auto",
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        cache: bool | None = None,
+        chunk_size: int | None = None,
+        ad: str = "auto",
+    ):
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable (outputs, targets) -> scalar, got {type(loss_fn).__name__}")
+        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+        self.kind, self.model, self.loss_fn, self.bn = kind, model, loss_fn, bn
+        self.chunk_size = chunk_size
+        with _curvature_mode(model, bn):
+            self.objective = Objective(model, loss_fn, data, device=device, dtype=dtype)
+            # The operator is the curvature at the state of construction: own copies of the
+            # buffers/frozen tensors (where dtype and device match they would alias the model's,
+            # and measurement_mode's in-place restore would invalidate the kept gradient graphs).
+            self.objective._frozen = {k: v.detach().clone() for k, v in self.objective._frozen.items()}
+            self.flat = self.objective.flat
+            self.x = self.objective.x0()
+            num_batches = sum(1 for _ in self.objective.batches)
+            if cache is None:
+                cache = num_batches == 1 or self.objective.num_samples <= CACHE_MAX_SAMPLES
+            self.cache = bool(cache)
+            self.engine: HVPEngine = make_engine(
+                kind, model, loss_fn, self.flat, self.x, engine=engine, dtype=self.objective.dtype,
+                device=self.objective.device, cache=self.cache, objective=self.objective, ad=ad, bn=bn,
+            )
+        self.num_batches = num_batches
+        self.num_matvecs = 0
+        self.num_passes = 0
+
+    # -- properties ------------------------------------------------------------------------------------
+
+    @property
+    def n(self) -> int:
+        return self.flat.n
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.flat.n, self.flat.n)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.objective.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.objective.device
+
+    @property
+    def num_samples(self) -> int:
+        return self.objective.num_samples
+
+    @property
+    def engine_info(self) -> dict[str, Any]:
+        info = dict(getattr(self.engine, "info", {"engine": getattr(self.engine, "name", "?")}))
+        info.update({"kind": self.kind, "bn": self.bn, "num_batches": self.num_batches, "cache": self.cache})
+        return info
+
+    def __repr__(self) -> str:
+        return (f"CurvatureOperator({self.kind}, n={self.n}, samples={self.num_samples}, "
+                f"engine={getattr(self.engine, 'name', '?')}, dtype={self.dtype})")
+
+    # -- products --------------------------------------------------------------------------------------
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        """``op @ V`` for ``V`` of shape ``(n,)`` or ``(n, k)``."""
+        if not isinstance(V, torch.Tensor):
+            raise TypeError(f"expected a torch.Tensor of shape ({self.n},) or ({self.n}, k), got {type(V).__name__}")
+        if V.dim() not in (1, 2) or V.shape[0] != self.n:
+            raise ValueError(f"expected a vector of shape ({self.n},) or matrix ({self.n}, k), got {tuple(V.shape)}")
+        if not V.is_floating_point():
+            raise TypeError(f"expected a floating-point tensor, got {V.dtype}")
+        vec = V.dim() == 1
+        W = V.reshape(self.n, -1).to(self.device, self.dtype)
+        k = W.shape[1]
+        if k == 0:
+            return V.clone()
+        out = self._accumulate(W)
+        self.num_matvecs += k
+        out = out.to(V.device, V.dtype)
+        return out[:, 0] if vec else out
+
+    __matmul__ = matmat
+
+    def _accumulate(self, W: torch.Tensor) -> torch.Tensor:
+        """The one data pass: ``sum_b n_b * engine(b) @ W`` (reduced across ranks) ``/ N``."""
+        k = W.shape[1]
+        step = self.chunk_size or k
+        total = torch.zeros(self.n, k, device=self.device, dtype=self.dtype)
+        with _curvature_mode(self.model, self.bn), _dist.sharded_pass([total], enabled=self.objective.distributed):
+            for b, (inputs, targets) in enumerate(self.objective.batches):
+                n_b = inputs.shape[0]
+                for s in range(0, k, step):
+                    total[:, s:s + step] += n_b * self.engine.batch_matmat(b, inputs, targets, W[:, s:s + step])
+        self.num_passes += 1
+        return total / self.num_samples
+
+    def to_scipy(self):
+        """A :class:`scipy.sparse.linalg.LinearOperator` (float64 numpy in and out; ``matmat`` batched)."""
+        from scipy.sparse.linalg import LinearOperator
+
+        def mv(v: np.ndarray) -> np.ndarray:
+            return self.matmat(torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64)).reshape(-1)).numpy()
+
+        def mm(V: np.ndarray) -> np.ndarray:
+            return self.matmat(torch.from_numpy(np.ascontiguousarray(V, dtype=np.float64))).numpy()
+
+        return LinearOperator(self.shape, matvec=mv, rmatvec=mv, matmat=mm, rmatmat=mm, dtype=np.float64)
+
+    def dense(self) -> torch.Tensor:
+        """The full ``(n, n)`` matrix (n products; for small models and checks only)."""
+        eye = torch.eye(self.n, dtype=self.dtype, device=self.device)
+        return self.matmat(eye)
+
+
+def hessian(
+    model: nn.Module,
+    loss_fn: Any,
+    data: Any,
+    bn: str = "eval",
+    engine: str = "auto",
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    cache: bool | None = None,
+    chunk_size: int | None = None,
+    ad: str = "auto",
+) -> CurvatureOperator:
+    """The Hessian of the sample-weighted mean loss over ``data`` at ``model``'s parameters.
+
+    Args:
+        model: the network (left exactly as found).
+        loss_fn: mean-reduced ``loss_fn(outputs, targets) -> scalar``.
+        data: ``(inputs, targets)`` tensors or an iterable of such batches (uneven batches exact).
+        bn: "eval" (default; BatchNorm running statistics) or "train" (batch statistics per batch).
+            Dropout is off either way; running buffers are never changed.
+        engine: "auto" (default; fused where supported, else generic), "generic" or "fused".
+        dtype, device: precision and device of the products (default: the parameters'); use
+            ``torch.float64`` for checks.
+        cache: keep each batch's primal pass across products (default: when the data are a single
+            batch or at most 8192 samples).
+        chunk_size: process at most this many columns of ``V`` at once (default: all).
+        ad: the generic engine's AD mode: "auto", "forward-over-reverse" or "reverse-over-reverse".
+    """
+    return CurvatureOperator("hessian", model, loss_fn, data, bn=bn, engine=engine, dtype=dtype, device=device,
+                             cache=cache, chunk_size=chunk_size, ad=ad)
+
+
+def ggn(
+    model: nn.Module,
+    loss_fn: Any,
+    data: Any,
+    bn: str = "eval",
+    engine: str = "auto",
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    cache: bool | None = None,
+    chunk_size: int | None = None,
+    ad: str = "auto",
+) -> CurvatureOperator:
+    """The generalized Gauss-Newton matrix ``sum_b n_b J_b^T H_loss,b J_b / N`` (J the Jacobian of
+    the model output in the parameters); arguments as for :func:`hessian`."""
+    return CurvatureOperator("ggn", model, loss_fn, data, bn=bn, engine=engine, dtype=dtype, device=device,
+                             cache=cache, chunk_size=chunk_size, ad=ad)

@@ -1,0 +1,627 @@
+"""Spectra of curvature operators: extreme eigenvalues, trace, spectral density.
+
+Everything works on any ``op`` with ``op.shape == (n, n)`` and ``op @ V`` for ``V`` of shape ``(n, k)``
+(a :class:`~sharpkit.curvature.operator.CurvatureOperator`, or a symmetric tensor for tests).  The
+Krylov bases, tridiagonal matrices and estimates are kept in float64 whatever the operator's own
+precision; products are asked for k vectors at a time wherever the algorithm allows it, because k
+columns share one pass over the data.  Every random vector comes from a ``torch.Generator`` seeded
+with ``seed``, so results are reproducible.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+__all__ = [
+    "EigenResult",
+    "Estimate",
+    "Density",
+    "eigenvalues",
+    "trace",
+    "spectral_density",
+    "lanczos_runs",
+]
+
+F64 = torch.float64
+WHICH = ("LA", "SA", "LM")
+
+
+@dataclass
+class EigenResult:
+    """``k`` eigenpairs: ``values`` (k,) ordered by ``which`` (descending for "LA", ascending for
+    "SA", descending magnitude for "LM"), ``vectors`` (n, k) orthonormal columns, float64.
+
+    ``residuals``: ``||H v - lambda v||`` per pair (Ritz estimates for Lanczos); ``converged``:
+    whether every pair met ``tol``; ``num_matvecs``: products used.
+    """
+
+    values: torch.Tensor
+    vectors: torch.Tensor
+    num_matvecs: int
+    residuals: torch.Tensor | None = None
+    converged: bool = True
+    method: str = "lanczos"
+    iterations: int = 0
+
+
+@dataclass
+class Estimate:
+    """A stochastic estimate: ``value`` with its standard error ``stderr`` from ``num_matvecs`` products."""
+
+    value: float
+    stderr: float
+    num_matvecs: int
+    method: str = ""
+    samples: torch.Tensor | None = field(default=None, repr=False)
+
+
+@dataclass
+class Density:
+    """Stochastic Lanczos quadrature: ``density`` (Gaussian-smoothed, integrates to ~1) on ``grid``;
+    ``nodes``/``weights`` (runs, steps): the quadrature rule of every run (weights sum to 1 per run)."""
+
+    grid: torch.Tensor
+    density: torch.Tensor
+    nodes: torch.Tensor
+    weights: torch.Tensor
+    sigma: float
+    num_matvecs: int
+
+
+# ---- plumbing --------------------------------------------------------------------------------------
+
+def _size(op: Any) -> int:
+    shape = getattr(op, "shape", None)
+    if shape is None or len(shape) != 2 or shape[0] != shape[1]:
+        raise TypeError(f"expected a square operator with .shape (n, n) and op @ V, got {type(op).__name__}")
+    return int(shape[0])
+
+
+def _device(op: Any) -> torch.device:
+    dev = getattr(op, "device", None)
+    return torch.device(dev) if dev is not None else torch.device("cpu")
+
+
+class _Counter:
+    """``V (n, k) float64 -> op @ V`` in float64, counting products."""
+
+    def __init__(self, op: Any):
+        self.op, self.n, self.count = op, _size(op), 0
+        self.device = _device(op)
+
+    def __call__(self, V: torch.Tensor) -> torch.Tensor:
+        vec = V.dim() == 1
+        W = V[:, None] if vec else V
+        out = self.op @ W
+        self.count += W.shape[1]
+        out = torch.as_tensor(out).to(self.device, F64)
+        if out.shape != W.shape:
+            raise ValueError(f"the operator returned shape {tuple(out.shape)} for input {tuple(W.shape)}")
+        return out[:, 0] if vec else out
+
+
+def _generator(seed: int) -> torch.Generator:
+    if not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    return torch.Generator().manual_seed(seed)
+
+
+def _rademacher(n: int, k: int, gen: torch.Generator, device: torch.device) -> torch.Tensor:
+    return (torch.randint(0, 2, (n, k), generator=gen).to(F64) * 2 - 1).to(device)
+
+
+def _gaussian(n: int, k: int, gen: torch.Generator, device: torch.device) -> torch.Tensor:
+    return torch.randn(n, k, generator=gen, dtype=F64).to(device)
+
+
+def _select(theta: torch.Tensor, k: int, which: str) -> torch.Tensor:
+    """Indices of the k wanted values of ``theta``, in output order."""
+    if which == "LA":
+        return torch.argsort(theta, descending=True)[:k]
+    if which == "SA":
+        return torch.argsort(theta)[:k]
+    return torch.argsort(theta.abs(), descending=True)[:k]
+
+
+def _check_which(which: str) -> None:
+    if which not in WHICH:
+        raise ValueError(f"which must be one of {WHICH}, got {which!r}")
+
+
+class _Basis:
+    """A growing set of orthonormal float64 columns stored row-wise (capacity doubles as needed)."""
+
+    def __init__(self, n: int, device: torch.device, capacity: int = 16):
+        self.rows = torch.empty(capacity, n, dtype=F64, device=device)
+        self.size = 0
+
+    @property
+    def Q(self) -> torch.Tensor:
+        return self.rows[: self.size]
+
+    def append(self, v: torch.Tensor) -> None:
+        block = v.t() if v.dim() == 2 else v[None]  # (n, p) columns or one (n,) vector
+        need = self.size + block.shape[0]
+        if need > self.rows.shape[0]:
+            grown = torch.empty(max(need, 2 * self.rows.shape[0]), self.rows.shape[1], dtype=F64, device=self.rows.device)
+            grown[: self.size] = self.rows[: self.size]
+            self.rows = grown
+        self.rows[self.size: need] = block
+        self.size = need
+
+    def orthogonalize_(self, W: torch.Tensor, passes: int = 2) -> torch.Tensor:
+        """Remove the basis components of the columns of ``W`` (n,) or (n, p); twice is enough
+        ("twice is enough", Parlett/Kahan) for full reorthogonalisation in float64."""
+        if self.size == 0:
+            return W
+        Q = self.Q
+        for _ in range(passes):
+            W = W - Q.t() @ (Q @ W)
+        return W
+
+
+def _fresh_direction(basis: _Basis, n: int, gen: torch.Generator, device: torch.device) -> torch.Tensor | None:
+    """A random unit vector orthogonal to the basis (None when the basis spans everything)."""
+    for _ in range(3):
+        w = basis.orthogonalize_(_gaussian(n, 1, gen, device)[:, 0])
+        nrm = torch.linalg.vector_norm(w)
+        if nrm > 1e-8:
+            return w / nrm
+    return None
+
+
+# ---- Lanczos ---------------------------------------------------------------------------------------
+
+def _lanczos(matvec: _Counter, n: int, k: int, which: str, tol: float, max_steps: int,
+             v0: torch.Tensor, gen: torch.Generator, device: torch.device):
+    """Single-vector Lanczos with full reorthogonalisation and Ritz-residual stopping."""
+    basis = _Basis(n, device, capacity=min(max_steps + 1, 64))
+    q = v0 / torch.linalg.vector_norm(v0)
+    alphas: list[float] = []
+    betas: list[float] = []
+    q_prev, beta_prev = None, 0.0
+    theta = S = None
+    res = None
+    converged = False
+    for j in range(max_steps):
+        basis.append(q)
+        w = matvec(q)
+        a = float(q @ w)
+        w = w - a * q - (beta_prev * q_prev if q_prev is not None else 0.0)
+        w = basis.orthogonalize_(w)
+        b = float(torch.linalg.vector_norm(w))
+        alphas.append(a)
+        m = j + 1
+        T = torch.diag(torch.tensor(alphas, dtype=F64))
+        if m > 1:
+            off = torch.tensor(betas, dtype=F64)
+            T += torch.diag(off, 1) + torch.diag(off, -1)
+        theta, S = torch.linalg.eigh(T)
+        idx = _select(theta, min(k, m), which)
+        res = (b * S[-1, idx]).abs()
+        scale = theta[idx].abs().clamp_min(1e-30)
+        invariant = b <= 1e-12 * max(1.0, float(theta.abs().max()))
+        if m >= k and (bool((res <= tol * scale).all()) or m == n):
+            converged = True
+            break
+        if invariant:
+            # An invariant subspace: its Ritz pairs are exact; continue in a fresh direction.
+            nxt = _fresh_direction(basis, n, gen, device)
+            if nxt is None:
+                converged = True
+                break
+            betas.append(0.0)
+            q_prev, beta_prev, q = q, 0.0, nxt
+            continue
+        betas.append(b)
+        q_prev, beta_prev, q = q, b, w / b
+    idx = _select(theta, min(k, len(alphas)), which)
+    vectors = basis.Q.t() @ S[:, idx].to(device)
+    return theta[idx], vectors, res, converged, len(alphas)
+
+
+def _block_lanczos(matmat: _Counter, n: int, k: int, which: str, tol: float, max_steps: int,
+                   V0: torch.Tensor, gen: torch.Generator, device: torch.device):
+    """Block Lanczos (block size p = V0.shape[1]) with full reorthogonalisation: every step is one
+    batched product of p vectors."""
+    p = V0.shape[1]
+    basis = _Basis(n, device, capacity=min(p * (max_steps + 1), 256))
+    Q, _ = torch.linalg.qr(V0)
+    Q_prev = None
+    B_prev = None  # (p, p): Q_j B_j = residual of step j-1
+    A_blocks: list[torch.Tensor] = []
+    B_blocks: list[torch.Tensor] = []
+    theta = S = res = None
+    converged = False
+    steps = 0
+    for j in range(max_steps):
+        basis.append(Q)
+        W = matmat(Q)
+        A = Q.t() @ W
+        A = (A + A.t()) / 2
+        W = W - Q @ A
+        if Q_prev is not None:
+            W = W - Q_prev @ B_prev.t()
+        W = basis.orthogonalize_(W)
+        Qn, B = torch.linalg.qr(W)
+        # Rank-deficient residual: replace the dead directions by fresh orthogonal ones.
+        dead = B.diagonal().abs() <= 1e-12 * max(1.0, float(A.abs().max()))
+        for c in torch.nonzero(dead).flatten().tolist():
+            others = [i for i in range(p) if i != c]
+            w = basis.orthogonalize_(_gaussian(n, 1, gen, device)[:, 0])
+            for _ in range(2):
+                w = w - Qn[:, others] @ (Qn[:, others].t() @ w)
+            nrm = torch.linalg.vector_norm(w)
+            Qn[:, c] = w / nrm if nrm > 1e-8 else 0.0
+            B[c, :] = 0.0
+        A_blocks.append(A.cpu())
+        B_blocks.append(B.cpu())
+        steps = j + 1
+        m = steps * p
+        T = torch.zeros(m, m, dtype=F64)
+        for i, Ai in enumerate(A_blocks):
+            T[i * p:(i + 1) * p, i * p:(i + 1) * p] = Ai
+            if i > 0:
+                Bi = B_blocks[i - 1]
+                T[i * p:(i + 1) * p, (i - 1) * p:i * p] = Bi
+                T[(i - 1) * p:i * p, i * p:(i + 1) * p] = Bi.t()
+        theta, S = torch.linalg.eigh(T)
+        idx = _select(theta, min(k, m), which)
+        res = torch.linalg.vector_norm(B_blocks[-1] @ S[-p:, idx], dim=0)
+        if m >= k and (bool((res <= tol * theta[idx].abs().clamp_min(1e-30)).all()) or m + p > n):
+            converged = True
+            break
+        Q_prev, B_prev, Q = Q, B, Qn
+    idx = _select(theta, min(k, theta.numel()), which)
+    vectors = basis.Q.t() @ S[:, idx].to(device)
+    return theta[idx], vectors, res, converged, steps
+
+
+def _power(matvec: _Counter, n: int, k: int, tol: float, max_iter: int, v0, gen, device):
+    """Deflated power iteration as in PyHessian: each eigenvalue by power iteration orthogonal to the
+    ones found, stopped when the Rayleigh quotient's relative change is below ``tol``."""
+    values, vectors, residuals = [], [], []
+    all_converged = True
+    iters = 0
+    for i in range(k):
+        v = v0.clone() if (i == 0 and v0 is not None) else _gaussian(n, 1, gen, device)[:, 0]
+        v = v / torch.linalg.vector_norm(v)
+        lam = None
+        ok = False
+        for _ in range(max_iter):
+            for u in vectors:
+                v = v - (u @ v) * u
+            v = v / torch.linalg.vector_norm(v)
+            Hv = matvec(v)
+            for u in vectors:  # deflate: work with H - sum lambda_u u u^T on the complement
+                Hv = Hv - (u @ Hv) * u
+            new = float(v @ Hv)
+            iters += 1
+            nrm = torch.linalg.vector_norm(Hv)
+            if lam is not None and abs(new - lam) / (abs(lam) + 1e-6) < tol:
+                lam, ok = new, True
+                residuals.append(float(torch.linalg.vector_norm(Hv - new * v)))
+                v = Hv / nrm if nrm > 0 else v
+                break
+            lam = new
+            v = Hv / nrm if nrm > 0 else v
+        if not ok:
+            residuals.append(float("nan"))
+            all_converged = False
+        values.append(lam)
+        vectors.append(v)
+    return (torch.tensor(values, dtype=F64), torch.stack(vectors, 1), torch.tensor(residuals, dtype=F64),
+            all_converged, iters)
+
+
+def eigenvalues(
+    H: Any,
+    k: int = 1,
+    method: str = "lanczos",
+    which: str = "LA",
+    tol: float = 1e-3,
+    seed: int = 0,
+    *,
+    v0: torch.Tensor | None = None,
+    max_steps: int | None = None,
+    block_size: int | None = None,
+) -> EigenResult:
+    """The ``k`` extreme eigenpairs of the symmetric operator ``H``.
+
+    Args:
+        H: a curvature operator (or any symmetric ``(n, n)`` operator supporting ``H @ V``).
+        k: number of eigenpairs (default 1).
+        method: "lanczos" (default; full reorthogonalisation in float64; block Lanczos with batched
+            products when ``block_size > 1``), "lobpcg" (scipy's, on batched products) or "power"
+            (deflated power iteration, PyHessian's algorithm, eigenvalues of largest magnitude).
+        which: "LA" largest algebraic (default), "SA" smallest algebraic, "LM" largest magnitude.
+        tol: relative accuracy: Lanczos stops when every wanted Ritz residual
+            ``|beta_m s_m| <= tol * |theta|`` (the eigenvalue error is then about ``tol^2 |theta| /
+            gap``); power iteration when the eigenvalue changes by less than ``tol`` relatively.
+        seed: seed of the random start vectors.
+        v0: warm start ``(n,)`` (e.g. the previous top eigenvector along training); the first start
+            vector for Lanczos/power, the first column for block methods.
+        max_steps: Lanczos steps (default ``min(n, max(300, 20 k))``), power iterations per
+            eigenvalue (default 100, PyHessian's), LOBPCG iterations (default 200).
+        block_size: block size of block Lanczos (default: 1 for k = 1, else min(k, 8)).
+    """
+    n = _size(H)
+    if not isinstance(k, int) or k < 1 or k > n:
+        raise ValueError(f"k must be an int in [1, n={n}], got {k!r}")
+    _check_which(which)
+    if method not in ("lanczos", "lobpcg", "power"):
+        raise ValueError(f"method must be 'lanczos', 'lobpcg' or 'power', got {method!r}")
+    if not (tol > 0):
+        raise ValueError(f"tol must be positive, got {tol}")
+    device = _device(H)
+    gen = _generator(seed)
+    if v0 is not None:
+        if not isinstance(v0, torch.Tensor) or v0.shape != (n,):
+            raise ValueError(f"v0 must be a tensor of shape ({n},), got {getattr(v0, 'shape', type(v0).__name__)}")
+        v0 = v0.detach().to(device, F64)
+        if not bool(torch.isfinite(v0).all()) or float(torch.linalg.vector_norm(v0)) == 0.0:
+            raise ValueError("v0 must be finite and nonzero")
+    mv = _Counter(H)
+    if method == "power":
+        if which != "LM" and which != "LA":
+            raise ValueError("method='power' finds eigenvalues of largest magnitude (which='LM' or 'LA')")
+        vals, vecs, res, ok, it = _power(mv, n, k, tol, max_steps or 100, v0, gen, device)
+        return EigenResult(vals, vecs, mv.count, res, ok, "power", it)
+    if method == "lobpcg":
+        return _lobpcg(H, mv, n, k, which, tol, max_steps or 200, v0, gen, device, block_size)
+    p = block_size if block_size is not None else (1 if k == 1 else min(k, 8))
+    if not isinstance(p, int) or p < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    if p == 1:
+        start = v0 if v0 is not None else _gaussian(n, 1, gen, device)[:, 0]
+        steps = max_steps or min(n, max(300, 20 * k))
+        vals, vecs, res, ok, it = _lanczos(mv, n, k, which, tol, steps, start, gen, device)
+    else:
+        p = min(p, n)
+        V0 = _gaussian(n, p, gen, device)
+        if v0 is not None:
+            V0[:, 0] = v0
+        steps = max_steps or max(2, min(n // p, max(300, 20 * k) // p + 1))
+        vals, vecs, res, ok, it = _block_lanczos(mv, n, k, which, tol, steps, V0, gen, device)
+    return EigenResult(vals, vecs, mv.count, res, ok, "lanczos" if p == 1 else f"block-lanczos(p={p})", it)
+
+
+def _lobpcg(H, mv, n, k, which, tol, max_iter, v0, gen, device, block_size) -> EigenResult:
+    from scipy.sparse.linalg import LinearOperator, lobpcg
+
+    if which == "LM":
+        raise ValueError("method='lobpcg' supports which='LA' or 'SA'")
+    p = max(k, block_size or k)
+    if 5 * p > n:
+        raise ValueError(f"method='lobpcg' needs n >= 5 * block size ({5 * p}); use method='lanczos' for n={n}")
+    X = _gaussian(n, p, gen, device)
+    if v0 is not None:
+        X[:, 0] = v0
+
+    def mm(V: np.ndarray) -> np.ndarray:
+        return mv(torch.from_numpy(np.ascontiguousarray(V, dtype=np.float64)).to(device)).cpu().numpy()
+
+    A = LinearOperator((n, n), matvec=mm, matmat=mm, dtype=np.float64)
+    vals, vecs = lobpcg(A, X.cpu().numpy(), largest=which == "LA", tol=None, maxiter=max_iter,
+                        retResidualNormsHistory=False)
+    vals_t, vecs_t = torch.from_numpy(np.asarray(vals)), torch.from_numpy(np.asarray(vecs))
+    idx = _select(vals_t, k, which)
+    vals_t, vecs_t = vals_t[idx], vecs_t[:, idx].to(device)
+    res = torch.linalg.vector_norm(mv(vecs_t) - vecs_t * vals_t.to(device), dim=0).cpu()
+    ok = bool((res <= tol * vals_t.abs().clamp_min(1e-30) * 10).all())
+    return EigenResult(vals_t, vecs_t, mv.count, res, ok, "lobpcg", max_iter)
+
+
+# ---- parallel independent Lanczos runs (SLQ, per-layer spectra) --------------------------------------
+
+def lanczos_runs(
+    matmat: Callable[[torch.Tensor], torch.Tensor],
+    n: int,
+    starts: Sequence[torch.Tensor],
+    steps: int,
+    supports: Sequence[torch.Tensor | None] | None = None,
+    tol: float | None = None,
+    which: str = "LA",
+    device: torch.device | str = "cpu",
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Independent Lanczos runs advanced together: every step is ONE product with one column per
+    active run.  Run r lives on the coordinates ``supports[r]`` (an index tensor; None: all), i.e. it
+    works with the principal submatrix ``H[s, s]`` (block-diagonal restriction for per-layer spectra).
+
+    Returns, per run, ``(alphas, betas)`` of its tridiagonal matrix (float64, CPU).  With ``tol``
+    a run stops once its wanted (``which``) Ritz value has relative residual <= tol.
+    """
+    R = len(starts)
+    supports = list(supports) if supports is not None else [None] * R
+    device = torch.device(device)
+    bases, qs, prev, alphas, betas, active = [], [], [], [], [], []
+    for s, v in zip(supports, starts):
+        m = n if s is None else s.numel()
+        v = v.to(device, F64)
+        bases.append(_Basis(m, device, capacity=min(steps + 1, 32)))
+        qs.append(v / torch.linalg.vector_norm(v))
+        prev.append((None, 0.0))
+        alphas.append([])
+        betas.append([])
+        active.append(m > 0)
+    for _ in range(steps):
+        runs = [r for r in range(R) if active[r]]
+        if not runs:
+            break
+        V = torch.zeros(n, len(runs), dtype=F64, device=device)
+        for c, r in enumerate(runs):
+            if supports[r] is None:
+                V[:, c] = qs[r]
+            else:
+                V[supports[r], c] = qs[r]
+        W = matmat(V)
+        for c, r in enumerate(runs):
+            q = qs[r]
+            w = W[:, c] if supports[r] is None else W[supports[r], c]
+            bases[r].append(q)
+            a = float(q @ w)
+            q_prev, b_prev = prev[r]
+            w = w - a * q - (b_prev * q_prev if q_prev is not None else 0.0)
+            w = bases[r].orthogonalize_(w)
+            b = float(torch.linalg.vector_norm(w))
+            alphas[r].append(a)
+            m = len(alphas[r])
+            done = m >= bases[r].rows.shape[1] or b <= 1e-12 * max(1.0, max(abs(x) for x in alphas[r]))
+            if tol is not None and not done:
+                T = _tridiag(alphas[r], betas[r])
+                theta, S = torch.linalg.eigh(T)
+                i = _select(theta, 1, which)
+                done = bool((b * S[-1, i]).abs() <= tol * theta[i].abs().clamp_min(1e-30))
+            if done:
+                active[r] = False
+                continue
+            betas[r].append(b)
+            prev[r] = (q, b)
+            qs[r] = w / b
+    return [(torch.tensor(a, dtype=F64), torch.tensor(b[: len(a) - 1], dtype=F64)) for a, b in zip(alphas, betas)]
+
+
+def _tridiag(alphas: Sequence[float], betas: Sequence[float]) -> torch.Tensor:
+    T = torch.diag(torch.tensor(list(alphas), dtype=F64))
+    if len(alphas) > 1:
+        off = torch.tensor(list(betas[: len(alphas) - 1]), dtype=F64)
+        T += torch.diag(off, 1) + torch.diag(off, -1)
+    return T
+
+
+# ---- trace -----------------------------------------------------------------------------------------
+
+def trace(
+    H: Any,
+    method: str = "hutch++",
+    num_matvecs: int = 100,
+    seed: int = 0,
+    *,
+    block_size: int = 16,
+    rtol: float | None = None,
+) -> Estimate:
+    """A stochastic estimate of ``tr(H)`` with its standard error.
+
+    Args:
+        method: "hutch++" (default; Meyer et al. 2021: a third of the products sketch the top
+            subspace, whose trace is taken exactly, a third project it out, the rest estimate the
+            remainder with Hutchinson) or "hutchinson" (Rademacher probes).
+        num_matvecs: products to spend (for "hutch++" at least 3; with ``rtol``: the maximum).
+        seed: seed of the Rademacher probes.
+        block_size: probes per batched product (they share every pass over the data).
+        rtol: ("hutchinson") stop as soon as ``stderr <= rtol * |value|`` (checked after each block).
+
+    ``stderr`` is the standard error of the mean of the stochastic part (for Hutch++ conditional on
+    the sketch: the exactly traced part adds no variance).
+    """
+    n = _size(H)
+    if method not in ("hutch++", "hutchinson"):
+        raise ValueError(f"method must be 'hutch++' or 'hutchinson', got {method!r}")
+    if not isinstance(num_matvecs, int) or num_matvecs < (3 if method == "hutch++" else 2):
+        raise ValueError(f"num_matvecs must be an int >= {3 if method == 'hutch++' else 2}, got {num_matvecs!r}")
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    device = _device(H)
+    gen = _generator(seed)
+    mv = _Counter(H)
+    if method == "hutchinson":
+        samples = _hutchinson(mv, n, num_matvecs, block_size, gen, device, None, rtol)
+        m = samples.numel()
+        return Estimate(float(samples.mean()), float(samples.std() / math.sqrt(m)), mv.count, method, samples)
+    s = max(1, num_matvecs // 3)
+    r = num_matvecs - 2 * s
+    S = _rademacher(n, s, gen, device)
+    Q, _ = torch.linalg.qr(_chunked(mv, S, block_size))
+    exact = float(torch.trace(Q.t() @ _chunked(mv, Q, block_size)))
+    samples = _hutchinson(mv, n, r, block_size, gen, device, Q, None)
+    if samples.numel() >= 2:
+        stderr = float(samples.std() / math.sqrt(samples.numel()))
+    else:
+        stderr = float("nan")
+    return Estimate(exact + float(samples.mean()), stderr, mv.count, method, samples)
+
+
+def _chunked(mv: _Counter, V: torch.Tensor, block: int) -> torch.Tensor:
+    return torch.cat([mv(V[:, i:i + block]) for i in range(0, V.shape[1], block)], 1)
+
+
+def _hutchinson(mv, n, m, block, gen, device, Q, rtol) -> torch.Tensor:
+    """``m`` samples ``g^T H g`` for Rademacher g (projected off ``Q`` when given)."""
+    out: list[torch.Tensor] = []
+    done = 0
+    while done < m:
+        b = min(block, m - done)
+        G = _rademacher(n, b, gen, device)
+        if Q is not None:
+            G = G - Q @ (Q.t() @ G)
+        out.append((G * mv(G)).sum(0).cpu())
+        done += b
+        if rtol is not None and done >= 2:
+            sm = torch.cat(out)
+            if float(sm.std() / math.sqrt(sm.numel())) <= rtol * abs(float(sm.mean())):
+                break
+    return torch.cat(out)
+
+
+# ---- spectral density --------------------------------------------------------------------------------
+
+def spectral_density(
+    H: Any,
+    num_runs: int = 10,
+    lanczos_steps: int = 80,
+    seed: int = 0,
+    grid: torch.Tensor | int = 1000,
+    sigma: float | None = None,
+    *,
+    max_memory_bytes: int = 2 << 30,
+) -> Density:
+    """Stochastic Lanczos quadrature estimate of the eigenvalue density (Ghorbani et al. 2019).
+
+    ``num_runs`` Lanczos runs of ``lanczos_steps`` steps (full reorthogonalisation, float64) from
+    Rademacher start vectors, advanced together: one batched product per step.  The runs' Ritz values
+    (nodes) and squared first eigenvector components (weights) define the density
+    ``sum_j w_j N(t; node_j, sigma^2)`` averaged over runs.
+
+    Args:
+        grid: the evaluation points (a tensor) or their number (default 1000, spanning the nodes with
+            a margin of 5 sigma).
+        sigma: Gaussian width (default: 1% of the node range, at least 1e-12).
+        max_memory_bytes: bound on the Krylov bases kept at once (runs are processed in groups).
+    """
+    n = _size(H)
+    if not isinstance(num_runs, int) or num_runs < 1:
+        raise ValueError(f"num_runs must be a positive int, got {num_runs!r}")
+    if not isinstance(lanczos_steps, int) or lanczos_steps < 1:
+        raise ValueError(f"lanczos_steps must be a positive int, got {lanczos_steps!r}")
+    device = _device(H)
+    gen = _generator(seed)
+    mv = _Counter(H)
+    steps = min(lanczos_steps, n)
+    group = max(1, min(num_runs, max_memory_bytes // max(1, 8 * n * (steps + 1))))
+    nodes = torch.full((num_runs, steps), float("nan"), dtype=F64)
+    weights = torch.zeros(num_runs, steps, dtype=F64)
+    for g0 in range(0, num_runs, group):
+        g = min(group, num_runs - g0)
+        starts = list(_rademacher(n, g, gen, device).t())
+        for i, (a, b) in enumerate(lanczos_runs(mv, n, starts, steps, device=device)):
+            theta, S = torch.linalg.eigh(_tridiag(a.tolist(), b.tolist()))
+            nodes[g0 + i, : theta.numel()] = theta
+            weights[g0 + i, : theta.numel()] = S[0] ** 2
+    valid = ~torch.isnan(nodes)
+    lo, hi = float(nodes[valid].min()), float(nodes[valid].max())
+    if sigma is None:
+        sigma = max(0.01 * (hi - lo), 1e-12)
+    if not sigma > 0:
+        raise ValueError(f"sigma must be positive, got {sigma}")
+    if isinstance(grid, int):
+        t = torch.linspace(lo - 5 * sigma, hi + 5 * sigma, grid, dtype=F64)
+    else:
+        t = torch.as_tensor(grid, dtype=F64).reshape(-1)
+    nd = torch.where(valid, nodes, torch.zeros_like(nodes))
+    z = (t[:, None, None] - nd[None]) / sigma
+    dens = (weights[None] * torch.exp(-0.5 * z * z)).sum((1, 2)) / (num_runs * sigma * math.sqrt(2 * math.pi))
+    return Density(t, dens, nodes, weights, float(sigma), mv.count)
