@@ -26,6 +26,7 @@ from typing import Callable
 import torch
 
 import sharpkit as sk
+from sharpkit.kernels._backend import cpp_module
 
 EPS, STEP = 1e-3, 1e-4
 
@@ -130,12 +131,13 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": platform.processor() or platform.machine(),
         "torch_threads": torch.get_num_threads(),
-        "has_openmp": getattr(__import__("sharpkit._C", fromlist=["x"]), "has_openmp", None)
-        if sk.ops.backends()["cpp"] == "ok" else None,
+        "load_average_1_5_15min_at_start": os.getloadavg(),
+        "has_openmp": cpp_module()[0].has_openmp if cpp_module()[0] is not None else None,
         "box_ascent_step": {},
         "subspace": {},
     }
-    print(f"torch threads: {torch.get_num_threads()}; medians of {args.rounds} interleaved rounds")
+    print(f"torch threads: {torch.get_num_threads()}; load average {os.getloadavg()[0]:.1f}; "
+          f"medians of {args.rounds} interleaved rounds")
     for size in args.sizes:
         n = int(size)
         med = interleaved_medians(box_variants(n), args.rounds)

@@ -12,8 +12,9 @@
 //     sk_cpu.h and add one line `X(<op>)` to SK_CPU_OPS below.
 //   * CUDA: write csrc/<op>.cu with extern "C" __global__ kernels (no host headers before the
 //     `#ifndef __CUDACC_RTC__` host part, so CuPy can compile the same file), and in that host part
-//     one line `SK_REGISTER_KERNELS(<op>, kernel_a, kernel_b, ...);` (sk_cuda_registry.h).  Python
-//     launches them by name through sharpkit.kernels._backend.launch; nothing to add here.
+//     one line `SK_REGISTER_KERNELS(<op>, SK_KERNEL(kernel_a), SK_KERNEL(kernel_b));`
+//     (sk_cuda_registry.h).  Python launches them by name through sharpkit.kernels._backend.launch
+//     (the same call serves the "cupy" backend); nothing to add here.
 // CMakeLists.txt picks up csrc/*.cpp and csrc/*.cu by glob (re-run the install after adding one).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>

@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.metadata
+import importlib.util
 import os
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -34,17 +37,53 @@ CPU_DTYPES = (torch.float32, torch.float64)
 GPU_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def _import_reason(module: str) -> tuple[Any, str]:
+def _installed_extension(name: str) -> Path | None:
+    """The file of compiled module ``sharpkit.<name>`` in the installed sharpkit distribution."""
     try:
-        return importlib.import_module(module), "ok"
+        dist = importlib.metadata.distribution("sharpkit")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for f in dist.files or ():
+        if len(f.parts) == 2 and f.parts[0] == "sharpkit" and f.name.startswith(name + ".") and \
+                f.suffix in (".so", ".pyd"):
+            path = Path(dist.locate_file(f))
+            if path.is_file():
+                return path
+    return None
+
+
+def load_native(name: str) -> Any:
+    """Import the compiled module ``sharpkit.<name>`` (``_C``, ``_C_cuda``).
+
+    When sharpkit is imported from a source checkout (e.g. tests run from the repository root
+    after a non-editable ``pip install .``), the checkout has no compiled modules: fall back to
+    those of the installed distribution.
+    """
+    full = f"sharpkit.{name}"
+    try:
+        return importlib.import_module(full)
+    except ImportError:
+        path = _installed_extension(name)
+        if path is None:
+            raise
+    spec = importlib.util.spec_from_file_location(full, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules[full] = module
+    return module
+
+
+def _import_reason(name: str) -> tuple[Any, str]:
+    try:
+        return load_native(name), "ok"
     except Exception as exc:  # ImportError, or a broken shared library (OSError)
-        return None, f"cannot import {module}: {exc}"
+        return None, f"cannot import sharpkit.{name}: {exc}"
 
 
 @functools.lru_cache(maxsize=None)
 def cpp_module() -> tuple[Any, str]:
     """(sharpkit._C or None, "ok" or why not)."""
-    mod, why = _import_reason("sharpkit._C")
+    mod, why = _import_reason("_C")
     if mod is None:
         why += " (sharpkit was installed without its native core; reinstall with `pip install .`)"
     return mod, why
@@ -54,7 +93,7 @@ def cpp_module() -> tuple[Any, str]:
 def cuda_module() -> tuple[Any, str]:
     """(sharpkit._C_cuda or None, "ok" or why not)."""
     try:
-        mod = importlib.import_module("sharpkit._C_cuda")
+        mod = load_native("_C_cuda")
     except ImportError:
         return None, "sharpkit was built without CUDA kernels (no nvcc at install time, or SHARPKIT_CUDA=OFF)"
     except Exception as exc:
