@@ -168,6 +168,16 @@ def test_batchnorm_without_affine_frozen_and_shared_parameters():
         assert rel_err(fused_product(model, loss_fn, X, Y, V, kind), H @ V) < RTOL
 
 
+def test_consecutive_activations_and_flatten_between():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.ReLU(), nn.Flatten(), nn.GELU(), nn.LeakyReLU(0.3),
+                          nn.SiLU(), nn.Linear(4, 3)).double()
+    X, Y = torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 3, (6,))
+    for kind in ("hessian", "ggn"):
+        H = explicit(model, nn.CrossEntropyLoss(), X, Y, kind)
+        V = torch.randn(H.shape[0], 3, dtype=torch.float64)
+        assert rel_err(fused_product(model, nn.CrossEntropyLoss(), X, Y, V, kind), H @ V) < RTOL
+
+
 def test_output_activation_with_mse():
     model = nn.Sequential(nn.Linear(3, 4), nn.LeakyReLU(0.2), nn.Linear(4, 2), nn.Sigmoid()).double()
     X, Y = torch.randn(5, 3, dtype=torch.float64), torch.rand(5, 2, dtype=torch.float64)

@@ -491,9 +491,13 @@ class FusedEngine:
                 rh = ry
             elif layer.kind == "act":
                 rz = rh.reshape(n_batch, k, -1)
-                if exact:
+                terms = rec["terms"]
+                if terms.exact:  # sigma'' term of the R-backward needs Rz: keep it
                     rsaved[i] = rz
-                rh = rec["terms"].rforward(rz).view(n_batch, k, *rec["shape"][1:])
+                    rh = terms.rforward(rz)
+                else:  # piecewise-linear (or GGN): Rz is not needed again, overwrite it
+                    rh = terms.rforward_(rz.contiguous())
+                rh = rh.view(n_batch, k, *rec["shape"][1:])
             elif layer.kind == "flatten":
                 rh = rh.reshape(n_batch, k, -1)
         # the loss Hessian on the logits' R-values (in place)
@@ -527,9 +531,9 @@ class FusedEngine:
                 ahat, ra = rec["ahat"], rsaved[i]
                 if refs["gamma"].block is not None:
                     og = ob[refs["gamma"].block]
-                    og.add_(torch.einsum("nkd,nd->kd", rg, ahat))
+                    og.add_((rg * ahat[:, None, :]).sum(0))  # einsum would go through copies in bmm
                     if exact and ra is not None:
-                        og.add_(torch.einsum("nkd,nd->kd", ra, rec["g"] * refs["rstd"]))
+                        og.add_((ra * (rec["g"] * refs["rstd"])[:, None, :]).sum(0))
                 if refs["beta"].block is not None:
                     ob[refs["beta"].block].add_(rg.sum(0))
                 if i > self._first:
@@ -539,7 +543,7 @@ class FusedEngine:
                         rga.addcmul_((rec["g"] * refs["rstd"])[:, None, :], vg)
                     rg = rga
             elif layer.kind == "act":
-                rz = rsaved[i] if exact else None
+                rz = rsaved[i]
                 rg = rec["terms"].rbackward(rg.reshape(n_batch, k, -1).contiguous(), rz).view(
                     n_batch, k, *rec["shape"][1:])
             elif layer.kind == "flatten":

@@ -350,6 +350,12 @@ class ActivationTerms:
             return rz * self.d1
         return rforward(self.kind, self.z, rz, self._alpha, backend="triton")
 
+    def rforward_(self, rz: torch.Tensor) -> torch.Tensor:
+        """``sigma'(z) * Rz`` written over ``rz`` (when the R-backward will not need ``Rz``)."""
+        if self.backend == "torch":
+            return rz.mul_(self.d1)
+        return rforward(self.kind, self.z, rz, self._alpha, backend="triton", out=rz)
+
     def rbackward(self, rgh: torch.Tensor, rz: torch.Tensor | None) -> torch.Tensor:
         """``sigma'(z) * Rgh (+ sigma''(z) * gh * Rz)``, written over ``rgh`` (which is consumed)."""
         exact = self.exact and rz is not None

@@ -208,7 +208,7 @@ class CEHessian:
     def apply_(self, r: torch.Tensor) -> torch.Tensor:
         """The product for ``r`` (N, k, C), written over ``r`` and returned."""
         if self.backend == "torch":
-            dot = torch.bmm(r, self.p[:, :, None])  # (N, k, 1): <p_i, r_ij>
+            dot = (r * self.p[:, None, :]).sum(-1, keepdim=True)  # (N, k, 1): <p_i, r_ij>
             r.sub_(dot).mul_(self.sp)
             return r
         return ce_hvp(self.logits, r, self.scale, self.lse, backend=self.backend, out=r)
