@@ -132,11 +132,17 @@ def _public_api(model: nn.Module, loss_fn) -> dict[str, torch.Tensor]:
         H = sk.hessian(model, loss_fn, data)
         V = torch.randn(H.shape[0], 3, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
         res["api/hvp_block"] = torch.as_tensor(H @ V)
+        res["api/hvp_generic_nocache"] = sk.hessian(model, loss_fn, data, engine="generic", cache=False) @ V
+        res["api/ggn_block"] = sk.ggn(model, loss_fn, data) @ V
         if hasattr(sk, "eigenvalues"):
-            r = sk.eigenvalues(H, k=2, seed=0)
+            r = sk.eigenvalues(H, k=2, seed=0, max_steps=10)
             res["api/eigenvalues"] = torch.as_tensor(r.values, dtype=torch.float64)
         if hasattr(sk, "trace"):
             res["api/trace"] = torch.tensor(float(sk.trace(H, num_matvecs=12, seed=0).value))
+        if hasattr(sk, "spectral_density"):
+            d = sk.spectral_density(H, num_runs=2, lanczos_steps=6, seed=0, grid=50)
+            res["api/density_nodes"] = torch.as_tensor(d.nodes, dtype=torch.float64)
+            res["api/density"] = torch.as_tensor(d.density, dtype=torch.float64)
     if hasattr(sk, "keskar_sharpness"):
         for solver in ("lbfgsb", "apgd"):
             r = sk.keskar_sharpness(model, loss_fn, data, epsilon=1e-3, solver=solver, max_iter=4, seed=0)
@@ -144,6 +150,11 @@ def _public_api(model: nn.Module, loss_fn) -> dict[str, torch.Tensor]:
     if hasattr(sk, "adaptive_sharpness"):
         r = sk.adaptive_sharpness(model, loss_fn, data, rho=2e-3, max_iter=4, seed=0)
         res["api/adaptive"] = torch.tensor(float(r.value))
+        r = sk.adaptive_sharpness(model, loss_fn, data, rho=2e-3, kind="average", m=16, max_iter=3, seed=0)
+        res["api/adaptive_average_m"] = torch.tensor(float(r.value))
+    if hasattr(sk, "keskar_sharpness"):
+        r = sk.keskar_sharpness(model, loss_fn, data, epsilon=1e-3, subspace_dim=4, solver="pga", max_iter=3, seed=0)
+        res["api/keskar_subspace_pga"] = torch.tensor(float(r.value))
     return res
 
 
@@ -161,14 +172,15 @@ def audit_rows(tmp: Path) -> dict[str, torch.Tensor]:
     res: dict[str, torch.Tensor] = {}
     res.update(_engine_hvps())
     data = data_variants()["batches"]
-    for group in (2, 1):
+    # Stacked (a group of 2) with every metric; one at a time (Objective) on one checkpoint.
+    for group, metrics, cks in ((2, "keskar,keskar-subspace,adaptive,top-eig,trace", ck), (1, "keskar,top-eig", ck / "m0.pt")):
         rows = sk.audit(
-            ck, model, data, metrics="keskar,keskar-subspace,adaptive,top-eig,trace", out=tmp / f"audit-{group}.jsonl",
+            cks, model, data, metrics=metrics, out=tmp / f"audit-{group}.jsonl",
             subspace_dim=5, max_iter=3, lanczos_steps=5, trace_samples=3, group_size=group, progress=True,
         )
         for row in rows:
             assert row["status"] == "ok", row
-            for m in ("loss", "keskar", "keskar-subspace", "adaptive", "top-eig", "trace"):
+            for m in ["loss"] + metrics.split(","):
                 res[f"g{group}/{row['name']}/{m}"] = torch.tensor(float(row[m]), dtype=torch.float64)
     return res
 
@@ -367,9 +379,9 @@ def test_measurements_match_single_process(tmp_path):
     dist_results = [torch.load(tmp_path / f"measure-rank{r}.pt") for r in range(WORLD)]
     assert single["empty_rank/num_samples"].item() == 5
     _compare(dist_results, single)
-    for group in (2, 1):
+    for group, count in ((2, 2), (1, 1)):
         lines = (tmp_path / f"audit-{group}.jsonl").read_text().splitlines()
-        assert len(lines) == 2  # one row per checkpoint: rank 1 wrote nothing
+        assert len(lines) == count  # one row per checkpoint: rank 1 wrote nothing
 
 
 def test_failing_rank_is_reported_once_and_nobody_hangs(tmp_path):
