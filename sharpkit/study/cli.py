@@ -29,7 +29,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--sb", type=int, default=None, help="small batch size (default: min(256, LB // 16))")
     p.add_argument("--lb", type=int, default=None, help="large batch size (default: 10%% of the training set)")
     p.add_argument("--seeds", default=None, help="number of seeds (e.g. 5) or a comma-separated list (e.g. 0,3,7); default 5, 2 with --quick")
-    p.add_argument("--epochs", type=int, default=None, help="epoch cap per training (default 40, 10 with --quick)")
+    p.add_argument("--epochs", type=int, default=None, help="epoch cap at the small batch (default 40, 8 with --quick); the large batch gets 3x (4x with --quick), "
+                        "batch sizes in between a geometric interpolation")
     p.add_argument("--device", default="auto", help="auto (GPU when available), cpu, cuda, cuda:1 ...")
     p.add_argument("--eps", default=None, help="comma-separated ε values (default 1e-3,5e-4)")
     p.add_argument("--solvers", default=None, help=f"comma-separated ε-sharpness solvers from {SOLVERS} (default lbfgsb,apgd)")
@@ -37,7 +38,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--warm-epochs", default=None, help="comma-separated k for the warm-start experiment")
     p.add_argument("--quick", action="store_true", help="same pipeline, smaller: about 3 minutes on a 2-core CPU")
     p.add_argument("--out", default="sharpkit-study", help="output directory (default sharpkit-study/); reused to resume")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: one per available core)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: every available core on an idle machine, 1 on a busy one)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_run, _parser=p)
     return p

@@ -16,9 +16,18 @@ class Unavailable(RuntimeError):
 
 
 def _api(name: str):
+    import importlib
+
     import sharpkit as sk
 
     fn = getattr(sk, name, None)
+    for home in ("sharpkit.sharpness", "sharpkit.curvature"):
+        if fn is not None:
+            break
+        try:
+            fn = getattr(importlib.import_module(home), name, None)
+        except ImportError:
+            continue
     if fn is None:
         raise Unavailable(f"sharpkit.{name} is not available in this installation")
     return fn

@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..data import TensorDataset, load_dataset
-from ..landscape import evaluate, interpolate
+from ..data import TensorDataset, as_batches, load_dataset
+from ..landscape import evaluate, interpolate, slice_1d
 from ..params import FlatParams
 from . import measure
 from .models import build_model
@@ -32,6 +32,8 @@ from .store import StepCache, atomic_torch_save, key_id
 from .train import TrainConfig, train
 
 __all__ = ["StudyConfig", "Study", "run_study", "default_config", "quick_config"]
+
+EVAL_CHUNK = 4096  # samples per forward pass in evaluations and measurements
 
 
 @dataclass
@@ -55,10 +57,10 @@ class StudyConfig:
     data: str = "mnist1d"
     num_samples: int = 10000
     models: tuple[str, ...] = ("f1", "c1")
-    f1_width: int = 256
+    f1_width: int = 128
     f1_depth: int = 5
     c1_channels: int = 32
-    c1_hidden: tuple[int, ...] = (384, 192)
+    c1_hidden: tuple[int, ...] = (256, 128)
     sb: int | None = None
     lb: int | None = None
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
@@ -71,7 +73,7 @@ class StudyConfig:
     solvers: tuple[str, ...] = ("lbfgsb", "apgd")
     subspace_dim: int = 100
     sharpness_iters: int = 10
-    sharpness_samples: int | None = None
+    sharpness_samples: int | None = 4096
     curvature_samples: int | None = 2048
     eig_tol: float = 1e-3
     trace_matvecs: int = 30
@@ -79,7 +81,7 @@ class StudyConfig:
     sweep: tuple[int, ...] | None = None
     sweep_models: tuple[str, ...] | None = None
     warm_epochs: tuple[int, ...] = (0, 1, 2, 5, 10, 20)
-    track_every: int = 2
+    track_every: int = 4
     curve_points: int = 25
     device: str = "auto"
     quick: bool = False
@@ -165,8 +167,14 @@ class Study:
                 return self.train_xy, n
             return (self.train_xy[0][perm[:k]], self.train_xy[1][perm[:k]]), k
 
-        self.sharp_xy, self.sharp_n = subset(c.sharpness_samples)
-        self.curv_xy, self.curv_n = subset(c.curvature_samples)
+        # Measurements read the data in chunks of EVAL_CHUNK samples (bounded memory on large data
+        # sets); with bn="eval" the objective does not depend on the chunking.
+        (sx, sy), self.sharp_n = subset(c.sharpness_samples)
+        (cx, cy), self.curv_n = subset(c.curvature_samples)
+        self.sharp_xy = as_batches((sx, sy), EVAL_CHUNK)
+        self.curv_xy = as_batches((cx, cy), EVAL_CHUNK)
+        self.train_eval = as_batches(self.train_xy, EVAL_CHUNK)
+        self.test_eval = as_batches(self.test_xy, EVAL_CHUNK)
         self.input_shape = tuple(ds.x_train.shape[1:])
 
     def model_kwargs(self, spec: str) -> dict:
@@ -287,8 +295,8 @@ class Study:
 
     def measure_eval(self, model, tkey) -> dict:
         def compute():
-            tr = evaluate(model, self.loss_fn, self.train_xy, bn="eval")
-            te = evaluate(model, self.loss_fn, self.test_xy, bn="eval")
+            tr = evaluate(model, self.loss_fn, self.train_eval, bn="eval")
+            te = evaluate(model, self.loss_fn, self.test_eval, bn="eval")
             return {"train_loss": tr[0], "train_acc": tr[1], "test_loss": te[0], "test_acc": te[1]}
 
         return self.cached({"kind": "eval", "run": key_id(tkey)}, compute)
@@ -378,11 +386,18 @@ class Study:
         out["curves"] = {}
         for path in ("linear", "sin"):
             out["curves"][path] = {}
-            for split, xy in (("train", self.train_xy), ("test", self.test_xy)):
+            for split, xy in (("train", self.train_eval), ("test", self.test_eval)):
                 key = {"kind": "curve", "a": key_id(k_sb), "b": key_id(k_lb), "path": path, "split": split,
                        "points": c.curve_points}
                 out["curves"][path][split] = self.cached(key, lambda xy=xy, path=path: _curve_dict(
                     interpolate(m_sb, m_lb, self.loss_fn, xy, alphas, path=path, bn="train")))
+        # Li et al. (2018): filter-normalised random-direction slices around each minimizer.
+        out["slices"] = {}
+        for role, (m, k) in (("sb", (m_sb, k_sb)), ("lb", (m_lb, k_lb))):
+            key = {"kind": "slice", "run": key_id(k), "points": c.curve_points, "samples": self.curv_n, "bn": c.bn,
+                   "seed": seeds[0]}
+            out["slices"][role] = self.cached(key, lambda m=m: _curve_dict(slice_1d(
+                m, self.loss_fn, self.curv_xy, np.linspace(-1.0, 1.0, c.curve_points), seed=seeds[0], bn=c.bn)))
         if extras:
             out.update(self.run_extras(spec, seeds[0], models, ks))
         return out

@@ -215,6 +215,19 @@ def summarize(results: dict) -> dict:
                                          f"barrier between them {barrier:.3g}",
                              "paper": "paper: flat around SB, sharp around LB",
                              "statistic": "one seed (first)", "verdict": "reproduced (one seed)" if ok else "not reproduced (one seed)"})
+        # Li et al. slices: loss increase at the ends of the filter-normalised slice
+        if m.get("slices") and all(m["slices"].get(r) for r in ("sb", "lb")):
+            rise = {}
+            for role in ("sb", "lb"):
+                c = m["slices"][role]
+                a, loss = np.asarray(c["alphas"]), np.asarray(c["loss"])
+                rise[role] = float(np.mean(loss[np.abs(a) >= 0.5 - 1e-9]) - loss[int(np.argmin(np.abs(a)))])
+            s["slices"] = rise
+            verdicts.append({"claim": "Filter-normalised random-direction slices (Li et al.): loss rises more around LB",
+                             "measured": f"mean loss increase for |α| ≥ 0.5: SB {rise['sb']:.3g}, LB {rise['lb']:.3g}",
+                             "paper": "Li et al. 2018: LB minimizers look sharper under filter normalisation",
+                             "statistic": "one seed (first)",
+                             "verdict": "reproduced (one seed)" if rise["lb"] > rise["sb"] else "not reproduced (one seed)"})
         # Fig 6: sharpness along training
         track = {r["role"]: r.get("tracking", []) for r in runs if r["seed"] == min(x["seed"] for x in runs)}
         lam_end = {role: next((h["lambda_max"] for h in reversed(track.get(role, [])) if h.get("lambda_max") is not None), None)
@@ -385,7 +398,7 @@ def make_figures(results: dict, out: Path) -> list[Path]:
 
     def save(fig, name):
         buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+        fig.savefig(buf, format="png", dpi=100)  # constrained layout: one draw, no bbox pass
         plt.close(fig)
         atomic_write_bytes(out / name, buf.getvalue())
         paths.append(out / name)
@@ -394,7 +407,7 @@ def make_figures(results: dict, out: Path) -> list[Path]:
         for path, splits in m.get("curves", {}).items():
             if not splits.get("train"):
                 continue
-            fig, ax = plt.subplots(figsize=(6.4, 4.2))
+            fig, ax = plt.subplots(figsize=(6.4, 4.4), layout="constrained")
             ax2 = ax.twinx()
             for split, style in (("train", "-"), ("test", "--")):
                 c = splits.get(split)
@@ -412,13 +425,25 @@ def make_figures(results: dict, out: Path) -> list[Path]:
             ax.set_title(f"{spec}: {title}\n(solid: train, dashed: test)", fontsize=10)
             h1, l1 = ax.get_legend_handles_labels()
             h2, l2 = ax2.get_legend_handles_labels()
-            ax.legend(h1 + h2, l1 + l2, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=4)
+            fig.legend(h1 + h2, l1 + l2, fontsize=8, loc="outside lower center", ncol=4)
             save(fig, f"fig_interp_{path}_{spec}.png")
+        if m.get("slices"):
+            fig, ax = plt.subplots(figsize=(6.4, 4.4), layout="constrained")
+            for role, color in (("sb", "tab:green"), ("lb", "tab:purple")):
+                c = m["slices"].get(role)
+                if c:
+                    ax.plot(c["alphas"], c["loss"], "-o", ms=3, color=color, label=f"{role.upper()} minimizer")
+            ax.set_yscale("log")
+            ax.set_xlabel("α: step along a filter-normalised random direction d (x + α d)")
+            ax.set_ylabel("training cross-entropy (log scale)")
+            ax.set_title(f"{spec}: 1-D random-direction slices (Li et al. 2018), first seed", fontsize=10)
+            ax.legend()
+            save(fig, f"fig_slice_{spec}.png")
         if m.get("sharpness"):
             cfg = results["config"]
             combos = [(e, so, sp) for sp in ("full", f"p={cfg['subspace_dim']}") for e in cfg["eps"] for so in cfg["solvers"]]
             combos = [c for c in combos if _sharp_values(m["sharpness"], *c)["sb"]]
-            fig, ax = plt.subplots(figsize=(max(6.4, 1.1 * len(combos)), 4.2))
+            fig, ax = plt.subplots(figsize=(max(6.4, 1.1 * len(combos)), 4.4), layout="constrained")
             xs = np.arange(len(combos))
             for off, role, color in ((-0.18, "sb", "tab:green"), (0.18, "lb", "tab:purple")):
                 ms = [mean_std(_sharp_values(m["sharpness"], *c)[role]) for c in combos]
@@ -437,7 +462,7 @@ def make_figures(results: dict, out: Path) -> list[Path]:
                             f"{spec}: warm start (Fig. 5)", m.get("extras_measure"), logx=False), f"fig_warm_{spec}.png")
         tracked = [r for r in m["runs"] if r.get("tracking")]
         if any(h.get("lambda_max") is not None for r in tracked for h in r["tracking"]):
-            fig, ax = plt.subplots(figsize=(6.4, 4.2))
+            fig, ax = plt.subplots(figsize=(6.4, 4.4), layout="constrained")
             for r in tracked:
                 pts = [(h["eval_loss"], h["lambda_max"], h["epoch"]) for h in r["tracking"] if h.get("lambda_max") is not None]
                 if not pts:
@@ -457,7 +482,7 @@ def make_figures(results: dict, out: Path) -> list[Path]:
 
 
 def _trend_fig(plt, rows, xkey, xlabel, title, measure, logx):
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), layout="constrained")
     ax2 = ax.twinx()
     x = [r[xkey] for r in rows]
     lab = f"ε-sharpness ({measure['solver']}, ε={measure['eps']:g})" if measure else "ε-sharpness"
@@ -478,7 +503,7 @@ def _trend_fig(plt, rows, xkey, xlabel, title, measure, logx):
     ax2.set_ylabel("test accuracy (%)", color="tab:red")
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = ax2.get_legend_handles_labels()
-    ax.legend(h1 + h2, l1 + l2, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3)
+    fig.legend(h1 + h2, l1 + l2, fontsize=8, loc="outside lower center", ncol=3)
     ax.set_title(title, fontsize=10)
     return fig
 
@@ -524,6 +549,7 @@ def render_html(results: dict, figures: list[Path]) -> str:
         {"setting": "seeds", "value": ", ".join(map(str, cfg["seeds"]))},
         {"setting": "ε-sharpness", "value": f"ε ∈ {cfg['eps']}, solvers {cfg['solvers']}, {cfg['sharpness_iters']} iterations, subspace p = {cfg['subspace_dim']} (Gaussian, Philox-seeded), on {res['sharpness_samples']} training samples, BN {cfg['bn']}"},
         {"setting": "Hessian", "value": f"λ_max by Lanczos (tol {cfg['eig_tol']}), trace by Hutch++ ({cfg['trace_matvecs']} matvecs), on {res['curvature_samples']} training samples"},
+        {"setting": "curves", "value": f"{cfg['curve_points']} points, α ∈ [−1, 2], between the first seed's SB and LB minimizers; BatchNorm with batch statistics (chunks of up to 4096 samples), as in the authors' code; random-direction slices on {res['curvature_samples']} training samples, BN {cfg['bn']}"},
         {"setting": "environment", "value": f"sharpkit {env['sharpkit']}, torch {env['torch']}, device {env['device']} ({env['device_name']}), {env['threads']} threads"},
         {"setting": "wall time", "value": f"{results.get('wall_seconds', 0):.0f} s this invocation; trainings run {stats.get('trainings_run')}, reused {stats.get('trainings_reused')}; measurements run {stats.get('measurements_run')}, reused {stats.get('measurements_reused')}"},
     ]))
