@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .audit import LOSSES
+from .distributed import agree, is_main_process
 
 
 def _common(p: argparse.ArgumentParser, checkpoint: bool = True) -> None:
@@ -50,12 +51,22 @@ def _load(args: argparse.Namespace, checkpoint: str | None) -> tuple[nn.Module, 
     batches, _, num_classes = resolve_data(args.data, args.batch_size)
     model, _ = resolve_model(args.model, batches, num_classes, seed=args.seed)
     if checkpoint:
-        model.load_state_dict(fit_state_dict(load_state_dict(checkpoint), model, source=checkpoint))
+        # Under torchrun a checkpoint one rank cannot read stops every rank, reported once.
+        with agree(f"loading {checkpoint}"):
+            model.load_state_dict(fit_state_dict(load_state_dict(checkpoint), model, source=checkpoint))
     model = model.to(device=_device(args.device), dtype=getattr(torch, args.dtype))
     return model, batches
 
 
+def _say(message: str) -> None:
+    """Progress on stderr, from rank 0 only under torchrun."""
+    if is_main_process():
+        print(message, file=sys.stderr)
+
+
 def _emit(args: argparse.Namespace, result: dict[str, Any]) -> None:
+    if not is_main_process():  # every rank holds the same result; rank 0 writes it
+        return
     text = json.dumps(result, indent=2, default=_jsonable)
     if args.out:
         from .study.store import atomic_write_text
@@ -94,7 +105,7 @@ def _sharpness(args: argparse.Namespace) -> int:
             {"epsilon" if args.kind == "keskar" else "rho": eps, "value": r.value, "loss": r.loss,
              "max_loss": r.max_loss, "num_evals": r.num_evals, "seconds": time.perf_counter() - start}
         )
-        print(f"{args.kind} eps={eps:g}: value={r.value:.6g} (loss {r.loss:.6g} -> {r.max_loss:.6g})", file=sys.stderr)
+        _say(f"{args.kind} eps={eps:g}: value={r.value:.6g} (loss {r.loss:.6g} -> {r.max_loss:.6g})")
     _emit(args, {"measure": args.kind, "model": args.model, "checkpoint": args.checkpoint, "data": args.data,
                  "solver": args.solver if args.kind == "keskar" else "apgd", "subspace_dim": args.subspace_dim,
                  "bn": args.bn, "seed": args.seed, "results": rows})
@@ -111,11 +122,11 @@ def _spectrum(args: argparse.Namespace) -> int:
                               "data": args.data, "bn": args.bn, "seed": args.seed}
     eig = sk.eigenvalues(op, k=args.k, which=args.which, tol=args.tol, seed=args.seed)
     result["eigenvalues"] = [float(v) for v in eig.values]
-    print("eigenvalues: " + ", ".join(f"{v:.6g}" for v in result["eigenvalues"]), file=sys.stderr)
+    _say("eigenvalues: " + ", ".join(f"{v:.6g}" for v in result["eigenvalues"]))
     if args.trace:
         est = sk.trace(op, method="hutch++", num_matvecs=args.trace, seed=args.seed)
         result["trace"] = {"value": float(est.value), "stderr": float(est.stderr), "num_matvecs": est.num_matvecs}
-        print(f"trace: {est.value:.6g} ± {est.stderr:.2g}", file=sys.stderr)
+        _say(f"trace: {est.value:.6g} ± {est.stderr:.2g}")
     if args.density:
         dens = sk.spectral_density(op, num_runs=args.density, seed=args.seed)
         result["density"] = {"grid": [float(v) for v in dens.grid], "density": [float(v) for v in dens.density]}
@@ -134,7 +145,7 @@ def _landscape(args: argparse.Namespace) -> int:
     result = {"path": args.path, "a": args.a, "b": args.b, "data": args.data,
               "alphas": [float(a) for a in curve.alphas], "loss": [float(v) for v in curve.loss],
               "accuracy": None if curve.accuracy is None else [float(v) for v in curve.accuracy]}
-    if args.plot:
+    if args.plot and is_main_process():
         _plot_curve(result, Path(args.plot))
     _emit(args, result)
     return 0

@@ -119,7 +119,36 @@ def measure_all(tmp: Path) -> dict[str, torch.Tensor]:
     out["landscape/accuracy"] = torch.as_tensor(curve.accuracy, dtype=torch.float64)
     out.update(_public_api(model, loss_fn))
     out.update(audit_rows(tmp))
+    out.update(_commands(tmp))
     return out
+
+
+def _commands(tmp: Path) -> dict[str, torch.Tensor]:
+    """``sharpkit spectrum`` and ``sharpkit sharpness`` (rank 0 writes the JSON)."""
+    import json
+
+    from sharpkit.cli import main
+
+    x, y = make_data()
+    data_file = tmp / "data.pt"
+    if _rank() == 0:
+        torch.save({"x_train": x, "y_train": y}, data_file)
+    _barrier()
+    common = ["--model", "test_distributed:cli_model", "--data", str(data_file), "--dtype", "float64", "--batch-size", "10"]
+    res = {}
+    for name, args in (("spectrum", ["--k", "1", "--tol", "1e-4", "--trace", "6"]),
+                       ("sharpness", ["--max-iter", "3", "--epsilon", "1e-3"])):
+        out_file = tmp / f"cli-{name}.json"
+        assert main([name, *common, *args, "--out", str(out_file)]) == 0
+        _barrier()
+        assert out_file.exists()
+        result = json.loads(out_file.read_text())
+        if name == "spectrum":
+            res["cli/spectrum"] = torch.tensor(result["eigenvalues"] + [result["trace"]["value"]], dtype=torch.float64)
+        else:
+            res["cli/sharpness"] = torch.tensor([result["results"][0]["value"]], dtype=torch.float64)
+        _barrier()
+    return res
 
 
 def _public_api(model: nn.Module, loss_fn) -> dict[str, torch.Tensor]:
