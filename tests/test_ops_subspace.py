@@ -46,6 +46,19 @@ def test_entries_match_the_definition(backend, dtype, n, p):
         torch.testing.assert_close(got.double(), _a64(n, p, seed, dtype=dtype), rtol=0, atol=tol)
 
 
+def test_cpp_float32_entries_over_a_large_sample():
+    """The C++ float32 path uses its own vectorised log and sin/cos: check them on 10^6 entries
+    (u1 and the angle cover their whole ranges) against the torch float32 definition."""
+    _require("cpp")
+    n, p, seed = 20_000, 50, 77
+    got = sk.ops.GaussianSubspace(n, p, seed, backend="cpp").materialize()
+    want = gaussian_block(seed, 0, n, p, torch.float32)
+    diff = (got - want).abs()
+    assert diff.max().item() < F32_ENTRY_TOL
+    # Relative to the entry: a few float32 ulp (eps = 1.19e-7) away from the smallest entries.
+    assert (diff / want.abs().clamp_min(1e-2)).max().item() < 8 * 1.19e-7
+
+
 def test_float32_and_float64_definitions_agree_to_float32_quantisation():
     a32, a64 = _a64(400, 50, 9, dtype=torch.float32), _a64(400, 50, 9)
     assert (a32 - a64).abs().max().item() < 5e-4
