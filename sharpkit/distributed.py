@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -53,9 +53,11 @@ __all__ = [
     "broadcast_",
     "broadcast_object",
     "barrier",
+    "main_process_computes",
     "launcher_session",
 ]
 
+T = TypeVar("T")
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=10)
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -360,6 +362,48 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+# A side group for waiting while rank 0 works alone (it may take longer than the default
+# group's timeout, which guards ordinary collectives).
+_waiting_group = None
+WAIT_TIMEOUT = datetime.timedelta(hours=24)
+
+
+def _wait_group():
+    global _waiting_group
+    if _waiting_group is None:
+        _waiting_group = dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT)
+    return _waiting_group
+
+
+def main_process_computes(fn: Callable[[], T], what: str = "work on rank 0") -> T:
+    """``fn()`` run by rank 0 alone (under :func:`suspended`: its measurements do not shard),
+    its picklable result handed to every rank.
+
+    For work that is not data-parallel, such as training a model that all ranks then measure: the
+    other ranks wait (up to 24 hours, in a side group, so that the default group's shorter timeout
+    keeps guarding ordinary collectives).  If ``fn`` raises on rank 0, rank 0 re-raises it and the
+    others raise :class:`PeerFailure`.  Without a process group it is just ``fn()``.
+    """
+    if not is_distributed():
+        return fn()
+    group = _wait_group()
+    box: list[Any] = [None]
+    error: BaseException | None = None
+    if is_main_process():
+        try:
+            with suspended():
+                box[0] = ("ok", fn())
+        except Exception as exc:  # noqa: BLE001 - handed to the other ranks, then re-raised
+            error, box[0] = exc, ("error", f"{type(exc).__name__}: {exc}")
+    dist.broadcast_object_list(box, src=0, group=group)
+    status, value = box[0]
+    if error is not None:
+        raise error
+    if status == "error":
+        raise PeerFailure(f"rank 0 failed during {what}; its error is reported by that process")
+    return value
+
+
 def barrier() -> None:
     """Wait for every rank (a no-op without a process group)."""
     if is_distributed():
@@ -385,4 +429,5 @@ def launcher_session(backend: str | None = None, timeout: datetime.timedelta | f
         yield is_distributed()
     finally:
         if started and dist.is_initialized():
+            _waiting_group = None
             dist.destroy_process_group()

@@ -60,9 +60,6 @@ def data_variants() -> dict[str, object]:
 
 def measure_all(tmp: Path) -> dict[str, torch.Tensor]:
     """Every measurement, run identically single-process and on each rank."""
-    import numpy as np
-    import scipy.optimize
-
     from sharpkit.objective import Objective
     from sharpkit.params import measurement_mode
 
@@ -80,23 +77,18 @@ def measure_all(tmp: Path) -> dict[str, torch.Tensor]:
             out[f"{name}/loss"] = obj.loss(x0 + dx)
             f, g = obj.loss_and_grad(x0 + dx)
             out[f"{name}/lg_loss"], out[f"{name}/grad"] = f, g
-        # Host-side solver: scipy L-BFGS-B, Keskar's box, driven identically on every rank.
+    # Work rank 0 does alone (its measurement unsharded), result handed to every rank.
+    from sharpkit.distributed import main_process_computes, suspended
+
+    def alone():
         obj = Objective(model, loss_fn, data_variants()["batches"])
-        x0 = obj.x0()
-        bound = 1e-2 * (x0.abs() + 1)
+        assert not obj.distributed
+        return {"rank": _rank(), "loss": obj.loss(obj.x0())}
 
-        def neg(y: np.ndarray):
-            f, g = obj.loss_and_grad(x0 + torch.from_numpy(y))
-            return -float(f), -g.numpy().astype(np.float64)
-
-        y, fmax, info = scipy.optimize.fmin_l_bfgs_b(
-            neg, np.zeros(obj.n), bounds=list(zip((-bound).tolist(), bound.tolist())), maxiter=10
-        )
-        out["lbfgsb/y"] = torch.from_numpy(y)
-        out["lbfgsb/max_loss"] = torch.tensor(-fmax)
-        out["lbfgsb/nfev"] = torch.tensor(float(info["funcalls"]))
+    got = main_process_computes(alone)
+    assert got["rank"] == 0
+    out["rank0_alone/loss"] = got["loss"]
     # Suspended: this rank works alone (all the data, no communication).
-    from sharpkit.distributed import suspended
 
     with suspended(), measurement_mode(model):
         obj = Objective(model, loss_fn, data_variants()["pair"])
@@ -174,8 +166,10 @@ def _public_api(model: nn.Module, loss_fn) -> dict[str, torch.Tensor]:
             res["api/density"] = torch.as_tensor(d.density, dtype=torch.float64)
     if hasattr(sk, "keskar_sharpness"):
         for solver in ("lbfgsb", "apgd"):
+            # L-BFGS-B: scipy driven identically on every rank from identical reduced values.
             r = sk.keskar_sharpness(model, loss_fn, data, epsilon=1e-3, solver=solver, max_iter=4, seed=0)
-            res[f"api/keskar_{solver}"] = torch.tensor(float(r.value))
+            res[f"api/keskar_{solver}"] = torch.tensor([float(r.value), float(r.num_evals)], dtype=torch.float64)
+            res[f"api/keskar_{solver}_perturbation"] = torch.as_tensor(r.perturbation, dtype=torch.float64)
     if hasattr(sk, "adaptive_sharpness"):
         r = sk.adaptive_sharpness(model, loss_fn, data, rho=2e-3, max_iter=4, seed=0)
         res["api/adaptive"] = torch.tensor(float(r.value))
@@ -202,7 +196,7 @@ def audit_rows(tmp: Path) -> dict[str, torch.Tensor]:
     res.update(_engine_hvps())
     data = data_variants()["batches"]
     # Stacked (a group of 2) with every metric; one at a time (Objective) on one checkpoint.
-    for group, metrics, cks in ((2, "keskar,keskar-subspace,adaptive,top-eig,trace", ck), (1, "keskar,top-eig", ck / "m0.pt")):
+    for group, metrics, cks in ((2, "keskar,keskar-subspace,adaptive,top-eig,trace", ck), (1, "keskar", ck / "m0.pt")):
         rows = sk.audit(
             cks, model, data, metrics=metrics, out=tmp / f"audit-{group}.jsonl",
             subspace_dim=5, max_iter=3, lanczos_steps=5, trace_samples=3, group_size=group, progress=True,
@@ -360,8 +354,17 @@ def failures(tmp: Path) -> dict[str, str]:
             if rank == 1:
                 raise FileNotFoundError("checkpoint missing on this node: /nonexistent.pt")
 
+    def rank0_fails():
+        from sharpkit.distributed import main_process_computes
+
+        def train():
+            raise RuntimeError("training diverged")
+
+        main_process_computes(train, "training")
+
     attempt("in_pass", passes)
     attempt("load", load)
+    attempt("rank0_alone", rank0_fails)
     t = torch.ones(2)
     attempt("after", lambda: all_reduce_sum_([t]))
     seen["after_value"] = str(t.tolist())
@@ -423,6 +426,8 @@ def test_failing_rank_is_reported_once_and_nobody_hangs(tmp_path):
     assert r0["in_pass"].startswith("PeerFailure: rank 1 failed") and "not finite" not in r0["in_pass"]
     assert r1["load"].startswith("FileNotFoundError: checkpoint missing")
     assert r0["load"].startswith("PeerFailure: rank 1 failed during loading the checkpoint")
+    assert r0["rank0_alone"].startswith("RuntimeError: training diverged")
+    assert r1["rank0_alone"].startswith("PeerFailure: rank 0 failed during training")
     # The group survives reported failures ...
     assert r0["after"] == r1["after"] == "ok" and r0["after_value"] == r1["after_value"] == "[2.0, 2.0]"
     # ... and a dead peer is an error on rank 0, not a hang.
