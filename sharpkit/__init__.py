@@ -4,7 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import ops
+from . import distributed, ops
 from .audit import audit
 from .curvature import (
     CurvatureOperator,
@@ -27,6 +27,7 @@ from .sharpness import SharpnessResult, adaptive_sharpness, keskar_sharpness, re
 __all__ = [
     "__version__",
     "ops",
+    "distributed",
     "FlatParams",
     "preserved",
     "measurement_mode",
