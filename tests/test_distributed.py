@@ -377,9 +377,37 @@ def failures(tmp: Path) -> dict[str, str]:
     return seen
 
 
+def study_config(tmp: Path):
+    """A tiny study (one small MLP, one seed, two epochs) on a toy data file."""
+    import numpy as np
+
+    from sharpkit.study.pipeline import StudyConfig
+
+    path = tmp / "toy.npz"
+    if not path.exists() and _rank() == 0:
+        g = np.random.default_rng(0)
+        x = g.normal(size=(120, 12)).astype(np.float32)
+        y = (x @ g.normal(size=(12, 3))).argmax(1)
+        np.savez(path, x_train=x[:96], y_train=y[:96], x_test=x[96:], y_test=y[96:])
+    _barrier()
+    return StudyConfig(
+        data=str(path), models=("f1",), f1_width=16, f1_depth=2, sb=8, lb=32, seeds=(0,), max_epochs=2,
+        patience=2, eps=(1e-3,), solvers=("apgd",), sharpness_iters=3, sharpness_samples=64, curvature_samples=64,
+        trace_matvecs=3, warm_epochs=(0, 1), track_every=1, curve_points=3, lb_epochs_factor=1.0, device="cpu",
+    )
+
+
+def study_run(tmp: Path) -> dict:
+    from sharpkit.study.pipeline import run_study
+
+    results = run_study(study_config(tmp), tmp / "study", progress=True, threads=1)
+    return {"models": results["models"]}
+
+
 SCENARIOS = {
     "measure": measure_all,
     "failures": failures,
+    "study": study_run,
 }
 
 

@@ -147,6 +147,10 @@ def _run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, TypeError) as exc:
         print(f"sharpkit study: error: {exc}", file=sys.stderr)
         return 2
+    from ..distributed import is_main_process
+
+    if not is_main_process():  # under torchrun rank 0 reports
+        return 0
     print(f"sharpkit study: wrote {args.out}/report.html, results.json, CSV tables and "
           f"{len(results.get('figures', []))} figures in {time.perf_counter() - t:.0f} s")
     for spec, s in results["summary"]["models"].items():

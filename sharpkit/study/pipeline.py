@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .. import __version__
+from .. import distributed as _dist
 from ..data import TensorDataset, as_batches, load_dataset
 from ..landscape import evaluate, interpolate, slice_1d
 from ..params import FlatParams
@@ -134,6 +135,8 @@ class Study:
         self.out = Path(out_dir)
         self.progress = progress
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        if not _dist.is_main_process():  # under torchrun rank 0 alone reports progress
+            self.progress, self.log = False, (lambda msg: None)
         self.device = _device(config.device)
         self.loss_fn = nn.CrossEntropyLoss()
         self.cache = StepCache(self.out / "cache")
@@ -210,7 +213,23 @@ class Study:
         }
 
     def trained(self, key: dict) -> tuple[nn.Module, dict]:
-        """The trained model for ``key`` (trained now or loaded from DIR/runs) and its run record."""
+        """The trained model for ``key`` (trained now or loaded from DIR/runs) and its run record.
+
+        Under torch.distributed training is not sharded: rank 0 trains (or loads) the model alone
+        and every rank receives its weights, so that all ranks measure the same model."""
+        if not _dist.is_distributed():
+            return self._trained(key)
+
+        def on_rank0():
+            model, record = self._trained(key)
+            return {k: v.detach().cpu() for k, v in model.state_dict().items()}, record
+
+        state, record = _dist.main_process_computes(on_rank0, f"training {key['model']} b={key['batch']}")
+        model = self.new_model(key["model"], key["seed"])
+        model.load_state_dict(state)
+        return model.eval(), record
+
+    def _trained(self, key: dict) -> tuple[nn.Module, dict]:
         run_dir = self.run_dir(key)
         final = run_dir / "final.pt"
         model = self.new_model(key["model"], key["seed"])
@@ -283,7 +302,8 @@ class Study:
 
     def cached(self, key: dict, compute) -> Any:
         """``compute()`` once per key (cached in DIR/cache); None when the API it needs is missing."""
-        hit = self.cache.get(key)
+        # Under torch.distributed rank 0 decides (its cache is the one written), every rank computes.
+        hit = _dist.broadcast_object(self.cache.get(key) if _dist.is_main_process() else None)
         if hit is not None:
             return hit
         try:
@@ -291,7 +311,7 @@ class Study:
         except measure.Unavailable as exc:
             self._unavailable(str(exc))
             return None
-        return self.cache.put(key, value)
+        return self.cache.put(key, value) if _dist.is_main_process() else value
 
     def measure_eval(self, model, tkey) -> dict:
         def compute():
@@ -504,6 +524,8 @@ def run_study(
     _set_threads(threads)
     study = Study(config, out_dir, progress=progress)
     results = study.run()
+    if not _dist.is_main_process():  # rank 0 writes the report
+        return results
     return write_outputs(results, Path(out_dir))
 
 
