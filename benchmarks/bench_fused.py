@@ -116,6 +116,9 @@ def bench_hvp(label, model, loss_fn, X, Y, ks, repeats, device, dtype, names) ->
             if n in variants:
                 other = variants[n]().detach()
                 check[n] = ((ref - other).norm() / other.norm()).item()
+                if n == "double-backward" and "torch.func" in variants:  # the two baselines, for scale
+                    base = variants["torch.func"]().detach()
+                    check["torch.func vs double-backward"] = ((base - other).norm() / other.norm()).item()
         times = {n: [] for n in variants}
         for _ in range(repeats):
             for n, fn in variants.items():  # interleaved
@@ -223,7 +226,7 @@ def main(argv=None) -> int:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": args.dtype, "hvp": [], "ce_hvp": [],
     }
-    for which in args.models.split(","):
+    for which in [m for m in args.models.split(",") if m and m != "none"]:
         if which == "f1":
             model = mlp(args.input_dim, 512, 5, args.classes).to(device, dtype)
             groups = [(args.batch, [k for k in ks if k != 64 or args.f1_k64_batch is None])]

@@ -111,6 +111,15 @@ def test_bad_arguments():
             ce_hvp(z, r, s, backend="cuda")
 
 
+def test_cuda_kernels_are_built_into_the_native_module():
+    """csrc/ce_hvp.cu registers one entry point per dtype in sharpkit._C_cuda (no GPU needed to list them)."""
+    try:
+        import sharpkit._C_cuda as native
+    except ImportError:
+        pytest.skip("sharpkit was built without CUDA kernels")
+    assert {f"sk_ce_hvp_{s}" for s in ("f32", "f64", "f16", "bf16")} <= set(native.kernels())
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cuda", "triton", "cupy"])
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])

@@ -259,6 +259,8 @@ class FusedEngine:
         self._graphs: dict[tuple[int, int], tuple[Any, torch.Tensor, torch.Tensor]] = {}
         self._bind(model)
         self.num_matvecs = 0
+        self.info: dict[str, Any] = {"engine": self.name, "kind": kind, "cache": cache, "backend": backend,
+                                     "cuda_graph": self.cuda_graph}
 
     # -- parameters ----------------------------------------------------------------------------------
 

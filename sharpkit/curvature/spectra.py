@@ -118,6 +118,13 @@ def _gaussian(n: int, k: int, gen: torch.Generator, device: torch.device) -> tor
     return torch.randn(n, k, generator=gen, dtype=F64).to(device)
 
 
+def _eigh(T: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigen-decomposition of a small symmetric float64 matrix (LAPACK through numpy: much less
+    per-call overhead than torch's for the tridiagonal/banded Lanczos matrices)."""
+    w, S = np.linalg.eigh(T.detach().cpu().numpy())
+    return torch.from_numpy(w), torch.from_numpy(S)
+
+
 def _select(theta: torch.Tensor, k: int, which: str) -> torch.Tensor:
     """Indices of the k wanted values of ``theta``, in output order."""
     if which == "LA":
@@ -200,7 +207,7 @@ def _lanczos(matvec: _Counter, n: int, k: int, which: str, tol: float, max_steps
         if m > 1:
             off = torch.tensor(betas, dtype=F64)
             T += torch.diag(off, 1) + torch.diag(off, -1)
-        theta, S = torch.linalg.eigh(T)
+        theta, S = _eigh(T)
         idx = _select(theta, min(k, m), which)
         res = (b * S[-1, idx]).abs()
         scale = theta[idx].abs().clamp_min(1e-30)
@@ -269,7 +276,7 @@ def _block_lanczos(matmat: _Counter, n: int, k: int, which: str, tol: float, max
                 Bi = B_blocks[i - 1]
                 T[i * p:(i + 1) * p, (i - 1) * p:i * p] = Bi
                 T[(i - 1) * p:i * p, i * p:(i + 1) * p] = Bi.t()
-        theta, S = torch.linalg.eigh(T)
+        theta, S = _eigh(T)
         idx = _select(theta, min(k, m), which)
         res = torch.linalg.vector_norm(B_blocks[-1] @ S[-p:, idx], dim=0)
         if m >= k and (bool((res <= tol * theta[idx].abs().clamp_min(1e-30)).all()) or m + p > n):
@@ -473,7 +480,7 @@ def lanczos_runs(
             done = m >= bases[r].rows.shape[1] or b <= 1e-12 * max(1.0, max(abs(x) for x in alphas[r]))
             if tol is not None and not done:
                 T = _tridiag(alphas[r], betas[r])
-                theta, S = torch.linalg.eigh(T)
+                theta, S = _eigh(T)
                 i = _select(theta, 1, which)
                 done = bool((b * S[-1, i]).abs() <= tol * theta[i].abs().clamp_min(1e-30))
             if done:
@@ -608,7 +615,7 @@ def spectral_density(
         g = min(group, num_runs - g0)
         starts = list(_rademacher(n, g, gen, device).t())
         for i, (a, b) in enumerate(lanczos_runs(mv, n, starts, steps, device=device)):
-            theta, S = torch.linalg.eigh(_tridiag(a.tolist(), b.tolist()))
+            theta, S = _eigh(_tridiag(a.tolist(), b.tolist()))
             nodes[g0 + i, : theta.numel()] = theta
             weights[g0 + i, : theta.numel()] = S[0] ** 2
     valid = ~torch.isnan(nodes)

@@ -13,7 +13,9 @@ With ``c = |w|`` (adaptive) or ``c = 1`` (standard) and the perturbation set
 
 Because the solver iterates in the normalised coordinates ``δ ⊘ (ρ c)``, the adaptive measures
 (c = |w|) are invariant to rescaling a ReLU layer by α and the next by 1/α (Dinh et al. 2017), to
-rounding: see docs/invariance.md.  Defaults follow Andriushchenko et al.: 20 iterations, BN frozen.
+rounding: see docs/invariance.md.  Defaults follow Andriushchenko et al.: 20 iterations, BN frozen;
+their evaluation protocol (1024 examples in batches of 128) is ``m=128`` (``num_examples=1024`` is
+the default); ``m=None`` measures one worst case over all of ``data``.
 """
 from __future__ import annotations
 

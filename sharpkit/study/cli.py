@@ -153,6 +153,8 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     print(f"sharpkit study: wrote {args.out}/report.html, results.json, CSV tables and "
           f"{len(results.get('figures', []))} figures in {time.perf_counter() - t:.0f} s")
+    if config.quick:
+        print("  (--quick: smoke-test scale, models not trained to convergence; run without --quick for the study)")
     for spec, s in results["summary"]["models"].items():
         for v in s["verdicts"]:
             print(f"  [{spec}] {v['verdict']:<34} {v['claim']}")

@@ -381,6 +381,7 @@ class Study:
                 run = {"role": role, "seed": seed, "batch": batch, "epochs": rec["epochs"], "stopped": rec["stopped"],
                        "train_seconds": rec["seconds"], "dist_from_init": float((x - x0).norm()),
                        "key": key_id(tkey), **ev}
+                run["loss_history"] = [h["train_loss"] for h in rec["history"][1:]]
                 if first:
                     run["tracking"] = [h for h in rec["history"] if "eval_loss" in h]
                 out["runs"].append(run)

@@ -1,0 +1,160 @@
+"""ε-sharpness solvers on a large-batch-trained F1-style MLP, and the subspace variant's memory.
+
+Script mode (``python benchmarks/bench_sharpness.py``) prints two tables:
+
+1. Solvers.  An F1-style MLP (40 -> 5 x [512, BN, ReLU] -> 10, about 1.07M parameters) is trained on
+   MNIST-1D (4000 training sequences) with Adam at batch 400 (10 % of the training set, Keskar's
+   large batch) until the epoch loss stops improving; the weights are cached under
+   ``$SHARPKIT_CACHE`` (default ``~/.cache/sharpkit``).  The reference is the paper's protocol,
+   ``solver="lbfgsb"`` with 10 iterations.  Then ``lbfgsb``, ``pga`` and ``apgd`` run in interleaved
+   rounds (the order rotates each round) and the table gives, as medians over rounds, the time each
+   takes to first reach the reference value (from the start of the call, setup included), its total
+   time and final value.
+2. Memory (``--memory``, run in a fresh subprocess): the subspace variant with p = 100 on an MLP of
+   about 10⁷ parameters; the peak resident memory above the baseline after building the model and
+   data, in units of one n-vector (4n bytes).
+
+``--quick`` trains less and runs fewer rounds (a smoke test).  ``--skip-memory`` omits table 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import sharpkit as sk
+from sharpkit.data import _cache_dir
+from sharpkit.study.models import make_f1
+from sharpkit.study.store import atomic_torch_save
+from sharpkit.study.train import TrainConfig, train
+
+SOLVERS = ("lbfgsb", "pga", "apgd")
+
+
+def trained_f1(data, batch_size: int, max_epochs: int, seed: int = 0) -> nn.Module:
+    """The F1-style MLP trained with Adam at ``batch_size`` until its loss plateaus (cached)."""
+    torch.manual_seed(seed)
+    model = make_f1((40,), 10)
+    path = _cache_dir() / f"bench_sharpness_f1_b{batch_size}_e{max_epochs}_s{seed}.pt"
+    if path.exists():
+        model.load_state_dict(torch.load(path, weights_only=True))
+    else:
+        t = time.perf_counter()
+        res = train(model, nn.CrossEntropyLoss(), data.train, TrainConfig(batch_size=batch_size, max_epochs=max_epochs,
+                                                                         patience=10), seed=seed)
+        print(f"trained F1 at batch {batch_size}: {res.epochs} epochs ({res.stopped}), final epoch loss "
+              f"{res.history[-1]['train_loss']:.4g}, {time.perf_counter() - t:.0f} s", file=sys.stderr)
+        atomic_torch_save(model.state_dict(), path)
+    return model.eval()
+
+
+def time_to_reach(history, target: float) -> float:
+    """Seconds until the best value first reached ``target`` (inf if never)."""
+    for _, t, v in history:
+        if v >= target:
+            return t
+    return float("inf")
+
+
+def solver_table(rounds: int, epsilon: float, max_epochs: int) -> None:
+    torch.manual_seed(0)
+    data = sk.load_mnist1d()
+    model = trained_f1(data, batch_size=len(data.x_train) // 10, max_epochs=max_epochs)
+    loss_fn = nn.CrossEntropyLoss()
+    n = sk.FlatParams(model).n
+    ref = sk.keskar_sharpness(model, loss_fn, data.train, epsilon=epsilon, solver="lbfgsb", max_iter=10)
+    target = ref.value
+    print(f"F1-style MLP, n = {n}, MNIST-1D train ({len(data.x_train)} samples), epsilon = {epsilon:g}, "
+          f"loss = {ref.loss:.5g}; reference (lbfgsb, 10 iterations): {target:.5g} "
+          f"[{ref.info['nit']} iterations, {ref.info['nfev']} evaluations]; torch threads {torch.get_num_threads()}")
+    runs: dict[str, list] = {s: [] for s in SOLVERS}
+    for r in range(rounds):
+        order = SOLVERS[r % 3:] + SOLVERS[: r % 3]
+        for s in order:
+            res = sk.keskar_sharpness(model, loss_fn, data.train, epsilon=epsilon, solver=s, max_iter=10)
+            own_final = res.value if s == "lbfgsb" else target
+            runs[s].append((time_to_reach(res.history, min(target, own_final)), res.time_s, res.value, res.num_evals,
+                            time_to_reach(res.history, target)))
+    med = {s: statistics.median(x[0] for x in runs[s]) for s in SOLVERS}
+    print(f"\nmedians over {rounds} interleaved rounds (time to the reference value from the call's start)")
+    print(f"{'solver':8} {'t_reach_s':>10} {'speedup':>8} {'total_s':>8} {'value':>10} {'evals':>6} {'reached':>8}")
+    for s in SOLVERS:
+        xs = runs[s]
+        reached = sum(1 for x in xs if x[4] < float("inf"))
+        print(f"{s:8} {med[s]:10.3f} {med['lbfgsb'] / med[s]:8.2f} {statistics.median(x[1] for x in xs):8.3f} "
+              f"{statistics.median(x[2] for x in xs):10.5g} {statistics.median(x[3] for x in xs):6.0f} "
+              f"{reached:>4}/{len(xs)}")
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def memory_child(width: int, p: int, samples: int, max_iter: int) -> dict:
+    """Runs in a fresh process: peak RSS of the subspace variant above the post-setup baseline."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10))
+    data = sk.load_mnist1d()
+    x, y = data.x_train[:samples], data.y_train[:samples]
+    n = sk.FlatParams(model).n
+    base = _rss_bytes()
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    t = time.perf_counter()
+    res = sk.keskar_sharpness(model, nn.CrossEntropyLoss(), (x, y), epsilon=1e-3, subspace_dim=p, solver="apgd",
+                              max_iter=max_iter)
+    seconds = time.perf_counter() - t
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"n": n, "p": p, "samples": samples, "max_iter": max_iter, "num_evals": res.num_evals,
+            "baseline_bytes": base, "peak_before_bytes": peak_before, "peak_bytes": peak, "seconds": seconds,
+            "value": res.value, "n_vector_bytes": 4 * n}
+
+
+def memory_table(width: int, p: int, samples: int, max_iter: int) -> None:
+    cmd = [sys.executable, __file__, "--memory-child", json.dumps([width, p, samples, max_iter])]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    delta = r["peak_bytes"] - r["baseline_bytes"]
+    unit = r["n_vector_bytes"]
+    print(f"\nsubspace variant, n = {r['n']} parameters, p = {r['p']}, {r['samples']} samples, apgd "
+          f"max_iter = {r['max_iter']} ({r['num_evals']} evaluations), {r['seconds']:.1f} s, value {r['value']:.4g}")
+    print(f"peak RSS above the post-setup baseline: {delta / 2**20:.0f} MiB = {delta / unit:.2f} n-vectors "
+          f"(one n-vector = {unit / 2**20:.1f} MiB; a stored A would be {r['p']} n-vectors); "
+          f"peak before the call {(r['peak_before_bytes'] - r['baseline_bytes']) / unit:.2f} n-vectors above baseline")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--epsilon", type=float, default=1e-3)
+    ap.add_argument("--max-epochs", type=int, default=200)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--memory-only", action="store_true")
+    ap.add_argument("--width", type=int, default=3150, help="hidden width of the memory model (3150: ~1.0e7 parameters)")
+    ap.add_argument("--memory-iters", type=int, default=1)
+    ap.add_argument("--memory-samples", type=int, default=256)
+    ap.add_argument("--memory-child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.memory_child:
+        print(json.dumps(memory_child(*json.loads(args.memory_child))))
+        return
+    if args.quick:
+        args.rounds, args.max_epochs, args.width = 2, 20, 1000
+    if not args.memory_only:
+        solver_table(args.rounds, args.epsilon, args.max_epochs)
+    if not args.skip_memory:
+        memory_table(args.width, 100, args.memory_samples, args.memory_iters)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""Eigenvalues, trace, spectral density and per-layer estimates against explicit float64 matrices."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import sharpkit as sk
+from test_curvature_refs import assert_unchanged, cnn, explicit_ggn, explicit_hessian, mlp, snapshot, uneven_batches
+
+F64 = torch.float64
+CE = nn.CrossEntropyLoss()
+
+
+def _wider_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return mlp(d_in=5, hidden=12, classes=4)
+
+
+@pytest.fixture(scope="module")
+def problem():
+    """A BN MLP (n = 136) on uneven batches: its Hessian operator and explicit Hessian."""
+    model = _wider_mlp()
+    data = uneven_batches("mlp", sizes=(16, 16, 5), classes=4)
+    H = explicit_hessian(model, CE, data, "eval")
+    return model, data, H, torch.linalg.eigvalsh(H)
+
+
+def _rel(a, b):
+    a, b = torch.as_tensor(a, dtype=F64), torch.as_tensor(b, dtype=F64)
+    return float(((a - b).abs() / b.abs()).max())
+
+
+@pytest.mark.parametrize("which", ["LA", "SA", "LM"])
+def test_lanczos_top5_matches_explicit(problem, which):
+    model, data, H, evals = problem
+    op = sk.hessian(model, CE, data, dtype=F64)
+    r = sk.eigenvalues(op, k=5, which=which, tol=1e-10, block_size=1)
+    want = {"LA": evals.flip(0)[:5], "SA": evals[:5], "LM": evals[evals.abs().argsort(descending=True)][:5]}[which]
+    assert r.converged and r.values.shape == (5,) and r.vectors.shape == (op.n, 5)
+    assert _rel(r.values, want) < 1e-6
+    # Ritz vectors are eigenvectors: residual small, orthonormal.
+    R = H @ r.vectors - r.vectors * r.values
+    assert float(R.norm(dim=0).max()) < 1e-4 * float(evals.abs().max())
+    torch.testing.assert_close(r.vectors.t() @ r.vectors, torch.eye(5, dtype=F64), atol=1e-8, rtol=0)
+    assert r.num_matvecs == op.num_matvecs
+
+
+@pytest.mark.parametrize("method,kw", [("lanczos", {"block_size": 8}), ("lanczos", {"block_size": 3}), ("lobpcg", {})])
+def test_block_methods_top5_match_explicit(problem, method, kw):
+    model, data, H, evals = problem
+    op = sk.hessian(model, CE, data, dtype=F64)
+    r = sk.eigenvalues(op, k=5, method=method, tol=1e-10, **kw)
+    assert _rel(r.values, evals.flip(0)[:5]) < 1e-6
+    if method == "lanczos":  # every step is one batched product of block_size vectors
+        assert op.num_passes * kw["block_size"] == op.num_matvecs
+
+
+def test_power_iteration_and_warm_start():
+    # A synthetic symmetric matrix with a clear gap: power iteration converges, warm start is immediate.
+    g = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(60, 60, generator=g, dtype=F64))
+    lam = torch.cat([torch.tensor([10.0, 5.0, -3.0], dtype=F64), torch.linspace(-1, 1, 57, dtype=F64)])
+    A = Q @ torch.diag(lam) @ Q.t()
+    r = sk.eigenvalues(A, k=2, method="power", tol=1e-10, max_steps=500)
+    assert r.converged and _rel(r.values, [10.0, 5.0]) < 1e-6
+    cold = sk.eigenvalues(A, k=1, tol=1e-8)
+    warm = sk.eigenvalues(A, k=1, tol=1e-8, v0=Q[:, 0])
+    assert _rel(cold.values, [10.0]) < 1e-10 and _rel(warm.values, [10.0]) < 1e-10
+    assert warm.num_matvecs <= 2 < cold.num_matvecs
+    again = sk.eigenvalues(A, k=1, tol=1e-8)
+    assert torch.equal(again.values, cold.values)  # same seed, same numbers
+
+
+def test_ggn_eigenvalues_cnn_both_bn_modes():
+    torch.manual_seed(0)
+    model, data = cnn(), uneven_batches("cnn")
+    snap = snapshot(model)
+    for bn in ("train",):  # (the eval-mode GGN is checked in test_curvature)
+        G = explicit_ggn(model, CE, data, bn)
+        r = sk.eigenvalues(sk.ggn(model, CE, data, bn=bn, dtype=F64), k=3, tol=1e-10)
+        assert _rel(r.values, torch.linalg.eigvalsh(G).flip(0)[:3]) < 1e-6
+    assert_unchanged(model, snap)
+
+
+@pytest.mark.parametrize("method", ["hutchinson", "hutch++"])
+def test_trace_within_three_standard_errors(problem, method):
+    model, data, H, _ = problem
+    op = sk.hessian(model, CE, data, dtype=F64)
+    est = sk.trace(op, method=method, num_matvecs=60, seed=1)
+    exact = float(torch.trace(H))
+    assert est.num_matvecs == 60 == op.num_matvecs
+    assert est.stderr > 0
+    assert abs(est.value - exact) <= 3 * est.stderr
+    again = sk.trace(op, method=method, num_matvecs=60, seed=1)
+    assert again.value == est.value
+
+
+def test_hutchpp_beats_hutchinson_on_low_rank():
+    g = torch.Generator().manual_seed(2)
+    U = torch.randn(200, 5, generator=g, dtype=F64)
+    A = U @ torch.diag(torch.tensor([50.0, 40, 30, 20, 10], dtype=F64)) @ U.t() / 200 + 1e-3 * torch.eye(200, dtype=F64)
+    exact = float(torch.trace(A))
+    pp = sk.trace(A, method="hutch++", num_matvecs=30, seed=0)
+    hu = sk.trace(A, method="hutchinson", num_matvecs=30, seed=0)
+    assert abs(pp.value - exact) <= 3 * pp.stderr + 1e-12
+    assert pp.stderr < hu.stderr
+    early = sk.trace(A, method="hutchinson", num_matvecs=400, seed=0, rtol=0.05, block_size=8)
+    assert early.num_matvecs < 400 and early.stderr <= 0.05 * abs(early.value)
+
+
+def test_spectral_density_quadrature(problem):
+    model, data, H, evals = problem
+    n = H.shape[0]
+    op = sk.hessian(model, CE, data, dtype=F64)
+    d = sk.spectral_density(op, num_runs=4, lanczos_steps=n, seed=0)
+    # n steps: the nodes are the eigenvalues exactly; weights of each run sum to 1.
+    for run in range(4):
+        nodes = d.nodes[run][~torch.isnan(d.nodes[run])]
+        # (fewer nodes than n where eigenvalues repeat: the Krylov space is then invariant earlier)
+        tol = 1e-8 * float(evals.abs().max())
+        assert float((nodes[:, None] - evals[None]).abs().min(1).values.max()) < tol
+        assert abs(float(nodes.max() - evals.max())) < tol and abs(float(nodes.min() - evals.min())) < tol
+    torch.testing.assert_close(d.weights.sum(1), torch.ones(4, dtype=F64), rtol=1e-10, atol=1e-10)
+    assert op.num_passes <= n  # all runs advance together: one batched product per step
+    # Short runs: the quadrature's first moment per run is z^T H z / n; its mean estimates tr(H)/n.
+    d = sk.spectral_density(op, num_runs=12, lanczos_steps=10, seed=3)
+    m1 = (d.weights * torch.nan_to_num(d.nodes)).sum(1)
+    assert abs(float(m1.mean()) - float(torch.trace(H)) / n) <= 3 * float(m1.std()) / math.sqrt(12)
+    dx = float(d.grid[1] - d.grid[0])
+    assert abs(float(d.density.sum()) * dx - 1.0) < 0.02
+    assert d.density.dtype == F64 and (d.density >= 0).all()
+
+
+def test_layerwise_in_one_run(problem):
+    model, data, H, _ = problem
+    op = sk.hessian(model, CE, data, dtype=F64)
+    res = sk.layerwise(op, num_matvecs=64, tol=1e-10, max_steps=60, seed=0, block_size=16)
+    assert list(res) == ["0", "1", "4"]
+    groups = sk.curvature.parameter_groups(op)
+    for name, lc in res.items():
+        s = groups[name]
+        block = H[s][:, s]
+        assert lc.numel == s.numel()
+        assert abs(lc.trace.value - float(torch.trace(block))) <= 3 * lc.trace.stderr
+        assert _rel([lc.top_eigenvalue], [float(torch.linalg.eigvalsh(block).max())]) < 1e-6
+    # No pass per layer: 64 probes in blocks of 16, then one batched product per Lanczos step.
+    assert op.num_passes <= 4 + 60
+    per_param = sk.layerwise(op, trace=False, tol=1e-10, max_steps=60, group="parameter")
+    assert len(per_param) == 6 and all(r.trace is None for r in per_param.values())
+
+
+def test_bad_arguments(problem):
+    model, data, H, _ = problem
+    op = sk.hessian(model, CE, data, dtype=F64)
+    with pytest.raises(ValueError, match="k must"):
+        sk.eigenvalues(op, k=0)
+    with pytest.raises(ValueError, match="which"):
+        sk.eigenvalues(op, which="BE")
+    with pytest.raises(ValueError, match="method"):
+        sk.eigenvalues(op, method="arnoldi")
+    with pytest.raises(ValueError, match="v0"):
+        sk.eigenvalues(op, v0=torch.ones(3))
+    with pytest.raises(ValueError, match="v0"):
+        sk.eigenvalues(op, v0=torch.zeros(op.n))
+    with pytest.raises(ValueError, match="num_matvecs"):
+        sk.trace(op, num_matvecs=2)
+    with pytest.raises(ValueError, match="method"):
+        sk.trace(op, method="exact")
+    with pytest.raises(TypeError, match="square operator"):
+        sk.trace(torch.ones(3, 4))
+    with pytest.raises(TypeError, match="curvature operator"):
+        sk.layerwise(H)
