@@ -25,7 +25,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from datetime import datetime, timezone
 
@@ -35,6 +34,7 @@ from torch.func import functional_call, grad, jvp, vmap
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from sharpkit.curvature.fused import FusedEngine  # noqa: E402
+from sharpkit.files import atomic_write_text  # noqa: E402
 from sharpkit.kernels.ce_hvp import CEHessian, ce_hvp  # noqa: E402
 from sharpkit.params import FlatParams  # noqa: E402
 
@@ -184,13 +184,8 @@ def bench_ce(n, cs, k, repeats, device, dtype) -> list[dict]:
 
 
 def write_json(path: str, payload: dict) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(payload, fh, indent=2)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """Write ``payload`` as indented JSON to ``path`` atomically."""
+    atomic_write_text(path, json.dumps(payload, indent=2))
 
 
 def main(argv=None) -> int:

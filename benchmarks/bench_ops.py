@@ -19,13 +19,13 @@ import platform
 import random
 import statistics
 import sys
-import tempfile
 import time
 from typing import Callable
 
 import torch
 
 import sharpkit as sk
+from sharpkit.files import atomic_write_text
 from sharpkit.kernels._backend import cpp_module
 
 EPS, STEP = 1e-3, 1e-4
@@ -99,19 +99,8 @@ def interleaved_medians(variants: dict[str, Callable[[], object]], rounds: int, 
 
 
 def _atomic_write_json(path: str, payload: dict) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write ``payload`` as indented JSON to ``path`` atomically."""
+    atomic_write_text(path, json.dumps(payload, indent=2))
 
 
 def main(argv: list[str] | None = None) -> int:

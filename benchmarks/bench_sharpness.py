@@ -34,7 +34,7 @@ from torch import nn
 import sharpkit as sk
 from sharpkit.data import _cache_dir
 from sharpkit.study.models import make_f1
-from sharpkit.study.store import atomic_torch_save
+from sharpkit.files import atomic_torch_save
 from sharpkit.study.train import TrainConfig, train
 
 SOLVERS = ("lbfgsb", "pga", "apgd")

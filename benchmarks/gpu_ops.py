@@ -17,11 +17,11 @@ import json
 import os
 import re
 import sys
-import tempfile
 
 import torch
 
 import sharpkit as sk
+from sharpkit.files import atomic_write_text
 
 EPS, STEP = 1e-3, 1e-4
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -98,19 +98,8 @@ def bench_subspace(n: int, p: int, backends: dict[str, str]) -> list[dict]:
 
 
 def _atomic_write_json(path: str, payload: dict) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write ``payload`` as indented JSON to ``path`` atomically."""
+    atomic_write_text(path, json.dumps(payload, indent=2))
 
 
 def main(argv: list[str] | None = None) -> int:

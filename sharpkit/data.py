@@ -15,6 +15,8 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import torch
 
+from .files import atomic_save_npz
+
 __all__ = [
     "Batches",
     "as_batches",
@@ -222,7 +224,7 @@ def load_mnist1d(num_samples: int = 5000, seed: int = 42, cache: bool = True) ->
         made = make_dataset(args)
         arrays = {k: np.asarray(made[k]) for k in ("x", "y", "x_test", "y_test")}
         if cache:
-            _atomic_save_npz(path, arrays)
+            atomic_save_npz(path, arrays)
     return TensorDataset(
         "mnist1d",
         torch.as_tensor(arrays["x"], dtype=torch.float32),
@@ -289,13 +291,4 @@ def load_dataset(spec: str, **kwargs: Any) -> TensorDataset:
     if spec.endswith((".npz", ".pt", ".pth")):
         return load_tensor_file(spec)
     raise ValueError(f"unknown data set {spec!r}: use mnist1d, digits, or a .npz/.pt file")
-
-
-def _atomic_save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        np.savez(fh, **arrays)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 

@@ -69,7 +69,7 @@ def _emit(args: argparse.Namespace, result: dict[str, Any]) -> None:
         return
     text = json.dumps(result, indent=2, default=_jsonable)
     if args.out:
-        from .study.store import atomic_write_text
+        from .files import atomic_write_text
 
         atomic_write_text(args.out, text + "\n")
         print(f"wrote {args.out}", file=sys.stderr)
@@ -159,7 +159,7 @@ def _plot_curve(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .study.store import atomic_write_bytes
+    from .files import atomic_write_bytes
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(result["alphas"], result["loss"], "b-", label="loss")

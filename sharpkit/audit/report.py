@@ -10,6 +10,8 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..files import atomic_write_text
+
 __all__ = ["sort_rows", "format_table", "render_html", "write_html"]
 
 
@@ -123,12 +125,4 @@ code {{ font-size: 90%; }}
 
 def write_html(path: str | os.PathLike, rows: Sequence[dict[str, Any]], metrics: Sequence[str], title: str = "sharpkit audit") -> Path:
     """Write :func:`render_html` atomically (temporary file, fsync, rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(render_html(rows, metrics, title))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, render_html(rows, metrics, title))

@@ -1,4 +1,5 @@
-"""Atomic files and the study's content-addressed cache of finished steps.
+"""The study's content-addressed cache of finished steps (atomic writers re-exported from
+:mod:`sharpkit.files`).
 
 Every finished step (a training, a measurement) is stored under a key that spells out everything
 it depends on; a re-run with the same output directory finds it and skips the work, and runs with
@@ -12,36 +13,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
+from ..files import atomic_torch_save, atomic_write_bytes, atomic_write_text
 
 __all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_torch_save", "StepCache", "key_id"]
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file, fsync and ``os.replace`` (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def key_id(key: dict) -> str:
