@@ -161,12 +161,16 @@ class _Basis:
         self.size = need
 
     def orthogonalize_(self, W: torch.Tensor, passes: int = 2) -> torch.Tensor:
-        """Remove the basis components of the columns of ``W`` (n,) or (n, p); twice is enough
-        ("twice is enough", Parlett/Kahan) for full reorthogonalisation in float64."""
+        """Remove the basis components of the columns of ``W`` (n,) or (n, p): classical Gram-Schmidt,
+        repeated once when needed ("twice is enough", Parlett/Kahan) for full reorthogonalisation."""
         if self.size == 0:
             return W
         Q = self.Q
-        for _ in range(passes):
+        before = torch.linalg.vector_norm(W, dim=0)
+        W = W - Q.t() @ (Q @ W)
+        # DGKS criterion: a second pass only where the first cancelled much of the vector (norm
+        # dropped below 1/sqrt(2)); each pass reads the whole basis, the dominant cost for large n.
+        if passes > 1 and bool((torch.linalg.vector_norm(W, dim=0) < 0.7071 * before).any()):
             W = W - Q.t() @ (Q @ W)
         return W
 
@@ -198,7 +202,9 @@ def _lanczos(matvec: _Counter, n: int, k: int, which: str, tol: float, max_steps
         basis.append(q)
         w = matvec(q)
         a = float(q @ w)
-        w = w - a * q - (beta_prev * q_prev if q_prev is not None else 0.0)
+        w.sub_(q, alpha=a)  # in place: these n-vectors are the loop's main memory traffic
+        if q_prev is not None:
+            w.sub_(q_prev, alpha=beta_prev)
         w = basis.orthogonalize_(w)
         b = float(torch.linalg.vector_norm(w))
         alphas.append(a)
@@ -354,7 +360,10 @@ def eigenvalues(
             vector for Lanczos/power, the first column for block methods.
         max_steps: Lanczos steps (default ``min(n, max(300, 20 k))``), power iterations per
             eigenvalue (default 100, PyHessian's), LOBPCG iterations (default 200).
-        block_size: block size of block Lanczos (default: 1 for k = 1, else min(k, 8)).
+        block_size: block size of block Lanczos (default 1: single-vector Lanczos, which needs the
+            fewest products for well-separated eigenvalues; a block of ``min(k, 8)`` resolves repeated
+            eigenvalues in one run and pays off where a k-vector product costs little more than one,
+            as on a GPU).
     """
     n = _size(H)
     if not isinstance(k, int) or k < 1 or k > n:
@@ -380,7 +389,7 @@ def eigenvalues(
         return EigenResult(vals, vecs, mv.count, res, ok, "power", it)
     if method == "lobpcg":
         return _lobpcg(H, mv, n, k, which, tol, max_steps or 200, v0, gen, device, block_size)
-    p = block_size if block_size is not None else (1 if k == 1 else min(k, 8))
+    p = block_size if block_size is not None else 1
     if not isinstance(p, int) or p < 1:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
     if p == 1:
