@@ -105,7 +105,17 @@ def test_k_directions_and_odd_sizes(k, kind):
     X, Y = data("ce", n=17, d_out=5, shape=(11,))
     H = explicit(model, loss_fn, X, Y, kind)
     V = torch.randn(H.shape[0], k, dtype=torch.float64)
-    assert rel_err(fused_product(model, loss_fn, X, Y, V, kind), H @ V) < RTOL
+    # All k directions in one R-pass (the GPU default), one at a time (the CPU default), and uneven chunks.
+    for chunk in (None, 1, 3):
+        assert rel_err(fused_product(model, loss_fn, X, Y, V, kind, direction_chunk=chunk), H @ V) < RTOL
+
+
+def test_direction_chunk_is_validated():
+    model = mlp("relu")
+    flat = FlatParams(model)
+    for bad in (0, -2, 1.5, "all"):
+        with pytest.raises(ValueError, match="direction_chunk"):
+            FusedEngine("hessian", model, nn.CrossEntropyLoss(), flat, flat.get(torch.float64), direction_chunk=bad)
 
 
 def test_vector_input_gives_vector_and_columns_are_independent():

@@ -214,6 +214,9 @@ class FusedEngine:
         backend: kernel backend of the fused elementwise ops ("auto": Triton/CUDA on GPU, torch on CPU).
         cuda_graph: on GPU with ``cache``, capture the k-vector product once per (batch, k) in a
             CUDA graph and replay it (static shapes only).
+
+        direction_chunk: how many of the k directions one R-pass carries (None: all; "auto"
+            (default): all on GPU, 1 on CPU, where that measured fastest).
     """
 
     name = "fused"
@@ -231,6 +234,7 @@ class FusedEngine:
         cache: bool = True,
         backend: str = "auto",
         cuda_graph: bool = False,
+        direction_chunk: int | None | str = "auto",
     ):
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -259,6 +263,16 @@ class FusedEngine:
         self._graphs: dict[tuple[int, int], tuple[Any, torch.Tensor, torch.Tensor]] = {}
         self._bind(model)
         self.num_matvecs = 0
+        # Directions per R-pass.  On a GPU all k go through one set of large GEMMs.  On a CPU the
+        # stacked R-activations (N x k x width) of many directions overflow the caches and every
+        # elementwise pass streams them from memory: one direction at a time against the cached
+        # primal pass measured fastest per vector (F1-style MLP, 2-core x86: k=16 at N=4096 went
+        # from 10.3 to 6.2 forward passes per vector; benchmarks/bench_fused.py).
+        if direction_chunk == "auto":
+            direction_chunk = None if self.device.type == "cuda" else 1
+        elif direction_chunk is not None and (not isinstance(direction_chunk, int) or direction_chunk < 1):
+            raise ValueError(f"direction_chunk must be 'auto', None or a positive int, got {direction_chunk!r}")
+        self.direction_chunk: int | None = direction_chunk
         self.info: dict[str, Any] = {"engine": self.name, "kind": kind, "cache": cache, "backend": backend,
                                      "cuda_graph": self.cuda_graph}
 
@@ -440,10 +454,11 @@ class FusedEngine:
             if self.cache:
                 self._primals[batch_index] = primal
         Vt = V2.detach().to(self.device, self.dtype).t().contiguous()
-        if self.cuda_graph:
-            out = self._graphed(batch_index, primal, Vt)
+        chunk = self.direction_chunk or k
+        if chunk >= k:
+            out = self._graphed(batch_index, primal, Vt) if self.cuda_graph else self._matmat(primal, Vt)
         else:
-            out = self._matmat(primal, Vt)
+            out = torch.cat([self._matmat(primal, Vt[s:s + chunk]) for s in range(0, k, chunk)])
         self.num_matvecs += k
         res = out.t().to(V.dtype)
         return res[:, 0].contiguous() if vec else res.contiguous()
