@@ -98,34 +98,38 @@ class FlatParams:
             raise ValueError(f"expected a parameter-space tensor of shape {want}, got {tuple(flat.shape)}")
 
 
-@dataclass
-class _Snapshot:
-    params: list[torch.Tensor]
-    buffers: list[torch.Tensor]
-    training: list[bool]
-
-
 @contextlib.contextmanager
-def preserved(model: nn.Module) -> Iterator[nn.Module]:
-    """Restore ``model``'s parameters, buffers and train/eval flags bit for bit on exit."""
+def preserved(model: nn.Module, copy_tensors: bool = True) -> Iterator[nn.Module]:
+    """Restore ``model``'s parameters, buffers and train/eval flags bit for bit on exit.
+
+    With ``copy_tensors=False`` (for work that only reads the model's tensors, such as a pass
+    through ``functional_call`` with other tensors, where a copy of every parameter per pass would
+    cost as much as the pass itself) the tensors are not copied: their in-place version counters are
+    checked on exit instead, and a tensor written in place raises ``RuntimeError`` naming it.
+    """
     modules = list(model.modules())
-    params = [p for p in model.parameters()]
-    buffers = [b for b in model.buffers()]
-    snap = _Snapshot(
-        params=[p.detach().clone() for p in params],
-        buffers=[b.detach().clone() for b in buffers],
-        training=[m.training for m in modules],
-    )
+    named = list(model.named_parameters()) + list(model.named_buffers())
+    training = [m.training for m in modules]
+    saved = [t.detach().clone() for _, t in named] if copy_tensors else None
+    versions = [t._version for _, t in named]
+    failed = False
     try:
         yield model
+    except BaseException:
+        failed = True
+        raise
     finally:
-        with torch.no_grad():
-            for p, saved in zip(params, snap.params):
-                p.copy_(saved)
-            for b, saved in zip(buffers, snap.buffers):
-                b.copy_(saved)
-        for m, flag in zip(modules, snap.training):
+        for m, flag in zip(modules, training):
             m.training = flag
+        if saved is not None:
+            with torch.no_grad():
+                for (_, t), s in zip(named, saved):
+                    t.copy_(s)
+        elif not failed:
+            changed = [name for (name, t), v in zip(named, versions) if t._version != v]
+            if changed:
+                raise RuntimeError(f"the model's forward pass wrote to {changed[0]!r} in place during a "
+                                   "read-only measurement; sharpkit cannot restore it without a copy")
 
 
 BN_POLICIES = ("eval", "train")
@@ -137,17 +141,17 @@ def is_batchnorm(module: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def measurement_mode(model: nn.Module, bn: str = "eval") -> Iterator[nn.Module]:
+def measurement_mode(model: nn.Module, bn: str = "eval", copy_tensors: bool = True) -> Iterator[nn.Module]:
     """Put ``model`` in the state a measurement needs and restore everything afterwards.
 
     Dropout is always off (the whole model is put in eval mode).  ``bn="eval"`` makes BatchNorm
     use its running statistics; ``bn="train"`` makes it normalise with each batch's statistics.
     Either way the running buffers are restored on exit (a measurement never changes them), as
-    are the parameters and every module's train/eval flag.
+    are the parameters and every module's train/eval flag (``copy_tensors``: see :func:`preserved`).
     """
     if bn not in BN_POLICIES:
         raise ValueError(f"bn must be one of {BN_POLICIES}, got {bn!r}")
-    with preserved(model):
+    with preserved(model, copy_tensors):
         model.eval()
         if bn == "train":
             for m in model.modules():

@@ -92,3 +92,33 @@ def test_nan_parameter_is_named():
         m[4].weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"4\.weight.*NaN"):
         check_finite_parameters(m)
+
+
+class _WritesItsWeight(torch.nn.Module):
+    """A pathological module whose forward pass writes to its own parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        with torch.no_grad():
+            self.w.add_(1.0)
+        return x * self.w
+
+
+def test_preserved_without_copies_detects_in_place_writes():
+    from sharpkit.params import preserved
+
+    model = _WritesItsWeight()
+    with preserved(model):  # copies: restored bit for bit
+        model(torch.ones(3))
+    assert torch.equal(model.w.detach(), torch.ones(3))
+    with pytest.raises(RuntimeError, match="'w' in place"):
+        with preserved(model, copy_tensors=False):
+            model(torch.ones(3))
+    model.train()
+    with preserved(model, copy_tensors=False):  # read-only use: flags restored, nothing raised
+        model.eval()
+        model.w.detach().sum()
+    assert model.training

@@ -22,11 +22,12 @@ CACHE_MAX_SAMPLES = 8192
 
 
 @contextlib.contextmanager
-def _curvature_mode(model: nn.Module, bn: str) -> Iterator[None]:
+def _curvature_mode(model: nn.Module, bn: str, copy_tensors: bool = True) -> Iterator[None]:
     """:func:`measurement_mode`, and with ``bn="train"`` BatchNorm told not to track running
     statistics while we differentiate through it: it then normalises with batch statistics and has no
-    buffer update to perform (an in-place update would break forward-mode AD and vmap)."""
-    with measurement_mode(model, bn):
+    buffer update to perform (an in-place update would break forward-mode AD and vmap).
+    ``copy_tensors=False`` for products: they run on the operator's own copies of the tensors."""
+    with measurement_mode(model, bn, copy_tensors):
         touched = []
         if bn == "train":
             for m in model.modules():
@@ -161,14 +162,21 @@ class CurvatureOperator:
         """The one data pass: ``sum_b n_b * engine(b) @ W`` (reduced across ranks) ``/ N``."""
         k = W.shape[1]
         step = self.chunk_size or k
+        if self.num_batches == 1 and step >= k and not self.objective.distributed:
+            # One batch, one product: the engine's fresh result is already the mean (no sum buffer).
+            with _curvature_mode(self.model, self.bn, copy_tensors=False):
+                inputs, targets = next(iter(self.objective.batches))
+                out = self.engine.batch_matmat(0, inputs, targets, W)
+            self.num_passes += 1
+            return out
         total = torch.zeros(self.n, k, device=self.device, dtype=self.dtype)
-        with _curvature_mode(self.model, self.bn), _dist.sharded_pass([total], enabled=self.objective.distributed):
+        with _curvature_mode(self.model, self.bn, copy_tensors=False), _dist.sharded_pass([total], enabled=self.objective.distributed):
             for b, (inputs, targets) in enumerate(self.objective.batches):
                 n_b = inputs.shape[0]
                 for s in range(0, k, step):
-                    total[:, s:s + step] += n_b * self.engine.batch_matmat(b, inputs, targets, W[:, s:s + step])
+                    total[:, s:s + step].add_(self.engine.batch_matmat(b, inputs, targets, W[:, s:s + step]), alpha=n_b)
         self.num_passes += 1
-        return total / self.num_samples
+        return total.div_(self.num_samples)
 
     def to_scipy(self):
         """A :class:`scipy.sparse.linalg.LinearOperator` (float64 numpy in and out; ``matmat`` batched)."""
