@@ -87,18 +87,19 @@ def _device(op: Any) -> torch.device:
 
 
 class _Counter:
-    """``V (n, k) float64 -> op @ V`` in float64, counting products."""
+    """``V (n, k) -> op @ V`` in ``dtype`` (float64 unless set), counting products."""
 
-    def __init__(self, op: Any):
+    def __init__(self, op: Any, dtype: torch.dtype = F64):
         self.op, self.n, self.count = op, _size(op), 0
         self.device = _device(op)
+        self.dtype = dtype
 
     def __call__(self, V: torch.Tensor) -> torch.Tensor:
         vec = V.dim() == 1
         W = V[:, None] if vec else V
         out = self.op @ W
         self.count += W.shape[1]
-        out = torch.as_tensor(out).to(self.device, F64)
+        out = torch.as_tensor(out).to(self.device, self.dtype)
         if out.shape != W.shape:
             raise ValueError(f"the operator returned shape {tuple(out.shape)} for input {tuple(W.shape)}")
         return out[:, 0] if vec else out
@@ -119,10 +120,10 @@ def _gaussian(n: int, k: int, gen: torch.Generator, device: torch.device) -> tor
 
 
 def _eigh(T: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigen-decomposition of a small symmetric float64 matrix (LAPACK through numpy: much less
-    per-call overhead than torch's for the tridiagonal/banded Lanczos matrices)."""
-    w, S = np.linalg.eigh(T.detach().cpu().numpy())
-    return torch.from_numpy(w), torch.from_numpy(S)
+    """Eigen-decomposition of a small symmetric float64 matrix (the tridiagonal/banded Lanczos
+    matrices).  Through torch, not numpy: numpy's OpenBLAS wakes worker threads that keep spinning
+    after the call and take the cores from the next product (2x slower Lanczos on a 2-core CPU)."""
+    return torch.linalg.eigh(T.detach().cpu())
 
 
 def _select(theta: torch.Tensor, k: int, which: str) -> torch.Tensor:
@@ -140,10 +141,16 @@ def _check_which(which: str) -> None:
 
 
 class _Basis:
-    """A growing set of orthonormal float64 columns stored row-wise (capacity doubles as needed)."""
+    """A growing set of orthonormal columns stored row-wise (capacity doubles as needed).
 
-    def __init__(self, n: int, device: torch.device, capacity: int = 16):
-        self.rows = torch.empty(capacity, n, dtype=F64, device=device)
+    ``dtype`` is the storage precision (float64 by default).  Reading the basis is the main cost of
+    full reorthogonalisation for large n, so the Lanczos eigensolvers store it in the operator's
+    precision: a float32 operator's products carry float32 rounding anyway, and float32 storage
+    halves the memory traffic; coefficients and the tridiagonal matrix stay float64.
+    """
+
+    def __init__(self, n: int, device: torch.device, capacity: int = 16, dtype: torch.dtype = F64):
+        self.rows = torch.empty(capacity, n, dtype=dtype, device=device)
         self.size = 0
 
     @property
@@ -154,11 +161,16 @@ class _Basis:
         block = v.t() if v.dim() == 2 else v[None]  # (n, p) columns or one (n,) vector
         need = self.size + block.shape[0]
         if need > self.rows.shape[0]:
-            grown = torch.empty(max(need, 2 * self.rows.shape[0]), self.rows.shape[1], dtype=F64, device=self.rows.device)
+            grown = torch.empty(max(need, 2 * self.rows.shape[0]), self.rows.shape[1], dtype=self.rows.dtype,
+                                device=self.rows.device)
             grown[: self.size] = self.rows[: self.size]
             self.rows = grown
         self.rows[self.size: need] = block
         self.size = need
+
+    def combine(self, S: torch.Tensor) -> torch.Tensor:
+        """``Q^T S`` (float64): vectors from coefficients in the basis."""
+        return (self.Q.t() @ S.to(self.rows.device, self.rows.dtype)).to(F64)
 
     def orthogonalize_(self, W: torch.Tensor, passes: int = 2) -> torch.Tensor:
         """Remove the basis components of the columns of ``W`` (n,) or (n, p): classical Gram-Schmidt,
@@ -167,11 +179,11 @@ class _Basis:
             return W
         Q = self.Q
         before = torch.linalg.vector_norm(W, dim=0)
-        W = W - Q.t() @ (Q @ W)
+        W = W - (Q.t() @ (Q @ W.to(Q.dtype))).to(W.dtype)
         # DGKS criterion: a second pass only where the first cancelled much of the vector (norm
         # dropped below 1/sqrt(2)); each pass reads the whole basis, the dominant cost for large n.
         if passes > 1 and bool((torch.linalg.vector_norm(W, dim=0) < 0.7071 * before).any()):
-            W = W - Q.t() @ (Q @ W)
+            W = W - (Q.t() @ (Q @ W.to(Q.dtype))).to(W.dtype)
         return W
 
 
@@ -188,10 +200,11 @@ def _fresh_direction(basis: _Basis, n: int, gen: torch.Generator, device: torch.
 # ---- Lanczos ---------------------------------------------------------------------------------------
 
 def _lanczos(matvec: _Counter, n: int, k: int, which: str, tol: float, max_steps: int,
-             v0: torch.Tensor, gen: torch.Generator, device: torch.device):
+             v0: torch.Tensor, gen: torch.Generator, device: torch.device, storage: torch.dtype = F64):
     """Single-vector Lanczos with full reorthogonalisation and Ritz-residual stopping."""
-    basis = _Basis(n, device, capacity=min(max_steps + 1, 64))
-    q = v0 / torch.linalg.vector_norm(v0)
+    basis = _Basis(n, device, capacity=min(max_steps + 1, 64), dtype=storage)
+    matvec.dtype = storage  # the Lanczos vectors live in the storage precision
+    q = (v0 / torch.linalg.vector_norm(v0)).to(storage)
     alphas: list[float] = []
     betas: list[float] = []
     q_prev, beta_prev = None, 0.0
@@ -201,7 +214,7 @@ def _lanczos(matvec: _Counter, n: int, k: int, which: str, tol: float, max_steps
     for j in range(max_steps):
         basis.append(q)
         w = matvec(q)
-        a = float(q @ w)
+        a = float(torch.dot(q, w).double())  # (BLAS dot: blocked partial sums even in float32)
         w.sub_(q, alpha=a)  # in place: these n-vectors are the loop's main memory traffic
         if q_prev is not None:
             w.sub_(q_prev, alpha=beta_prev)
@@ -228,21 +241,22 @@ def _lanczos(matvec: _Counter, n: int, k: int, which: str, tol: float, max_steps
                 converged = True
                 break
             betas.append(0.0)
-            q_prev, beta_prev, q = q, 0.0, nxt
+            q_prev, beta_prev, q = q, 0.0, nxt.to(storage)
             continue
         betas.append(b)
-        q_prev, beta_prev, q = q, b, w / b
+        q_prev, beta_prev, q = q, b, w.div_(b)
     idx = _select(theta, min(k, len(alphas)), which)
-    vectors = basis.Q.t() @ S[:, idx].to(device)
+    vectors = basis.combine(S[:, idx])
+    vectors /= torch.linalg.vector_norm(vectors, dim=0)  # unit length in float64 whatever the storage
     return theta[idx], vectors, res, converged, len(alphas)
 
 
 def _block_lanczos(matmat: _Counter, n: int, k: int, which: str, tol: float, max_steps: int,
-                   V0: torch.Tensor, gen: torch.Generator, device: torch.device):
+                   V0: torch.Tensor, gen: torch.Generator, device: torch.device, storage: torch.dtype = F64):
     """Block Lanczos (block size p = V0.shape[1]) with full reorthogonalisation: every step is one
     batched product of p vectors."""
     p = V0.shape[1]
-    basis = _Basis(n, device, capacity=min(p * (max_steps + 1), 256))
+    basis = _Basis(n, device, capacity=min(p * (max_steps + 1), 256), dtype=storage)
     Q, _ = torch.linalg.qr(V0)
     Q_prev = None
     B_prev = None  # (p, p): Q_j B_j = residual of step j-1
@@ -290,7 +304,7 @@ def _block_lanczos(matmat: _Counter, n: int, k: int, which: str, tol: float, max
             break
         Q_prev, B_prev, Q = Q, B, Qn
     idx = _select(theta, min(k, theta.numel()), which)
-    vectors = basis.Q.t() @ S[:, idx].to(device)
+    vectors = basis.combine(S[:, idx])
     return theta[idx], vectors, res, converged, steps
 
 
@@ -390,19 +404,21 @@ def eigenvalues(
     if method == "lobpcg":
         return _lobpcg(H, mv, n, k, which, tol, max_steps or 200, v0, gen, device, block_size)
     p = block_size if block_size is not None else 1
+    # Basis storage in the operator's precision when it computes in float32 (see _Basis).
+    storage = torch.float32 if getattr(H, "dtype", F64) == torch.float32 else F64
     if not isinstance(p, int) or p < 1:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
     if p == 1:
         start = v0 if v0 is not None else _gaussian(n, 1, gen, device)[:, 0]
         steps = max_steps or min(n, max(300, 20 * k))
-        vals, vecs, res, ok, it = _lanczos(mv, n, k, which, tol, steps, start, gen, device)
+        vals, vecs, res, ok, it = _lanczos(mv, n, k, which, tol, steps, start, gen, device, storage)
     else:
         p = min(p, n)
         V0 = _gaussian(n, p, gen, device)
         if v0 is not None:
             V0[:, 0] = v0
         steps = max_steps or max(2, min(n // p, max(300, 20 * k) // p + 1))
-        vals, vecs, res, ok, it = _block_lanczos(mv, n, k, which, tol, steps, V0, gen, device)
+        vals, vecs, res, ok, it = _block_lanczos(mv, n, k, which, tol, steps, V0, gen, device, storage)
     return EigenResult(vals, vecs, mv.count, res, ok, "lanczos" if p == 1 else f"block-lanczos(p={p})", it)
 
 
