@@ -111,8 +111,9 @@ def _generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def _rademacher(n: int, k: int, gen: torch.Generator, device: torch.device) -> torch.Tensor:
-    return (torch.randint(0, 2, (n, k), generator=gen).to(F64) * 2 - 1).to(device)
+def _rademacher(n: int, k: int, gen: torch.Generator, device: torch.device, dtype: torch.dtype = F64) -> torch.Tensor:
+    """``(n, k)`` random signs (drawn as int8: 3x faster than int64 for n ~ 1e6)."""
+    return torch.randint(0, 2, (n, k), generator=gen, dtype=torch.int8).to(dtype).mul_(2).sub_(1).to(device)
 
 
 def _gaussian(n: int, k: int, gen: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -561,6 +562,7 @@ def trace(
     gen = _generator(seed)
     mv = _Counter(H)
     if method == "hutchinson":
+        mv.dtype = torch.float32 if getattr(H, "dtype", F64) == torch.float32 else F64
         samples = _hutchinson(mv, n, num_matvecs, block_size, gen, device, None, rtol)
         m = samples.numel()
         return Estimate(float(samples.mean()), float(samples.std() / math.sqrt(m)), mv.count, method, samples)
@@ -585,12 +587,14 @@ def _hutchinson(mv, n, m, block, gen, device, Q, rtol) -> torch.Tensor:
     """``m`` samples ``g^T H g`` for Rademacher g (projected off ``Q`` when given)."""
     out: list[torch.Tensor] = []
     done = 0
+    # Plain probes are exact in any precision: draw them in the products' dtype, sum in float64.
+    dtype = F64 if Q is not None else mv.dtype
     while done < m:
         b = min(block, m - done)
-        G = _rademacher(n, b, gen, device)
+        G = _rademacher(n, b, gen, device, dtype)
         if Q is not None:
             G = G - Q @ (Q.t() @ G)
-        out.append((G * mv(G)).sum(0).cpu())
+        out.append((G * mv(G)).sum(0, dtype=F64).cpu())
         done += b
         if rtol is not None and done >= 2:
             sm = torch.cat(out)
