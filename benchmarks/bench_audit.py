@@ -8,7 +8,7 @@ Script mode (prints a table; the figures quoted anywhere come from it)::
 The checkpoints are saved along one short Adam run of an MLP ``40 -> 100 -> 100 -> 10`` on the
 MNIST-1D training split (4000 samples).  Each repeat audits them once one at a time
 (``group_size=1``: :class:`sharpkit.objective.Objective` per checkpoint) and once batched
-(``group_size=None``: stacked under vmap, group size from free memory); the two variants are
+(``group_size=count``: all stacked under vmap); the two variants are
 interleaved and the medians reported, because this machine's speed drifts.  The rows of both
 variants are compared metric by metric.
 
@@ -103,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(args.repeats):
                 t, single_rows = run_variant(paths, args.hidden, args.metrics, 1, args.batch_size)
                 single_t.append(t)
-                t, batched_rows = run_variant(paths, args.hidden, args.metrics, None, args.batch_size)
+                # all checkpoints stacked (the automatic plan would measure one at a time on a CPU
+                # for large batches, see sharpkit.audit.batched.CPU_STACK_MAX_BATCH)
+                t, batched_rows = run_variant(paths, args.hidden, args.metrics, count, args.batch_size)
                 batched_t.append(t)
             ms, mb = statistics.median(single_t), statistics.median(batched_t)
             diffs = max_rel_diff(single_rows, batched_rows, names)

@@ -425,6 +425,21 @@ def test_group_size_from_memory(tmp_path):
     assert all(r["group_size"] == 3 for r in rows)
 
 
+def test_cpu_plan_does_not_stack_compute_bound_batches():
+    from sharpkit.audit.batched import CPU_STACK_MAX_BATCH
+
+    model = make_mlp()
+    cpu = torch.device("cpu")
+    X = torch.randn(3 * CPU_STACK_MAX_BATCH, 6)
+    Y = torch.randint(0, 3, (X.shape[0],))
+    big = as_batches((X, Y), None)  # one batch of 3 x the limit
+    small = as_batches((X, Y), CPU_STACK_MAX_BATCH // 2)
+    assert estimate_group_size(model, big, cpu, torch.float32, 10, available_bytes=1 << 40).group_size == 1
+    assert estimate_group_size(model, small, cpu, torch.float32, 10, available_bytes=1 << 40).group_size == 64
+    with pytest.raises(ValueError, match="empty"):
+        estimate_group_size(model, as_batches([], None), cpu, torch.float32, 10)
+
+
 def test_hvp_without_kept_graphs_and_split_batches(tmp_path):
     paths = save_checkpoints(tmp_path, make_mlp, count=2)
     model = make_mlp().double().eval()

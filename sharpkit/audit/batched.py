@@ -291,6 +291,14 @@ def activation_elements(model: nn.Module, batch, device: torch.device, dtype: to
     return total
 
 
+# On a CPU, stacking checkpoints under vmap saves per-batch overhead but runs the arithmetic less
+# efficiently (batched GEMMs, larger working sets): with 16 MNIST-1D MLP checkpoints on a 2-core
+# x86 it was 2.7x faster than one at a time with batches of 100 samples, 1.6x with 250, 0.9x with
+# 500 and 0.66x with one batch of 4000 (benchmarks/bench_audit.py).  Above this mean batch size
+# the automatic plan measures one checkpoint at a time on a CPU.
+CPU_STACK_MAX_BATCH = 400
+
+
 @dataclass(frozen=True)
 class GroupPlan:
     """How the audit groups checkpoints: ``group_size`` checkpoints stacked, each needing about
@@ -318,11 +326,16 @@ def estimate_group_size(
     backward, the kept HVP graph): of all the data when HVP graphs are kept, else of the largest
     batch.  Graphs are kept when one checkpoint's share fits.  The group uses at most
     ``memory_fraction`` (default 0.25) of the free memory (``available_bytes``, default: measured)
-    and at most ``max_group`` (default 64) checkpoints; never fewer than one.
+    and at most ``max_group`` (default 64) checkpoints; never fewer than one.  On a CPU with mean
+    batches above ``CPU_STACK_MAX_BATCH`` samples the group is 1 (stacking measured slower there).
     """
     itemsize = torch.empty((), dtype=dtype).element_size()
     n = FlatParams(model).n
-    largest = max(batches, key=lambda b: b[0].shape[0])
+    num_batches, largest = 0, None
+    for b in batches:
+        num_batches += 1
+        if largest is None or b[0].shape[0] > largest[0].shape[0]:
+            largest = b
     rows = largest[0].shape[0]
     per_sample = activation_elements(model, largest, device, dtype) / rows
     total = batches.num_samples()
@@ -330,4 +343,6 @@ def estimate_group_size(
     keep = itemsize * (n * vectors_per_checkpoint + 4 * per_sample * total)
     per = keep if keep <= budget else itemsize * (n * vectors_per_checkpoint + 4 * per_sample * rows)
     group = int(min(max_group, max(1, budget // max(per, 1))))
+    if device.type == "cpu" and total / max(1, num_batches) > CPU_STACK_MAX_BATCH:
+        group = 1  # compute-bound batches: stacking does not pay on a CPU (see CPU_STACK_MAX_BATCH)
     return GroupPlan(group, int(per), keep <= budget)
