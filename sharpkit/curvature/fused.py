@@ -202,8 +202,8 @@ class _Primal:
 def _rows(V: torch.Tensor, block: int = 65536) -> torch.Tensor:
     """``V.t().contiguous()`` for a tall (n, k) matrix, transposed in row blocks: torch's one-shot
     strided copy runs far below memory bandwidth for n ~ 1e6 (8x slower on a 2-core x86)."""
-    if V.shape[1] == 1 or V.device.type != "cpu":
-        return V.t().contiguous()
+    if V.shape[1] == 1 or V.device.type != "cpu" or V.t().is_contiguous():
+        return V.t().contiguous()  # (no copy when V is already a transposed row-major block)
     out = torch.empty(V.shape[1], V.shape[0], dtype=V.dtype, device=V.device)
     for i in range(0, V.shape[0], block):
         out[:, i:i + block].copy_(V[i:i + block].t())

@@ -591,10 +591,17 @@ def _hutchinson(mv, n, m, block, gen, device, Q, rtol) -> torch.Tensor:
     dtype = F64 if Q is not None else mv.dtype
     while done < m:
         b = min(block, m - done)
-        G = _rademacher(n, b, gen, device, dtype)
-        if Q is not None:
+        if Q is None:
+            # Probes drawn as rows (b, n) and passed as the transposed (n, b) view: the engines
+            # take directions as rows, and the products come back in the same layout, so every
+            # pass over the n-vectors below is contiguous.
+            rows = _rademacher(b, n, gen, device, dtype)
+            HG = mv(rows.t())
+            out.append((rows * HG.t()).sum(1, dtype=F64).cpu())
+        else:
+            G = _rademacher(n, b, gen, device, dtype)
             G = G - Q @ (Q.t() @ G)
-        out.append((G * mv(G)).sum(0, dtype=F64).cpu())
+            out.append((G * mv(G)).sum(0, dtype=F64).cpu())
         done += b
         if rtol is not None and done >= 2:
             sm = torch.cat(out)
