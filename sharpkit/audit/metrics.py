@@ -165,38 +165,27 @@ def _ascend(problem, scale: torch.Tensor, norm: str, config: "MetricConfig"):
 
 def lanczos_top(engine, k: int, steps: int, seed: int) -> torch.Tensor:
     """The k largest Ritz values (``(B, k)`` float64) of each problem's Hessian after ``steps``
-    Lanczos iterations with full reorthogonalisation, all problems from the same seeded start."""
+    Lanczos iterations with full reorthogonalisation, all problems from the same seeded start:
+    :func:`sharpkit.curvature.spectra.lanczos_runs` with one run per problem, each step one stacked
+    product.  A run that finds an invariant subspace early stops there (its Ritz values are then
+    exact eigenvalues); if it holds fewer than k values the rest are NaN."""
+    from ..curvature.spectra import _tridiag, lanczos_runs
+
     B, n = engine.num_problems, engine.dim
-    steps = min(steps, n)
     gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(n, generator=gen, dtype=torch.float64).to(engine.device)
-    q = (q / q.norm()).expand(B, n).clone()
-    Q = torch.zeros(B, steps, n, dtype=torch.float64, device=engine.device)
-    alpha = torch.zeros(B, steps, dtype=torch.float64, device=engine.device)
-    beta = torch.zeros(B, steps, dtype=torch.float64, device=engine.device)
-    for j in range(steps):
-        Q[:, j] = q
-        w = engine.hvp(q.to(engine.dtype)).double()
-        alpha[:, j] = (w * q).sum(1)
-        # Full reorthogonalisation (twice is enough) keeps the Ritz values free of ghosts.
-        for _ in range(2):
-            w = w - torch.einsum("bj,bjn->bn", torch.einsum("bjn,bn->bj", Q[:, : j + 1], w), Q[:, : j + 1])
-        if j + 1 == steps:
-            break
-        b = w.norm(dim=1)
-        beta[:, j] = b
-        # An invariant subspace was found: continue from a fresh direction orthogonal to it.
-        small = b <= 1e-10 * alpha[:, : j + 1].abs().amax(1).clamp_min(1e-30)
-        if bool(small.any()):
-            r = torch.randn(n, generator=gen, dtype=torch.float64).to(engine.device).expand(B, n).clone()
-            r = r - torch.einsum("bj,bjn->bn", torch.einsum("bjn,bn->bj", Q[:, : j + 1], r), Q[:, : j + 1])
-            w = torch.where(small.unsqueeze(1), r, w)
-            beta[:, j] = torch.where(small, torch.zeros_like(b), b)
-            b = torch.where(small, r.norm(dim=1), b)
-        q = w / b.unsqueeze(1)
-    T = torch.diag_embed(alpha) + torch.diag_embed(beta[:, : steps - 1], 1) + torch.diag_embed(beta[:, : steps - 1], -1)
-    values = torch.linalg.eigvalsh(T)  # ascending
-    return values.flip(1)[:, :k]
+    start = torch.randn(n, generator=gen, dtype=torch.float64)
+
+    def matmat(V: torch.Tensor, runs: list[int]) -> torch.Tensor:
+        W = torch.zeros(B, n, dtype=engine.dtype, device=engine.device)
+        W[runs] = V.t().to(engine.dtype)
+        return engine.hvp(W).double()[runs].t()
+
+    runs = lanczos_runs(matmat, n, [start] * B, min(steps, n), device=engine.device, per_run=True)
+    values = torch.full((B, k), float("nan"), dtype=torch.float64)
+    for b, (alphas, betas) in enumerate(runs):
+        theta = torch.linalg.eigvalsh(_tridiag(alphas.tolist(), betas.tolist())).flip(0)[:k]
+        values[b, : theta.numel()] = theta
+    return values
 
 
 def hutchinson_trace(engine, samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

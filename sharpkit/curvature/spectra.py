@@ -460,10 +460,13 @@ def lanczos_runs(
     tol: float | None = None,
     which: str = "LA",
     device: torch.device | str = "cpu",
+    per_run: bool = False,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Independent Lanczos runs advanced together: every step is ONE product with one column per
     active run.  Run r lives on the coordinates ``supports[r]`` (an index tensor; None: all), i.e. it
     works with the principal submatrix ``H[s, s]`` (block-diagonal restriction for per-layer spectra).
+    With ``per_run`` every run has its own operator (e.g. one Hessian per checkpoint):
+    ``matmat(V, runs)`` then applies operator ``runs[c]`` to column ``c``.
 
     Returns, per run, ``(alphas, betas)`` of its tridiagonal matrix (float64, CPU).  With ``tol``
     a run stops once its wanted (``which``) Ritz value has relative residual <= tol.
@@ -491,7 +494,7 @@ def lanczos_runs(
                 V[:, c] = qs[r]
             else:
                 V[supports[r], c] = qs[r]
-        W = matmat(V)
+        W = matmat(V, runs) if per_run else matmat(V)
         for c, r in enumerate(runs):
             q = qs[r]
             w = W[:, c] if supports[r] is None else W[supports[r], c]
@@ -519,6 +522,7 @@ def lanczos_runs(
 
 
 def _tridiag(alphas: Sequence[float], betas: Sequence[float]) -> torch.Tensor:
+    """The symmetric tridiagonal Lanczos matrix (float64) from its diagonal and off-diagonal."""
     T = torch.diag(torch.tensor(list(alphas), dtype=F64))
     if len(alphas) > 1:
         off = torch.tensor(list(betas[: len(alphas) - 1]), dtype=F64)
