@@ -15,6 +15,7 @@ Script mode (``python benchmarks/bench_sharpness.py``) prints two tables:
    data, in units of one n-vector (4n bytes).
 
 ``--quick`` trains less and runs fewer rounds (a smoke test).  ``--skip-memory`` omits table 2.
+``--device cuda`` runs the solver table with the model on the GPU (training stays on the CPU, cached).
 """
 from __future__ import annotations
 
@@ -66,22 +67,25 @@ def time_to_reach(history, target: float) -> float:
     return float("inf")
 
 
-def solver_table(rounds: int, epsilon: float, max_epochs: int) -> None:
+def solver_table(rounds: int, epsilon: float, max_epochs: int, device: str = "cpu") -> None:
     torch.manual_seed(0)
     data = sk.load_mnist1d()
-    model = trained_f1(data, batch_size=len(data.x_train) // 10, max_epochs=max_epochs)
+    model = trained_f1(data, batch_size=len(data.x_train) // 10, max_epochs=max_epochs).to(device)
     loss_fn = nn.CrossEntropyLoss()
     n = sk.FlatParams(model).n
-    ref = sk.keskar_sharpness(model, loss_fn, data.train, epsilon=epsilon, solver="lbfgsb", max_iter=10)
+    ref = sk.keskar_sharpness(model, loss_fn, data.train, epsilon=epsilon, solver="lbfgsb", max_iter=10,
+                              device=device)
     target = ref.value
     print(f"F1-style MLP, n = {n}, MNIST-1D train ({len(data.x_train)} samples), epsilon = {epsilon:g}, "
           f"loss = {ref.loss:.5g}; reference (lbfgsb, 10 iterations): {target:.5g} "
-          f"[{ref.info['nit']} iterations, {ref.info['nfev']} evaluations]; torch threads {torch.get_num_threads()}")
+          f"[{ref.info['nit']} iterations, {ref.info['nfev']} evaluations]; torch threads {torch.get_num_threads()}; "
+          f"device {torch.cuda.get_device_name(device) if torch.device(device).type == 'cuda' else 'cpu'}")
     runs: dict[str, list] = {s: [] for s in SOLVERS}
     for r in range(rounds):
         order = SOLVERS[r % 3:] + SOLVERS[: r % 3]
         for s in order:
-            res = sk.keskar_sharpness(model, loss_fn, data.train, epsilon=epsilon, solver=s, max_iter=10)
+            res = sk.keskar_sharpness(model, loss_fn, data.train, epsilon=epsilon, solver=s, max_iter=10,
+                                      device=device)
             own_final = res.value if s == "lbfgsb" else target
             runs[s].append((time_to_reach(res.history, min(target, own_final)), res.time_s, res.value, res.num_evals,
                             time_to_reach(res.history, target)))
@@ -159,6 +163,7 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=3150, help="hidden width of the memory model (3150: ~1.0e7 parameters)")
     ap.add_argument("--memory-iters", type=int, default=1)
     ap.add_argument("--memory-samples", type=int, default=256)
+    ap.add_argument("--device", default="cpu", help="where the model runs for the solver table (cpu, cuda)")
     ap.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_child:
@@ -167,7 +172,7 @@ def main() -> None:
     if args.quick:
         args.rounds, args.max_epochs, args.width = 2, 20, 1000
     if not args.memory_only:
-        solver_table(args.rounds, args.epsilon, args.max_epochs)
+        solver_table(args.rounds, args.epsilon, args.max_epochs, args.device)
     if not args.skip_memory:
         memory_table(args.width, 100, args.memory_samples, args.memory_iters)
 
