@@ -112,12 +112,13 @@ def preserved(model: nn.Module, copy_tensors: bool = True) -> Iterator[nn.Module
     training = [m.training for m in modules]
     saved = [t.detach().clone() for _, t in named] if copy_tensors else None
     versions = [t._version for _, t in named]
-    failed = False
     try:
         yield model
-    except BaseException:
-        failed = True
-        raise
+        if saved is None:  # (checked only when the body succeeded: an error in flight wins)
+            changed = [name for (name, t), v in zip(named, versions) if t._version != v]
+            if changed:
+                raise RuntimeError(f"the model's forward pass wrote to {changed[0]!r} in place during a "
+                                   "read-only measurement; sharpkit cannot restore it without a copy")
     finally:
         for m, flag in zip(modules, training):
             m.training = flag
@@ -125,11 +126,6 @@ def preserved(model: nn.Module, copy_tensors: bool = True) -> Iterator[nn.Module
             with torch.no_grad():
                 for (_, t), s in zip(named, saved):
                     t.copy_(s)
-        elif not failed:
-            changed = [name for (name, t), v in zip(named, versions) if t._version != v]
-            if changed:
-                raise RuntimeError(f"the model's forward pass wrote to {changed[0]!r} in place during a "
-                                   "read-only measurement; sharpkit cannot restore it without a copy")
 
 
 BN_POLICIES = ("eval", "train")

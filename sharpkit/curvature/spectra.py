@@ -105,6 +105,13 @@ class _Counter:
         return out[:, 0] if vec else out
 
 
+def _work_dtype(op: Any) -> torch.dtype:
+    """The precision of the Lanczos/Hutchinson vectors for ``op``: float32 when the operator computes
+    in float32 (its products carry float32 rounding anyway, and the n-vector traffic halves), else
+    float64.  Coefficients, tridiagonal matrices and sums stay float64 either way."""
+    return torch.float32 if getattr(op, "dtype", F64) == torch.float32 else F64
+
+
 def _generator(seed: int) -> torch.Generator:
     if not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
@@ -170,8 +177,10 @@ class _Basis:
         self.size = need
 
     def combine(self, S: torch.Tensor) -> torch.Tensor:
-        """``Q^T S`` (float64): vectors from coefficients in the basis."""
-        return (self.Q.t() @ S.to(self.rows.device, self.rows.dtype)).to(F64)
+        """``Q^T S`` (float64, columns of unit length whatever the storage precision): vectors from
+        coefficients in the basis."""
+        V = (self.Q.t() @ S.to(self.rows.device, self.rows.dtype)).to(F64)
+        return V / torch.linalg.vector_norm(V, dim=0)
 
     def orthogonalize_(self, W: torch.Tensor, passes: int = 2) -> torch.Tensor:
         """Remove the basis components of the columns of ``W`` (n,) or (n, p): classical Gram-Schmidt,
@@ -201,10 +210,11 @@ def _fresh_direction(basis: _Basis, n: int, gen: torch.Generator, device: torch.
 # ---- Lanczos ---------------------------------------------------------------------------------------
 
 def _lanczos(matvec: _Counter, n: int, k: int, which: str, tol: float, max_steps: int,
-             v0: torch.Tensor, gen: torch.Generator, device: torch.device, storage: torch.dtype = F64):
-    """Single-vector Lanczos with full reorthogonalisation and Ritz-residual stopping."""
+             v0: torch.Tensor, gen: torch.Generator, device: torch.device):
+    """Single-vector Lanczos with full reorthogonalisation and Ritz-residual stopping; the vectors
+    and the basis live in ``matvec.dtype``."""
+    storage = matvec.dtype
     basis = _Basis(n, device, capacity=min(max_steps + 1, 64), dtype=storage)
-    matvec.dtype = storage  # the Lanczos vectors live in the storage precision
     q = (v0 / torch.linalg.vector_norm(v0)).to(storage)
     alphas: list[float] = []
     betas: list[float] = []
@@ -248,7 +258,6 @@ def _lanczos(matvec: _Counter, n: int, k: int, which: str, tol: float, max_steps
         q_prev, beta_prev, q = q, b, w.div_(b)
     idx = _select(theta, min(k, len(alphas)), which)
     vectors = basis.combine(S[:, idx])
-    vectors /= torch.linalg.vector_norm(vectors, dim=0)  # unit length in float64 whatever the storage
     return theta[idx], vectors, res, converged, len(alphas)
 
 
@@ -396,24 +405,26 @@ def eigenvalues(
         v0 = v0.detach().to(device, F64)
         if not bool(torch.isfinite(v0).all()) or float(torch.linalg.vector_norm(v0)) == 0.0:
             raise ValueError("v0 must be finite and nonzero")
-    mv = _Counter(H)
     if method == "power":
+        mv = _Counter(H)
         if which != "LM" and which != "LA":
             raise ValueError("method='power' finds eigenvalues of largest magnitude (which='LM' or 'LA')")
         vals, vecs, res, ok, it = _power(mv, n, k, tol, max_steps or 100, v0, gen, device)
         return EigenResult(vals, vecs, mv.count, res, ok, "power", it)
     if method == "lobpcg":
+        mv = _Counter(H)
         return _lobpcg(H, mv, n, k, which, tol, max_steps or 200, v0, gen, device, block_size)
     p = block_size if block_size is not None else 1
-    # Basis storage in the operator's precision when it computes in float32 (see _Basis).
-    storage = torch.float32 if getattr(H, "dtype", F64) == torch.float32 else F64
     if not isinstance(p, int) or p < 1:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    storage = _work_dtype(H)  # the Lanczos basis (block Lanczos keeps its products in float64)
     if p == 1:
+        mv = _Counter(H, storage)
         start = v0 if v0 is not None else _gaussian(n, 1, gen, device)[:, 0]
         steps = max_steps or min(n, max(300, 20 * k))
-        vals, vecs, res, ok, it = _lanczos(mv, n, k, which, tol, steps, start, gen, device, storage)
+        vals, vecs, res, ok, it = _lanczos(mv, n, k, which, tol, steps, start, gen, device)
     else:
+        mv = _Counter(H)
         p = min(p, n)
         V0 = _gaussian(n, p, gen, device)
         if v0 is not None:
@@ -564,9 +575,8 @@ def trace(
         raise ValueError(f"block_size must be >= 1, got {block_size}")
     device = _device(H)
     gen = _generator(seed)
-    mv = _Counter(H)
+    mv = _Counter(H, _work_dtype(H) if method == "hutchinson" else F64)
     if method == "hutchinson":
-        mv.dtype = torch.float32 if getattr(H, "dtype", F64) == torch.float32 else F64
         samples = _hutchinson(mv, n, num_matvecs, block_size, gen, device, None, rtol)
         m = samples.numel()
         return Estimate(float(samples.mean()), float(samples.std() / math.sqrt(m)), mv.count, method, samples)
@@ -595,17 +605,13 @@ def _hutchinson(mv, n, m, block, gen, device, Q, rtol) -> torch.Tensor:
     dtype = F64 if Q is not None else mv.dtype
     while done < m:
         b = min(block, m - done)
-        if Q is None:
-            # Probes drawn as rows (b, n) and passed as the transposed (n, b) view: the engines
-            # take directions as rows, and the products come back in the same layout, so every
-            # pass over the n-vectors below is contiguous.
-            rows = _rademacher(b, n, gen, device, dtype)
-            HG = mv(rows.t())
-            out.append((rows * HG.t()).sum(1, dtype=F64).cpu())
-        else:
-            G = _rademacher(n, b, gen, device, dtype)
+        # Probes drawn as rows (b, n) and used as the transposed (n, b) view: the engines take
+        # directions as rows and return products in the same layout, so the passes over the
+        # n-vectors here run through contiguous memory.
+        G = _rademacher(b, n, gen, device, dtype).t()
+        if Q is not None:
             G = G - Q @ (Q.t() @ G)
-            out.append((G * mv(G)).sum(0, dtype=F64).cpu())
+        out.append((G * mv(G)).sum(0, dtype=F64).cpu())
         done += b
         if rtol is not None and done >= 2:
             sm = torch.cat(out)
