@@ -94,12 +94,13 @@ def _sharpness(args: argparse.Namespace) -> int:
         if args.kind == "keskar":
             r = sk.keskar_sharpness(
                 model, loss_fn, data, epsilon=eps, subspace_dim=args.subspace_dim, solver=args.solver,
-                max_iter=args.max_iter, seed=args.seed, bn=args.bn,
+                max_iter=args.max_iter, seed=args.seed, bn=args.bn, restarts=args.restarts, first_step=args.first_step,
             )
         else:
             r = sk.adaptive_sharpness(
                 model, loss_fn, data, rho=eps, norm=args.norm, kind=args.kind.split("-")[1],
                 adaptive=not args.standard, max_iter=args.max_iter, seed=args.seed, bn=args.bn,
+                restarts=args.restarts, first_step=args.first_step,
             )
         rows.append(
             {"epsilon" if args.kind == "keskar" else "rho": eps, "value": r.value, "loss": r.loss,
@@ -108,7 +109,8 @@ def _sharpness(args: argparse.Namespace) -> int:
         _say(f"{args.kind} eps={eps:g}: value={r.value:.6g} (loss {r.loss:.6g} -> {r.max_loss:.6g})")
     _emit(args, {"measure": args.kind, "model": args.model, "checkpoint": args.checkpoint, "data": args.data,
                  "solver": args.solver if args.kind == "keskar" else "apgd", "subspace_dim": args.subspace_dim,
-                 "bn": args.bn, "seed": args.seed, "results": rows})
+                 "bn": args.bn, "seed": args.seed, "restarts": args.restarts, "first_step": args.first_step,
+                 "results": rows})
     return 0
 
 
@@ -194,6 +196,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="Keskar solver (default lbfgsb: the paper's protocol)")
     p.add_argument("--subspace-dim", type=int, default=None, help="random subspace dimension p (default: full space)")
     p.add_argument("--max-iter", type=int, default=10, help="solver iterations (default 10)")
+    p.add_argument("--restarts", type=int, default=1,
+                   help="pga/apgd runs (default 1; the second starts with the other first step, the rest at random points)")
+    p.add_argument("--first-step", choices=("gradient", "sign"), default="gradient",
+                   help="pga/apgd first step on the box (default gradient: the largest 3%% of the gradient to the edge)")
     p.add_argument("--norm", choices=("linf", "l2"), default="linf", help="adaptive sharpness norm")
     p.add_argument("--standard", action="store_true", help="adaptive sharpness with c = 1 instead of c = |w|")
     p.set_defaults(func=_sharpness)

@@ -38,8 +38,12 @@ def test_study_matches_single_process_and_rank0_writes(tmp_path):
     single_dir.mkdir()
     procs = start("study", dist_dir)
     deadline = time.monotonic() + 3 * TIMEOUT
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    single = study_run(single_dir)
+    try:
+        single = study_run(single_dir)
+    finally:
+        torch.set_num_threads(threads)  # later tests train with the default thread count
     results = finish(procs, deadline, "distributed study")
     for rank, (rc, err) in enumerate(results):
         assert rc == 0, f"rank {rank} failed:\n{err[-3000:]}"

@@ -47,6 +47,22 @@ def test_sharpness_command_matches_api(setup):
     assert rows[0]["value"] >= rows[1]["value"] >= 0
 
 
+def test_sharpness_command_passes_the_apgd_start_options(setup):
+    tmp, x, y, ckpts = setup
+    out = tmp / "a.json"
+    rc = main(["sharpness", "--model", "tiny_nets:make", "--checkpoint", str(ckpts[0][0]), "--data",
+               str(tmp / "data.pt"), "--solver", "apgd", "--restarts", "2", "--first-step", "sign",
+               "--dtype", "float64", "--out", str(out)])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert (result["restarts"], result["first_step"]) == (2, "sign")
+    model = ckpts[0][1].double()
+    ref = sk.keskar_sharpness(model, nn.CrossEntropyLoss(), (x.double(), y), solver="apgd", restarts=2,
+                              first_step="sign")
+    assert result["results"][0]["value"] == pytest.approx(ref.value, rel=1e-9)
+    assert result["results"][0]["num_evals"] == 1 + 10 + 10
+
+
 def test_spectrum_command_matches_explicit_hessian(setup):
     tmp, x, y, ckpts = setup
     out = tmp / "e.json"

@@ -61,6 +61,7 @@ def adaptive_sharpness(
     solver: str = "apgd",
     restarts: int = 1,
     step_size: float = 2.0,
+    first_step: str = "gradient",
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
 ) -> SharpnessResult:
@@ -79,6 +80,8 @@ def adaptive_sharpness(
         num_examples: with ``m``, how many leading examples to use (default 1024; ``None``: all).
         solver: ``"apgd"`` (default) or ``"pga"`` for the worst case.
         restarts: solver runs (default 1).  step_size: initial step in units of ρ c (default 2.0).
+        first_step: the first step on the box, ``"gradient"`` (default) or ``"sign"``, as in
+            :func:`sharpkit.keskar_sharpness`.
         device, dtype: where and in what precision the model is evaluated (default: its own).
 
     Returns:
@@ -93,6 +96,7 @@ def adaptive_sharpness(
     max_iter = positive_int("max_iter", max_iter)
     restarts = positive_int("restarts", restarts)
     positive_float("step_size", step_size)
+    choice("first_step", first_step, solvers.FIRST_STEPS)
     if m is not None:
         m = positive_int("m", m)
         if num_examples is not None:
@@ -122,7 +126,7 @@ def adaptive_sharpness(
         if kind == "worst":
             problem = solvers.ShiftedProblem(engine, X)
             res = solvers.maximize(problem, scale, solver=solver, norm=norm, max_iter=max_iter, step_size=step_size,
-                                   restarts=restarts, seed=seed, callback=record)
+                                   restarts=restarts, seed=seed, callback=record, first_step=first_step)
             loss0, max_loss, num_evals, info = res.loss0, res.max_loss, res.num_evals, res.info
             perturbation = res.Y[0] if engine.num_problems == 1 else res.Y
             used = solver

@@ -14,7 +14,7 @@ with f the sample-weighted mean loss over ``data`` and x the model's trainable p
 Solvers (:mod:`sharpkit.sharpness.solvers`): ``"lbfgsb"`` is the paper's protocol (scipy
 L-BFGS-B, ``max_iter`` = 10 iterations from y = 0, scipy's defaults otherwise, float64 objective
 and gradient from one pass); ``"pga"`` and ``"apgd"`` are first-order ascents that stay on the
-model's device (``max_iter`` gradient steps per run, initial step twice the box half-width,
+model's device (``max_iter`` gradient steps per run, the first a clipped gradient step,
 ``restarts`` runs, the best point kept).
 """
 from __future__ import annotations
@@ -67,6 +67,7 @@ def keskar_sharpness(
     bn: str = "eval",
     restarts: int = 1,
     step_size: float = 2.0,
+    first_step: str = "gradient",
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
 ) -> SharpnessResult:
@@ -85,6 +86,9 @@ def keskar_sharpness(
         bn: ``"eval"`` (BatchNorm uses running statistics, default) or ``"train"`` (batch statistics).
         restarts: pga/apgd runs, the first from y = 0, the others from random points (default 1).
         step_size: pga/apgd initial step in units of the box half-width (default 2.0).
+        first_step: pga/apgd's first step from y = 0: ``"gradient"`` (default; the largest 3 % of
+            the gradient's coordinates to the box's edge, the rest in proportion) or ``"sign"`` (the
+            corner of the gradient's signs); with ``restarts >= 2`` the second run takes the other.
         device, dtype: where and in what precision the model is evaluated (default: its own).
 
     Returns:
@@ -97,6 +101,7 @@ def keskar_sharpness(
     max_iter = positive_int("max_iter", max_iter)
     restarts = positive_int("restarts", restarts)
     positive_float("step_size", step_size)
+    choice("first_step", first_step, solvers.FIRST_STEPS)
     if subspace_dim is not None:
         subspace_dim = positive_int("subspace_dim", subspace_dim)
         n = num_parameters(model)
@@ -122,7 +127,7 @@ def keskar_sharpness(
             scale = solvers.keskar_bound(center, epsilon).to(obj.dtype).unsqueeze(0)
             problem = solvers.SubspaceProblem(engine, X, A)
         res = solvers.maximize(problem, scale, solver=solver, norm="linf", max_iter=max_iter, step_size=step_size,
-                               restarts=restarts, seed=seed, callback=record)
+                               restarts=restarts, seed=seed, callback=record, first_step=first_step)
         if A is None:
             perturbation = res.Y[0]
         else:
