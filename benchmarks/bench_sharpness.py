@@ -15,6 +15,13 @@ Script mode (``python benchmarks/bench_sharpness.py``) prints two tables:
    about 10⁷ parameters; the peak resident memory above the baseline after building the model and
    data, in units of one n-vector (4n bytes).
 
+3. Survey (``--survey``, instead of 1 and 2): how often each ascent reaches the paper-protocol value.
+   Eight MNIST-1D models (F1-style MLPs and C1-style conv nets, batch 400 and 50, several seeds and
+   training lengths, some narrower) at ε = 1e-3 and 5e-4; per case the final values of ``lbfgsb``
+   (10 iterations), ``apgd`` from the gradient and from the sign first step, ``apgd`` with both
+   starts (``restarts=2``) and ``pga``, and the evaluations each needed to reach the ``lbfgsb``
+   value (``-`` never).  Values only, no times.
+
 ``--quick`` trains less and runs fewer rounds (a smoke test).  ``--skip-memory`` omits table 2.
 ``--device cuda`` runs the solver table with the model on the GPU (training stays on the CPU, cached).
 """
@@ -105,6 +112,49 @@ def solver_table(rounds: int, epsilon: float, max_epochs: int, device: str = "cp
               f"{reached:>4}/{len(xs)}")
 
 
+# (model, training batch, epochs, seed, width, training samples): trained on the first samples of
+# MNIST-1D's training split and measured on them.
+SURVEY_MODELS = [("f1", 400, 20, 0, 512, 4000), ("f1", 400, 200, 0, 512, 4000), ("f1", 400, 20, 1, 512, 4000),
+                 ("f1", 50, 10, 0, 512, 4000), ("f1", 400, 60, 3, 512, 4000), ("f1", 200, 20, 0, 256, 2000),
+                 ("c1", 400, 30, 0, 0, 4000), ("c1", 50, 10, 0, 0, 4000)]
+SURVEY_RUNS = {"apgd": {"solver": "apgd"}, "apgd sign": {"solver": "apgd", "first_step": "sign"},
+               "apgd x2": {"solver": "apgd", "restarts": 2}, "pga": {"solver": "pga"}}
+
+
+def survey(epsilons: tuple[float, ...]) -> None:
+    from sharpkit.study.models import make_c1
+
+    data = sk.load_mnist1d()
+    loss_fn = nn.CrossEntropyLoss()
+    print(f"{'model':34} {'eps':>7} {'lbfgsb':>9} " + " ".join(f"{k:>15}" for k in SURVEY_RUNS))
+    tally = {k: 0 for k in SURVEY_RUNS}
+    cases = 0
+    for kind, batch, epochs, seed, width, samples in SURVEY_MODELS:
+        x, y = data.x_train[:samples], data.y_train[:samples]
+        torch.manual_seed(seed)
+        model = make_f1((40,), 10, width=width) if kind == "f1" else make_c1((40,), 10)
+        path = _cache_dir() / f"bench_sharpness_survey_{kind}{width}_n{samples}_b{batch}_e{epochs}_s{seed}.pt"
+        if path.exists():
+            model.load_state_dict(torch.load(path, weights_only=True))
+        else:
+            train(model, loss_fn, (x, y), TrainConfig(batch_size=batch, max_epochs=epochs, patience=10), seed=seed)
+            atomic_torch_save(model.state_dict(), path)
+        model.eval()
+        label = f"{kind}{'-' + str(width) if kind == 'f1' else ''} n={samples} b={batch} e={epochs} s={seed}"
+        for eps in epsilons:
+            ref = sk.keskar_sharpness(model, loss_fn, (x, y), epsilon=eps, solver="lbfgsb")
+            cells = []
+            for name, kw in SURVEY_RUNS.items():
+                r = sk.keskar_sharpness(model, loss_fn, (x, y), epsilon=eps, **kw)
+                reach = time_to_reach([(e, e, v) for e, _, v in r.history], ref.value)
+                tally[name] += r.value >= ref.value
+                cells.append(f"{r.value:9.1f} @{'-' if reach == float('inf') else int(reach):>3}")
+            cases += 1
+            print(f"{label:34} {eps:7.0e} {ref.value:9.1f} " + " ".join(f"{c:>15}" for c in cells), flush=True)
+    print(f"\nvalue >= lbfgsb's in {cases} cases: " + ", ".join(f"{k} {v}" for k, v in tally.items()))
+    print("(@: evaluations until the best value reached lbfgsb's; lbfgsb itself takes 11)")
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as fh:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -169,10 +219,14 @@ def main() -> None:
     ap.add_argument("--memory-iters", type=int, default=1)
     ap.add_argument("--memory-samples", type=int, default=256)
     ap.add_argument("--device", default="cpu", help="where the model runs for the solver table (cpu, cuda)")
+    ap.add_argument("--survey", action="store_true", help="the survey table only (values, no times)")
     ap.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_child:
         print(json.dumps(memory_child(*json.loads(args.memory_child))))
+        return
+    if args.survey:
+        survey((1e-3, 5e-4))
         return
     if args.quick:
         args.rounds, args.max_epochs, args.width = 2, 20, 1000
