@@ -357,6 +357,25 @@ def test_keskar_matches_sk_keskar_sharpness(tmp_path, solver):
         assert row["keskar-subspace"] == pytest.approx(sub.value, rel=1e-8, abs=1e-10)
 
 
+def test_ascent_starts_reach_the_rows_and_their_key(tmp_path):
+    from sharpkit.sharpness.keskar import keskar_sharpness
+
+    paths = save_checkpoints(tmp_path / "ck", count=2)
+    data = toy_data()
+    rows = audit(paths, make_mlp, data, metrics="keskar", max_iter=4, restarts=3, first_step="sign",
+                 dtype="float64", group_size=2)
+    default = audit(paths, make_mlp, data, metrics="keskar", max_iter=4, dtype="float64", group_size=2)
+    assert rows[0]["config"]["first_step"] == "sign" and rows[0]["config"]["restarts"] == 3
+    assert rows[0]["key"] != default[0]["key"]  # a stored row of one does not stand in for the other
+    for path, row in zip(paths, rows):
+        model = make_mlp().double()
+        model.load_state_dict(torch.load(path, weights_only=True))
+        ref = keskar_sharpness(model, nn.CrossEntropyLoss(), data, solver="apgd", max_iter=4, restarts=3,
+                               first_step="sign")
+        assert row["keskar"] == pytest.approx(ref.value, rel=1e-8, abs=1e-10)
+        assert row["details"]["keskar"]["num_evals"] == ref.num_evals == 1 + 4 + 4 + (1 + 4)
+
+
 # --------------------------------------------------------------------------- batched == one at a time
 
 
@@ -637,6 +656,8 @@ def test_builtin_model_names_resolve_through_study_registry():
         (dict(adaptive_norm="l1", metrics="adaptive"), "adaptive_norm"),
         (dict(solver="lbfgsb", adaptive_norm="l2", metrics="adaptive"), "boxes only"),
         (dict(k=5, lanczos_steps=3, metrics="top-eig"), "lanczos_steps >= k"),
+        (dict(first_step="corner"), "first_step"),
+        (dict(restarts=0), "restarts"),
         (dict(group_size=0), "group_size"),
         (dict(loss_fn="hinge"), "unknown loss"),
         (dict(dtype="float17"), "unknown dtype"),

@@ -121,6 +121,8 @@ def audit(
     adaptive_norm: str = "linf",
     solver: str = "apgd",
     max_iter: int = 10,
+    restarts: int = 1,
+    first_step: str = "gradient",
     k: int = 1,
     lanczos_steps: int = 20,
     trace_samples: int = 20,
@@ -147,7 +149,7 @@ def audit(
         out: JSONL results file; rows already there (same checkpoint content, same
             configuration) are reused, not recomputed.  ``None``: nothing is written.
         loss_fn: mean-reduced ``loss_fn(outputs, targets)`` or ``"cross_entropy"`` / ``"mse"``.
-        epsilon, subspace_dim, rho, adaptive_scale, adaptive_norm, solver, max_iter, k,
+        epsilon, subspace_dim, rho, adaptive_scale, adaptive_norm, solver, max_iter, restarts, first_step, k,
             lanczos_steps, trace_samples, seed: metric options, see
             :class:`~sharpkit.audit.metrics.MetricConfig`.  ``solver="lbfgsb"`` (scipy, one problem
             at a time) measures one checkpoint at a time; ``"apgd"`` (default) and ``"pga"`` batch.
@@ -169,7 +171,8 @@ def audit(
     """
     config = MetricConfig(
         metrics=metrics, epsilon=epsilon, subspace_dim=subspace_dim, rho=rho, adaptive_scale=adaptive_scale,
-        adaptive_norm=adaptive_norm, solver=solver, max_iter=max_iter, k=k, lanczos_steps=lanczos_steps, trace_samples=trace_samples, seed=seed,
+        adaptive_norm=adaptive_norm, solver=solver, max_iter=max_iter, restarts=restarts,
+        first_step=first_step, k=k, lanczos_steps=lanczos_steps, trace_samples=trace_samples, seed=seed,
     )
     if group_size is not None and (not isinstance(group_size, int) or group_size < 1):
         raise ValueError(f"group_size must be a positive integer or None, got {group_size!r}")

@@ -61,6 +61,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--solver", default="apgd", choices=("apgd", "pga", "lbfgsb"),
                    help="ascent solver (default: apgd); lbfgsb (scipy, the paper's protocol) measures one checkpoint at a time")
     p.add_argument("--max-iter", type=int, default=10, help="ascent iterations (default: 10)")
+    p.add_argument("--restarts", type=int, default=1,
+                   help="apgd/pga runs (default: 1; the second starts with the other first step, the rest at random points)")
+    p.add_argument("--first-step", default="gradient", choices=("gradient", "sign"),
+                   help="apgd/pga first step on the box (default: gradient, the largest 3%% of the gradient to the edge)")
     p.add_argument("--k", type=int, default=1, help="top-eig: eigenvalues to report (default: 1)")
     p.add_argument("--lanczos-steps", type=int, default=20, help="top-eig: Lanczos iterations (default: 20)")
     p.add_argument("--trace-samples", type=int, default=20, help="trace: Hutchinson probes (default: 20)")
@@ -87,7 +91,8 @@ def main(args: argparse.Namespace) -> int:
         rows = audit(
             args.checkpoints, model=args.model, data=args.data, metrics=metrics, out=args.out,
             loss_fn=args.loss, epsilon=args.epsilon, subspace_dim=args.subspace_dim, rho=args.rho,
-            adaptive_scale=args.adaptive_scale, adaptive_norm=args.adaptive_norm, solver=args.solver, max_iter=args.max_iter, k=args.k,
+            adaptive_scale=args.adaptive_scale, adaptive_norm=args.adaptive_norm, solver=args.solver, max_iter=args.max_iter,
+            restarts=args.restarts, first_step=args.first_step, k=args.k,
             lanczos_steps=args.lanczos_steps, trace_samples=args.trace_samples, seed=args.seed, bn=args.bn,
             device=args.device, dtype=args.dtype, group_size=args.group_size, batch_size=args.batch_size,
             progress=args.progress,

@@ -25,11 +25,12 @@ from typing import Any
 
 import torch
 
+from ..sharpness.solvers import FIRST_STEPS, NORMS
+
 __all__ = ["MetricConfig", "METRICS", "SOLVERS", "run_metrics", "lanczos_top", "hutchinson_trace"]
 
 METRICS = ("keskar", "keskar-subspace", "adaptive", "top-eig", "trace")
 SOLVERS = ("apgd", "pga", "lbfgsb")  # sharpkit.sharpness.solvers'; lbfgsb runs one checkpoint at a time
-NORMS = ("linf", "l2")
 
 # Materialise the subspace matrix A up to this many bytes; beyond, products stream it by blocks.
 _MATERIALIZE_LIMIT = 256 << 20
@@ -48,6 +49,8 @@ class MetricConfig:
         solver: ascent solver of :mod:`sharpkit.sharpness.solvers`: ``"apgd"`` (default),
             ``"pga"`` or ``"lbfgsb"`` (one checkpoint at a time).
         max_iter: steps per maximisation (default 10).
+        restarts: apgd/pga runs (default 1).  first_step: apgd/pga's first step on the box,
+            ``"gradient"`` (default) or ``"sign"`` (:mod:`sharpkit.sharpness.solvers`).
         k: eigenvalues for ``top-eig`` (default 1).  lanczos_steps: Lanczos iterations (default 20).
         trace_samples: Hutchinson probes (default 20).
         seed: seeds A, the Lanczos start vector and the Hutchinson probes (default 0).
@@ -61,6 +64,8 @@ class MetricConfig:
     adaptive_norm: str = "linf"
     solver: str = "apgd"
     max_iter: int = 10
+    restarts: int = 1
+    first_step: str = "gradient"
     k: int = 1
     lanczos_steps: int = 20
     trace_samples: int = 20
@@ -79,6 +84,8 @@ class MetricConfig:
             raise ValueError(f"metrics lists a name twice: {list(self.metrics)}")
         if self.solver not in SOLVERS:
             raise ValueError(f"unknown solver {self.solver!r}: choose from {', '.join(SOLVERS)}")
+        if self.first_step not in FIRST_STEPS:
+            raise ValueError(f"first_step must be one of {FIRST_STEPS}, got {self.first_step!r}")
         if self.adaptive_norm not in NORMS:
             raise ValueError(f"adaptive_norm must be one of {NORMS}, got {self.adaptive_norm!r}")
         if self.solver == "lbfgsb" and "adaptive" in self.metrics and self.adaptive_norm != "linf":
@@ -87,7 +94,7 @@ class MetricConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and value > 0 and value == value and value != float("inf")):
                 raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-        for name in ("subspace_dim", "max_iter", "k", "lanczos_steps", "trace_samples"):
+        for name in ("subspace_dim", "max_iter", "restarts", "k", "lanczos_steps", "trace_samples"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -101,6 +108,8 @@ class MetricConfig:
         m = set(self.metrics)
         if m & {"keskar", "keskar-subspace", "adaptive"}:
             used.update(solver=self.solver, max_iter=self.max_iter)
+            if self.solver != "lbfgsb":
+                used.update(restarts=self.restarts, first_step=self.first_step)
         if m & {"keskar", "keskar-subspace"}:
             used["epsilon"] = d["epsilon"]
         if "keskar-subspace" in m:
@@ -160,7 +169,7 @@ def _ascend(problem, scale: torch.Tensor, norm: str, config: "MetricConfig"):
     from ..sharpness import solvers
 
     return solvers.maximize(problem, scale, solver=config.solver, norm=norm, max_iter=config.max_iter,
-                            seed=config.seed)
+                            restarts=config.restarts, seed=config.seed, first_step=config.first_step)
 
 
 def lanczos_top(engine, k: int, steps: int, seed: int) -> torch.Tensor:
