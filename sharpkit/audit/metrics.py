@@ -178,7 +178,7 @@ def lanczos_top(engine, k: int, steps: int, seed: int) -> torch.Tensor:
     :func:`sharpkit.curvature.spectra.lanczos_runs` with one run per problem, each step one stacked
     product.  A run that finds an invariant subspace early stops there (its Ritz values are then
     exact eigenvalues); if it holds fewer than k values the rest are NaN."""
-    from ..curvature.spectra import _tridiag, lanczos_runs
+    from ..curvature.spectra import lanczos_runs, tridiagonal
 
     B, n = engine.num_problems, engine.dim
     gen = torch.Generator().manual_seed(seed)
@@ -192,7 +192,7 @@ def lanczos_top(engine, k: int, steps: int, seed: int) -> torch.Tensor:
     runs = lanczos_runs(matmat, n, [start] * B, min(steps, n), device=engine.device, per_run=True)
     values = torch.full((B, k), float("nan"), dtype=torch.float64)
     for b, (alphas, betas) in enumerate(runs):
-        theta = torch.linalg.eigvalsh(_tridiag(alphas.tolist(), betas.tolist())).flip(0)[:k]
+        theta = torch.linalg.eigvalsh(tridiagonal(alphas.tolist(), betas.tolist())).flip(0)[:k]
         values[b, : theta.numel()] = theta
     return values
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .spectra import F64, Estimate, _Counter, _device, _eigh, _generator, _rademacher, _select, _size, _tridiag, lanczos_runs
+from .spectra import F64, Estimate, _Counter, _device, _eigh, _generator, _rademacher, _select, _size, lanczos_runs, tridiagonal
 
 __all__ = ["LayerCurvature", "layerwise", "parameter_groups"]
 
@@ -107,7 +107,7 @@ def layerwise(
         starts = [torch.randn(s.numel(), generator=gen, dtype=F64) for s in supports]
         runs = lanczos_runs(mv, n, starts, max_steps, supports=supports, tol=tol, which="LA", device=device)
         for k, s, (a, b) in zip(names, supports, runs):
-            theta, S = _eigh(_tridiag(a.tolist(), b.tolist()))
+            theta, S = _eigh(tridiagonal(a.tolist(), b.tolist()))
             i = _select(theta, 1, "LA")
             # Stopped before max_steps (or the block's size) means the Ritz residual met tol.
             converged = a.numel() < max_steps or a.numel() >= s.numel()

@@ -23,6 +23,7 @@ __all__ = [
     "eigenvalues",
     "trace",
     "spectral_density",
+    "tridiagonal",
     "lanczos_runs",
 ]
 
@@ -519,7 +520,7 @@ def lanczos_runs(
             m = len(alphas[r])
             done = m >= bases[r].rows.shape[1] or b <= 1e-12 * max(1.0, max(abs(x) for x in alphas[r]))
             if tol is not None and not done:
-                T = _tridiag(alphas[r], betas[r])
+                T = tridiagonal(alphas[r], betas[r])
                 theta, S = _eigh(T)
                 i = _select(theta, 1, which)
                 done = bool((b * S[-1, i]).abs() <= tol * theta[i].abs().clamp_min(1e-30))
@@ -532,7 +533,7 @@ def lanczos_runs(
     return [(torch.tensor(a, dtype=F64), torch.tensor(b[: len(a) - 1], dtype=F64)) for a, b in zip(alphas, betas)]
 
 
-def _tridiag(alphas: Sequence[float], betas: Sequence[float]) -> torch.Tensor:
+def tridiagonal(alphas: Sequence[float], betas: Sequence[float]) -> torch.Tensor:
     """The symmetric tridiagonal Lanczos matrix (float64) from its diagonal and off-diagonal."""
     T = torch.diag(torch.tensor(list(alphas), dtype=F64))
     if len(alphas) > 1:
@@ -661,7 +662,7 @@ def spectral_density(
         g = min(group, num_runs - g0)
         starts = list(_rademacher(n, g, gen, device).t())
         for i, (a, b) in enumerate(lanczos_runs(mv, n, starts, steps, device=device)):
-            theta, S = _eigh(_tridiag(a.tolist(), b.tolist()))
+            theta, S = _eigh(tridiagonal(a.tolist(), b.tolist()))
             nodes[g0 + i, : theta.numel()] = theta
             weights[g0 + i, : theta.numel()] = S[0] ** 2
     valid = ~torch.isnan(nodes)
