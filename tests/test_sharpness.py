@@ -123,6 +123,8 @@ def test_gradient_first_step_against_a_sorted_reference():
     assert int((U[0].abs() == 1).sum()) == d - k + 1  # 31 coordinates reach the edge
     assert bool((U[1, :20].abs() == 1).all()) and bool((U[1, 20:] == 0).all())
     assert bool((U[2] == 0).all())
+    empty = torch.zeros(2, 0, dtype=torch.float64)
+    assert solvers._gradient_first_step(empty, empty, torch.empty_like(empty)).shape == (2, 0)
 
 
 @pytest.fixture(scope="module")

@@ -286,6 +286,8 @@ def _gradient_first_step(G: torch.Tensor, scale: torch.Tensor, out: torch.Tensor
     """``out = clip(Gu / c, −1, 1)`` per row, ``Gu = G ⊙ scale`` the gradient in normalised
     coordinates and ``c`` its ``1 − FIRST_STEP_EDGE_FRACTION`` quantile in absolute value."""
     torch.mul(G, scale, out=out)
+    if out.shape[1] == 0:
+        return out
     k = max(1, math.ceil((1 - FIRST_STEP_EDGE_FRACTION) * out.shape[1]))
     c = out.abs().kthvalue(k, dim=1, keepdim=True).values
     # A gradient that is zero on more than 97 % of the coordinates: the non-zero ones go to the edge.
