@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import sharpkit as sk
+from sharpkit.curvature import spectra
 from test_curvature_refs import assert_unchanged, cnn, explicit_ggn, explicit_hessian, mlp, snapshot, uneven_batches
 
 F64 = torch.float64
@@ -173,3 +174,15 @@ def test_bad_arguments(problem):
         sk.trace(torch.ones(3, 4))
     with pytest.raises(TypeError, match="curvature operator"):
         sk.layerwise(H)
+
+
+@pytest.mark.parametrize("n", [0, 1, spectra._DOT_ROWS - 1, spectra._DOT_ROWS, spectra._DOT_ROWS + 1, 3 * spectra._DOT_ROWS + 7])
+@pytest.mark.parametrize("k", [1, 3])
+def test_column_dots_against_float64(n, k):
+    g = torch.Generator().manual_seed(n + k)
+    A = torch.randn(k, n, generator=g).t()  # the (n, k) transposed-row layout of the probes
+    B = torch.randn(n, k, generator=g)  # and a plain row-major one
+    got = spectra._column_dots(A, B)
+    want = (A.double() * B.double()).sum(0)
+    assert got.dtype == torch.float64 and got.shape == (k,)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6 * math.sqrt(max(n, 1)))
