@@ -24,8 +24,8 @@ ball it is a normalised-gradient step followed by the projection onto the ball.
 
 Every solver first evaluates ``Y = 0`` (the unperturbed loss ``loss0``, which must be finite),
 keeps the best point found per problem (never worse than ``Y = 0``) and returns an
-:class:`AscentResult`.  Evaluations count data passes: ``1 + max_iter`` per restart, plus one at
-each random restart's start point.
+:class:`AscentResult`.  Evaluations count data passes: one at ``Y = 0``, ``max_iter`` per run and
+one at each random start point.
 
 * First step on the box (``first_step``).  ``"gradient"`` (default): ``U = clip(G / c, −1, 1)``
   with ``G`` the gradient in normalised coordinates and ``c`` the ``1 − FIRST_STEP_EDGE_FRACTION``
