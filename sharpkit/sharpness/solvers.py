@@ -41,7 +41,8 @@ one at each random start point.
 * :func:`pga`: projected sign ascent (ℓ∞) or normalised-gradient ascent (ℓ2).  Step
   ``η = step_size`` (default 2: a sign step reaches a corner of the box), halved for
   a problem whenever a step does not increase its loss, after which it resumes from its best point.
-* :func:`apgd`: Auto-PGD (Croce & Hein 2020): momentum 0.75, checkpoints ``w_j = ⌈p_j N⌉`` with
+* :func:`apgd`: Auto-PGD (Croce & Hein 2020), started after the gradient first step from the point
+  it reached (its first sign step there without momentum): momentum 0.75, checkpoints ``w_j = ⌈p_j N⌉`` with
   ``p_0 = 0``, ``p_1 = 0.22``, ``p_{j+1} = p_j + max(p_j − p_{j−1} − 0.03, 0.06)``; at a checkpoint the
   step is halved and the iterate restarts from the best point when fewer than 75 % of the steps
   since the previous checkpoint increased the loss, or when the step was not halved at the
@@ -386,7 +387,9 @@ def _first_order(problem, scale, norm, max_iter, step_size, restarts, seed, call
         best_at_last = run_best_f.clone()
         reduced_last = [True] * B
         for k in range(max_iter):
-            use_momentum = method == "apgd" and U_prev is not None
+            # After the gradient first step Auto-PGD starts from that point, so its first step there is
+            # a plain sign step and momentum begins with the next one (Croce & Hein's x1 -> x2).
+            use_momentum = method == "apgd" and U_prev is not None and not (start == "gradient" and k == 1)
             if k == 0 and start == "gradient":
                 _gradient_first_step(G, scale, U_next)
             else:
