@@ -165,6 +165,25 @@ def test_resume_skips_finished_work(tmp_path, npz, api):
     assert more["stats"]["trainings_run"] == 2
 
 
+def test_training_runs_on_one_thread_whatever_the_setting(tmp_path, npz, api, monkeypatch):
+    """Trained models must not depend on --threads or on the machine's load (which picks it)."""
+    from sharpkit.study import pipeline
+
+    seen = []
+    real_train = pipeline.train
+
+    def recording_train(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "train", recording_train)
+    cfg = _tiny(npz, models=("f1",), seeds=(0,), eps=(1e-3,), solvers=("apgd",))
+    results = run_study(cfg, tmp_path / "study", progress=False, threads=2)
+    assert seen and set(seen) == {pipeline.TRAINING_THREADS}
+    assert torch.get_num_threads() == 2  # the measurements keep the study's setting
+    assert results["environment"]["training_threads"] == pipeline.TRAINING_THREADS
+
+
 def test_epoch_cap_scales_with_batch(tmp_path, npz):
     from sharpkit.study.pipeline import Study
 

@@ -38,7 +38,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--warm-epochs", default=None, help="comma-separated k for the warm-start experiment")
     p.add_argument("--quick", action="store_true", help="same pipeline, smaller: about 3 minutes on a 2-core CPU")
     p.add_argument("--out", default="sharpkit-study", help="output directory (default sharpkit-study/); reused to resume")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: every available core on an idle machine, 1 on a busy one)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads of the measurements (default: every available core on an idle machine, 1 on a busy one); training always uses one, so the trained models do not depend on it")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_run, _parser=p)
     return p

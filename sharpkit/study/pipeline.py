@@ -7,6 +7,7 @@ reuses them, and an interrupted run loses at most the epoch or measurement in fl
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -251,8 +252,9 @@ class Study:
         bar = _bar(total=cfg.max_epochs, desc=desc, unit="ep", enabled=self.progress)
         t = time.perf_counter()
         try:
-            res = train(model, self.loss_fn, self.train_xy, cfg, key["seed"], self.device,
-                        checkpoint=run_dir / "checkpoint.pt", on_epoch=hook, progress=bar)
+            with _training_threads():
+                res = train(model, self.loss_fn, self.train_xy, cfg, key["seed"], self.device,
+                            checkpoint=run_dir / "checkpoint.pt", on_epoch=hook, progress=bar)
         finally:
             bar.close()
         record = {
@@ -503,7 +505,8 @@ def environment(device: torch.device) -> dict:
     env = {
         "sharpkit": __version__, "torch": torch.__version__, "numpy": np.__version__, "scipy": scipy.__version__,
         "matplotlib": matplotlib.__version__, "python": platform.python_version(), "platform": platform.platform(),
-        "device": str(device), "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "device": str(device), "threads": torch.get_num_threads(), "training_threads": TRAINING_THREADS,
+        "cpu_count": os.cpu_count(),
     }
     if device.type == "cuda":
         env["device_name"] = torch.cuda.get_device_name(device)
@@ -518,7 +521,8 @@ def run_study(
     """Run (or resume) the study in ``out_dir``, write results.json, CSV tables, figures and
     report.html there, and return the results (raw numbers plus the summary and verdicts).
 
-    ``threads``: torch CPU threads (None: one per core this process may use).
+    ``threads``: torch CPU threads of the measurements (None: every core this process may use on an
+    idle machine, one on a busy one); training always runs on ``TRAINING_THREADS``.
     """
     from .report import write_outputs
 
@@ -530,9 +534,28 @@ def run_study(
     return write_outputs(results, Path(out_dir))
 
 
+# Training runs on this many CPU threads whatever the study's thread setting: the float sums of
+# a step depend on how many threads share them, and over tens of epochs such differences grow into
+# different models (two default studies, one started on a busy machine and so given one thread,
+# trained different networks).  For these small steps one thread was also the faster choice: on a
+# 2-core CPU an F1 epoch at batch 50 took 0.65 s on one thread and 1.26 s on two.
+TRAINING_THREADS = 1
+
+
+@contextlib.contextmanager
+def _training_threads():
+    """Torch's CPU threads set to TRAINING_THREADS for the block (the measurements keep theirs)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(TRAINING_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _set_threads(threads: int | None) -> int:
-    """Set torch's CPU threads: ``threads``, or all available cores on an idle machine and one
-    thread on a busy one.  The study's steps are small (batches of tens of samples through
+    """Set torch's CPU threads for the measurements: ``threads``, or all available cores on an idle
+    machine and one thread on a busy one (training always uses TRAINING_THREADS).  The study's steps are small (batches of tens of samples through
     sub-million-parameter nets), so intra-op threads gain little on an idle machine but, on an
     oversubscribed one, synchronising them made epochs up to ten times slower on a 2-core CPU."""
     if threads is None:
