@@ -186,3 +186,28 @@ def test_column_dots_against_float64(n, k):
     want = (A.double() * B.double()).sum(0)
     assert got.dtype == torch.float64 and got.shape == (k,)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6 * math.sqrt(max(n, 1)))
+
+
+def test_trace_block_defaults_to_the_operators_preference(monkeypatch):
+    """The fused engine carries one direction per pass on a CPU, so the trace's probes go one at a
+    time there; the generic engine shares each data pass among 16."""
+    blocks = []
+    real = spectra._hutchinson
+
+    def recording(mv, n, m, block, *args):
+        blocks.append(block)
+        return real(mv, n, m, block, *args)
+
+    monkeypatch.setattr(spectra, "_hutchinson", recording)
+    fused = sk.hessian(mlp(), nn.CrossEntropyLoss(), uneven_batches("mlp"), engine="fused")
+    generic = sk.hessian(cnn(), nn.CrossEntropyLoss(), uneven_batches("cnn"), engine="generic")
+    assert (fused.preferred_block_size, generic.preferred_block_size) == (1, 16)
+    one = sk.trace(fused, method="hutchinson", num_matvecs=6, seed=2)
+    sixteen = sk.trace(generic, method="hutchinson", num_matvecs=6, seed=2)
+    forced = sk.trace(fused, method="hutchinson", num_matvecs=6, seed=2, block_size=4)
+    assert blocks == [1, 16, 4]
+    # The same probes whatever the block: the estimates agree to rounding.
+    assert forced.value == pytest.approx(one.value, rel=1e-5)
+    assert math.isfinite(sixteen.value)
+    with pytest.raises(ValueError, match="block_size"):
+        sk.trace(fused, method="hutchinson", num_matvecs=6, block_size=0)

@@ -445,6 +445,13 @@ class FusedEngine:
 
     # -- products ------------------------------------------------------------------------------------
 
+    @property
+    def preferred_block_size(self) -> int:
+        """1 when every R-pass carries one direction (the CPU default): more directions per call then
+        only move larger blocks through memory (Hutchinson trace on a 1e6-parameter MLP: 4.0 s with
+        blocks of 1, 4.3 s with 16); else 16."""
+        return 1 if self.direction_chunk == 1 else 16
+
     def batch_matmat(self, batch_index: int, inputs: torch.Tensor, targets: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
         """(Hessian or GGN of this batch's mean loss at x) @ V; V (n,) or (n, k) -> the same shape.
 

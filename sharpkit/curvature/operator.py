@@ -127,6 +127,12 @@ class CurvatureOperator:
         return self.objective.num_samples
 
     @property
+    def preferred_block_size(self) -> int:
+        """How many vectors one product should carry when the caller may choose (trace probes):
+        the engine's preference, else 16 (the vectors then share every pass over the data)."""
+        return int(getattr(self.engine, "preferred_block_size", 16))
+
+    @property
     def engine_info(self) -> dict[str, Any]:
         info = dict(getattr(self.engine, "info", {"engine": getattr(self.engine, "name", "?")}))
         info.update({"kind": self.kind, "bn": self.bn, "num_batches": self.num_batches, "cache": self.cache})

@@ -550,7 +550,7 @@ def trace(
     num_matvecs: int = 100,
     seed: int = 0,
     *,
-    block_size: int = 16,
+    block_size: int | None = None,
     rtol: float | None = None,
 ) -> Estimate:
     """A stochastic estimate of ``tr(H)`` with its standard error.
@@ -561,7 +561,8 @@ def trace(
             remainder with Hutchinson) or "hutchinson" (Rademacher probes).
         num_matvecs: products to spend (for "hutch++" at least 3; with ``rtol``: the maximum).
         seed: seed of the Rademacher probes.
-        block_size: probes per batched product (they share every pass over the data).
+        block_size: probes per batched product (they share every pass over the data); default: the
+            operator's ``preferred_block_size`` (1 for the fused engine on a CPU), else 16.
         rtol: ("hutchinson") stop as soon as ``stderr <= rtol * |value|`` (checked after each block).
 
     ``stderr`` is the standard error of the mean of the stochastic part (for Hutch++ conditional on
@@ -572,8 +573,10 @@ def trace(
         raise ValueError(f"method must be 'hutch++' or 'hutchinson', got {method!r}")
     if not isinstance(num_matvecs, int) or num_matvecs < (3 if method == "hutch++" else 2):
         raise ValueError(f"num_matvecs must be an int >= {3 if method == 'hutch++' else 2}, got {num_matvecs!r}")
-    if block_size < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    if block_size is None:
+        block_size = int(getattr(H, "preferred_block_size", 16))
+    if not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
     device = _device(H)
     gen = _generator(seed)
     mv = _Counter(H, _work_dtype(H) if method == "hutchinson" else F64)
