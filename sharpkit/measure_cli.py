@@ -186,6 +186,27 @@ def _positive(text: str) -> float:
     return value
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _reported(command: str, fn):
+    """``fn(args)``, with bad input found past argument parsing (an unusable checkpoint or data
+    file, options the model does not allow) reported as one line and exit status 2."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return fn(args)
+        except (ValueError, TypeError, FileNotFoundError) as exc:
+            print(f"sharpkit {command}: error: {exc}", file=sys.stderr)
+            return 2
+
+    return run
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sharpness", help="epsilon-sharpness (Keskar) or adaptive sharpness of one model")
     _common(p)
@@ -194,15 +215,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="box size epsilon (Keskar) or radius rho (adaptive); several allowed (default 1e-3)")
     p.add_argument("--solver", choices=("lbfgsb", "pga", "apgd"), default="lbfgsb",
                    help="Keskar solver (default lbfgsb: the paper's protocol)")
-    p.add_argument("--subspace-dim", type=int, default=None, help="random subspace dimension p (default: full space)")
-    p.add_argument("--max-iter", type=int, default=10, help="solver iterations (default 10)")
-    p.add_argument("--restarts", type=int, default=1,
+    p.add_argument("--subspace-dim", type=_positive_int, default=None, help="random subspace dimension p (default: full space)")
+    p.add_argument("--max-iter", type=_positive_int, default=10, help="solver iterations (default 10)")
+    p.add_argument("--restarts", type=_positive_int, default=1,
                    help="pga/apgd runs (default 1; the second starts with the other first step, the rest at random points)")
     p.add_argument("--first-step", choices=("gradient", "sign"), default="gradient",
                    help="pga/apgd first step on the box (default gradient: the largest 3%% of the gradient to the edge)")
     p.add_argument("--norm", choices=("linf", "l2"), default="linf", help="adaptive sharpness norm")
     p.add_argument("--standard", action="store_true", help="adaptive sharpness with c = 1 instead of c = |w|")
-    p.set_defaults(func=_sharpness)
+    p.set_defaults(func=_reported("sharpness", _sharpness))
 
     p = sub.add_parser("spectrum", help="top eigenvalues, trace and spectral density of the Hessian or GGN")
     _common(p)
@@ -212,7 +233,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tol", type=float, default=1e-3)
     p.add_argument("--trace", type=int, default=0, metavar="MATVECS", help="also estimate the trace (Hutch++)")
     p.add_argument("--density", type=int, default=0, metavar="RUNS", help="also the spectral density (SLQ runs)")
-    p.set_defaults(func=_spectrum)
+    p.set_defaults(func=_reported("spectrum", _spectrum))
 
     p = sub.add_parser("landscape", help="1-D loss/accuracy curve between two checkpoints (Keskar Fig. 2/3)")
     _common(p, checkpoint=False)
@@ -223,4 +244,4 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--alpha-max", type=float, default=2.0)
     p.add_argument("--points", type=int, default=25)
     p.add_argument("--plot", help="also write the curve as a PNG")
-    p.set_defaults(func=_landscape)
+    p.set_defaults(func=_reported("landscape", _landscape))

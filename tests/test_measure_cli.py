@@ -114,3 +114,17 @@ def test_bad_arguments_exit_with_usage_error(setup, capsys):
         main(["sharpness", "--model", "tiny_nets:make", "--epsilon", "-1"])
     assert exc.value.code == 2
     assert "must be > 0" in capsys.readouterr().err
+
+
+def test_bad_input_is_one_line_and_exit_2(setup, capsys):
+    tmp, x, y, ckpts = setup
+    base = ["sharpness", "--model", "tiny_nets:make", "--data", str(tmp / "data.pt")]
+    with pytest.raises(SystemExit) as exc:
+        main(base + ["--restarts", "0"])
+    assert exc.value.code == 2 and "--restarts: must be a positive integer" in capsys.readouterr().err
+    assert main(base + ["--subspace-dim", "100000"]) == 2
+    assert "sharpkit sharpness: error: subspace_dim must be at most" in capsys.readouterr().err
+    assert main(base + ["--checkpoint", str(tmp / "missing.pt")]) == 2
+    assert "sharpkit sharpness: error:" in capsys.readouterr().err
+    assert main(["spectrum", "--model", "tiny_nets:make", "--data", str(tmp / "nothing.npz")]) == 2
+    assert "sharpkit spectrum: error:" in capsys.readouterr().err
