@@ -70,6 +70,7 @@ import numpy as np
 import torch
 
 from ..ops import box_ascent_step
+from ._lbfgsb import minimize_box
 
 __all__ = [
     "AscentProblem",
@@ -497,10 +498,10 @@ def lbfgsb(
 
     Starts at ``y = 0`` with ``maxiter=max_iter`` and scipy's defaults otherwise (no rescaling);
     objective and gradient come from one pass and are handed to scipy in float64.  Returns the
-    final iterate (as the paper does).  One problem only (B = 1).
+    final iterate (as the paper does).  One problem only (B = 1).  scipy's compiled routine runs
+    without ``minimize``'s per-coordinate bound setup (:mod:`sharpkit.sharpness._lbfgsb`; same
+    iterates).
     """
-    from scipy.optimize import Bounds, minimize
-
     _check_common(problem, scale, "linf", max_iter, 1, 1.0)
     if problem.num_problems != 1:
         raise ValueError(f"lbfgsb solves one problem at a time, got num_problems={problem.num_problems}")
@@ -508,29 +509,24 @@ def lbfgsb(
     device, dtype = scale.device, scale.dtype
     bound = scale[0].double().cpu().numpy()
     Y0, loss0, g0 = _start(problem, scale)
-    state = {"evals": 1, "best": loss0.clone(), "cached": (float(loss0[0]), g0[0].double().cpu().numpy())}
+    state = {"evals": 1, "best": loss0.clone()}
     if callback is not None:
         callback(1, loss0, state["best"])
 
     def fun(y: np.ndarray) -> tuple[float, np.ndarray]:
-        cached = state.pop("cached", None)
-        if cached is not None and not y.any():  # scipy's first call is at y = 0, already evaluated
-            f, g = cached
-        else:
-            losses, grads = _evaluate(problem, torch.from_numpy(y).to(device, dtype).unsqueeze(0))
-            f, g = float(losses[0]), grads[0].double().cpu().numpy()
-            state["evals"] += 1
-            if math.isfinite(f) and f > float(state["best"][0]):
-                state["best"] = losses.clone()
-            if callback is not None:
-                callback(state["evals"], loss0, state["best"])
+        losses, grads = _evaluate(problem, torch.from_numpy(y).to(device, dtype).unsqueeze(0))
+        f, g = float(losses[0]), grads[0].double().cpu().numpy()
+        state["evals"] += 1
+        if math.isfinite(f) and f > float(state["best"][0]):
+            state["best"] = losses.clone()
+        if callback is not None:
+            callback(state["evals"], loss0, state["best"])
         return -f, -g
 
-    res = minimize(fun, np.zeros_like(bound), jac=True, method="L-BFGS-B", bounds=Bounds(-bound, bound),
-                   options={"maxiter": max_iter})
-    Y = torch.from_numpy(np.asarray(res.x, dtype=np.float64)).to(device, dtype).unsqueeze(0)
-    info = {"nit": int(res.nit), "nfev": int(res.nfev), "message": str(res.message), "success": bool(res.success)}
-    max_loss = torch.tensor([-float(res.fun)], dtype=torch.float64, device=loss0.device)
+    res = minimize_box(fun, bound, max_iter, first=(-float(loss0[0]), -g0[0].double().cpu().numpy()))
+    Y = torch.from_numpy(res.x).to(device, dtype).unsqueeze(0)
+    info = {"nit": res.nit, "nfev": res.nfev, "message": res.message, "success": res.success}
+    max_loss = torch.tensor([-res.fun], dtype=torch.float64, device=loss0.device)
     return AscentResult(loss0=loss0, max_loss=max_loss, Y=Y, num_evals=state["evals"], info=info)
 
 
