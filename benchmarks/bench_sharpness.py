@@ -78,6 +78,14 @@ def time_to_reach(history, target: float) -> float:
     return float("inf")
 
 
+def evals_to_reach(history, target: float) -> int | None:
+    """Evaluations until the best value first reached ``target`` (None if never)."""
+    for evals, _, v in history:
+        if v >= target:
+            return evals
+    return None
+
+
 def solver_table(rounds: int, epsilon: float, max_epochs: int, device: str = "cpu") -> None:
     torch.manual_seed(0)
     data = sk.load_mnist1d()
@@ -146,9 +154,9 @@ def survey(epsilons: tuple[float, ...]) -> None:
             cells = []
             for name, kw in SURVEY_RUNS.items():
                 r = sk.keskar_sharpness(model, loss_fn, (x, y), epsilon=eps, **kw)
-                reach = time_to_reach([(e, e, v) for e, _, v in r.history], ref.value)
+                reach = evals_to_reach(r.history, ref.value)
                 tally[name] += r.value >= ref.value
-                cells.append(f"{r.value:9.1f} @{'-' if reach == float('inf') else int(reach):>3}")
+                cells.append(f"{r.value:9.1f} @{'-' if reach is None else reach:>3}")
             cases += 1
             print(f"{label:34} {eps:7.0e} {ref.value:9.1f} " + " ".join(f"{c:>15}" for c in cells), flush=True)
     print(f"\nvalue >= lbfgsb's in {cases} cases: " + ", ".join(f"{k} {v}" for k, v in tally.items()))

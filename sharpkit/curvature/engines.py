@@ -32,6 +32,10 @@ from ..data import to_device
 from ..objective import Objective
 from ..params import FlatParams
 
+# Vectors per product when the caller may choose (e.g. trace probes) and the engine states no
+# preference: they then share every pass over the data.
+DEFAULT_BLOCK_SIZE = 16
+
 __all__ = ["HVPEngine", "GenericEngine", "make_engine", "KINDS", "ENGINES", "AD_MODES"]
 
 KINDS = ("hessian", "ggn")

@@ -12,7 +12,7 @@ from torch import nn
 from .. import distributed as _dist
 from ..objective import Objective
 from ..params import is_batchnorm, measurement_mode
-from .engines import KINDS, HVPEngine, make_engine
+from .engines import DEFAULT_BLOCK_SIZE, KINDS, HVPEngine, make_engine
 
 __all__ = ["CurvatureOperator", "hessian", "ggn"]
 
@@ -129,8 +129,8 @@ class CurvatureOperator:
     @property
     def preferred_block_size(self) -> int:
         """How many vectors one product should carry when the caller may choose (trace probes):
-        the engine's preference, else 16 (the vectors then share every pass over the data)."""
-        return int(getattr(self.engine, "preferred_block_size", 16))
+        the engine's preference, else ``DEFAULT_BLOCK_SIZE`` (16)."""
+        return int(getattr(self.engine, "preferred_block_size", DEFAULT_BLOCK_SIZE))
 
     @property
     def engine_info(self) -> dict[str, Any]:

@@ -16,6 +16,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from .engines import DEFAULT_BLOCK_SIZE
+
 __all__ = [
     "EigenResult",
     "Estimate",
@@ -570,7 +572,7 @@ def trace(
     if not isinstance(num_matvecs, int) or num_matvecs < (3 if method == "hutch++" else 2):
         raise ValueError(f"num_matvecs must be an int >= {3 if method == 'hutch++' else 2}, got {num_matvecs!r}")
     if block_size is None:
-        block_size = int(getattr(H, "preferred_block_size", 16))
+        block_size = int(getattr(H, "preferred_block_size", DEFAULT_BLOCK_SIZE))
     if not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
     device = _device(H)
