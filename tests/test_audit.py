@@ -459,6 +459,94 @@ def test_cpu_plan_does_not_stack_compute_bound_batches():
         estimate_group_size(model, as_batches([], None), cpu, torch.float32, 10)
 
 
+def test_regroup_batches_joins_small_and_splits_large_batches():
+    from sharpkit.audit.batched import regroup_batches
+
+    g = torch.Generator().manual_seed(0)
+    sizes = [3, 5, 0, 2, 11, 1, 4]  # an empty batch, one larger than the chunk
+    data = [(torch.randn(k, 6, generator=g), torch.randint(0, 3, (k,), generator=g)) for k in sizes]
+    chunks = list(regroup_batches(as_batches(data), 8))
+    assert [x.shape[0] for x, _ in chunks] == [8, 2, 8, 8]
+    assert all(x.shape[0] == y.shape[0] for x, y in chunks)
+    torch.testing.assert_close(torch.cat([x for x, _ in chunks]), torch.cat([x for x, _ in data]), rtol=0, atol=0)
+    torch.testing.assert_close(torch.cat([y for _, y in chunks]), torch.cat([y for _, y in data]), rtol=0, atol=0)
+    assert [x.shape[0] for x, _ in regroup_batches(as_batches(data), 8)] == [8, 2, 8, 8]  # re-iterable
+    assert [x.shape[0] for x, _ in regroup_batches(as_batches(data), 100)] == [26]
+    # Batches of different sample shapes are never joined.
+    mixed = [(torch.zeros(2, 6), torch.zeros(2)), (torch.zeros(3, 5), torch.zeros(3)), (torch.zeros(1, 5), torch.zeros(1))]
+    assert [tuple(x.shape) for x, _ in regroup_batches(as_batches(mixed), 10)] == [(2, 6), (4, 5)]
+    with pytest.raises(ValueError, match="rows"):
+        regroup_batches(as_batches(data), 0)
+
+
+def test_plan_regroups_small_batches_within_memory():
+    from sharpkit.audit.batched import CPU_STACK_MAX_BATCH
+
+    model = make_mlp()
+    cpu = torch.device("cpu")
+    n = FlatParams(model).n
+    acts = 8 + 8 + 3
+    X = torch.randn(3 * CPU_STACK_MAX_BATCH, 6)
+    Y = torch.randint(0, 3, (X.shape[0],))
+    small = as_batches((X, Y), 10)
+    # Batches as given: small ones are stacked; regrouped to passes above the CPU limit: one at a time.
+    assert estimate_group_size(model, small, cpu, torch.float32, 10, available_bytes=1 << 40).pass_rows is None
+    plan = estimate_group_size(model, small, cpu, torch.float32, 10, available_bytes=1 << 40, regroup_rows=4096)
+    assert plan.group_size == 1 and plan.keep_graphs and plan.pass_rows == 4096
+    assert estimate_group_size(model, small, cpu, torch.float32, 10, available_bytes=1 << 40,
+                               regroup_rows=CPU_STACK_MAX_BATCH // 2).group_size == 64
+    # Graphs not kept: the passes hold what memory allows, never fewer rows than the largest batch.
+    room = 4 * (10 * n + 4 * acts * 1000)
+    plan = estimate_group_size(model, small, cpu, torch.float32, 10, memory_fraction=1.0, available_bytes=room,
+                               regroup_rows=4096)
+    assert not plan.keep_graphs and plan.group_size == 1 and 999 <= plan.pass_rows <= 1000
+    # Room for 100 rows of one checkpoint: below the CPU limit, so a group is stacked and its passes
+    # shrink to what the group's memory holds.
+    room = 4 * (10 * n + 4 * acts * 100)
+    plan = estimate_group_size(model, small, cpu, torch.float32, 10, memory_fraction=1.0, available_bytes=room,
+                               regroup_rows=4096)
+    assert plan.group_size > 1 and 10 <= plan.pass_rows < 100
+    assert plan.group_size * 4 * (10 * n + 4 * acts * plan.pass_rows) <= room
+    plan = estimate_group_size(model, small, cpu, torch.float32, 10, memory_fraction=1.0, available_bytes=1,
+                               regroup_rows=4096)
+    assert plan.pass_rows == 10
+
+
+def test_one_at_a_time_audit_regroups_small_batches(tmp_path):
+    paths = save_checkpoints(tmp_path / "ck", count=2)
+    kw = dict(metrics="keskar,top-eig,trace", dtype="float64", max_iter=3, trace_samples=3, group_size=1)
+    calls = []
+
+    def counting_model():
+        m = make_mlp()
+        m.register_forward_hook(lambda *_: calls.append(1))
+        return m
+
+    whole = audit(paths, counting_model, toy_data(), **kw)
+    calls_whole = len(calls)
+    calls.clear()
+    batched_data = audit(paths, counting_model, toy_data(), batch_size=4, **kw)
+    # 40 samples in batches of 4 are measured in passes of all 40: as many forward calls as one batch.
+    assert len(calls) == calls_whole
+    for a, b in zip(whole, batched_data):
+        for m in ("loss", "keskar", "top-eig", "trace"):
+            assert a[m] == pytest.approx(b[m], rel=1e-10, abs=1e-12)
+    # With batch statistics (bn="train") the batches are kept as given.
+    bn_paths = save_checkpoints(tmp_path / "bn", make_bn, count=1)
+    calls.clear()
+
+    def counting_bn():
+        m = make_bn()
+        m.register_forward_hook(lambda *_: calls.append(1))
+        return m
+
+    audit(bn_paths, counting_bn, toy_data(), bn="train", batch_size=20, **kw)
+    calls_20 = len(calls)
+    calls.clear()
+    audit(bn_paths, counting_bn, toy_data(), bn="train", batch_size=10, **kw)
+    assert len(calls) > calls_20
+
+
 def test_hvp_without_kept_graphs_and_split_batches(tmp_path):
     paths = save_checkpoints(tmp_path, make_mlp, count=2)
     model = make_mlp().double().eval()

@@ -207,9 +207,12 @@ def audit(
     return runner.run(paths, group_size, progress, memory_fraction)
 
 
-# Rows (checkpoints x samples) of one stacked evaluation: large batches are split to about this
-# many, so the activations of a whole group stay near CPU cache size (measured on the MNIST-1D MLP
-# of benchmarks/bench_audit.py: 16 x 1000 was faster than 16 x 4000 and than 16 x 250).
+# Rows (checkpoints x samples) of one evaluation pass where samples are independent (bn="eval"):
+# the data are regrouped to about this many (small batches joined, large ones split), so that one
+# checkpoint's passes are large enough to amortise the per-call overhead and a stacked group's
+# activations stay near CPU cache size (measured on the MNIST-1D MLP of benchmarks/bench_audit.py:
+# stacked, 16 x 1000 was faster than 16 x 4000 and than 16 x 250; one at a time, passes of 4000
+# samples were 4.4x faster than batches of 100).
 STACKED_ROWS = 16384
 
 
@@ -224,6 +227,8 @@ class _Runner:
         self.local_batches = _dist.shard(batches, keep_batches=bn == "train")
         self.num_samples = _dist.count_samples(self.local_batches)
         self.keep_graphs = True
+        # Samples per checkpoint in one pass when the data may be regrouped (GroupPlan.pass_rows).
+        self.pass_rows: int | None = None
 
     def _base_row(self, ck, key: str) -> dict[str, Any]:
         return {
@@ -264,9 +269,10 @@ class _Runner:
                 plan = estimate_group_size(
                     self.model, self.batches, self.device, self.dtype,
                     self.config.vectors_per_checkpoint(), memory_fraction=memory_fraction,
+                    regroup_rows=STACKED_ROWS if self.bn == "eval" else None,
                 )
                 plan = _dist.broadcast_object(plan)  # free memory differs between ranks
-                self.keep_graphs = plan.keep_graphs
+                self.keep_graphs, self.pass_rows = plan.keep_graphs, plan.pass_rows
                 group_size = group_size or plan.group_size
                 if self.config.solver == "lbfgsb":
                     group_size = 1  # scipy's L-BFGS-B drives one problem at a time
@@ -305,18 +311,19 @@ class _Runner:
         states = [s for _, _, s in group]
         if len(group) == 1:
             from ..objective import Objective
-            from .batched import SingleObjective
+            from .batched import SingleObjective, regroup_batches
 
             self.model.load_state_dict(states[0])  # measurement_mode restores the model afterwards
-            objective = Objective(self.model, self.loss_fn, self.local_batches, self.device, self.dtype)
+            batches = self.local_batches if self.pass_rows is None else regroup_batches(self.local_batches, self.pass_rows)
+            objective = Objective(self.model, self.loss_fn, batches, self.device, self.dtype)
             engine = SingleObjective(objective, keep_graphs=self.keep_graphs)
         else:
             from .batched import StackedObjective, stack_checkpoints
 
             X, frozen = stack_checkpoints(self.model, states, self.device, self.dtype)
             # Samples are independent unless BatchNorm uses batch statistics: then the stacked
-            # activations are kept near cache size by splitting large batches.
-            max_rows = max(64, STACKED_ROWS // len(group)) if self.bn == "eval" else None
+            # activations are kept near cache size by regrouping the data.
+            max_rows = None if self.pass_rows is None else max(64, min(STACKED_ROWS // len(group), self.pass_rows))
             engine = StackedObjective(
                 self.model, self.loss_fn, self.local_batches, X, frozen, self.num_samples,
                 keep_graphs=self.keep_graphs, max_rows=max_rows,

@@ -30,7 +30,8 @@ from ..data import Batches, to_device
 from ..objective import Objective
 from ..params import FlatParams
 
-__all__ = ["StackedObjective", "SingleObjective", "stack_checkpoints", "estimate_group_size", "GroupPlan"]
+__all__ = ["StackedObjective", "SingleObjective", "stack_checkpoints", "estimate_group_size", "GroupPlan",
+           "regroup_batches"]
 
 
 def stack_checkpoints(
@@ -82,14 +83,49 @@ class _HvpCache:
         return out
 
 
-def _split_batches(batches: Batches, max_rows: int) -> Batches:
-    if max_rows < 1:
-        raise ValueError(f"max_rows must be >= 1, got {max_rows}")
-    pieces = []
-    for x, y in batches:
-        pieces += [(x[s : s + max_rows], y[s : s + max_rows]) for s in range(0, x.shape[0], max_rows)]
-    # A rank's share stays marked as such (and may be empty).
-    return _dist.local_data(pieces) if batches.is_sharded else Batches(pieces)
+class _Regrouped:
+    """The batches of ``source`` regrouped into chunks of at most ``rows`` samples: consecutive
+    small batches concatenated, large ones split.  Lazy and re-iterable (one chunk at a time)."""
+
+    def __init__(self, source: Batches, rows: int):
+        self.source, self.rows = source, rows
+
+    def __iter__(self):
+        xs: list[torch.Tensor] = []
+        ys: list[torch.Tensor] = []
+        held = 0
+        for x, y in self.source:
+            for s in range(0, x.shape[0], self.rows):
+                px, py = x[s : s + self.rows], y[s : s + self.rows]
+                fits = held + px.shape[0] <= self.rows
+                same_kind = not xs or (px.shape[1:] == xs[0].shape[1:] and py.shape[1:] == ys[0].shape[1:]
+                                       and px.dtype == xs[0].dtype and py.dtype == ys[0].dtype
+                                       and px.device == xs[0].device and py.device == ys[0].device)
+                if xs and not (fits and same_kind):
+                    yield _concat(xs, ys)
+                    xs, ys, held = [], [], 0
+                xs.append(px)
+                ys.append(py)
+                held += px.shape[0]
+        if xs:
+            yield _concat(xs, ys)
+
+
+def _concat(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return (xs[0], ys[0]) if len(xs) == 1 else (torch.cat(xs), torch.cat(ys))
+
+
+def regroup_batches(batches: Batches, rows: int) -> Batches:
+    """``batches`` as chunks of at most ``rows`` samples (small batches joined, large ones split).
+
+    Only for objectives whose samples do not interact (no BatchNorm batch statistics) and whose
+    loss is a per-sample mean: the sample-weighted sums are then the same (to float rounding) while
+    fewer, larger passes cost less per sample.  A rank's share stays marked as such.
+    """
+    if rows < 1:
+        raise ValueError(f"rows must be >= 1, got {rows}")
+    regrouped = _Regrouped(batches, rows)
+    return _dist.local_data(regrouped) if batches.is_sharded else Batches(regrouped)
 
 
 class StackedObjective:
@@ -105,9 +141,10 @@ class StackedObjective:
         num_samples: the data's sample count when already known.
         keep_graphs: keep each batch's first-order graph across HVPs (default True; memory
             about four times the activations of all data for B checkpoints).
-        max_rows: split batches larger than this many samples (None: keep the batches).  Only for
-            models whose samples do not interact (BatchNorm in eval mode): the sample-weighted
-            sums are the same, and B x max_rows activations stay closer to the CPU caches.
+        max_rows: regroup the data into chunks of at most this many samples (None: keep the
+            batches; see :func:`regroup_batches`).  Only for models whose samples do not interact
+            (BatchNorm in eval mode): the sample-weighted sums are the same, and B x max_rows
+            activations stay closer to the CPU caches.
     """
 
     def __init__(
@@ -126,7 +163,7 @@ class StackedObjective:
         self.model = model
         self.loss_fn = loss_fn
         self.sharded = batches.is_sharded  # this rank's share: sums are reduced across ranks
-        self.batches = batches if max_rows is None else _split_batches(batches, max_rows)
+        self.batches = batches if max_rows is None else regroup_batches(batches, max_rows)
         self.flat = FlatParams(model)
         if X.shape[1] != self.flat.n:
             raise ValueError(f"X has {X.shape[1]} columns but the model has {self.flat.n} trainable parameters")
@@ -295,18 +332,21 @@ def activation_elements(model: nn.Module, batch, device: torch.device, dtype: to
 # efficiently (batched GEMMs, larger working sets): with 16 MNIST-1D MLP checkpoints on a 2-core
 # x86 it was 2.7x faster than one at a time with batches of 100 samples, 1.6x with 250, 0.9x with
 # 500 and 0.66x with one batch of 4000 (benchmarks/bench_audit.py).  Above this mean batch size
-# the automatic plan measures one checkpoint at a time on a CPU.
+# (after regrouping, where allowed) the automatic plan measures one checkpoint at a time on a CPU.
 CPU_STACK_MAX_BATCH = 400
 
 
 @dataclass(frozen=True)
 class GroupPlan:
     """How the audit groups checkpoints: ``group_size`` checkpoints stacked, each needing about
-    ``bytes_per_checkpoint``; ``keep_graphs`` whether HVP graphs of all batches are kept."""
+    ``bytes_per_checkpoint``; ``keep_graphs`` whether HVP graphs of all batches are kept;
+    ``pass_rows`` the most samples per checkpoint one pass may hold when the data may be
+    regrouped (:func:`regroup_batches`), else None (the batches as given)."""
 
     group_size: int
     bytes_per_checkpoint: int
     keep_graphs: bool
+    pass_rows: int | None = None
 
 
 def estimate_group_size(
@@ -318,6 +358,7 @@ def estimate_group_size(
     memory_fraction: float = 0.25,
     max_group: int = 64,
     available_bytes: int | None = None,
+    regroup_rows: int | None = None,
 ) -> GroupPlan:
     """How many checkpoints to stack, from free memory.
 
@@ -326,8 +367,13 @@ def estimate_group_size(
     backward, the kept HVP graph): of all the data when HVP graphs are kept, else of the largest
     batch.  Graphs are kept when one checkpoint's share fits.  The group uses at most
     ``memory_fraction`` (default 0.25) of the free memory (``available_bytes``, default: measured)
-    and at most ``max_group`` (default 64) checkpoints; never fewer than one.  On a CPU with mean
-    batches above ``CPU_STACK_MAX_BATCH`` samples the group is 1 (stacking measured slower there).
+    and at most ``max_group`` (default 64) checkpoints; never fewer than one.
+
+    ``regroup_rows`` (None: the batches stay as given): the data may be regrouped into passes of
+    up to this many samples per checkpoint (samples independent, per-sample mean loss); the plan's
+    ``pass_rows`` is that, or less where the group's memory requires, never below the largest
+    batch.  On a CPU with mean batches (after regrouping) above ``CPU_STACK_MAX_BATCH`` samples the
+    group is 1 (stacking measured slower there).
     """
     itemsize = torch.empty((), dtype=dtype).element_size()
     n = FlatParams(model).n
@@ -343,6 +389,16 @@ def estimate_group_size(
     keep = itemsize * (n * vectors_per_checkpoint + 4 * per_sample * total)
     per = keep if keep <= budget else itemsize * (n * vectors_per_checkpoint + 4 * per_sample * rows)
     group = int(min(max_group, max(1, budget // max(per, 1))))
-    if device.type == "cpu" and total / max(1, num_batches) > CPU_STACK_MAX_BATCH:
+
+    def pass_rows(members: int) -> int | None:
+        if regroup_rows is None:
+            return None
+        if keep <= budget:  # the kept graphs already count every sample's activations
+            return max(1, int(regroup_rows))
+        room = (budget / members - itemsize * n * vectors_per_checkpoint) / (itemsize * 4 * max(per_sample, 1.0))
+        return int(min(regroup_rows, max(rows, room)))
+
+    mean_batch = total / max(1, num_batches) if regroup_rows is None else min(total, pass_rows(1))
+    if device.type == "cpu" and mean_batch > CPU_STACK_MAX_BATCH:
         group = 1  # compute-bound batches: stacking does not pay on a CPU (see CPU_STACK_MAX_BATCH)
-    return GroupPlan(group, int(per), keep <= budget)
+    return GroupPlan(group, int(per), keep <= budget, pass_rows(group))
