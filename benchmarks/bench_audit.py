@@ -10,7 +10,8 @@ MNIST-1D training split (4000 samples).  Each repeat audits them once one at a t
 (``group_size=1``: :class:`sharpkit.objective.Objective` per checkpoint) and once batched
 (``group_size=count``: all stacked under vmap); the two variants are
 interleaved and the medians reported, because this machine's speed drifts.  The rows of both
-variants are compared metric by metric.
+variants are compared metric by metric.  Both regroup ``--batch-size`` batches into larger passes
+(the MLP has no BatchNorm), so the batch size mostly changes the stacked variant's chunks.
 
 Under pytest (``pytest benchmarks/bench_audit.py``) a small pytest-benchmark case times each variant.
 """
@@ -103,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(args.repeats):
                 t, single_rows = run_variant(paths, args.hidden, args.metrics, 1, args.batch_size)
                 single_t.append(t)
-                # all checkpoints stacked (the automatic plan would measure one at a time on a CPU
-                # for large batches, see sharpkit.audit.batched.CPU_STACK_MAX_BATCH)
+                # all checkpoints stacked (the automatic plan measures one at a time on a CPU when
+                # the regrouped passes are large, see sharpkit.audit.batched.CPU_STACK_MAX_BATCH)
                 t, batched_rows = run_variant(paths, args.hidden, args.metrics, count, args.batch_size)
                 batched_t.append(t)
             ms, mb = statistics.median(single_t), statistics.median(batched_t)

@@ -3,7 +3,11 @@
 Checkpoints of one architecture are measured together: their parameters are stacked and the
 model runs under ``torch.func.vmap``, so one pass over the data serves a whole group (losses,
 gradients for the ascent of ε-sharpness, Hessian-vector products for Lanczos and Hutchinson).
-Each finished checkpoint's row is appended durably to a JSONL store keyed by the checkpoint's
+How many are stacked follows from free memory; on a CPU, where stacking measured slower than
+compute-bound single passes, the plan measures one checkpoint at a time once the passes are large.
+Where samples are independent (``bn="eval"``) the data are regrouped into passes of up to
+``STACKED_ROWS`` samples, small batches joined (the loss must be a per-sample mean, as the
+built-in losses are).  Each finished checkpoint's row is appended durably to a JSONL store keyed by the checkpoint's
 content hash and the metric configuration, so an interrupted audit resumes where it stopped.
 """
 from __future__ import annotations

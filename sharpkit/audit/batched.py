@@ -329,10 +329,12 @@ def activation_elements(model: nn.Module, batch, device: torch.device, dtype: to
 
 
 # On a CPU, stacking checkpoints under vmap saves per-batch overhead but runs the arithmetic less
-# efficiently (batched GEMMs, larger working sets): with 16 MNIST-1D MLP checkpoints on a 2-core
-# x86 it was 2.7x faster than one at a time with batches of 100 samples, 1.6x with 250, 0.9x with
-# 500 and 0.66x with one batch of 4000 (benchmarks/bench_audit.py).  Above this mean batch size
-# (after regrouping, where allowed) the automatic plan measures one checkpoint at a time on a CPU.
+# efficiently (batched GEMMs, larger working sets).  With 16 MNIST-1D MLP checkpoints on a 2-core
+# x86 and the batches as given, stacking was 2.7x faster than one at a time with batches of 100
+# samples, 1.6x with 250, 0.9x with 500 and 0.66x with one batch of 4000; with the data regrouped
+# into passes of 4000 (bn="eval") one at a time is faster at batches of 100 too (5.8 s against
+# 6.8 s stacked; benchmarks/bench_audit.py).  Above this mean batch size (after regrouping, where
+# allowed) the automatic plan measures one checkpoint at a time on a CPU.
 CPU_STACK_MAX_BATCH = 400
 
 
