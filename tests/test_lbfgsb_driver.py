@@ -81,3 +81,21 @@ def test_public_path_is_used_and_agrees_when_the_fast_path_is_unavailable(monkey
     ref = scipy_reference(nonconvex(n, 7)[0], np.ones(n), 10)
     np.testing.assert_array_equal(out.x, ref.x)
     assert (out.nit, out.nfev) == (ref.nit, ref.nfev)
+
+
+def test_public_path_runs_when_setulb_rejects_its_arguments(monkeypatch):
+    """A scipy whose private routine changed its calling convention: the public path, same result."""
+
+    def changed(*args, **kwargs):
+        raise TypeError("setulb() takes 18 positional arguments")
+
+    public, real_public = [], _lbfgsb._public_minimize
+    monkeypatch.setattr(_lbfgsb, "_compiled_routine", lambda: changed)
+    monkeypatch.setattr(_lbfgsb, "_public_minimize", lambda *a: public.append(1) or real_public(*a))
+    n = 30
+    fg, calls = nonconvex(n, 8)
+    out = _lbfgsb.minimize_box(fg, np.ones(n), 10)
+    ref = scipy_reference(nonconvex(n, 8)[0], np.ones(n), 10)
+    assert public == [1]
+    np.testing.assert_array_equal(out.x, ref.x)
+    assert (out.nit, out.nfev) == (ref.nit, ref.nfev) and len(calls) == ref.nfev

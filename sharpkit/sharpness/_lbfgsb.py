@@ -6,8 +6,8 @@ coordinate, 3 s for a model of 10⁶ parameters, more than ten of the solver's i
 :func:`minimize_box` runs the same compiled routine (``scipy.optimize._lbfgsb.setulb``) with the
 same options and the same caching of repeated points as ``minimize`` but builds the bound arrays
 with numpy, so the iterates are identical (tested bit for bit).  ``setulb`` is private; its
-calling convention is the one of scipy >= 1.15 (the C translation of the Fortran code).  With any
-other scipy, or when the call fails to match, the public ``minimize`` runs instead.
+calling convention is the one of scipy >= 1.15 (the C translation of the Fortran code).  With an
+older scipy, or when the first call rejects its arguments, the public ``minimize`` runs instead.
 """
 from __future__ import annotations
 
@@ -55,42 +55,56 @@ def minimize_box(fun_and_grad: FunAndGrad, bound: np.ndarray, max_iter: int,
             known (it then counts as the first evaluation without a call, as in ``minimize``).
     """
     bound = np.ascontiguousarray(bound, dtype=np.float64)
+    # minimize evaluates x0 when it sets up its ScalarFunction; done here so that both paths share it.
+    f0, g0 = fun_and_grad(np.zeros_like(bound)) if first is None else first
+    first = (float(f0), np.asarray(g0, dtype=np.float64))
     if _fast_path_available():
-        return _drive_setulb(fun_and_grad, bound, max_iter, first)
+        outcome = _drive_setulb(fun_and_grad, bound, max_iter, first)
+        if outcome is not None:
+            return outcome
     return _public_minimize(fun_and_grad, bound, max_iter, first)
 
 
 def _fast_path_available() -> bool:
     try:
         import scipy
-        from scipy.optimize import _lbfgsb  # noqa: F401
-    except ImportError:
+
+        _compiled_routine()
+    except (ImportError, AttributeError):
         return False
     major, minor = (int(p) for p in scipy.__version__.split(".")[:2])
     return (major, minor) >= (1, 15)
 
 
+def _compiled_routine():
+    """scipy's compiled L-BFGS-B step (private; see the module docstring)."""
+    from scipy.optimize import _lbfgsb
+
+    return _lbfgsb.setulb
+
+
 class _Cached:
     """``minimize``'s ScalarFunction semantics: a point equal to the last one is not re-evaluated.
-    ``first``, the value at ``x0`` when already known, counts as an evaluation."""
+    ``first`` is ``(f, g)`` at ``x0``, already evaluated (it counts as the first evaluation)."""
 
-    def __init__(self, fun_and_grad: FunAndGrad, x0: np.ndarray, first):
+    def __init__(self, fun_and_grad: FunAndGrad, x0: np.ndarray, first: tuple[float, np.ndarray]):
         self.fun_and_grad = fun_and_grad
-        self.x, self.value, self.nfev = None, None, 0
-        if first is not None:
-            self.x, self.value, self.nfev = x0.copy(), (float(first[0]), np.asarray(first[1], np.float64)), 1
+        self.x, self.value, self.nfev = x0.copy(), first, 1
 
     def __call__(self, x: np.ndarray) -> tuple[float, np.ndarray]:
-        if self.x is None or not np.array_equal(x, self.x):
+        if not np.array_equal(x, self.x):
             f, g = self.fun_and_grad(x.copy())
             self.nfev += 1
             self.x, self.value = x.copy(), (float(f), np.asarray(g, dtype=np.float64))
         return self.value
 
 
-def _drive_setulb(fun_and_grad: FunAndGrad, bound: np.ndarray, max_iter: int, first) -> LbfgsbOutcome:
-    from scipy.optimize import _lbfgsb
+def _drive_setulb(fun_and_grad: FunAndGrad, bound: np.ndarray, max_iter: int, first) -> LbfgsbOutcome | None:
+    """The fast path; None when this scipy's ``setulb`` does not take the expected arguments (its
+    first call, before any evaluation beyond ``x0``)."""
     from scipy.optimize._lbfgsb_py import status_messages, task_messages
+
+    setulb = _compiled_routine()
 
     n, m = bound.shape[0], MAXCOR
     x = np.zeros(n, dtype=np.float64)
@@ -107,15 +121,18 @@ def _drive_setulb(fun_and_grad: FunAndGrad, bound: np.ndarray, max_iter: int, fi
     isave = np.zeros(44, dtype=np.int32)
     dsave = np.zeros(29, dtype=np.float64)
     factr, nit = FTOL / np.finfo(float).eps, 0
-    # minimize evaluates x0 when it sets up its ScalarFunction, before the first setulb call.
-    fval, gval = evaluate(x)
+    started = False
     while True:
         g = g.astype(np.float64)
-        _lbfgsb.setulb(m, x, low, up, nbd, f, g, factr, GTOL, wa, iwa, task, lsave, isave, dsave, MAXLS,
-                       ln_task)
+        try:
+            setulb(m, x, low, up, nbd, f, g, factr, GTOL, wa, iwa, task, lsave, isave, dsave, MAXLS, ln_task)
+        except (TypeError, ValueError):
+            if started:
+                raise
+            return None
+        started = True
         if task[0] == _TASK_FG:
-            fval, gval = evaluate(x)
-            f, g = fval, gval
+            f, g = evaluate(x)
         elif task[0] == _TASK_NEW_X:
             nit += 1
             if nit >= max_iter:
