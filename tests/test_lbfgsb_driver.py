@@ -99,3 +99,22 @@ def test_public_path_runs_when_setulb_rejects_its_arguments(monkeypatch):
     assert public == [1]
     np.testing.assert_array_equal(out.x, ref.x)
     assert (out.nit, out.nfev) == (ref.nit, ref.nfev) and len(calls) == ref.nfev
+
+
+def test_routine_runs_with_scipy_blas_on_one_thread(monkeypatch):
+    """Spinning BLAS workers would take the cores from the model's passes between calls."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    real = _lbfgsb._compiled_routine()
+    seen = []
+
+    def recording(*args):
+        seen.append(max((d["num_threads"] for d in threadpoolctl.threadpool_info() if d["user_api"] == "blas"),
+                        default=1))
+        return real(*args)
+
+    monkeypatch.setattr(_lbfgsb, "_compiled_routine", lambda: recording)
+    fg, _ = nonconvex(20, 9)
+    out = _lbfgsb.minimize_box(fg, np.ones(20), 10)
+    ref = scipy_reference(nonconvex(20, 9)[0], np.ones(20), 10)
+    np.testing.assert_array_equal(out.x, ref.x)
+    assert seen and set(seen) == {1}
