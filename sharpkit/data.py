@@ -24,6 +24,7 @@ __all__ = [
     "load_digits",
     "load_tensor_file",
     "TensorDataset",
+    "regroup_batches",
 ]
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -148,6 +149,55 @@ class Batches:
 def as_batches(data: Any, batch_size: int | None = None) -> Batches:
     """Wrap ``data`` as :class:`Batches` (idempotent)."""
     return data if isinstance(data, Batches) and batch_size is None else Batches(data, batch_size)
+
+
+class _Regrouped:
+    """The batches of ``source`` regrouped into chunks of at most ``rows`` samples: consecutive
+    small batches concatenated, large ones split.  Lazy and re-iterable (one chunk at a time)."""
+
+    def __init__(self, source: Batches, rows: int):
+        self.source, self.rows = source, rows
+
+    def __iter__(self):
+        xs: list[torch.Tensor] = []
+        ys: list[torch.Tensor] = []
+        held = 0
+        for x, y in self.source:
+            for s in range(0, x.shape[0], self.rows):
+                px, py = x[s : s + self.rows], y[s : s + self.rows]
+                fits = held + px.shape[0] <= self.rows
+                same_kind = not xs or (px.shape[1:] == xs[0].shape[1:] and py.shape[1:] == ys[0].shape[1:]
+                                       and px.dtype == xs[0].dtype and py.dtype == ys[0].dtype
+                                       and px.device == xs[0].device and py.device == ys[0].device)
+                if xs and not (fits and same_kind):
+                    yield _concat(xs, ys)
+                    xs, ys, held = [], [], 0
+                xs.append(px)
+                ys.append(py)
+                held += px.shape[0]
+        if xs:
+            yield _concat(xs, ys)
+
+
+def _concat(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return (xs[0], ys[0]) if len(xs) == 1 else (torch.cat(xs), torch.cat(ys))
+
+
+def regroup_batches(batches: Batches, rows: int) -> Batches:
+    """``batches`` as chunks of at most ``rows`` samples (small batches joined, large ones split).
+
+    Only for objectives whose samples do not interact (no BatchNorm batch statistics) and whose
+    loss is a per-sample mean: the sample-weighted sums are then the same (to float rounding) while
+    fewer, larger passes cost less per sample.  A rank's share stays marked as such.
+    """
+    if rows < 1:
+        raise ValueError(f"rows must be >= 1, got {rows}")
+    regrouped = _Regrouped(batches, rows)
+    if batches.is_sharded:
+        from .distributed import local_data
+
+        return local_data(regrouped)
+    return Batches(regrouped)
 
 
 def _is_tensor_pair(obj: Any) -> bool:

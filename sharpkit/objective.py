@@ -14,12 +14,19 @@ from torch import nn
 from torch.func import functional_call
 
 from . import distributed as _dist
-from .data import Batches, as_batches, to_device
+from .data import Batches, as_batches, regroup_batches, to_device
 from .params import FlatParams, check_finite_parameters
 
-__all__ = ["Objective", "LossFn"]
+__all__ = ["Objective", "LossFn", "activation_elements"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+# Regrouping (``Objective(regroup=True)``): passes of at most this many samples, and activations
+# of at most this many bytes per pass (counted four times over: forward, backward and their
+# temporaries).  Small batches cost per-call overhead: ε-sharpness of a 72 k-parameter MLP on
+# 4000 MNIST-1D samples from a DataLoader of batches of 128 took 0.52-0.58 s, 0.16-0.19 s as one batch.
+REGROUP_MAX_ROWS = 16384
+REGROUP_BYTES = 256 << 20
 
 
 class Objective:
@@ -37,6 +44,12 @@ class Objective:
             group of more than one process is initialised; ``True``: initialise one from the
             torchrun environment if needed; ``False``: every rank evaluates all the data.  Data
             already sharded (:func:`sharpkit.distributed.local_data`) are always reduced.
+        regroup: evaluate the data in passes larger than its batches where that gives the same
+            objective: consecutive batches joined (:func:`sharpkit.data.regroup_batches`) up to
+            ``REGROUP_MAX_ROWS`` samples and ``REGROUP_BYTES`` of activations, never fewer samples
+            than the largest batch.  Not done when BatchNorm uses batch statistics (the samples of
+            a batch interact).  Needs a per-sample mean loss (as the built-in losses are).
+            Default False.
     """
 
     def __init__(
@@ -47,6 +60,7 @@ class Objective:
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         distributed: bool | None = None,
+        regroup: bool = False,
     ):
         check_finite_parameters(model)
         self.model = model
@@ -59,6 +73,10 @@ class Objective:
         self.batches: Batches = (
             _dist.shard(batches, keep_batches=_dist.uses_batch_statistics(model)) if self.distributed else batches
         )
+        if regroup and not _dist.uses_batch_statistics(model):
+            rows = _regroup_rows(model, self.batches, self.device, self.dtype)
+            if rows is not None:
+                self.batches = regroup_batches(self.batches, rows)
         # The total over all ranks: every pass divides its reduced sums by it.
         self.num_samples = _dist.count_samples(self.batches, reduce=self.distributed)
         self.num_evals = 0
@@ -121,3 +139,40 @@ class Objective:
                 total += loss.detach().double() * n_b
         self.num_evals += 1
         return total / self.num_samples, grad
+
+
+def activation_elements(model: nn.Module, batch, device: torch.device, dtype: torch.dtype) -> int:
+    """Elements of every module output in one forward of ``batch`` (a proxy for activation memory)."""
+    total = 0
+
+    def hook(_module, _inputs, output):
+        nonlocal total
+        if isinstance(output, torch.Tensor):
+            total += output.numel()
+
+    leaves = [m for m in model.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    try:
+        inputs, _ = to_device(batch, device, dtype)
+        params = {k: v.to(device, dtype if v.is_floating_point() else None) for k, v in model.state_dict().items()}
+        with torch.no_grad():
+            functional_call(model, params, (inputs,))
+    finally:
+        for h in handles:
+            h.remove()
+    return total
+
+
+def _regroup_rows(model: nn.Module, batches: Batches, device: torch.device, dtype: torch.dtype) -> int | None:
+    """Samples per pass for ``Objective(regroup=True)``; None when there is nothing to join."""
+    num_batches, largest = 0, None
+    for batch in batches:
+        num_batches += 1
+        if largest is None or batch[0].shape[0] > largest[0].shape[0]:
+            largest = batch
+    if num_batches < 2:
+        return None
+    rows = largest[0].shape[0]
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    per_sample = max(1.0, activation_elements(model, largest, device, dtype) / rows) * itemsize
+    return int(min(REGROUP_MAX_ROWS, max(rows, REGROUP_BYTES // (4 * per_sample))))

@@ -460,7 +460,7 @@ def test_cpu_plan_does_not_stack_compute_bound_batches():
 
 
 def test_regroup_batches_joins_small_and_splits_large_batches():
-    from sharpkit.audit.batched import regroup_batches
+    from sharpkit.data import regroup_batches
 
     g = torch.Generator().manual_seed(0)
     sizes = [3, 5, 0, 2, 11, 1, 4]  # an empty batch, one larger than the chunk

@@ -70,6 +70,51 @@ def test_objective_is_sample_weighted_mean_with_uneven_batches():
     assert torch.allclose(g, ref_g, rtol=1e-10, atol=1e-12)
 
 
+def _counting(model):
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def test_regrouped_objective_joins_small_batches_and_keeps_the_value():
+    from sharpkit import objective as objective_module
+
+    model, (x, y) = _mlp(), _data(23)
+    loss_fn = nn.CrossEntropyLoss()
+    plain = Objective(model, loss_fn, Batches((x, y), batch_size=4))
+    joined = Objective(model, loss_fn, Batches((x, y), batch_size=4), regroup=True)
+    assert [b[0].shape[0] for b in joined.batches] == [23] and joined.num_samples == 23
+    x0 = plain.x0() + 0.1 * torch.randn(plain.n, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    f_ref, g_ref = plain.loss_and_grad(x0)
+    calls = _counting(model)
+    f, g = joined.loss_and_grad(x0)
+    assert len(calls) == 1  # one pass of 23 samples instead of six batches
+    torch.testing.assert_close(f, f_ref, rtol=1e-13, atol=0)
+    torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(joined.loss(x0), plain.loss(x0), rtol=1e-13, atol=0)
+    # A pass never holds more activations than the budget allows, nor fewer samples than a batch.
+    per_sample = (6 + 6 + 3) * 8  # Linear, Tanh, Linear outputs in float64
+    budget = objective_module.REGROUP_BYTES
+    try:
+        objective_module.REGROUP_BYTES = 4 * per_sample * 10
+        assert [b[0].shape[0] for b in Objective(model, loss_fn, Batches((x, y), batch_size=4), regroup=True).batches] == [8, 8, 7]
+        objective_module.REGROUP_BYTES = 1
+        assert [b[0].shape[0] for b in Objective(model, loss_fn, Batches((x, y), batch_size=4), regroup=True).batches] == [4] * 5 + [3]
+    finally:
+        objective_module.REGROUP_BYTES = budget
+
+
+def test_regrouping_keeps_batches_whose_samples_interact():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 3)).double().train()
+    x, y = _data(23)
+    obj = Objective(model, nn.CrossEntropyLoss(), Batches((x, y), batch_size=5), regroup=True)
+    assert [b[0].shape[0] for b in obj.batches] == [5, 5, 5, 5, 3]
+    model.eval()
+    obj = Objective(model, nn.CrossEntropyLoss(), Batches((x, y), batch_size=5), regroup=True)
+    assert [b[0].shape[0] for b in obj.batches] == [23]
+
+
 def test_objective_leaves_model_untouched():
     model, data = _mlp(), _data()
     before = [p.clone() for p in model.parameters()]

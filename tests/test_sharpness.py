@@ -374,3 +374,20 @@ def test_solver_contract_errors():
                        torch.ones(2, 3, dtype=torch.float64))
     with pytest.raises(ValueError, match="boxes only"):
         solvers.maximize(prob, torch.ones(1, 3, dtype=torch.float64), solver="lbfgsb", norm="l2")
+
+
+@pytest.mark.parametrize("solver", ["lbfgsb", "apgd"])
+def test_small_batches_from_a_dataloader_give_the_one_batch_value(solver):
+    """The objective joins small batches into larger passes (same sums): same iterates and value."""
+    model = mlp((6, 10, 10, 3), seed=4)
+    x, y = blobs(90, seed=4)
+    train_full_batch(model, (x, y), steps=40)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    one = sk.keskar_sharpness(model, nn.CrossEntropyLoss(), (x, y), epsilon=5e-3, solver=solver)
+    small = sk.keskar_sharpness(model, nn.CrossEntropyLoss(), loader, epsilon=5e-3, solver=solver)
+    assert small.value == pytest.approx(one.value, rel=1e-9)
+    assert small.num_evals == one.num_evals
+    torch.testing.assert_close(small.perturbation, one.perturbation, rtol=1e-8, atol=1e-12)
+    adaptive_one = sk.adaptive_sharpness(model, nn.CrossEntropyLoss(), (x, y), rho=0.05)
+    adaptive_small = sk.adaptive_sharpness(model, nn.CrossEntropyLoss(), loader, rho=0.05)
+    assert adaptive_small.value == pytest.approx(adaptive_one.value, rel=1e-9)

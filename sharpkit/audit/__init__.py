@@ -315,7 +315,8 @@ class _Runner:
         states = [s for _, _, s in group]
         if len(group) == 1:
             from ..objective import Objective
-            from .batched import SingleObjective, regroup_batches
+            from ..data import regroup_batches
+            from .batched import SingleObjective
 
             self.model.load_state_dict(states[0])  # measurement_mode restores the model afterwards
             batches = self.local_batches if self.pass_rows is None else regroup_batches(self.local_batches, self.pass_rows)

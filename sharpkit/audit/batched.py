@@ -26,12 +26,11 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from .. import distributed as _dist
-from ..data import Batches, to_device
-from ..objective import Objective
+from ..data import Batches, regroup_batches, to_device
+from ..objective import Objective, activation_elements
 from ..params import FlatParams
 
-__all__ = ["StackedObjective", "SingleObjective", "stack_checkpoints", "estimate_group_size", "GroupPlan",
-           "regroup_batches"]
+__all__ = ["StackedObjective", "SingleObjective", "stack_checkpoints", "estimate_group_size", "GroupPlan"]
 
 
 def stack_checkpoints(
@@ -83,51 +82,6 @@ class _HvpCache:
         return out
 
 
-class _Regrouped:
-    """The batches of ``source`` regrouped into chunks of at most ``rows`` samples: consecutive
-    small batches concatenated, large ones split.  Lazy and re-iterable (one chunk at a time)."""
-
-    def __init__(self, source: Batches, rows: int):
-        self.source, self.rows = source, rows
-
-    def __iter__(self):
-        xs: list[torch.Tensor] = []
-        ys: list[torch.Tensor] = []
-        held = 0
-        for x, y in self.source:
-            for s in range(0, x.shape[0], self.rows):
-                px, py = x[s : s + self.rows], y[s : s + self.rows]
-                fits = held + px.shape[0] <= self.rows
-                same_kind = not xs or (px.shape[1:] == xs[0].shape[1:] and py.shape[1:] == ys[0].shape[1:]
-                                       and px.dtype == xs[0].dtype and py.dtype == ys[0].dtype
-                                       and px.device == xs[0].device and py.device == ys[0].device)
-                if xs and not (fits and same_kind):
-                    yield _concat(xs, ys)
-                    xs, ys, held = [], [], 0
-                xs.append(px)
-                ys.append(py)
-                held += px.shape[0]
-        if xs:
-            yield _concat(xs, ys)
-
-
-def _concat(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    return (xs[0], ys[0]) if len(xs) == 1 else (torch.cat(xs), torch.cat(ys))
-
-
-def regroup_batches(batches: Batches, rows: int) -> Batches:
-    """``batches`` as chunks of at most ``rows`` samples (small batches joined, large ones split).
-
-    Only for objectives whose samples do not interact (no BatchNorm batch statistics) and whose
-    loss is a per-sample mean: the sample-weighted sums are then the same (to float rounding) while
-    fewer, larger passes cost less per sample.  A rank's share stays marked as such.
-    """
-    if rows < 1:
-        raise ValueError(f"rows must be >= 1, got {rows}")
-    regrouped = _Regrouped(batches, rows)
-    return _dist.local_data(regrouped) if batches.is_sharded else Batches(regrouped)
-
-
 class StackedObjective:
     """B checkpoints of one architecture evaluated together under ``vmap``.
 
@@ -142,7 +96,7 @@ class StackedObjective:
         keep_graphs: keep each batch's first-order graph across HVPs (default True; memory
             about four times the activations of all data for B checkpoints).
         max_rows: regroup the data into chunks of at most this many samples (None: keep the
-            batches; see :func:`regroup_batches`).  Only for models whose samples do not interact
+            batches; see :func:`sharpkit.data.regroup_batches`).  Only for models whose samples do not interact
             (BatchNorm in eval mode): the sample-weighted sums are the same, and B x max_rows
             activations stay closer to the CPU caches.
     """
@@ -306,28 +260,6 @@ def _available_bytes(device: torch.device) -> int:
         return 4 << 30
 
 
-def activation_elements(model: nn.Module, batch, device: torch.device, dtype: torch.dtype) -> int:
-    """Elements of every module output in one forward of ``batch`` (a proxy for activation memory)."""
-    total = 0
-
-    def hook(_module, _inputs, output):
-        nonlocal total
-        if isinstance(output, torch.Tensor):
-            total += output.numel()
-
-    leaves = [m for m in model.modules() if not list(m.children())]
-    handles = [m.register_forward_hook(hook) for m in leaves]
-    try:
-        inputs, _ = to_device(batch, device, dtype)
-        params = {k: v.to(device, dtype if v.is_floating_point() else None) for k, v in model.state_dict().items()}
-        with torch.no_grad():
-            functional_call(model, params, (inputs,))
-    finally:
-        for h in handles:
-            h.remove()
-    return total
-
-
 # On a CPU, stacking checkpoints under vmap saves per-batch overhead but runs the arithmetic less
 # efficiently (batched GEMMs, larger working sets).  With 16 MNIST-1D MLP checkpoints on a 2-core
 # x86 and the batches as given, stacking was 2.7x faster than one at a time with batches of 100
@@ -343,7 +275,7 @@ class GroupPlan:
     """How the audit groups checkpoints: ``group_size`` checkpoints stacked, each needing about
     ``bytes_per_checkpoint``; ``keep_graphs`` whether HVP graphs of all batches are kept;
     ``pass_rows`` the most samples per checkpoint one pass may hold when the data may be
-    regrouped (:func:`regroup_batches`), else None (the batches as given)."""
+    regrouped (:func:`sharpkit.data.regroup_batches`), else None (the batches as given)."""
 
     group_size: int
     bytes_per_checkpoint: int

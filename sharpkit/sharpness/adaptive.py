@@ -105,7 +105,7 @@ def adaptive_sharpness(
 
     with measurement_mode(model, bn):
         if m is None:
-            objectives = [Objective(model, loss_fn, data, device=device, dtype=dtype)]
+            objectives = [Objective(model, loss_fn, data, device=device, dtype=dtype, regroup=True)]
         else:
             objectives = [Objective(model, loss_fn, chunk, device=device, dtype=dtype)
                           for chunk in _chunks(data, m, num_examples)]

@@ -114,7 +114,7 @@ def keskar_sharpness(
         history.append((evals, time.perf_counter() - t0, 100.0 * (fb - f0) / (1.0 + f0)))
 
     with measurement_mode(model, bn):
-        obj = Objective(model, loss_fn, data, device=device, dtype=dtype)
+        obj = Objective(model, loss_fn, data, device=device, dtype=dtype, regroup=True)
         X = obj.x0().unsqueeze(0)
         engine = solvers.ObjectiveEngine([obj])
         A = coords = None
