@@ -22,6 +22,10 @@ Script mode (``python benchmarks/bench_sharpness.py``) prints two tables:
    starts (``restarts=2``) and ``pga``, and the evaluations each needed to reach the ``lbfgsb``
    value (``-`` never).  Values only, no times.
 
+4. Data sources (``--small-batches``, instead of 1 and 2): the time of ``apgd`` and ``lbfgsb`` on
+   untrained F1-style MLPs (widths 128 and 512) with the data as one batch, as a list of batches of
+   128 and as a DataLoader of batches of 128.
+
 ``--quick`` trains less and runs fewer rounds (a smoke test).  ``--skip-memory`` omits table 2.
 ``--device cuda`` runs the solver table with the model on the GPU (training stays on the CPU, cached).
 """
@@ -163,6 +167,35 @@ def survey(epsilons: tuple[float, ...]) -> None:
     print("(@: evaluations until the best value reached lbfgsb's; lbfgsb itself takes 11)")
 
 
+def small_batches_table(rounds: int, epsilon: float) -> None:
+    """The same measurement with the data as one batch, as a list of batches of 128 and as a
+    DataLoader of batches of 128 (the objective joins small batches into larger passes)."""
+    data = sk.load_mnist1d()
+    x, y = data.train
+    loss_fn = nn.CrossEntropyLoss()
+    sources = {"one batch": (x, y), "list of 128": [(x[i:i + 128], y[i:i + 128]) for i in range(0, len(x), 128)],
+               "DataLoader 128": torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=128)}
+    print(f"\nε-sharpness (ε = {epsilon:g}) of untrained F1-style MLPs on {len(x)} MNIST-1D samples by data source; "
+          f"medians of {rounds} interleaved rounds, seconds per call")
+    print(f"{'width':>5} {'params':>8} {'solver':7} " + " ".join(f"{k:>15}" for k in sources))
+    for width in (128, 512):
+        torch.manual_seed(0)
+        model = make_f1((40,), 10, width=width).eval()
+        n = sk.FlatParams(model).n
+        for solver in ("apgd", "lbfgsb"):
+            times: dict[str, list[float]] = {k: [] for k in sources}
+            values = {}
+            for _ in range(rounds):
+                for name, src in sources.items():
+                    t = time.perf_counter()
+                    r = sk.keskar_sharpness(model, loss_fn, src, epsilon=epsilon, solver=solver)
+                    times[name].append(time.perf_counter() - t)
+                    values[name] = r.value
+            spread = max(values.values()) / min(values.values()) - 1
+            print(f"{width:>5} {n:>8} {solver:7} " + " ".join(f"{statistics.median(v):15.3f}" for v in times.values())
+                  + f"   values agree to {spread:.1e}")
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as fh:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -228,6 +261,8 @@ def main() -> None:
     ap.add_argument("--memory-samples", type=int, default=256)
     ap.add_argument("--device", default="cpu", help="where the model runs for the solver table (cpu, cuda)")
     ap.add_argument("--survey", action="store_true", help="the survey table only (values, no times)")
+    ap.add_argument("--small-batches", action="store_true",
+                    help="only the table of data sources: one batch, batches of 128, a DataLoader")
     ap.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_child:
@@ -235,6 +270,9 @@ def main() -> None:
         return
     if args.survey:
         survey((1e-3, 5e-4))
+        return
+    if args.small_batches:
+        small_batches_table(args.rounds, args.epsilon)
         return
     if args.quick:
         args.rounds, args.max_epochs, args.width = 2, 20, 1000
