@@ -25,6 +25,7 @@ from torch import nn
 from .. import __version__
 from .. import distributed as _dist
 from ..data import Batches, as_batches
+from ..objective import REGROUP_MAX_ROWS
 from ..params import measurement_mode
 from .checkpoints import CheckpointError, describe_checkpoint, find_checkpoints, fit_state_dict, load_state_dict
 from .metrics import METRICS, MetricConfig, run_metrics
@@ -217,7 +218,7 @@ def audit(
 # activations stay near CPU cache size (measured on the MNIST-1D MLP of benchmarks/bench_audit.py:
 # stacked, 16 x 1000 was faster than 16 x 4000 and than 16 x 250; one at a time, passes of 4000
 # samples were 4.4x faster than batches of 100).
-STACKED_ROWS = 16384
+STACKED_ROWS = REGROUP_MAX_ROWS  # 16384, the cap Objective(regroup=True) uses too
 
 
 class _Runner:
