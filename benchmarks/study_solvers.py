@@ -51,8 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     for key in cases:
         spec, role, seed, eps, space = key
         if (spec, role, seed) not in models:
-            batch = study.sb if role == "sb" else study.lb
-            models[spec, role, seed] = study.trained(study.train_key(spec, batch, int(seed)))[0]
+            run_dir = study.run_dir(study.run_key(spec, role, int(seed)))
+            if not (run_dir / "final.pt").exists():
+                raise SystemExit(f"{run_dir} has no trained model: run the study first")
+            models[spec, role, seed] = study.trained(study.run_key(spec, role, int(seed)))[0]
         sub = None if space == "full" else int(space.split("=")[1])
         target = ref[key]["lbfgsb"]
         cells = []

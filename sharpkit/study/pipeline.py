@@ -344,7 +344,7 @@ class Study:
         c = self.config
         t0 = time.perf_counter()
         started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        sweep_models = c.sweep_models if c.sweep_models is not None else c.models[:1]
+        sweep_models = self.sweep_models()
         results: dict[str, Any] = {
             "config": c.as_dict(),
             "resolved": {"sb": self.sb, "lb": self.lb, "lb_over_sb": self.lb / self.sb, "n_train": self.n_train,
@@ -363,20 +363,42 @@ class Study:
         results["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         return results
 
+    def sweep_models(self) -> list[str]:
+        """The models that get the sweep, warm starts and noise scale (``config.sweep_models``,
+        default: the first model)."""
+        c = self.config
+        return list(c.sweep_models if c.sweep_models is not None else c.models[:1])
+
+    def warm_start_epochs(self, extras: bool) -> tuple[int, ...]:
+        """The warm-start epochs k of Fig. 5 that apply (none without extras)."""
+        c = self.config
+        return tuple(k for k in c.warm_epochs if 0 < k <= c.max_epochs) if extras else ()
+
+    def run_key(self, spec: str, role: str, seed: int) -> dict:
+        """The training key of the study's run of ``spec`` at ``role`` ("sb"/"lb") and ``seed``: the
+        first seed is tracked along training (Fig. 6) and, for the sweep models, its SB run keeps
+        the warm-start snapshots (Fig. 5)."""
+        c = self.config
+        first = seed == c.seeds[0]
+        extras = spec in self.sweep_models()
+        snaps = ()
+        if first and role == "sb" and extras:
+            snaps = self.warm_start_epochs(extras) + ((c.max_epochs // 2,) if c.max_epochs >= 2 else ())
+        return self.train_key(spec, self.sb if role == "sb" else self.lb, seed, track=first, snapshots=snaps)
+
     def run_model(self, spec: str, extras: bool) -> dict:
         c = self.config
         seeds = list(c.seeds)
         n_params = FlatParams(self.new_model(spec, seeds[0])).n
         out: dict[str, Any] = {"num_params": n_params, "model_kwargs": self.model_kwargs(spec), "runs": [],
                                "sharpness": [], "curvature": []}
-        ks = tuple(k for k in c.warm_epochs if 0 < k <= c.max_epochs) if extras else ()
+        ks = self.warm_start_epochs(extras)
         models: dict[tuple[str, int], tuple[nn.Module, dict]] = {}
         for seed in seeds:
             first = seed == seeds[0]
             x0 = FlatParams(self.new_model(spec, seed)).get()
             for role, batch in (("sb", self.sb), ("lb", self.lb)):
-                snaps = (ks + ((c.max_epochs // 2,) if c.max_epochs >= 2 else ())) if (first and role == "sb" and extras) else ()
-                tkey = self.train_key(spec, batch, seed, track=first, snapshots=snaps)
+                tkey = self.run_key(spec, role, seed)
                 model, rec = self.trained(tkey)
                 ev = self.measure_eval(model, tkey)
                 x = FlatParams(model).get()
