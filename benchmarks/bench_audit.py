@@ -4,6 +4,7 @@ Script mode (prints a table; the figures quoted anywhere come from it)::
 
     python benchmarks/bench_audit.py                       # 16 and 64 checkpoints
     python benchmarks/bench_audit.py --counts 16 --repeats 5 --metrics keskar,top-eig
+    python benchmarks/bench_audit.py --device cuda --counts 16 64     # on a GPU
 
 The checkpoints are saved along one short Adam run of an MLP ``40 -> 100 -> 100 -> 10`` on the
 MNIST-1D training split (4000 samples).  Each repeat audits them once one at a time
@@ -59,11 +60,14 @@ def make_checkpoints(folder: Path, count: int, hidden: int = 100, every: int = 1
     return paths
 
 
-def run_variant(paths, hidden: int, metrics: str, group_size: int | None, batch_size: int | None = None):
+def run_variant(paths, hidden: int, metrics: str, group_size: int | None, batch_size: int | None = None,
+                device: str = "cpu"):
     """Audit ``paths``; returns (seconds, rows)."""
     t0 = time.perf_counter()
     rows = sk.audit(paths, lambda: make_mlp(hidden), "mnist1d", metrics=metrics, group_size=group_size,
-                    batch_size=batch_size)
+                    batch_size=batch_size, device=device)
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
     return time.perf_counter() - t0, rows
 
 
@@ -88,13 +92,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=None,
                         help="split the 4000 samples into batches of this size (default: one batch)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--device", default="cpu", help="where the audits run (cpu, cuda)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     names = ["loss", *args.metrics.split(",")]
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, metrics {args.metrics}, "
           f"MLP 40-{args.hidden}-{args.hidden}-10 ({sum(p.numel() for p in make_mlp(args.hidden).parameters())} params), "
-          f"MNIST-1D 4000 train samples in batches of {args.batch_size or 4000}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+          f"MNIST-1D 4000 train samples in batches of {args.batch_size or 4000}, device "
+          f"{torch.cuda.get_device_name(args.device) if torch.device(args.device).type == 'cuda' else 'cpu'}, "
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print(f"{'ckpts':>5}  {'one-at-a-time s':>15}  {'batched s':>9}  {'speedup':>7}  {'group':>5}  max rel diff per metric")
     with tempfile.TemporaryDirectory() as tmp:
         all_paths = make_checkpoints(Path(tmp), max(args.counts), args.hidden)
@@ -102,11 +109,11 @@ def main(argv: list[str] | None = None) -> int:
             paths = all_paths[:count]
             single_t, batched_t = [], []
             for _ in range(args.repeats):
-                t, single_rows = run_variant(paths, args.hidden, args.metrics, 1, args.batch_size)
+                t, single_rows = run_variant(paths, args.hidden, args.metrics, 1, args.batch_size, args.device)
                 single_t.append(t)
                 # all checkpoints stacked (the automatic plan measures one at a time on a CPU when
                 # the regrouped passes are large, see sharpkit.audit.batched.CPU_STACK_MAX_BATCH)
-                t, batched_rows = run_variant(paths, args.hidden, args.metrics, count, args.batch_size)
+                t, batched_rows = run_variant(paths, args.hidden, args.metrics, count, args.batch_size, args.device)
                 batched_t.append(t)
             ms, mb = statistics.median(single_t), statistics.median(batched_t)
             diffs = max_rel_diff(single_rows, batched_rows, names)
