@@ -77,7 +77,8 @@ def keskar_sharpness(
         model: the network (left exactly as found: parameters, buffers, train/eval flags).
         loss_fn: mean-reduced ``loss_fn(outputs, targets) -> scalar`` (e.g. ``nn.CrossEntropyLoss()``).
         data: ``(inputs, targets)`` tensors or an iterable of batches (the training set, for the
-            paper's training sharpness).
+            paper's training sharpness).  Small batches are evaluated joined into larger passes
+            where the samples do not interact (``Objective(regroup=True)``; same objective).
         epsilon: relative box size ε > 0 (default 1e-3; the paper also uses 5e-4).
         subspace_dim: p for the random-subspace variant (1 <= p <= n), ``None`` for the full space.
         solver: ``"lbfgsb"`` (default, the paper's protocol), ``"pga"`` or ``"apgd"``.
