@@ -165,11 +165,7 @@ class _Regrouped:
         for x, y in self.source:
             for s in range(0, x.shape[0], self.rows):
                 px, py = x[s : s + self.rows], y[s : s + self.rows]
-                fits = held + px.shape[0] <= self.rows
-                same_kind = not xs or (px.shape[1:] == xs[0].shape[1:] and py.shape[1:] == ys[0].shape[1:]
-                                       and px.dtype == xs[0].dtype and py.dtype == ys[0].dtype
-                                       and px.device == xs[0].device and py.device == ys[0].device)
-                if xs and not (fits and same_kind):
+                if xs and not (held + px.shape[0] <= self.rows and _joinable(xs[0], px) and _joinable(ys[0], py)):
                     yield _concat(xs, ys)
                     xs, ys, held = [], [], 0
                 xs.append(px)
@@ -177,6 +173,11 @@ class _Regrouped:
                 held += px.shape[0]
         if xs:
             yield _concat(xs, ys)
+
+
+def _joinable(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``torch.cat`` can join ``a`` and ``b`` along the samples without changing either."""
+    return a.shape[1:] == b.shape[1:] and a.dtype == b.dtype and a.device == b.device
 
 
 def _concat(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

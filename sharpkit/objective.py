@@ -45,12 +45,12 @@ class Objective:
             group of more than one process is initialised; ``True``: initialise one from the
             torchrun environment if needed; ``False``: every rank evaluates all the data.  Data
             already sharded (:func:`sharpkit.distributed.local_data`) are always reduced.
-        regroup: evaluate the data in passes larger than its batches where that gives the same
-            objective: consecutive batches joined (:func:`sharpkit.data.regroup_batches`) up to
-            ``REGROUP_MAX_ROWS`` samples and ``REGROUP_BYTES`` of activations, never fewer samples
-            than the largest batch.  Not done when BatchNorm uses batch statistics (the samples of
-            a batch interact).  Needs a per-sample mean loss (as the built-in losses are).
-            Default False.
+        regroup: evaluate the data in passes other than its batches where that gives the same
+            objective (:func:`sharpkit.data.regroup_batches`): ``True`` joins consecutive batches
+            up to ``REGROUP_MAX_ROWS`` samples and ``REGROUP_BYTES`` of activations, never fewer
+            samples than the largest batch; an int is the samples per pass (the caller planned the
+            memory).  Not done when BatchNorm uses batch statistics (the samples of a batch
+            interact).  Needs a per-sample mean loss (as the built-in losses are).  Default False.
     """
 
     def __init__(
@@ -61,7 +61,7 @@ class Objective:
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         distributed: bool | None = None,
-        regroup: bool = False,
+        regroup: bool | int = False,
     ):
         check_finite_parameters(model)
         self.model = model
@@ -74,8 +74,8 @@ class Objective:
         self.batches: Batches = (
             _dist.shard(batches, keep_batches=_dist.uses_batch_statistics(model)) if self.distributed else batches
         )
-        if regroup and not _dist.uses_batch_statistics(model):
-            rows = _regroup_rows(model, self.batches, self.device, self.dtype)
+        if regroup is not False and not _dist.uses_batch_statistics(model):
+            rows = _regroup_rows(model, self.batches, self.device, self.dtype) if regroup is True else int(regroup)
             if rows is not None:
                 self.batches = regroup_batches(self.batches, rows)
         # The total over all ranks: every pass divides its reduced sums by it.

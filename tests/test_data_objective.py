@@ -102,6 +102,9 @@ def test_regrouped_objective_joins_small_batches_and_keeps_the_value():
         assert [b[0].shape[0] for b in Objective(model, loss_fn, Batches((x, y), batch_size=4), regroup=True).batches] == [4] * 5 + [3]
     finally:
         objective_module.REGROUP_BYTES = budget
+    # A planned number of samples per pass (the audit's memory plan) is taken as given.
+    assert [b[0].shape[0] for b in Objective(model, loss_fn, Batches((x, y), batch_size=4), regroup=9).batches] == [8, 8, 7]
+    assert [b[0].shape[0] for b in Objective(model, loss_fn, (x, y), regroup=10).batches] == [10, 10, 3]
 
 
 def test_regrouping_keeps_batches_whose_samples_interact():

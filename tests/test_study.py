@@ -191,6 +191,12 @@ def test_epoch_cap_scales_with_batch(tmp_path, npz):
     assert [study.epoch_cap(b) for b in (8, 16, 32)] == [10, 20, 40]
     key = study.train_key("f1", 32, 0, track=True)
     assert key["max_epochs"] == 40 and key["track"]["every"] == 4
+    # The study's run keys: the first seed tracked, its SB run (first model) with warm-start snapshots.
+    first_sb, later_lb = study.run_key("f1", "sb", study.config.seeds[0]), study.run_key("f1", "lb", study.config.seeds[-1])
+    assert first_sb["track"] is not None and first_sb["snapshots"] and first_sb["batch"] == study.sb
+    assert later_lb["track"] is None and not later_lb["snapshots"] and later_lb["batch"] == study.lb
+    with pytest.raises(ValueError, match="role"):
+        study.run_key("f1", "large", 0)
 
 
 def test_training_resume_is_exact(tmp_path, npz):

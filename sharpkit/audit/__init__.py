@@ -316,12 +316,11 @@ class _Runner:
         states = [s for _, _, s in group]
         if len(group) == 1:
             from ..objective import Objective
-            from ..data import regroup_batches
             from .batched import SingleObjective
 
             self.model.load_state_dict(states[0])  # measurement_mode restores the model afterwards
-            batches = self.local_batches if self.pass_rows is None else regroup_batches(self.local_batches, self.pass_rows)
-            objective = Objective(self.model, self.loss_fn, batches, self.device, self.dtype)
+            objective = Objective(self.model, self.loss_fn, self.local_batches, self.device, self.dtype,
+                                  regroup=self.pass_rows or False)
             engine = SingleObjective(objective, keep_graphs=self.keep_graphs)
         else:
             from .batched import StackedObjective, stack_checkpoints

@@ -378,6 +378,8 @@ class Study:
         """The training key of the study's run of ``spec`` at ``role`` ("sb"/"lb") and ``seed``: the
         first seed is tracked along training (Fig. 6) and, for the sweep models, its SB run keeps
         the warm-start snapshots (Fig. 5)."""
+        if role not in ("sb", "lb"):
+            raise ValueError(f"role must be 'sb' or 'lb', got {role!r}")
         c = self.config
         first = seed == c.seeds[0]
         extras = spec in self.sweep_models()
