@@ -46,7 +46,14 @@ class Batches:
     _keep_batches: bool = False
 
     def __init__(self, data: Any, batch_size: int | None = None):
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if isinstance(data, Batches):
+            if batch_size is not None:
+                if data.is_sharded:
+                    raise ValueError("sharded batches cannot be split again: give batch_size before sharding")
+                self._source, self._split = data, batch_size  # its batches, split into batch_size rows
+                return
             self._source, self._split = data._source, data._split
             self._shard, self._presharded, self._keep_batches = data._shard, data._presharded, data._keep_batches
             return
@@ -65,8 +72,6 @@ class Batches:
             raise TypeError(
                 f"data must be an (inputs, targets) tuple of tensors or an iterable of batches, got {type(data).__name__}"
             )
-        if batch_size is not None and batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
 
     @property
     def is_sharded(self) -> bool:
@@ -140,9 +145,18 @@ class Batches:
         :func:`sharpkit.distributed.count_samples` gives the total over all ranks)."""
         return sum(x.shape[0] for x, _ in self)
 
-    def materialize(self) -> Batch:
-        """All batches concatenated into one ``(X, Y)`` pair (for data that fit in memory)."""
-        xs, ys = zip(*self)
+    def materialize(self, max_samples: int | None = None) -> Batch:
+        """All batches concatenated into one ``(X, Y)`` pair (for data that fit in memory); with
+        ``max_samples``, only the first that many samples (reading no further batch than needed)."""
+        xs, ys, count = [], [], 0
+        for x, y in self:
+            if max_samples is not None and count + x.shape[0] > max_samples:
+                x, y = x[: max_samples - count], y[: max_samples - count]
+            xs.append(x)
+            ys.append(y)
+            count += x.shape[0]
+            if max_samples is not None and count >= max_samples:
+                break
         return torch.cat(xs), torch.cat(ys)
 
 

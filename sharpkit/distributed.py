@@ -198,12 +198,19 @@ def shard(
     return batches.shard(r, world, keep_batches=keep_batches)
 
 
-def uses_batch_statistics(model: torch.nn.Module) -> bool:
-    """True when a BatchNorm module of ``model`` is in training mode (normalises with the batch's
-    own statistics), so that the samples of a batch interact and batches must not be split."""
+def uses_batch_statistics(model: torch.nn.Module, bn: str | None = None) -> bool:
+    """True when a BatchNorm module of ``model`` normalises with the batch's own statistics (it is
+    in training mode, or keeps no running statistics), so that the samples of a batch interact and
+    batches must not be split or joined.  ``bn`` ("eval"/"train") judges the model as the
+    measurement policy of :func:`sharpkit.params.measurement_mode` will set it; None (default)
+    reads each module's current mode."""
     from .params import is_batchnorm
 
-    return any(is_batchnorm(m) and m.training for m in model.modules())
+    def batch_stats(m: torch.nn.Module) -> bool:
+        training = m.training if bn is None else bn == "train"
+        return training or m.running_mean is None
+
+    return any(is_batchnorm(m) and batch_stats(m) for m in model.modules())
 
 
 def local_data(data: Any, batch_size: int | None = None):

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from . import distributed as _dist
-from .data import to_device
+from .data import as_batches, to_device
 from .params import FlatParams, check_finite_parameters, measurement_mode
 
 __all__ = ["Curve", "Surface", "interpolate", "evaluate", "random_direction", "slice_1d", "slice_2d"]
@@ -65,6 +65,8 @@ def evaluate(
     """
     dev = torch.device(device) if device is not None else _param_device(model)
     dtype = _param_dtype(model)
+    if dev != _param_device(model):
+        model = copy.deepcopy(model).to(dev)  # evaluate on ``device`` without moving the user's model
     # Sums [loss * n, correct, n, batches that are not classification]: reduced over ranks when
     # the data are sharded under torch.distributed.
     sums = torch.zeros(4, dtype=torch.float64)
@@ -111,7 +113,9 @@ def interpolate(
     a path (beyond the end points an interpolated variance can turn negative), so ``bn="eval"``
     keeps the running buffers of ``model_a`` for every alpha; use it only for models without
     BatchNorm or when that is what you want.  Pass ``data`` as one ``(X, Y)`` pair for full-batch
-    statistics.  Both models must have the same architecture; neither is modified.
+    statistics.  Both models must have the same architecture; neither is modified.  Every
+    floating parameter moves along the path, trainable or frozen; buffers come from ``model_a``.
+    ``device``: where to evaluate (default: ``model_a``'s device).
     """
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
@@ -122,25 +126,44 @@ def interpolate(
         raise ValueError("alphas must be finite")
     check_finite_parameters(model_a)
     check_finite_parameters(model_b)
-    fa, fb = FlatParams(model_a), FlatParams(model_b)
-    if fa.n != fb.n or [b.shape for b in fa.blocks] != [b.shape for b in fb.blocks]:
-        raise ValueError(
-            f"model_a and model_b must have the same parameter shapes (got {fa.n} and {fb.n} parameters)"
-        )
-    xa, xb = fa.get(), fb.get().to(fa.device, fa.dtype)
+    data = as_batches(data)  # read a one-shot iterator once, replay it at every alpha
+    # Every floating parameter moves along the path, trainable or frozen (the whole network).
+    pa, pb = _floating_parameters(model_a), _floating_parameters(model_b)
+    _check_same_parameters(pa, pb)
     work = copy.deepcopy(model_a)  # one private copy; the user's models are only read
-    fw = FlatParams(work)
+    if device is not None:
+        work.to(device)
+    pw = _floating_parameters(work)
+    ends = {k: (pa[k].detach().to(pw[k]), pb[k].detach().to(pw[k])) for k in pw}
     losses, accs = [], []
     for a in alphas_np:
         if path == "linear":
             ca, cb = 1.0 - a, a
         else:
             ca, cb = math.cos(a * math.pi / 2), math.sin(a * math.pi / 2)
-        fw.set_(ca * xa + cb * xb)
+        with torch.no_grad():
+            for k, p in pw.items():
+                xa, xb = ends[k]
+                p.copy_(ca * xa + cb * xb)
         loss, acc = evaluate(work, loss_fn, data, bn=bn, device=device)
         losses.append(loss)
         accs.append(acc)
     return Curve(alphas_np, np.asarray(losses), np.asarray(accs), {"path": path, "bn": bn})
+
+
+def _floating_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if p.is_floating_point()}
+
+
+def _check_same_parameters(pa: dict[str, torch.Tensor], pb: dict[str, torch.Tensor]) -> None:
+    """``ValueError`` naming the parameters that model_a and model_b do not share with one shape."""
+    only_a, only_b = sorted(set(pa) - set(pb)), sorted(set(pb) - set(pa))
+    shapes = [f"{k}: {tuple(pa[k].shape)} vs {tuple(pb[k].shape)}" for k in pa if k in pb and pa[k].shape != pb[k].shape]
+    if only_a or only_b or shapes:
+        parts = ([f"only in model_a: {', '.join(only_a[:5])}"] if only_a else []) + \
+                ([f"only in model_b: {', '.join(only_b[:5])}"] if only_b else []) + \
+                ([f"shapes differ: {'; '.join(shapes[:5])}"] if shapes else [])
+        raise ValueError("model_a and model_b must have the same architecture (" + "; ".join(parts) + ")")
 
 
 def random_direction(model: nn.Module, seed: int = 0, filter_normalize: bool = True) -> torch.Tensor:
@@ -204,6 +227,7 @@ def _grid(model, loss_fn, data, alphas, betas, d1, d2, seed, bn) -> Surface:
     for d in (d1, d2):
         if d.shape != (flat.n,):
             raise ValueError(f"a direction must have shape ({flat.n},), got {tuple(d.shape)}")
+    data = as_batches(data)  # read a one-shot iterator once, replay it at every point
     x = flat.get()
     work = copy.deepcopy(model)
     fw = FlatParams(work)

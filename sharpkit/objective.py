@@ -130,7 +130,8 @@ class Objective:
         x = x.detach()
         total = torch.zeros((), device=self.device, dtype=torch.float64)
         grad = torch.zeros_like(x)
-        with _dist.sharded_pass([total, grad], enabled=self.distributed):
+        # enable_grad: callers may measure inside torch.no_grad().
+        with torch.enable_grad(), _dist.sharded_pass([total, grad], enabled=self.distributed):
             for batch in self.batches:
                 xr = x.clone().requires_grad_(True)
                 n_b = batch[0].shape[0]
@@ -155,7 +156,10 @@ def activation_elements(model: nn.Module, batch, device: torch.device, dtype: to
     handles = [m.register_forward_hook(hook) for m in leaves]
     try:
         inputs, _ = to_device(batch, device, dtype)
-        params = {k: v.to(device, dtype if v.is_floating_point() else None) for k, v in model.state_dict().items()}
+        # named_parameters/named_buffers list a tied tensor once (functional_call rejects aliases
+        # given separately, as state_dict() would list them).
+        params = {k: v.detach().to(device, dtype if v.is_floating_point() else None)
+                  for k, v in list(model.named_parameters()) + list(model.named_buffers())}
         with torch.no_grad():
             functional_call(model, params, (inputs,))
     finally:
@@ -176,4 +180,4 @@ def _regroup_rows(model: nn.Module, batches: Batches, device: torch.device, dtyp
     rows = largest[0].shape[0]
     itemsize = torch.empty((), dtype=dtype).element_size()
     per_sample = max(1.0, activation_elements(model, largest, device, dtype) / rows) * itemsize
-    return int(min(REGROUP_MAX_ROWS, max(rows, REGROUP_BYTES // (4 * per_sample))))
+    return int(max(rows, min(REGROUP_MAX_ROWS, REGROUP_BYTES // (4 * per_sample))))

@@ -56,6 +56,12 @@ class FlatParams:
         self.n: int = offset
         first = self.params[0]
         self.device, self.dtype = first.device, first.dtype
+        for n, p in named:
+            if p.dtype != first.dtype or p.device != first.device:
+                raise ValueError(
+                    f"the trainable parameters must share one dtype and device: {self.names[0]!r} is "
+                    f"{first.dtype} on {first.device}, {n!r} is {p.dtype} on {p.device} (convert with model.to(...))"
+                )
 
     def __len__(self) -> int:
         return self.n
@@ -144,10 +150,12 @@ def measurement_mode(model: nn.Module, bn: str = "eval", copy_tensors: bool = Tr
     use its running statistics; ``bn="train"`` makes it normalise with each batch's statistics.
     Either way the running buffers are restored on exit (a measurement never changes them), as
     are the parameters and every module's train/eval flag (``copy_tensors``: see :func:`preserved`).
+    Gradients are enabled inside (a measurement differentiates even when the caller runs under
+    ``torch.no_grad()`` or ``torch.inference_mode()``).
     """
     if bn not in BN_POLICIES:
         raise ValueError(f"bn must be one of {BN_POLICIES}, got {bn!r}")
-    with preserved(model, copy_tensors):
+    with torch.inference_mode(False), torch.enable_grad(), preserved(model, copy_tensors):
         model.eval()
         if bn == "train":
             for m in model.modules():
@@ -174,4 +182,6 @@ def describe(n: int) -> str:
     if n < 1000:
         return str(n)
     exp = min(int(math.log10(n)) // 3, 3)
+    if exp < 3 and round(n / 10 ** (3 * exp), 1) >= 1000:  # 999_999 -> 1.0M, not 1000.0k
+        exp += 1
     return f"{n / 10 ** (3 * exp):.1f}{'kMG'[exp - 1]}"

@@ -99,7 +99,7 @@ def test_interpolate_end_points_equal_the_models():
 def test_interpolate_bad_input():
     a, x_y = _net(0), _data()
     other = nn.Sequential(nn.Linear(5, 3)).double()
-    with pytest.raises(ValueError, match="same parameter shapes"):
+    with pytest.raises(ValueError, match=r"same architecture \(only in model_a"):
         sk.interpolate(a, other, nn.CrossEntropyLoss(), x_y, [0.0])
     with pytest.raises(ValueError, match="path"):
         sk.interpolate(a, _net(1), nn.CrossEntropyLoss(), x_y, [0.0], path="cubic")
@@ -139,3 +139,35 @@ def test_slices_at_origin_and_along_direction():
     assert c.loss[1] == pytest.approx(evaluate(moved, nn.CrossEntropyLoss(), (x, y))[0], rel=1e-12)
     s = slice_2d(m, nn.CrossEntropyLoss(), (x, y), [0.0, 0.5], [0.0], directions=(d, torch.zeros_like(d)))
     np.testing.assert_allclose(s.loss[:, 0], c.loss, rtol=1e-12)
+
+
+def test_one_shot_generators_are_replayed_at_every_point():
+    a, b = _net(0, bn=False), _net(1, bn=False)
+    X, Y = torch.randn(23, 5, dtype=torch.float64), torch.randint(0, 3, (23,))
+    ce = nn.CrossEntropyLoss()
+    listed = [(X[i:i + 5], Y[i:i + 5]) for i in range(0, 23, 5)]
+    ref = sk.interpolate(a, b, ce, listed, alphas=[0.0, 0.5, 1.0])
+    gen = ((X[i:i + 5], Y[i:i + 5]) for i in range(0, 23, 5))
+    assert np.allclose(sk.interpolate(a, b, ce, gen, alphas=[0.0, 0.5, 1.0]).loss, ref.loss, rtol=0, atol=1e-14)
+    gen = ((X[i:i + 5], Y[i:i + 5]) for i in range(0, 23, 5))
+    assert np.allclose(slice_1d(a, ce, gen, alphas=[-0.5, 0.0, 0.5]).loss,
+                       slice_1d(a, ce, listed, alphas=[-0.5, 0.0, 0.5]).loss, rtol=0, atol=1e-14)
+
+
+def test_interpolation_moves_frozen_parameters_too():
+    a, b = _net(0, bn=False), _net(1, bn=False)
+    for m in (a, b):
+        m[-1].bias.requires_grad_(False)
+    X, Y = torch.randn(23, 5, dtype=torch.float64), torch.randint(0, 3, (23,))
+    ce = nn.CrossEntropyLoss()
+    curve = sk.interpolate(a, b, ce, (X, Y), alphas=[0.0, 1.0], bn="eval")
+    with torch.no_grad():
+        assert curve.loss[0] == pytest.approx(float(ce(a.eval()(X), Y)), rel=1e-12)
+        assert curve.loss[1] == pytest.approx(float(ce(b.eval()(X), Y)), rel=1e-12)
+
+
+def test_interpolation_names_mismatched_parameters():
+    a = _net(0, bn=False)
+    b = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Dropout(0.3), nn.Linear(8, 3)).double()
+    with pytest.raises(ValueError, match=r"shapes differ: 0.weight: \(7, 5\) vs \(8, 5\)"):
+        sk.interpolate(a, b, nn.CrossEntropyLoss(), (torch.randn(4, 5, dtype=torch.float64), torch.zeros(4, dtype=torch.long)))

@@ -229,7 +229,9 @@ class _Runner:
         self.config, self.key_config = config, key_config
         self.device, self.dtype, self.bn, self.store = device, dtype, bn, store
         # Each rank measures on its share of the data; every pass sums over ranks (sharpkit.distributed).
-        self.local_batches = _dist.shard(batches, keep_batches=bn == "train")
+        # Samples of a batch interact where BatchNorm uses batch statistics: batches stay as given.
+        self.batch_statistics = _dist.uses_batch_statistics(model, bn)
+        self.local_batches = _dist.shard(batches, keep_batches=self.batch_statistics)
         self.num_samples = _dist.count_samples(self.local_batches)
         self.keep_graphs = True
         # Samples per checkpoint in one pass when the data may be regrouped (GroupPlan.pass_rows).
@@ -274,7 +276,7 @@ class _Runner:
                 plan = estimate_group_size(
                     self.model, self.batches, self.device, self.dtype,
                     self.config.vectors_per_checkpoint(), memory_fraction=memory_fraction,
-                    regroup_rows=STACKED_ROWS if self.bn == "eval" else None,
+                    regroup_rows=None if self.batch_statistics else STACKED_ROWS,
                 )
                 plan = _dist.broadcast_object(plan)  # free memory differs between ranks
                 self.keep_graphs, self.pass_rows = plan.keep_graphs, plan.pass_rows

@@ -2,20 +2,42 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
+
+import torch
+
+
+def _as_number(value: Any) -> Any:
+    """A one-element tensor as its Python number (users pass ``torch.tensor(1e-3)``); else ``value``."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_complex:
+        return value.item()
+    return value
 
 
 def positive_float(name: str, value: Any) -> float:
-    """``value`` as a float; ``ValueError`` unless it is a positive finite number."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+    """``value`` as a float; ``ValueError`` unless it is a positive finite real number
+    (Python, numpy or one-element tensor)."""
+    value = _as_number(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
     return float(value)
 
 
 def positive_int(name: str, value: Any) -> int:
-    """``value`` as an int; ``ValueError`` unless it is an integer >= 1."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    """``value`` as an int; ``ValueError`` unless it is an integer >= 1 (Python, numpy or
+    one-element integer tensor)."""
+    value = _as_number(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def seed_int(value: Any) -> int:
+    """``value`` as a random seed; ``ValueError`` unless it is an integer >= 0."""
+    value = _as_number(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {value!r}")
     return int(value)
 
 

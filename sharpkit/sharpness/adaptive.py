@@ -29,7 +29,7 @@ from ..data import as_batches
 from ..objective import LossFn, Objective
 from ..params import measurement_mode
 from . import solvers
-from ._checks import choice, positive_float, positive_int
+from ._checks import choice, positive_float, positive_int, seed_int
 from .result import SharpnessResult
 
 __all__ = ["adaptive_sharpness"]
@@ -39,9 +39,7 @@ KINDS = ("worst", "average")
 
 def _chunks(data: Any, m: int, num_examples: int | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The first ``num_examples`` examples of ``data`` in consecutive chunks of ``m``."""
-    xs, ys = as_batches(data).materialize()
-    if num_examples is not None:
-        xs, ys = xs[:num_examples], ys[:num_examples]
+    xs, ys = as_batches(data).materialize(max_samples=num_examples)
     return [(xs[s : s + m], ys[s : s + m]) for s in range(0, xs.shape[0], m)]
 
 
@@ -97,6 +95,7 @@ def adaptive_sharpness(
     restarts = positive_int("restarts", restarts)
     positive_float("step_size", step_size)
     choice("first_step", first_step, solvers.FIRST_STEPS)
+    seed = seed_int(seed)
     if m is not None:
         m = positive_int("m", m)
         if num_examples is not None:

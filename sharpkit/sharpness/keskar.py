@@ -29,7 +29,7 @@ from ..objective import LossFn, Objective
 from ..ops import GaussianSubspace
 from ..params import measurement_mode, num_parameters
 from . import solvers
-from ._checks import choice, positive_float, positive_int
+from ._checks import choice, positive_float, positive_int, seed_int
 from .result import SharpnessResult
 
 __all__ = ["keskar_sharpness", "subspace_center"]
@@ -101,8 +101,11 @@ def keskar_sharpness(
     choice("solver", solver, solvers.SOLVERS)
     max_iter = positive_int("max_iter", max_iter)
     restarts = positive_int("restarts", restarts)
+    if solver == "lbfgsb" and restarts != 1:
+        raise ValueError(f"restarts={restarts} applies to solver='pga'/'apgd'; L-BFGS-B (the paper's protocol) starts once at y = 0")
     positive_float("step_size", step_size)
     choice("first_step", first_step, solvers.FIRST_STEPS)
+    seed = seed_int(seed)
     if subspace_dim is not None:
         subspace_dim = positive_int("subspace_dim", subspace_dim)
         n = num_parameters(model)
@@ -112,6 +115,9 @@ def keskar_sharpness(
 
     def record(evals: int, loss0: torch.Tensor, best: torch.Tensor) -> None:
         f0, fb = float(loss0[0]), float(best[0])
+        if 1.0 + f0 <= 0.0:  # checked at the first evaluation, before the ascent
+            raise ValueError(f"the loss at the parameters is {f0}; Keskar's value 100·(max_loss − loss)/(1 + loss) "
+                             "needs loss > −1 (a non-negative loss)")
         history.append((evals, time.perf_counter() - t0, 100.0 * (fb - f0) / (1.0 + f0)))
 
     with measurement_mode(model, bn):

@@ -509,7 +509,8 @@ def lbfgsb(
     device, dtype = scale.device, scale.dtype
     bound = scale[0].double().cpu().numpy()
     Y0, loss0, g0 = _start(problem, scale)
-    state = {"evals": 1, "best": loss0.clone()}
+    # The last point evaluated and its loss: scipy's final iterate is normally that point.
+    state = {"evals": 1, "best": loss0.clone(), "last": (np.zeros_like(bound), float(loss0[0]))}
     if callback is not None:
         callback(1, loss0, state["best"])
 
@@ -517,6 +518,7 @@ def lbfgsb(
         losses, grads = _evaluate(problem, torch.from_numpy(y).to(device, dtype).unsqueeze(0))
         f, g = float(losses[0]), grads[0].double().cpu().numpy()
         state["evals"] += 1
+        state["last"] = (y.copy(), f)
         if math.isfinite(f) and f > float(state["best"][0]):
             state["best"] = losses.clone()
         if callback is not None:
@@ -525,8 +527,17 @@ def lbfgsb(
 
     res = minimize_box(fun, bound, max_iter, first=(-float(loss0[0]), -g0[0].double().cpu().numpy()))
     Y = torch.from_numpy(res.x).to(device, dtype).unsqueeze(0)
-    info = {"nit": res.nit, "nfev": res.nfev, "message": res.message, "success": res.success}
-    max_loss = torch.tensor([-res.fun], dtype=torch.float64, device=loss0.device)
+    info = {"nit": int(res.nit), "nfev": int(res.nfev), "message": str(res.message), "success": bool(res.success)}
+    last_y, last_f = state["last"]
+    if np.array_equal(res.x, last_y):
+        final = last_f
+    else:
+        # scipy went back to an earlier iterate (its line search failed, e.g. on a non-finite
+        # trial point) and reports the failed trial's value: evaluate the returned point instead.
+        final = float(_evaluate(problem, Y)[0][0])
+        state["evals"] += 1
+        info["reevaluated"] = True
+    max_loss = torch.tensor([final], dtype=torch.float64, device=loss0.device)
     return AscentResult(loss0=loss0, max_loss=max_loss, Y=Y, num_evals=state["evals"], info=info)
 
 
