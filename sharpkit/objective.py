@@ -7,6 +7,7 @@ model's own tensors are never written; BatchNorm/dropout follow the ``bn`` polic
 """
 from __future__ import annotations
 
+import copy
 from typing import Any, Callable
 
 import torch
@@ -15,7 +16,7 @@ from torch.func import functional_call
 
 from . import distributed as _dist
 from .data import Batches, as_batches, regroup_batches, to_device
-from .params import FlatParams, check_finite_parameters
+from .params import FlatParams, check_finite_parameters, has_shared_modules, tensor_objects_kept
 
 __all__ = ["Objective", "LossFn", "activation_elements"]
 
@@ -65,10 +66,10 @@ class Objective:
     ):
         check_finite_parameters(model)
         self.model = model
-        self.loss_fn = loss_fn
         self.flat = FlatParams(model)
         self.device = torch.device(device) if device is not None else self.flat.device
         self.dtype = dtype or self.flat.dtype
+        self.loss_fn = _loss_on(loss_fn, self.device, self.dtype)
         batches = as_batches(data)
         self.distributed: bool = _dist.resolve(distributed) or batches.is_sharded
         self.batches: Batches = (
@@ -81,6 +82,7 @@ class Objective:
         # The total over all ranks: every pass divides its reduced sums by it.
         self.num_samples = _dist.count_samples(self.batches, reduce=self.distributed)
         self.num_evals = 0
+        self._shared_modules = has_shared_modules(model)
         self._frozen = {
             n: t.to(self.device, self.dtype if t.is_floating_point() else None)
             for n, t in list(model.named_parameters()) + list(model.named_buffers())
@@ -100,6 +102,9 @@ class Objective:
         ``x`` (differentiable in ``x``)."""
         tensors = dict(self._frozen)
         tensors.update(self.flat.as_dict(x))
+        if self._shared_modules:
+            with tensor_objects_kept(self.model):
+                return functional_call(self.model, tensors, (inputs,))
         return functional_call(self.model, tensors, (inputs,))
 
     def batch_loss(self, x: torch.Tensor, batch) -> torch.Tensor:
@@ -143,6 +148,17 @@ class Objective:
         return total / self.num_samples, grad
 
 
+def _loss_on(loss_fn: LossFn, device: torch.device, dtype: torch.dtype) -> LossFn:
+    """``loss_fn``, or a copy of a loss module whose floating tensors (class weights) are moved to
+    ``device``/``dtype``: evaluating in another precision must not meet float32 class weights."""
+    if not isinstance(loss_fn, nn.Module):
+        return loss_fn
+    tensors = list(loss_fn.parameters()) + list(loss_fn.buffers())
+    if all(not t.is_floating_point() or (t.device == device and t.dtype == dtype) for t in tensors):
+        return loss_fn
+    return copy.deepcopy(loss_fn).to(device, dtype)
+
+
 def activation_elements(model: nn.Module, batch, device: torch.device, dtype: torch.dtype) -> int:
     """Elements of every module output in one forward of ``batch`` (a proxy for activation memory)."""
     total = 0
@@ -160,7 +176,7 @@ def activation_elements(model: nn.Module, batch, device: torch.device, dtype: to
         # given separately, as state_dict() would list them).
         params = {k: v.detach().to(device, dtype if v.is_floating_point() else None)
                   for k, v in list(model.named_parameters()) + list(model.named_buffers())}
-        with torch.no_grad():
+        with torch.no_grad(), tensor_objects_kept(model):
             functional_call(model, params, (inputs,))
     finally:
         for h in handles:

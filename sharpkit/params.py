@@ -104,6 +104,30 @@ class FlatParams:
             raise ValueError(f"expected a parameter-space tensor of shape {want}, got {tuple(flat.shape)}")
 
 
+def has_shared_modules(model: nn.Module) -> bool:
+    """True when a submodule of ``model`` is registered under more than one name."""
+    return sum(1 for _ in model.named_modules(remove_duplicate=False)) > sum(1 for _ in model.modules())
+
+
+@contextlib.contextmanager
+def tensor_objects_kept(model: nn.Module) -> Iterator[None]:
+    """Put every module's parameter and buffer objects back on exit.
+
+    :func:`torch.func.functional_call` does not restore the Parameters of a module registered
+    under two names (it leaves plain tensors behind): the values stay right, but the model would be
+    cut off from its optimizer and ``copy.deepcopy`` would fail.
+    """
+    slots = [(m, dict(m._parameters), dict(m._buffers)) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, params, buffers in slots:
+            for store, original in ((m._parameters, params), (m._buffers, buffers)):
+                for key, tensor in original.items():
+                    if store.get(key) is not tensor:
+                        store[key] = tensor
+
+
 @contextlib.contextmanager
 def preserved(model: nn.Module, copy_tensors: bool = True) -> Iterator[nn.Module]:
     """Restore ``model``'s parameters, buffers and train/eval flags bit for bit on exit.
@@ -116,10 +140,12 @@ def preserved(model: nn.Module, copy_tensors: bool = True) -> Iterator[nn.Module
     modules = list(model.modules())
     named = list(model.named_parameters()) + list(model.named_buffers())
     training = [m.training for m in modules]
+
     saved = [t.detach().clone() for _, t in named] if copy_tensors else None
     versions = [t._version for _, t in named]
     try:
-        yield model
+        with tensor_objects_kept(model):
+            yield model
         if saved is None:  # (checked only when the body succeeded: an error in flight wins)
             changed = [name for (name, t), v in zip(named, versions) if t._version != v]
             if changed:

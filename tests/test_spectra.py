@@ -211,3 +211,63 @@ def test_trace_block_defaults_to_the_operators_preference(monkeypatch):
     assert math.isfinite(sixteen.value)
     with pytest.raises(ValueError, match="block_size"):
         sk.trace(fused, method="hutchinson", num_matvecs=6, block_size=0)
+
+
+def _symmetric(n: int, seed: int, negative_definite: bool = False) -> torch.Tensor:
+    A = torch.randn(n, n, generator=torch.Generator().manual_seed(seed), dtype=F64)
+    return -(A @ A.t()) - torch.eye(n, dtype=F64) if negative_definite else A + A.t()
+
+
+@pytest.mark.parametrize("p", [2, 3, 4, 5, 6, 7])
+def test_block_lanczos_on_tiny_operators_is_exact_or_says_not_converged(p):
+    # n = 7 is not a multiple of most block sizes: the last block must shrink, not stop early
+    # or add a zero direction (a spurious Ritz value 0 above a negative-definite spectrum).
+    A = _symmetric(7, seed=0, negative_definite=True)
+    evals = torch.linalg.eigvalsh(A)
+    r = sk.eigenvalues(A, k=1, block_size=p, tol=1e-8)
+    assert r.converged and abs(float(r.values[0]) - float(evals[-1])) < 1e-10
+    B = _symmetric(27, seed=1)
+    full = sk.eigenvalues(B, k=27, block_size=p, tol=1e-8)
+    assert full.values.numel() == 27
+    assert float((full.values.sort().values - torch.linalg.eigvalsh(B)).abs().max()) < 1e-10
+
+
+def test_power_iteration_finds_the_algebraic_extremes():
+    A = torch.diag(torch.tensor([3.0, 1.0, -5.0], dtype=F64))
+    kw = dict(method="power", tol=1e-12, max_steps=3000)
+    assert sk.eigenvalues(A, which="LA", **kw).values.tolist() == pytest.approx([3.0], rel=1e-9)
+    assert sk.eigenvalues(A, which="LM", **kw).values.tolist() == pytest.approx([-5.0], rel=1e-9)
+    assert sk.eigenvalues(A, which="SA", **kw).values.tolist() == pytest.approx([-5.0], rel=1e-9)
+    assert sk.eigenvalues(A, k=2, which="LA", **kw).values.tolist() == pytest.approx([3.0, 1.0], rel=1e-6)
+    assert sk.eigenvalues(A, k=2, which="SA", **kw).values.tolist() == pytest.approx([-5.0, 1.0], rel=1e-6)
+
+
+def test_lobpcg_honours_tol():
+    g = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(200, 200, generator=g, dtype=F64))
+    lam = torch.linspace(0.01, 1, 200, dtype=F64) ** 3 * 10
+    A = Q @ torch.diag(lam) @ Q.t()
+    runs = {tol: sk.eigenvalues(A, k=3, method="lobpcg", tol=tol) for tol in (1e-1, 1e-6, 1e-10)}
+    assert all(r.converged for r in runs.values())
+    assert runs[1e-1].num_matvecs < runs[1e-6].num_matvecs < runs[1e-10].num_matvecs
+    assert _rel(runs[1e-10].values, lam.flip(0)[:3]) < 1e-12
+
+
+def test_float32_dense_operators_and_numpy_seeds():
+    import numpy as np
+
+    A32 = _symmetric(40, seed=2).float()
+    top = float(torch.linalg.eigvalsh(A32.double())[-1])
+    for kw in (dict(block_size=3), dict(method="lobpcg", block_size=4), dict(method="power", max_steps=2000, tol=1e-9)):
+        assert float(sk.eigenvalues(A32, k=1, **kw).values[0]) == pytest.approx(top, rel=1e-4)
+    # Hutch++ with a sketch of all n = 40 directions is exact up to float32 rounding.
+    assert float(sk.trace(A32, num_matvecs=120).value) == pytest.approx(float(A32.double().trace()), rel=1e-5)
+    sk.spectral_density(A32, num_runs=2, lanczos_steps=10)
+    assert torch.equal(sk.eigenvalues(A32, seed=np.int64(3)).values, sk.eigenvalues(A32, seed=3).values)
+
+
+def test_spectral_density_does_not_depend_on_the_memory_bound():
+    A = _symmetric(50, seed=4)
+    small = sk.spectral_density(A, num_runs=6, lanczos_steps=20, seed=1, max_memory_bytes=8 * 50 * 21 * 2)
+    large = sk.spectral_density(A, num_runs=6, lanczos_steps=20, seed=1)
+    assert torch.allclose(torch.as_tensor(small.density), torch.as_tensor(large.density), rtol=1e-10, atol=1e-12)

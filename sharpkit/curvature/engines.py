@@ -225,6 +225,7 @@ def make_engine(
     objective: Objective | None = None,
     ad: str = "auto",
     bn: str | None = None,
+    input_shape: tuple[int, ...] | None = None,
 ) -> HVPEngine:
     """Build the engine for ``model``; call inside :func:`~sharpkit.params.measurement_mode`.
 
@@ -232,7 +233,8 @@ def make_engine(
     with the reason where unsupported) or "auto" (fused where supported, else generic; the reason is
     kept in the returned engine's ``info["why_not_fused"]``).  ``objective`` is needed by the generic
     engine (the operator passes its own).  ``ad`` selects the generic engine's differentiation mode.  ``bn``: the
-    measurement's BatchNorm policy (None: read the modules' flags).
+    measurement's BatchNorm policy (None: read the modules' flags).  ``input_shape``: the shape of
+    a batch of inputs, checked against what the fused engine handles (None: not checked).
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -247,10 +249,14 @@ def make_engine(
         if fused is not None:
             why_not = fused.fused_support(model, loss_fn, bn=bn)
             if why_not is None:
-                eng = fused.FusedEngine(kind, model, loss_fn, flat, x, dtype=dtype, device=device, cache=cache)
-                if not hasattr(eng, "info"):
-                    eng.info = {"engine": eng.name, "kind": kind, "cache": cache}
-                return eng
+                try:
+                    eng = fused.FusedEngine(kind, model, loss_fn, flat, x, dtype=dtype, device=device, cache=cache)
+                except ValueError as exc:  # e.g. a parameter no supported layer uses
+                    why_not = str(exc)
+                else:
+                    why_not = None if input_shape is None else eng.why_not_inputs(input_shape)
+                    if why_not is None:
+                        return eng
         if engine == "fused":
             raise ValueError(f"engine='fused' is not possible here: {why_not}")
     if objective is None:

@@ -73,6 +73,19 @@ def _describe(name: str, module: nn.Module) -> str:
     return f"layer {name!r} ({type(module).__name__})" if name else f"the model ({type(module).__name__})"
 
 
+# The layer and loss classes the fused engine writes out by hand: a subclass that overrides their
+# forward computes something else and must go to the generic engine.
+_KNOWN_FORWARDS = (nn.Sequential, nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.LeakyReLU, nn.GELU, nn.Tanh, nn.Sigmoid,
+                   nn.SiLU, nn.Flatten, nn.Dropout, nn.Identity, nn.CrossEntropyLoss, nn.MSELoss)
+
+
+def _overrides_forward(module: Any) -> bool:
+    for base in _KNOWN_FORWARDS:
+        if isinstance(module, base):
+            return type(module).forward is not base.forward
+    return False
+
+
 def _parse_model(model: nn.Module, bn_train: bool | None) -> list[_Layer]:
     """The model as a flat list of supported layers; raises _Unsupported naming the first bad one.
 
@@ -84,6 +97,9 @@ def _parse_model(model: nn.Module, bn_train: bool | None) -> list[_Layer]:
             f"the fused engine needs an nn.Sequential of supported layers; the model is a {type(model).__name__}"
         )
     layers: list[_Layer] = []
+    for name, m in model.named_modules():
+        if _overrides_forward(m):
+            raise _Unsupported(f"{_describe(name, m)} overrides forward(); the fused engine knows the standard layers only")
 
     def walk(seq: nn.Sequential, prefix: str) -> None:
         # _modules, not named_children(): a module used twice (shared weights) must appear twice.
@@ -144,6 +160,8 @@ class _LossSpec:
 
 
 def _parse_loss(loss_fn: Any) -> _LossSpec:
+    if _overrides_forward(loss_fn):
+        raise _Unsupported(f"loss_fn {type(loss_fn).__name__} overrides forward(); the fused engine knows the standard losses only")
     if loss_fn is F.cross_entropy:
         return _LossSpec("ce", fn=loss_fn)
     if loss_fn is F.mse_loss:
@@ -286,6 +304,18 @@ class FusedEngine:
         self.direction_chunk: int | None = direction_chunk
         self.info: dict[str, Any] = {"engine": self.name, "kind": kind, "cache": cache, "backend": backend,
                                      "cuda_graph": self.cuda_graph}
+
+    def why_not_inputs(self, input_shape: tuple[int, ...]) -> str | None:
+        """None if batches of inputs shaped ``input_shape`` (``(N, ...)``) fit the fused engine,
+        else the reason: it needs ``(N, features)`` activations at every Linear and BatchNorm."""
+        ndim = len(input_shape)
+        for layer in self.layers:
+            if layer.kind == "flatten":
+                ndim = 2
+            elif layer.kind in ("linear", "bn") and ndim != 2:
+                return (f"the fused engine needs 2-D activations (N, features) at {_describe(layer.name, layer.module)},"
+                        f" but inputs of shape {tuple(input_shape)} reach it with {ndim} dimensions")
+        return None
 
     # -- parameters ----------------------------------------------------------------------------------
 
@@ -438,10 +468,12 @@ class FusedEngine:
         tv = torch.where(valid, t, torch.zeros_like(t))
         if bool(((tv < 0) | (tv >= c)).any()):
             raise ValueError(f"class-index targets must lie in [0, {c}) (or equal ignore_index)")
-        wy = w[tv] * valid
+        valid_w = valid.to(work)  # (a bool tensor times a Python float would be float32)
+        wy = w[tv] * valid_w
         denom = wy.sum()
-        s = ((1.0 - eps) * wy + valid * (eps / c) * w.sum()) / denom
-        return s
+        if float(denom) == 0.0:  # every target ignored: the loss does not depend on the logits
+            return torch.zeros(n, dtype=work, device=self.device)
+        return ((1.0 - eps) * wy + valid_w * (eps / c) * w.sum()) / denom
 
     # -- products ------------------------------------------------------------------------------------
 

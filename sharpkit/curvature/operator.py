@@ -78,7 +78,7 @@ class CurvatureOperator:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable (outputs, targets) -> scalar, got {type(loss_fn).__name__}")
-        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
@@ -92,13 +92,17 @@ class CurvatureOperator:
             self.objective._frozen = {k: v.detach().clone() for k, v in self.objective._frozen.items()}
             self.flat = self.objective.flat
             self.x = self.objective.x0()
-            num_batches = sum(1 for _ in self.objective.batches)
+            num_batches, input_shape = 0, None
+            for inputs, _ in self.objective.batches:
+                num_batches += 1
+                input_shape = input_shape or tuple(inputs.shape)
             if cache is None:
                 cache = num_batches == 1 or self.objective.num_samples <= CACHE_MAX_SAMPLES
             self.cache = bool(cache)
             self.engine: HVPEngine = make_engine(
-                kind, model, loss_fn, self.flat, self.x, engine=engine, dtype=self.objective.dtype,
+                kind, model, self.objective.loss_fn, self.flat, self.x, engine=engine, dtype=self.objective.dtype,
                 device=self.objective.device, cache=self.cache, objective=self.objective, ad=ad, bn=bn,
+                input_shape=input_shape,
             )
         self.num_batches = num_batches
         self.num_matvecs = 0

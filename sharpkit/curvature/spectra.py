@@ -10,6 +10,8 @@ with ``seed``, so results are reproducible.
 from __future__ import annotations
 
 import math
+import numbers
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -100,7 +102,8 @@ class _Counter:
     def __call__(self, V: torch.Tensor) -> torch.Tensor:
         vec = V.dim() == 1
         W = V[:, None] if vec else V
-        out = self.op @ W
+        # A dense tensor operator keeps its own precision (a float32 matrix meets float64 vectors).
+        out = self.op @ W.to(self.op.dtype) if isinstance(self.op, torch.Tensor) else self.op @ W
         self.count += W.shape[1]
         out = torch.as_tensor(out).to(self.device, self.dtype)
         if out.shape != W.shape:
@@ -116,9 +119,9 @@ def _work_dtype(op: Any) -> torch.dtype:
 
 
 def _generator(seed: int) -> torch.Generator:
-    if not isinstance(seed, int):
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    return torch.Generator().manual_seed(seed)
+    return torch.Generator().manual_seed(int(seed))
 
 
 def _rademacher(rows: int, cols: int, gen: torch.Generator, device: torch.device, dtype: torch.dtype = F64) -> torch.Tensor:
@@ -263,12 +266,13 @@ def _lanczos(matvec: _Counter, n: int, k: int, which: str, tol: float, max_steps
 def _block_lanczos(matmat: _Counter, n: int, k: int, which: str, tol: float, max_steps: int,
                    V0: torch.Tensor, gen: torch.Generator, device: torch.device, storage: torch.dtype = F64):
     """Block Lanczos (block size p = V0.shape[1]) with full reorthogonalisation: every step is one
-    batched product of p vectors."""
+    batched product of the block's vectors.  A block shrinks where its residual loses rank and no
+    fresh direction is left (the Krylov space then spans all n dimensions)."""
     p = V0.shape[1]
     basis = _Basis(n, device, capacity=min(p * (max_steps + 1), 256), dtype=storage)
     Q, _ = torch.linalg.qr(V0)
     Q_prev = None
-    B_prev = None  # (p, p): Q_j B_j = residual of step j-1
+    B_prev = None  # (p_j, p_{j-1}): Q_j B_j = residual of step j-1
     A_blocks: list[torch.Tensor] = []
     B_blocks: list[torch.Tensor] = []
     theta = S = res = None
@@ -284,32 +288,44 @@ def _block_lanczos(matmat: _Counter, n: int, k: int, which: str, tol: float, max
             W = W - Q_prev @ B_prev.t()
         W = basis.orthogonalize_(W)
         Qn, B = torch.linalg.qr(W)
-        # Rank-deficient residual: replace the dead directions by fresh orthogonal ones.
+        # Rank-deficient residual: replace the dead directions by fresh orthogonal ones, or drop
+        # them where none is left (a zero column would add a spurious Ritz value 0).
         dead = B.diagonal().abs() <= 1e-12 * max(1.0, float(A.abs().max()))
+        keep = torch.ones(Qn.shape[1], dtype=torch.bool)
         for c in torch.nonzero(dead).flatten().tolist():
-            others = [i for i in range(p) if i != c]
+            others = [i for i in range(Qn.shape[1]) if i != c and bool(keep[i])]
             w = basis.orthogonalize_(_gaussian(n, 1, gen, device)[:, 0])
             for _ in range(2):
                 w = w - Qn[:, others] @ (Qn[:, others].t() @ w)
             nrm = torch.linalg.vector_norm(w)
-            Qn[:, c] = w / nrm if nrm > 1e-8 else 0.0
             B[c, :] = 0.0
+            if nrm > 1e-8:
+                Qn[:, c] = w / nrm
+            else:
+                keep[c] = False
+        Qn, B = Qn[:, keep], B[keep, :]
         A_blocks.append(A.cpu())
         B_blocks.append(B.cpu())
         steps = j + 1
-        m = steps * p
+        m = basis.size
         T = torch.zeros(m, m, dtype=F64)
+        lo = 0
         for i, Ai in enumerate(A_blocks):
-            T[i * p:(i + 1) * p, i * p:(i + 1) * p] = Ai
+            hi = lo + Ai.shape[0]
+            T[lo:hi, lo:hi] = Ai
             if i > 0:
-                Bi = B_blocks[i - 1]
-                T[i * p:(i + 1) * p, (i - 1) * p:i * p] = Bi
-                T[(i - 1) * p:i * p, i * p:(i + 1) * p] = Bi.t()
+                Bi = B_blocks[i - 1]  # (p_i, p_{i-1})
+                T[lo:hi, lo - Bi.shape[1]:lo] = Bi
+                T[lo - Bi.shape[1]:lo, lo:hi] = Bi.t()
+            lo = hi
         theta, S = _eigh(T)
         idx = _select(theta, min(k, m), which)
-        res = torch.linalg.vector_norm(B_blocks[-1] @ S[-p:, idx], dim=0)
-        if m >= k and (bool((res <= tol * theta[idx].abs().clamp_min(1e-30)).all()) or m + p > n):
+        res = torch.linalg.vector_norm(B_blocks[-1] @ S[-A.shape[0]:, idx], dim=0)
+        exhausted = m >= n or Qn.shape[1] == 0
+        if m >= k and (bool((res <= tol * theta[idx].abs().clamp_min(1e-30)).all()) or exhausted):
             converged = True
+            break
+        if exhausted:  # (m < k: fewer dimensions than wanted eigenpairs cannot happen, k <= n)
             break
         Q_prev, B_prev, Q = Q, B, Qn
     idx = _select(theta, min(k, theta.numel()), which)
@@ -373,7 +389,8 @@ def eigenvalues(
         k: number of eigenpairs (default 1).
         method: "lanczos" (default; full reorthogonalisation in float64; block Lanczos with batched
             products when ``block_size > 1``), "lobpcg" (scipy's, on batched products) or "power"
-            (deflated power iteration, PyHessian's algorithm, eigenvalues of largest magnitude).
+            (deflated power iteration, PyHessian's algorithm: it finds the largest magnitude; for
+            "LA"/"SA" a second run on the spectrum shifted by that magnitude, where its sign is wrong).
         which: "LA" largest algebraic (default), "SA" smallest algebraic, "LM" largest magnitude.
         tol: relative accuracy: Lanczos stops when every wanted Ritz residual
             ``|beta_m s_m| <= tol * |theta|`` (the eigenvalue error is then about ``tol^2 |theta| /
@@ -406,9 +423,20 @@ def eigenvalues(
             raise ValueError("v0 must be finite and nonzero")
     if method == "power":
         mv = _Counter(H)
-        if which != "LM" and which != "LA":
-            raise ValueError("method='power' finds eigenvalues of largest magnitude (which='LM' or 'LA')")
-        vals, vecs, res, ok, it = _power(mv, n, k, tol, max_steps or 100, v0, gen, device)
+        iters = max_steps or 100
+        vals, vecs, res, ok, it = _power(mv, n, 1 if which != "LM" else k, tol, iters, v0, gen, device)
+        sign = 1.0 if which == "LA" else -1.0
+        if which != "LM" and not (k == 1 and sign * float(vals[0]) >= 0):
+            # Power iteration finds the largest magnitude; for the largest (smallest) algebraic
+            # eigenvalues run it again on H + |λ| I (|λ| I - H), whose spectrum is shifted to >= 0.
+            shift = abs(float(vals[0]))
+
+            def shifted(V: torch.Tensor) -> torch.Tensor:
+                return sign * mv(V) + shift * V
+
+            first = vecs[:, 0]
+            vals, vecs, res, ok2, it2 = _power(shifted, n, k, tol, iters, first, gen, device)
+            vals, ok, it = sign * (vals - shift), ok and ok2, it + it2
         return EigenResult(vals, vecs, mv.count, res, ok, "power", it)
     if method == "lobpcg":
         mv = _Counter(H)
@@ -428,7 +456,7 @@ def eigenvalues(
         V0 = _gaussian(n, p, gen, device)
         if v0 is not None:
             V0[:, 0] = v0
-        steps = max_steps or max(2, min(n // p, max(300, 20 * k) // p + 1))
+        steps = max_steps or max(2, min(-(-n // p), max(300, 20 * k) // p + 1))
         vals, vecs, res, ok, it = _block_lanczos(mv, n, k, which, tol, steps, V0, gen, device, storage)
     return EigenResult(vals, vecs, mv.count, res, ok, "lanczos" if p == 1 else f"block-lanczos(p={p})", it)
 
@@ -449,13 +477,27 @@ def _lobpcg(H, mv, n, k, which, tol, max_iter, v0, gen, device, block_size) -> E
         return mv(torch.from_numpy(np.ascontiguousarray(V, dtype=np.float64)).to(device)).cpu().numpy()
 
     A = LinearOperator((n, n), matvec=mm, matmat=mm, dtype=np.float64)
-    vals, vecs = lobpcg(A, X.cpu().numpy(), largest=which == "LA", tol=None, maxiter=max_iter,
-                        retResidualNormsHistory=False)
-    vals_t, vecs_t = torch.from_numpy(np.asarray(vals)), torch.from_numpy(np.asarray(vecs))
-    idx = _select(vals_t, k, which)
-    vals_t, vecs_t = vals_t[idx], vecs_t[:, idx].to(device)
-    res = torch.linalg.vector_norm(mv(vecs_t) - vecs_t * vals_t.to(device), dim=0).cpu()
-    ok = bool((res <= tol * vals_t.abs().clamp_min(1e-30) * 10).all())
+
+    def run(start: np.ndarray, iters: int, abs_tol: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        with warnings.catch_warnings():  # non-convergence is reported through EigenResult.converged
+            warnings.simplefilter("ignore", UserWarning)
+            vals, vecs = lobpcg(A, start, largest=which == "LA", tol=abs_tol, maxiter=iters)
+        vals_t, vecs_t = torch.from_numpy(np.asarray(vals)), torch.from_numpy(np.asarray(vecs))
+        idx = _select(vals_t, k, which)
+        vals_t, vecs_t = vals_t[idx], vecs_t[:, idx].to(device)
+        res = torch.linalg.vector_norm(mv(vecs_t) - vecs_t * vals_t.to(device), dim=0).cpu()
+        return vals_t, vecs_t, res
+
+    # scipy's tolerance is an absolute residual norm; ``tol`` is relative to the eigenvalues, so a
+    # short first run estimates them and the second continues from its vectors to tol * |λ|.
+    first = min(10, max_iter)
+    vals_t, vecs_t, res = run(X.cpu().numpy(), first, None)
+    ok = bool((res <= tol * vals_t.abs().clamp_min(1e-30)).all())
+    if not ok and max_iter > first:
+        abs_tol = tol * float(vals_t.abs().min().clamp_min(1e-30))
+        start = np.concatenate([vecs_t.cpu().numpy(), X.cpu().numpy()[:, k:]], axis=1)
+        vals_t, vecs_t, res = run(start, max_iter - first, abs_tol)
+        ok = bool((res <= tol * vals_t.abs().clamp_min(1e-30)).all())
     return EigenResult(vals_t, vecs_t, mv.count, res, ok, "lobpcg", max_iter)
 
 
@@ -678,7 +720,8 @@ def spectral_density(
     weights = torch.zeros(num_runs, steps, dtype=F64)
     for g0 in range(0, num_runs, group):
         g = min(group, num_runs - g0)
-        starts = list(_rademacher(n, g, gen, device).t())
+        # One draw per run, in run order: the result does not depend on the grouping (memory).
+        starts = [_rademacher(1, n, gen, device)[0] for _ in range(g)]
         for i, (a, b) in enumerate(lanczos_runs(mv, n, starts, steps, device=device)):
             theta, S = _eigh(tridiagonal(a.tolist(), b.tolist()))
             nodes[g0 + i, : theta.numel()] = theta

@@ -1,0 +1,131 @@
+"""Curvature on models and options users really have: shared modules, subclassed layers, inputs
+the fused engine cannot take, weighted and smoothed losses in another precision."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import sharpkit as sk
+from sharpkit.objective import Objective
+
+F64 = torch.float64
+
+
+def _data(n=16, d=4, c=3, seed=0, dtype=F64):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g, dtype=dtype), torch.randint(0, c, (n,), generator=g)
+
+
+def _dense(model, loss, data, engine, **kw):
+    return sk.hessian(model, loss, data, engine=engine, **kw).dense()
+
+
+def _explicit(model, loss, X, Y):
+    """The float64 Hessian of ``loss(model(X), Y)`` by torch.autograd.functional.hessian."""
+    ref = copy.deepcopy(model).double()
+    flat = sk.FlatParams(ref)
+
+    def f(v):
+        return loss(torch.func.functional_call(ref, flat.as_dict(v), (X.double(),)), Y)
+
+    return torch.autograd.functional.hessian(f, flat.get())
+
+
+def _rel(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def test_shared_module_keeps_its_parameter_objects():
+    torch.manual_seed(0)
+    lin = nn.Linear(3, 3)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), lin, nn.Tanh(), lin).double()
+    opt_params = list(model.parameters())
+    X, Y = _data()
+    H = sk.hessian(model, nn.CrossEntropyLoss(), (X, Y), engine="generic")
+    H @ torch.randn(H.n, dtype=F64)
+    sk.keskar_sharpness(model, nn.CrossEntropyLoss(), [(X[:8], Y[:8]), (X[8:], Y[8:])], max_iter=2)
+    obj = Objective(model, nn.CrossEntropyLoss(), (X, Y))
+    obj.loss_and_grad(obj.x0())
+    assert all(type(t) is nn.Parameter for t in model.state_dict(keep_vars=True).values())
+    assert all(a is b for a, b in zip(model.parameters(), opt_params))
+    copy.deepcopy(model)  # fails when plain tensors were left behind
+
+
+class Quartered(nn.Sequential):
+    def forward(self, x):
+        return super().forward(x) / 4.0
+
+
+class SquaredReLU(nn.ReLU):
+    def forward(self, x):
+        return torch.relu(x) ** 2
+
+
+class DoubledCE(nn.CrossEntropyLoss):
+    def forward(self, out, target):
+        return 2.0 * super().forward(out, target)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: (Quartered(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)), nn.CrossEntropyLoss()),
+    lambda: (nn.Sequential(nn.Linear(4, 5), SquaredReLU(), nn.Linear(5, 3)), nn.CrossEntropyLoss()),
+    lambda: (nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)), DoubledCE()),
+])
+def test_subclasses_that_override_forward_go_to_the_generic_engine(make):
+    torch.manual_seed(0)
+    model, loss = make()
+    model = model.double()
+    data = _data()
+    op = sk.hessian(model, loss, data)
+    assert op.engine_info["engine"] == "generic" and "overrides forward" in op.engine_info["why_not_fused"]
+    assert _rel(op.dense(), _explicit(model, loss, *data)) < 1e-12
+    with pytest.raises(ValueError, match="overrides forward"):
+        sk.hessian(model, loss, data, engine="fused")
+
+
+def test_auto_falls_back_where_the_fused_engine_cannot_take_the_inputs_or_parameters():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+    g = torch.Generator().manual_seed(1)
+    data3d = (torch.randn(5, 2, 4, generator=g, dtype=F64), torch.randn(5, 2, 2, generator=g, dtype=F64))
+    op = sk.hessian(model, nn.MSELoss(), data3d)
+    assert op.engine_info["engine"] == "generic" and "2-D activations" in op.engine_info["why_not_fused"]
+    assert _rel(op.dense(), _explicit(model, nn.MSELoss(), *data3d)) < 1e-12
+    with pytest.raises(ValueError, match="2-D activations"):
+        sk.hessian(model, nn.MSELoss(), data3d, engine="fused")
+    model.register_parameter("extra", nn.Parameter(torch.randn(2, dtype=F64)))
+    op = sk.hessian(model, nn.CrossEntropyLoss(), _data(d=4, c=2))
+    assert op.engine_info["engine"] == "generic" and "extra" in op.engine_info["why_not_fused"]
+
+
+@pytest.mark.parametrize("engine", ["fused", "generic"])
+@pytest.mark.parametrize("loss", [
+    nn.CrossEntropyLoss(label_smoothing=0.1),
+    nn.CrossEntropyLoss(weight=torch.tensor([0.5, 1.0, 2.0]), label_smoothing=0.2),
+    nn.CrossEntropyLoss(weight=torch.tensor([0.5, 1.0, 2.0]), ignore_index=1),
+])
+def test_weighted_and_smoothed_cross_entropy_in_float64_from_a_float32_model(engine, loss):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))  # float32 model, float32 class weights
+    X, Y = _data(dtype=torch.float32)
+    H = sk.hessian(model, loss, (X, Y), engine=engine, dtype=F64).dense()
+    assert _rel(H, _explicit(model, copy.deepcopy(loss).double(), X, Y)) < 1e-12
+
+
+def test_all_targets_ignored_contributes_nothing_in_either_engine():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    X, Y = _data()
+    ignored = torch.full_like(Y, -100)
+    batches = [(X[:8], Y[:8]), (X[8:], ignored[8:])]
+    fused, generic = (_dense(model, nn.CrossEntropyLoss(), batches, e) for e in ("fused", "generic"))
+    assert torch.isfinite(fused).all() and _rel(fused, generic) < 1e-12
+
+
+def test_chunk_size_must_be_an_int():
+    model = nn.Sequential(nn.Linear(4, 3)).double()
+    with pytest.raises(ValueError, match="chunk_size"):
+        sk.hessian(model, nn.CrossEntropyLoss(), _data(), chunk_size=True)
