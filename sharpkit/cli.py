@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 
 from . import __version__
@@ -56,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # Under torchrun (WORLD_SIZE > 1) the measurements shard their data over the process group.
         with launcher_session():
-            return int(args.func(args) or 0)
+            code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe raises here, in the handler below, not at interpreter exit
+        return code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -64,6 +67,19 @@ def main(argv: list[str] | None = None) -> int:
         # The failing rank reports the cause; the others stop with one line.
         print(f"sharpkit: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # The reader went away (``sharpkit backends | head``): stop quietly.  Point stdout at
+        # devnull so that the interpreter's final flush does not raise again.
+        _silence_stdout()
+        return 1
+
+
+def _silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout replaced by an object without a file
+        pass
 
 
 if __name__ == "__main__":

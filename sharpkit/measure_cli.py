@@ -2,60 +2,210 @@
 
 Each loads a model (``--model f1|c1|module:factory``), optionally a checkpoint into it, and data
 (``--data mnist1d|digits|FILE|module:function``), runs one measurement from the Python API and writes
-its result as JSON (and, for ``landscape``, a CSV and a PNG).  Output files are written atomically.
+its result as JSON (and, for ``landscape --plot``, a PNG).  Output files are written atomically.
+
+Bad input exits with status 2 and one line on stderr: options are checked by argparse, their
+combinations before anything is loaded, and the model is run once on one batch of the data before
+measuring, so that a model that does not fit its data is reported as such rather than as a
+traceback from deep inside a solver.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 import time
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from .audit import LOSSES
-from .distributed import agree, is_main_process
+from .distributed import PeerFailure, agree, is_main_process
+
+EXIT_USAGE = 2
 
 
-def _common(p: argparse.ArgumentParser, checkpoint: bool = True) -> None:
+class UsageError(Exception):
+    """Bad input found past argument parsing: reported as one line, exit status 2."""
+
+
+def _input_error(option: str, value: str, exc: BaseException) -> UsageError:
+    """``exc`` as a usage error naming the option, unless its message already names the value
+    (resolve_data's and the checkpoint loader's messages do)."""
+    text = _one_line(exc)
+    return UsageError(text if value in text else f"{option} {value}: {text}")
+
+
+def _one_line(exc: BaseException) -> str:
+    """The first line of an exception's message (torch's can run to many lines), with its type
+    where the message alone would be unclear."""
+    text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+    if isinstance(exc, (ValueError, OSError, UsageError)) and text:
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+# ---------------------------------------------------------------------------------------------
+# argparse types: a bad value stops at parsing, with argparse's "argument --x: ..." and exit 2.
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be > 0 and finite, got {text}")
+    return value
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (off) or a positive integer, got {text}")
+    return value
+
+
+def _trace_matvecs(text: str) -> int:
+    value = int(text)
+    if value != 0 and value < 3:  # Hutch++ splits its budget in three parts
+        raise argparse.ArgumentTypeError(f"must be 0 (off) or at least 3 (Hutch++), got {text}")
+    return value
+
+
+def _device_arg(text: str) -> str:
+    """A device this machine has: checked at parsing, not after the data are loaded."""
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"not a device: {text!r} (use cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text}: CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        raise argparse.ArgumentTypeError(f"{text}: sharpkit measures on cpu or cuda devices")
+    return text
+
+
+def _output_path(text: str) -> str:
+    """A file path that can be written: checked before measuring, so that a long run is not lost
+    to a typo in the output path."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: is a directory, expected a file path")
+    ancestor = path.absolute().parent  # the nearest existing folder (missing ones are created)
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: {ancestor} is not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"{text}: {ancestor} is not writable")
+    return text
+
+
+def _device(spec: str | None) -> torch.device:
+    return torch.device(spec if spec is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+
+
+def _common(p: argparse.ArgumentParser, checkpoint: bool = True, bn_default: str = "eval",
+            bn_help: str = "BatchNorm: running statistics (eval, default) or each batch's statistics (train)") -> None:
     p.add_argument("--model", required=True, help="f1, c1 or module:factory (built with the data's input shape)")
     if checkpoint:
         p.add_argument("--checkpoint", help="state dict to load (torch.save, safetensors or Lightning .ckpt)")
     p.add_argument("--data", default="mnist1d", help="mnist1d (default), digits, a .npz/.pt file or module:function")
-    p.add_argument("--batch-size", type=int, default=None, help="split tensor data into batches of this size")
+    p.add_argument("--batch-size", type=_positive_int, default=None, help="split tensor data into batches of this size")
     p.add_argument("--loss", choices=sorted(LOSSES), default="cross_entropy")
-    p.add_argument("--bn", choices=("eval", "train"), default="eval", help="BatchNorm policy (default: eval)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--bn", choices=("eval", "train"), default=bn_default, help=bn_help)
+    p.add_argument("--device", type=_device_arg, default=None,
+                   help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="write the result as JSON to this file (default: print it)")
+    p.add_argument("--out", type=_output_path, help="write the result as JSON to this file (default: print it)")
 
 
-def _device(spec: str | None) -> torch.device:
-    if spec is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(spec)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"error: --device {spec}: CUDA is not available on this machine")
-    return dev
+def _load_data(args: argparse.Namespace) -> tuple[Any, int | None]:
+    """``(batches, num_classes)`` of ``--data``; an unusable spec or file is a :class:`UsageError`."""
+    from .audit import resolve_data
+
+    try:
+        batches, _, num_classes = resolve_data(args.data, args.batch_size)
+    except Exception as exc:  # corrupt files fail in zip, pickle, numpy or torch; a user's loader in anything
+        raise _input_error("--data", args.data, exc) from exc
+    if batches.num_samples() == 0:
+        raise UsageError(f"--data {args.data}: holds no samples")
+    return batches, num_classes
 
 
-def _load(args: argparse.Namespace, checkpoint: str | None) -> tuple[nn.Module, Any]:
-    """The model (with ``checkpoint`` loaded when given) on the requested device/dtype, and the batches."""
-    from .audit import resolve_data, resolve_model
+def _load_model(args: argparse.Namespace, batches: Any, num_classes: int | None, checkpoint: str | None,
+                option: str = "--checkpoint") -> nn.Module:
+    """The model (with ``checkpoint``, given as ``option``, loaded when given) on the requested
+    device/dtype, checked to run on the data with the loss."""
+    from .audit import resolve_model
     from .audit.checkpoints import fit_state_dict, load_state_dict
 
-    batches, _, num_classes = resolve_data(args.data, args.batch_size)
-    model, _ = resolve_model(args.model, batches, num_classes, seed=args.seed)
+    try:
+        model, _ = resolve_model(args.model, batches, num_classes, seed=args.seed)
+    except Exception as exc:  # the user's factory may raise anything
+        raise _input_error("--model", args.model, exc) from exc
     if checkpoint:
-        # Under torchrun a checkpoint one rank cannot read stops every rank, reported once.
-        with agree(f"loading {checkpoint}"):
-            model.load_state_dict(fit_state_dict(load_state_dict(checkpoint), model, source=checkpoint))
+        try:
+            # Under torchrun a checkpoint one rank cannot read stops every rank, reported once.
+            with agree(f"loading {checkpoint}"):
+                model.load_state_dict(fit_state_dict(load_state_dict(checkpoint), model, source=checkpoint))
+        except PeerFailure:
+            raise  # another rank could not read it: that rank says why, this one stops quietly
+        except Exception as exc:  # unreadable or not fitting the model
+            raise _input_error(option, checkpoint, exc) from exc
     model = model.to(device=_device(args.device), dtype=getattr(torch, args.dtype))
-    return model, batches
+    _probe(model, LOSSES[args.loss](), batches, args)
+    return model
+
+
+def _probe(model: nn.Module, loss_fn: nn.Module, batches: Any, args: argparse.Namespace) -> None:
+    """Run the model and the loss once on the first batch (model left as found)."""
+    from .data import to_device
+    from .params import measurement_mode
+
+    batch = next(b for b in batches if b[0].shape[0] > 0)
+    x, y = to_device(batch, _device(args.device), getattr(torch, args.dtype))
+    # Warnings stay quiet here: the measurement itself raises them again.
+    with measurement_mode(model, args.bn), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:  # only the user's model and the loss: whatever they raise on these inputs is a misfit
+            out = model(x)
+            # MSELoss broadcasts mismatched shapes with only a warning (class labels against logits).
+            if isinstance(loss_fn, nn.MSELoss) and isinstance(out, torch.Tensor) and out.shape != y.shape:
+                raise UsageError(f"--loss mse compares outputs of shape {tuple(out.shape)} with targets of shape "
+                                 f"{tuple(y.shape)}")
+            loss_fn(out, y)
+        except Exception as exc:
+            raise UsageError(f"model and data do not fit: {_one_line(exc)}") from exc
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs
 
 
 def _say(message: str) -> None:
@@ -71,7 +221,11 @@ def _emit(args: argparse.Namespace, result: dict[str, Any]) -> None:
     if args.out:
         from .files import atomic_write_text
 
-        atomic_write_text(args.out, text + "\n")
+        try:
+            atomic_write_text(args.out, text + "\n")
+        except OSError as exc:
+            print(text)  # the measurement is done: keep it on stdout rather than lose it
+            raise UsageError(f"cannot write --out {args.out}: {_one_line(exc)} (result printed instead)") from exc
         print(f"wrote {args.out}", file=sys.stderr)
     else:
         print(text)
@@ -83,41 +237,83 @@ def _jsonable(obj: Any) -> Any:
     return str(obj)
 
 
+# ---------------------------------------------------------------------------------------------
+# sharpness
+
+
+def _sharpness_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options ``--kind`` uses, with their defaults filled in; an option given that the
+    measurement would ignore is a :class:`UsageError` (it must neither run silently as something
+    else nor be recorded as used)."""
+    given = {name: getattr(args, name) for name in ("solver", "restarts", "first_step", "norm", "subspace_dim")
+             if getattr(args, name) is not None}
+    if args.standard:
+        given["standard"] = True
+
+    def reject(names: tuple[str, ...], why: str) -> None:
+        for name in names:
+            if name in given:
+                raise UsageError(f"--{name.replace('_', '-')} {why}")
+
+    if args.kind == "keskar":
+        reject(("norm", "standard"), "applies to the adaptive kinds, not to --kind keskar")
+        solver = given.get("solver", "lbfgsb")
+        options: dict[str, Any] = {"solver": solver, "subspace_dim": args.subspace_dim}
+        if solver == "lbfgsb":
+            reject(("restarts", "first_step"), "applies to --solver pga/apgd; lbfgsb (the paper's protocol) "
+                   "starts once at y = 0")
+            return options
+    else:
+        reject(("subspace_dim",), "applies to --kind keskar")
+        options = {"norm": given.get("norm", "linf"), "adaptive": not args.standard}
+        if args.kind == "adaptive-average":
+            reject(("solver", "restarts", "first_step"), "applies to --kind keskar and adaptive-worst; "
+                   "adaptive-average averages --max-iter random draws")
+            return options
+        solver = given.get("solver", "apgd")
+        if solver == "lbfgsb":
+            raise UsageError("--solver lbfgsb applies to --kind keskar; adaptive-worst is maximised by pga or apgd")
+        options["solver"] = solver
+    options.update(restarts=given.get("restarts", 1), first_step=given.get("first_step", "gradient"))
+    return options
+
+
 def _sharpness(args: argparse.Namespace) -> int:
     import sharpkit as sk
 
-    model, data = _load(args, args.checkpoint)
+    options = _sharpness_options(args)  # before loading anything: a bad combination fails fast
+    data, num_classes = _load_data(args)
+    model = _load_model(args, data, num_classes, args.checkpoint)
     loss_fn = LOSSES[args.loss]()
     rows = []
     for eps in args.epsilon:
         start = time.perf_counter()
         if args.kind == "keskar":
-            r = sk.keskar_sharpness(
-                model, loss_fn, data, epsilon=eps, subspace_dim=args.subspace_dim, solver=args.solver,
-                max_iter=args.max_iter, seed=args.seed, bn=args.bn, restarts=args.restarts, first_step=args.first_step,
-            )
+            r = sk.keskar_sharpness(model, loss_fn, data, epsilon=eps, max_iter=args.max_iter, seed=args.seed,
+                                    bn=args.bn, **options)
         else:
-            r = sk.adaptive_sharpness(
-                model, loss_fn, data, rho=eps, norm=args.norm, kind=args.kind.split("-")[1],
-                adaptive=not args.standard, max_iter=args.max_iter, seed=args.seed, bn=args.bn,
-                restarts=args.restarts, first_step=args.first_step,
-            )
+            r = sk.adaptive_sharpness(model, loss_fn, data, rho=eps, kind=args.kind.split("-")[1],
+                                      max_iter=args.max_iter, seed=args.seed, bn=args.bn, **options)
         rows.append(
             {"epsilon" if args.kind == "keskar" else "rho": eps, "value": r.value, "loss": r.loss,
              "max_loss": r.max_loss, "num_evals": r.num_evals, "seconds": time.perf_counter() - start}
         )
         _say(f"{args.kind} eps={eps:g}: value={r.value:.6g} (loss {r.loss:.6g} -> {r.max_loss:.6g})")
     _emit(args, {"measure": args.kind, "model": args.model, "checkpoint": args.checkpoint, "data": args.data,
-                 "solver": args.solver if args.kind == "keskar" else "apgd", "subspace_dim": args.subspace_dim,
-                 "bn": args.bn, "seed": args.seed, "restarts": args.restarts, "first_step": args.first_step,
+                 "loss_fn": args.loss, "bn": args.bn, "seed": args.seed, "max_iter": args.max_iter, **options,
                  "results": rows})
     return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# spectrum and landscape
 
 
 def _spectrum(args: argparse.Namespace) -> int:
     import sharpkit as sk
 
-    model, data = _load(args, args.checkpoint)
+    data, num_classes = _load_data(args)
+    model = _load_model(args, data, num_classes, args.checkpoint)
     make = sk.ggn if args.operator == "ggn" else sk.hessian
     op = make(model, LOSSES[args.loss](), data, bn=args.bn)
     result: dict[str, Any] = {"operator": args.operator, "model": args.model, "checkpoint": args.checkpoint,
@@ -140,15 +336,20 @@ def _spectrum(args: argparse.Namespace) -> int:
 def _landscape(args: argparse.Namespace) -> int:
     import sharpkit as sk
 
-    model_a, data = _load(args, args.a)
-    model_b, _ = _load(args, args.b)
+    data, num_classes = _load_data(args)  # once, for both end points
+    model_a = _load_model(args, data, num_classes, args.a, "--a")
+    model_b = _load_model(args, data, num_classes, args.b, "--b")
     alphas = torch.linspace(args.alpha_min, args.alpha_max, args.points).tolist()
-    curve = sk.interpolate(model_a, model_b, LOSSES[args.loss](), data, alphas, path=args.path)
-    result = {"path": args.path, "a": args.a, "b": args.b, "data": args.data,
+    curve = sk.interpolate(model_a, model_b, LOSSES[args.loss](), data, alphas, path=args.path, bn=args.bn)
+    result = {"path": args.path, "model": args.model, "a": args.a, "b": args.b, "data": args.data, "bn": args.bn,
               "alphas": [float(a) for a in curve.alphas], "loss": [float(v) for v in curve.loss],
               "accuracy": None if curve.accuracy is None else [float(v) for v in curve.accuracy]}
     if args.plot and is_main_process():
-        _plot_curve(result, Path(args.plot))
+        try:
+            _plot_curve(result, Path(args.plot))
+        except OSError as exc:
+            _emit(args, result)  # keep the curve: only the plot was lost
+            raise UsageError(f"cannot write --plot {args.plot}: {_one_line(exc)}") from exc
     _emit(args, result)
     return 0
 
@@ -179,30 +380,22 @@ def _plot_curve(result: dict[str, Any], path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def _positive(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
+# ---------------------------------------------------------------------------------------------
+# registration
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def _reported(command: str, fn):
-    """``fn(args)``, with bad input found past argument parsing (an unusable checkpoint or data
-    file, options the model does not allow) reported as one line and exit status 2."""
+def _reported(command: str, fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """``fn(args)``, with bad input reported as one line and exit status 2: a :class:`UsageError`
+    (inputs, option combinations, outputs) or a ``ValueError``, which is how the measurement
+    functions reject their arguments (``k`` above the parameter count, a non-finite loss ...).
+    Anything else, a ``TypeError`` included, is a bug and keeps its traceback."""
 
     def run(args: argparse.Namespace) -> int:
         try:
             return fn(args)
-        except (ValueError, TypeError, FileNotFoundError) as exc:
+        except (UsageError, ValueError) as exc:
             print(f"sharpkit {command}: error: {exc}", file=sys.stderr)
-            return 2
+            return EXIT_USAGE
 
     return run
 
@@ -212,36 +405,49 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     _common(p)
     p.add_argument("--kind", choices=("keskar", "adaptive-worst", "adaptive-average"), default="keskar")
     p.add_argument("--epsilon", type=_positive, nargs="+", default=[1e-3],
-                   help="box size epsilon (Keskar) or radius rho (adaptive); several allowed (default 1e-3)")
-    p.add_argument("--solver", choices=("lbfgsb", "pga", "apgd"), default="lbfgsb",
-                   help="Keskar solver (default lbfgsb: the paper's protocol)")
-    p.add_argument("--subspace-dim", type=_positive_int, default=None, help="random subspace dimension p (default: full space)")
-    p.add_argument("--max-iter", type=_positive_int, default=10, help="solver iterations (default 10)")
-    p.add_argument("--restarts", type=_positive_int, default=1,
-                   help="pga/apgd runs (default 1; the second starts with the other first step, the rest at random points)")
-    p.add_argument("--first-step", choices=("gradient", "sign"), default="gradient",
-                   help="pga/apgd first step on the box (default gradient: the largest 3%% of the gradient to the edge)")
-    p.add_argument("--norm", choices=("linf", "l2"), default="linf", help="adaptive sharpness norm")
-    p.add_argument("--standard", action="store_true", help="adaptive sharpness with c = 1 instead of c = |w|")
+                   help="keskar: box size epsilon; adaptive: radius rho of the --norm ball; several allowed "
+                   "(default 1e-3)")
+    p.add_argument("--solver", choices=("lbfgsb", "pga", "apgd"), default=None,
+                   help="ascent solver: keskar default lbfgsb (the paper's protocol), adaptive-worst default apgd "
+                   "(lbfgsb does not apply there)")
+    p.add_argument("--subspace-dim", type=_positive_int, default=None,
+                   help="keskar: random subspace dimension p (default: full space)")
+    p.add_argument("--max-iter", type=_positive_int, default=10,
+                   help="solver iterations, or random draws for adaptive-average (default 10)")
+    p.add_argument("--restarts", type=_positive_int, default=None,
+                   help="pga/apgd runs (default 1; the second starts with the other first step, the rest at "
+                   "random points)")
+    p.add_argument("--first-step", choices=("gradient", "sign"), default=None,
+                   help="pga/apgd first step on the box (default gradient: the largest 3%% of the gradient to "
+                   "the edge)")
+    p.add_argument("--norm", choices=("linf", "l2"), default=None,
+                   help="adaptive: norm of the perturbation ball (default linf)")
+    p.add_argument("--standard", action="store_true", help="adaptive: c = 1 (standard sharpness) instead of c = |w|")
     p.set_defaults(func=_reported("sharpness", _sharpness))
 
     p = sub.add_parser("spectrum", help="top eigenvalues, trace and spectral density of the Hessian or GGN")
     _common(p)
     p.add_argument("--operator", choices=("hessian", "ggn"), default="hessian")
-    p.add_argument("--k", type=int, default=1, help="number of eigenvalues (default 1)")
+    p.add_argument("--k", type=_positive_int, default=1, help="number of eigenvalues (default 1)")
     p.add_argument("--which", choices=("LA", "SA", "LM"), default="LA")
-    p.add_argument("--tol", type=float, default=1e-3)
-    p.add_argument("--trace", type=int, default=0, metavar="MATVECS", help="also estimate the trace (Hutch++)")
-    p.add_argument("--density", type=int, default=0, metavar="RUNS", help="also the spectral density (SLQ runs)")
+    p.add_argument("--tol", type=_positive, default=1e-3)
+    p.add_argument("--trace", type=_trace_matvecs, default=0, metavar="MATVECS",
+                   help="also estimate the trace (Hutch++, at least 3 matvecs; default 0: off)")
+    p.add_argument("--density", type=_non_negative_int, default=0, metavar="RUNS",
+                   help="also the spectral density (SLQ runs; default 0: off)")
     p.set_defaults(func=_reported("spectrum", _spectrum))
 
     p = sub.add_parser("landscape", help="1-D loss/accuracy curve between two checkpoints (Keskar Fig. 2/3)")
-    _common(p, checkpoint=False)
+    # Batch statistics by default, as sk.interpolate: running statistics of two networks do not
+    # combine along a path, and "eval" would use A's buffers at every alpha (even at B).
+    _common(p, checkpoint=False, bn_default="train",
+            bn_help="BatchNorm: each batch's statistics at every point (train, default, as in Keskar et al.; "
+            "whole data in one batch unless --batch-size) or A's running statistics at every point (eval)")
     p.add_argument("--a", required=True, help="checkpoint at alpha = 0")
     p.add_argument("--b", required=True, help="checkpoint at alpha = 1")
     p.add_argument("--path", choices=("linear", "sin"), default="linear")
-    p.add_argument("--alpha-min", type=float, default=-1.0)
-    p.add_argument("--alpha-max", type=float, default=2.0)
-    p.add_argument("--points", type=int, default=25)
-    p.add_argument("--plot", help="also write the curve as a PNG")
+    p.add_argument("--alpha-min", type=_finite, default=-1.0)
+    p.add_argument("--alpha-max", type=_finite, default=2.0)
+    p.add_argument("--points", type=_positive_int, default=25, help="points on the path (default 25)")
+    p.add_argument("--plot", type=_output_path, help="also write the curve as a PNG")
     p.set_defaults(func=_reported("landscape", _landscape))

@@ -1,5 +1,8 @@
 """The single-measurement commands: sharpness, spectrum, landscape."""
+import io
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,6 +15,10 @@ FACTORY = '''
 import torch.nn as nn
 def make(input_shape, num_classes):
     return nn.Sequential(nn.Linear(input_shape[0], 8), nn.Tanh(), nn.Linear(8, num_classes))
+def make_bn(input_shape, num_classes):
+    return nn.Sequential(nn.Linear(input_shape[0], 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, num_classes))
+def make7():
+    return nn.Sequential(nn.Linear(7, 3))
 '''
 
 
@@ -128,3 +135,165 @@ def test_bad_input_is_one_line_and_exit_2(setup, capsys):
     assert "sharpkit sharpness: error:" in capsys.readouterr().err
     assert main(["spectrum", "--model", "tiny_nets:make", "--data", str(tmp / "nothing.npz")]) == 2
     assert "sharpkit spectrum: error:" in capsys.readouterr().err
+
+
+def _bn_checkpoints(tmp):
+    paths, models = [], []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3))
+        model[1].running_mean.normal_()  # running statistics far from the batch's: eval != train
+        model[1].running_var.uniform_(0.5, 2.0)
+        paths.append(tmp / f"bn{seed}.pt")
+        torch.save(model.state_dict(), paths[-1])
+        models.append(model.double())
+    return paths, models
+
+
+def test_landscape_command_passes_bn_and_records_it(setup):
+    tmp, x, y, _ = setup
+    (a, b), (model_a, model_b) = _bn_checkpoints(tmp)
+    base = ["landscape", "--model", "tiny_nets:make_bn", "--a", str(a), "--b", str(b), "--data",
+            str(tmp / "data.pt"), "--points", "3", "--dtype", "float64", "--out", str(tmp / "l.json")]
+    curves = {}
+    for bn in ("train", "eval"):
+        assert main(base + (["--bn", bn] if bn == "eval" else [])) == 0  # train is the default
+        curves[bn] = json.loads((tmp / "l.json").read_text())
+        ref = sk.interpolate(model_a, model_b, nn.CrossEntropyLoss(), (x.double(), y), [-1.0, 0.5, 2.0], bn=bn)
+        assert curves[bn]["bn"] == bn
+        assert curves[bn]["loss"] == pytest.approx(ref.loss.tolist(), rel=1e-9)
+    assert curves["eval"]["loss"] != pytest.approx(curves["train"]["loss"], rel=1e-3)
+
+
+def test_sharpness_command_runs_the_adaptive_solver_given(setup):
+    tmp, x, y, ckpts = setup
+    out = tmp / "a.json"
+    rc = main(["sharpness", "--model", "tiny_nets:make", "--checkpoint", str(ckpts[0][0]), "--data",
+               str(tmp / "data.pt"), "--kind", "adaptive-worst", "--solver", "pga", "--epsilon", "0.5",
+               "--dtype", "float64", "--out", str(out)])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert result["solver"] == "pga"
+    model = ckpts[0][1].double()
+    refs = {solver: sk.adaptive_sharpness(model, nn.CrossEntropyLoss(), (x.double(), y), rho=0.5, max_iter=10,
+                                          solver=solver).value for solver in ("pga", "apgd")}
+    assert refs["pga"] != pytest.approx(refs["apgd"], rel=1e-6)  # the check below tells them apart
+    assert result["results"][0]["value"] == pytest.approx(refs["pga"], rel=1e-9)
+
+
+@pytest.mark.parametrize("kind, absent", [
+    ("keskar", ("restarts", "first_step", "norm", "adaptive")),  # lbfgsb: one start at y = 0
+    ("adaptive-average", ("solver", "restarts", "first_step", "subspace_dim")),  # random draws
+])
+def test_sharpness_json_records_only_the_options_used(setup, kind, absent):
+    tmp, *_ = setup
+    out = tmp / "s.json"
+    assert main(["sharpness", "--model", "tiny_nets:make", "--data", str(tmp / "data.pt"), "--kind", kind,
+                 "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert not set(absent) & set(result)
+
+
+@pytest.mark.parametrize("options, named", [
+    (["--kind", "adaptive-worst", "--solver", "lbfgsb"], "--solver lbfgsb"),
+    (["--solver", "lbfgsb", "--restarts", "3"], "--restarts"),
+    (["--first-step", "sign"], "--first-step"),  # the default solver, lbfgsb, takes no first step
+    (["--kind", "adaptive-average", "--solver", "pga"], "--solver"),
+    (["--norm", "l2"], "--norm"),
+    (["--kind", "adaptive-worst", "--subspace-dim", "3"], "--subspace-dim"),
+])
+def test_sharpness_options_the_measurement_would_ignore_are_usage_errors(setup, capsys, options, named):
+    tmp, *_ = setup
+    out = tmp / "s.json"
+    rc = main(["sharpness", "--model", "tiny_nets:make", "--data", str(tmp / "data.pt"), "--out", str(out)] + options)
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("sharpkit sharpness: error: " + named), err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command, option, value", [
+    ("sharpness", "--device", "foo"),
+    pytest.param("sharpness", "--device", "cuda",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")),
+    ("sharpness", "--batch-size", "0"),
+    ("sharpness", "--out", "."),
+    ("spectrum", "--trace", "-5"),
+    ("spectrum", "--trace", "2"),
+    ("spectrum", "--density", "-1"),
+    ("spectrum", "--k", "0"),
+    ("landscape", "--points", "-3"),
+    ("landscape", "--plot", "."),
+])
+def test_bad_option_values_stop_at_parsing(setup, capsys, command, option, value):
+    tmp, _, _, ckpts = setup
+    args = [command, "--model", "tiny_nets:make", "--data", str(tmp / "data.pt"), option, value]
+    if command == "landscape":
+        args += ["--a", str(ckpts[0][0]), "--b", str(ckpts[1][0])]
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+    assert f"argument {option}:" in capsys.readouterr().err
+
+
+def test_bad_data_or_model_is_one_line_and_exit_2(setup, capsys):
+    tmp, x, y, _ = setup
+    good = (tmp / "data.pt").read_bytes()
+    (tmp / "cut.pt").write_bytes(good[: len(good) // 2])  # a truncated torch zip archive
+    (tmp / "junk.pt").write_bytes(b"\x80\x02junk")  # not a pickle torch can read
+    (tmp / "cut.npz").write_bytes(b"PK\x03\x04" + b"\0" * 20)  # a broken zip
+    cases = [  # the arguments, and what the one line must say
+        (["--model", "tiny_nets:make", "--data", str(tmp / "cut.pt")], str(tmp / "cut.pt")),
+        (["--model", "tiny_nets:make", "--data", str(tmp / "junk.pt")], str(tmp / "junk.pt")),
+        (["--model", "tiny_nets:make", "--data", str(tmp / "cut.npz")], str(tmp / "cut.npz")),
+        (["--model", "tiny_nets:make7", "--data", str(tmp / "data.pt")], "model and data do not fit"),
+        (["--model", "tiny_nets:make", "--data", str(tmp / "data.pt"), "--loss", "mse"], "model and data do not fit"),
+    ]
+    for command in ("sharpness", "spectrum"):
+        for args, said in cases:
+            assert main([command] + args) == 2, args
+            err = capsys.readouterr().err
+            assert err.startswith(f"sharpkit {command}: error: ") and said in err and err.count("\n") == 1, err
+
+
+def test_unwritable_output_keeps_the_result(setup, capsys, monkeypatch):
+    tmp, *_ = setup
+    import sharpkit.files
+
+    def fail(path, text):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(sharpkit.files, "atomic_write_text", fail)
+    rc = main(["sharpness", "--model", "tiny_nets:make", "--data", str(tmp / "data.pt"), "--out", str(tmp / "s.json")])
+    captured = capsys.readouterr()
+    assert rc == 2 and "cannot write --out" in captured.err
+    assert json.loads(captured.out)["results"][0]["value"] >= 0  # printed instead of lost
+
+
+def test_a_type_error_inside_a_measurement_is_not_reported_as_bad_input(setup, monkeypatch):
+    tmp, *_ = setup
+
+    def broken(*args, **kwargs):
+        raise TypeError("a bug deep inside the solver")
+
+    monkeypatch.setattr(sk, "keskar_sharpness", broken)
+    with pytest.raises(TypeError, match="a bug deep inside"):
+        main(["sharpness", "--model", "tiny_nets:make", "--data", str(tmp / "data.pt")])
+
+
+def test_closed_stdout_stops_quietly(monkeypatch):
+    class ClosedPipe(io.TextIOBase):
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    assert main(["backends", "--json"]) == 1
+
+
+def test_backends_into_a_closed_pipe_has_no_traceback():
+    # The reader closes its end before the command (still importing torch) writes anything.
+    proc = subprocess.Popen([sys.executable, "-m", "sharpkit", "backends", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 1
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
