@@ -68,6 +68,27 @@ NETS_SOURCE = textwrap.dedent(
     def loader():
         x, y = data()
         return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+
+    def make_relu():  # the same tensors as make_mlp, another activation
+        return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+
+    def make_classes(input_shape, num_classes):  # sized by the audit from the data
+        return nn.Sequential(nn.Linear(input_shape[0], 8), nn.Tanh(), nn.Linear(8, num_classes))
+
+    def sorted_loader():
+        # Sorted by class, like an ImageFolder without shuffling: the first batch holds class 0 only.
+        x, y = data()
+        order = torch.argsort(y, stable=True)
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[order], y[order]), batch_size=8)
+
+    def shuffled_loader():
+        x, y = data()
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8, shuffle=True)
+
+    def env_data():
+        # Other data of the same size when AUDIT_TEST_DATA_SEED changes.
+        g = torch.Generator().manual_seed(int(os.environ.get("AUDIT_TEST_DATA_SEED", "1")))
+        return torch.randn(40, 6, generator=g), torch.randint(0, 3, (40,), generator=g)
     """
 )
 
@@ -134,10 +155,34 @@ def save_checkpoints(folder: Path, factory=make_mlp, count: int = 4, prefix: str
         ("final.pt", (None, None)),
         ("run2_v3.pt", (None, None)),
         ("epoch_2.pth", (None, 2)),
+        # Scientific notation is a hyper-parameter, not an epoch.
+        ("lr1e-3_epoch5.pt", (None, 5)),
+        ("wd5e-4-step=100.ckpt", (100, None)),
+        ("lr_2.5E-4_ckpt_0040.pt", (40, None)),
+        ("lr1e-3.pt", (None, None)),
+        ("EPOCH_7.PT", (None, 7)),
+        # The parent directory when the file name has nothing (Hugging Face), never over it.
+        ("hf/checkpoint-500/pytorch_model.bin", (500, None)),
+        ("runs/epoch_3/model.safetensors", (None, 3)),
+        ("snapshots/000200/model.pt", (200, None)),
+        ("runs/2/epoch_1.pt", (None, 1)),
+        ("run3/last.ckpt", (None, None)),
     ],
 )
 def test_parse_step(name, expected):
     assert parse_step(name) == expected
+
+
+def test_display_names_tell_files_apart():
+    from sharpkit.audit.checkpoints import display_names
+
+    assert display_names(["a/b/epoch_1.pt", "a/b/epoch_2.pt"]) == ["epoch_1.pt", "epoch_2.pt"]
+    # Every row says which run it belongs to, not only the two that clash.
+    assert display_names(["runs/sb/epoch_1.pt", "runs/lb/epoch_1.pt", "runs/sb/epoch_2.pt"]) == [
+        "sb/epoch_1.pt", "lb/epoch_1.pt", "sb/epoch_2.pt"]
+    hf = [f"hf/checkpoint-{s}/pytorch_model.bin" for s in (500, 1000)]
+    assert display_names(hf) == ["checkpoint-500/pytorch_model.bin", "checkpoint-1000/pytorch_model.bin"]
+    assert display_names(["/x.pt", "/d/x.pt"]) == ["/x.pt", "d/x.pt"]
 
 
 def test_find_checkpoints_dirs_globs_missing_and_duplicates(tmp_path):
@@ -145,6 +190,45 @@ def test_find_checkpoints_dirs_globs_missing_and_duplicates(tmp_path):
     (tmp_path / "a" / "notes.txt").write_text("not a checkpoint")
     found = find_checkpoints([tmp_path / "a", str(tmp_path / "a" / "step_1*.pt"), tmp_path / "nope.pt", paths[0]])
     assert found == sorted(paths) + [tmp_path / "nope.pt"]
+
+
+def test_find_checkpoints_globs_expand_directories_and_filter_suffixes(tmp_path):
+    sb = save_checkpoints(tmp_path / "runs" / "sb", count=2)
+    lb = save_checkpoints(tmp_path / "runs" / "lb", count=2)
+    (tmp_path / "runs" / "sb" / "log.txt").write_text("not a checkpoint")
+    upper = tmp_path / "runs" / "sb" / "FINAL.PT"
+    upper.write_bytes(sb[0].read_bytes())
+    deep = save_checkpoints(tmp_path / "runs" / "lb" / "deep", count=1)
+    # A pattern matching directories gives their checkpoint files (suffixes in any case), no log.txt.
+    assert find_checkpoints([str(tmp_path / "runs" / "*")]) == sorted(lb) + sorted([*sb, upper])
+    assert find_checkpoints([str(tmp_path / "runs" / "sb" / "*")]) == sorted([*sb, upper])
+    # ** reaches any depth.
+    assert set(find_checkpoints([str(tmp_path / "runs" / "**" / "*.pt")])) == {*sb, *lb, *deep}
+    # A directory is still not searched below its own files.
+    assert find_checkpoints([tmp_path / "runs" / "lb"]) == sorted(lb)
+
+
+def test_specs_yielding_nothing_get_error_rows(tmp_path, nets, capsys):
+    from sharpkit.cli import main
+
+    good = save_checkpoints(tmp_path / "ck", count=1)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "log.txt").write_text("x")
+    specs = [str(good[0]), str(tmp_path / "nothing" / "*.pt"), str(tmp_path / "empty"), str(tmp_path / "logs" / "*")]
+    assert find_checkpoints(specs)[1:] == [Path(p) for p in specs[1:]]
+    rows = audit(specs, make_mlp, toy_data(), max_iter=1)
+    assert [r["status"] for r in rows] == ["ok", "error", "error", "error"]
+    assert "pattern matches no checkpoint file" in rows[1]["error"]
+    assert "directory holds no checkpoint files" in rows[2]["error"]
+    assert "pattern matches no checkpoint file" in rows[3]["error"]
+    # On the command line: reported as failed checkpoints (exit 1), not "no checkpoints given".
+    torch.save(dict(zip(("x", "y"), toy_data())), tmp_path / "data.pt")
+    code = main(["audit", str(tmp_path / "empty"), str(tmp_path / "nothing" / "*.pt"), "--model", "auditnets:make_mlp",
+                 "--data", str(tmp_path / "data.pt"), "--out", str(tmp_path / "a.jsonl"), "--no-progress"])
+    assert code == 1
+    captured = capsys.readouterr()
+    assert "no checkpoints given" not in captured.err and "holds no checkpoint files" in captured.out
 
 
 def test_formats_torch_safetensors_lightning_ddp(tmp_path):
@@ -167,6 +251,33 @@ def test_formats_torch_safetensors_lightning_ddp(tmp_path):
         assert list(fitted) == list(sd)
         for k in sd:
             assert torch.equal(fitted[k], sd[k]), (name, k)
+
+
+def test_ambiguous_prefix_is_an_error_naming_the_candidates(tmp_path):
+    sd = make_mlp().state_dict()
+    ema = {k: v + 1 for k, v in sd.items()}
+    path = tmp_path / "epoch=1-step=10.ckpt"
+    torch.save({"state_dict": {**{"model." + k: v for k, v in sd.items()}, **{"ema." + k: v for k, v in ema.items()}}}, path)
+    with pytest.raises(CheckpointError, match=r"several prefixes \('ema\.', 'model\.'\)"):
+        fit_state_dict(load_state_dict(path), make_mlp(), str(path))
+    rows = audit([path], make_mlp, toy_data(), max_iter=1)
+    assert rows[0]["status"] == "error" and "'ema.', 'model.'" in rows[0]["error"]
+    # One copy with extra keys beside it stays unambiguous.
+    torch.save({"state_dict": {**{"model." + k: v for k, v in sd.items()}, "loss.weight": torch.ones(3)}}, path)
+    assert list(fit_state_dict(load_state_dict(path), make_mlp(), str(path))) == list(sd)
+
+
+def test_load_errors_keep_the_reason_without_terminal_escapes(tmp_path):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"garbage")
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"cfg": torch.nn.ReLU()}, pickled)
+    for path, reason in ((garbage, "Unsupported operand"), (pickled, "Unsupported global: GLOBAL torch.nn.modules.activation.ReLU")):
+        with pytest.raises(CheckpointError) as info:
+            load_state_dict(path)
+        message = str(info.value)
+        assert reason in message and "\x1b" not in message and "\n" not in message, message
+        assert "In PyTorch 2.6" not in message  # torch's advice, not the reason
 
 
 def _bad(path: Path, kind: str, model: nn.Module) -> Path:
@@ -588,15 +699,18 @@ def test_store_skips_done_and_never_duplicates(tmp_path):
     lines = out.read_text().splitlines()
     keys = [json.loads(line)["key"] for line in lines]
     assert len(lines) == 6 and len(set(keys)) == 6
-    # A copy of a checkpoint under another name has the same content hash: measured once.
+    # A copy of a checkpoint under another name has the same content hash: measured once, stored
+    # once, but each path gets its own row.
     copy = tmp_path / "ck" / "copy.pt"
     copy.write_bytes(paths[0].read_bytes())
     rows = audit([paths[0], copy], make_mlp, toy_data(), out=out, max_iter=2)
-    assert rows[0]["key"] == first[0]["key"] and len(rows) == 1
+    assert [r["key"] for r in rows] == [first[0]["key"]] * 2
+    assert [r["checkpoint"] for r in rows] == [str(paths[0]), str(copy)]
+    assert [r["name"] for r in rows] == ["step_10.pt", "copy.pt"]
     assert len(out.read_text().splitlines()) == 6
 
 
-@pytest.mark.parametrize("tail", [b'{"key": "abc", "status": "o', b'not json at all\n', b'{"key": "x"'])
+@pytest.mark.parametrize("tail", [b'{"key": "abc", "status": "o', b'{"key": "x"', b'{"'])
 def test_store_repairs_torn_last_line(tmp_path, tail):
     path = tmp_path / "s.jsonl"
     store = ResultStore(path)
@@ -608,9 +722,60 @@ def test_store_repairs_torn_last_line(tmp_path, tail):
     reopened = ResultStore(path)
     assert reopened.repaired_bytes == len(tail)
     assert path.read_bytes() == good
-    assert [r["key"] for r in reopened.rows()] == ["k1", "k2"] and math.isnan(reopened.get("k2")["v"])
+    assert [r["key"] for r in reopened.rows()] == ["k1", "k2"] and reopened.get("k2")["v"] is None
     reopened.append({"key": "k3"})
     assert [json.loads(line)["key"] for line in path.read_text().splitlines()] == ["k1", "k2", "k3"]
+
+
+FOREIGN_FILES = {
+    "html": b"<!DOCTYPE html>\n<html><body>\n<p>report</p>\n</body></html>\n",
+    "html-no-final-newline": b"<!DOCTYPE html>\n<html><body></body></html>",
+    "csv": b"name,keskar\nstep_10.pt,1.5\n",
+    "one-line-text": b"notes",
+    "complete-bad-last-line": b'{"key": "k1", "v": 1}\nnot json at all\n',
+    "bad-line-in-the-middle": b'{"key": "k1"}\n<p>\n{"key": "k2"}\n',
+    "binary": bytes(range(256)) + b"\n",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(FOREIGN_FILES))
+def test_store_refuses_foreign_file_and_leaves_it_intact(tmp_path, kind):
+    path = tmp_path / "precious.out"
+    path.write_bytes(FOREIGN_FILES[kind])
+    with pytest.raises(ValueError, match="not an audit results file"):
+        ResultStore(path)
+    assert path.read_bytes() == FOREIGN_FILES[kind]
+
+
+def test_cli_refuses_foreign_out_file(tmp_path, nets, capsys):
+    from sharpkit.cli import main
+
+    save_checkpoints(tmp_path / "ck", nets.make_mlp, count=1)
+    report = tmp_path / "report.html"
+    report.write_bytes(FOREIGN_FILES["html"])
+    code = main(["audit", str(tmp_path / "ck"), "--model", "auditnets:make_mlp", "--data", "auditnets:data",
+                 "--out", str(report), "--no-progress", "--max-iter", "1"])
+    assert code == 2 and "not an audit results file" in capsys.readouterr().err
+    assert report.read_bytes() == FOREIGN_FILES["html"]
+
+
+def test_store_keeps_a_whole_row_missing_its_newline(tmp_path):
+    path = tmp_path / "s.jsonl"
+    path.write_bytes(b'{"key": "k1", "v": 1}\n{"key": "k2", "v": 2}')
+    store = ResultStore(path)
+    assert store.repaired_bytes == 0 and [r["key"] for r in store.rows()] == ["k1", "k2"]
+    store.append({"key": "k3"})
+    assert [json.loads(line)["key"] for line in path.read_text().splitlines()] == ["k1", "k2", "k3"]
+
+
+def test_store_writes_strict_json(tmp_path):
+    def strict(constant):
+        raise AssertionError(f"non-standard JSON constant {constant}")
+
+    path = tmp_path / "s.jsonl"
+    ResultStore(path).append({"key": "k", "loss": float("nan"), "details": {"values": [1.0, float("inf"), -float("inf")]}})
+    row = json.loads(path.read_text(), parse_constant=strict)
+    assert row["loss"] is None and row["details"]["values"] == [1.0, None, None]
 
 
 def test_store_rejects_foreign_file(tmp_path):
@@ -618,6 +783,44 @@ def test_store_rejects_foreign_file(tmp_path):
     path.write_text('{"a": 1}\n{"b": 2}\n')
     with pytest.raises(ValueError, match="row without a 'key'"):
         ResultStore(path)
+
+
+def test_identical_files_under_several_paths_each_get_their_row(tmp_path):
+    # Two runs from one initialisation share an identical epoch_0.pt.
+    runs = tmp_path / "runs"
+    for run in ("sb", "lb"):
+        save_checkpoints(runs / run, count=2, prefix="epoch_")  # epoch_10.pt, epoch_20.pt
+        (runs / run / "epoch_10.pt").rename(runs / run / "epoch_0.pt")
+    torch.manual_seed(7)
+    torch.save(make_mlp().state_dict(), runs / "lb" / "epoch_20.pt")  # the runs part after epoch 0
+    assert (runs / "lb" / "epoch_0.pt").read_bytes() == (runs / "sb" / "epoch_0.pt").read_bytes()
+    out = tmp_path / "a.jsonl"
+    rows = audit(str(runs / "*"), make_mlp, toy_data(), out=out, max_iter=2)
+    assert [r["name"] for r in rows] == ["lb/epoch_0.pt", "lb/epoch_20.pt", "sb/epoch_0.pt", "sb/epoch_20.pt"]
+    assert [r["checkpoint"] for r in rows] == [str(runs / n) for n in ("lb/epoch_0.pt", "lb/epoch_20.pt", "sb/epoch_0.pt", "sb/epoch_20.pt")]
+    assert [r["epoch"] for r in rows] == [0, 20, 0, 20]
+    shared = [r for r in rows if r["name"].endswith("epoch_0.pt")]
+    assert shared[0]["key"] == shared[1]["key"] and shared[0]["keskar"] == shared[1]["keskar"]
+    assert len(out.read_text().splitlines()) == 3  # measured and stored once
+    assert "4 checkpoints" in render_html(rows, ["keskar"])
+    # Resumed in another order: every row still carries its own path.
+    again = audit([runs / "sb" / "epoch_0.pt", runs / "lb" / "epoch_0.pt"], make_mlp, toy_data(), out=out, max_iter=2)
+    assert [r["checkpoint"] for r in again] == [str(runs / "sb" / "epoch_0.pt"), str(runs / "lb" / "epoch_0.pt")]
+    assert [r["name"] for r in again] == ["sb/epoch_0.pt", "lb/epoch_0.pt"]
+    assert len(out.read_text().splitlines()) == 3
+
+
+def test_identical_bad_files_get_errors_naming_their_own_path(tmp_path):
+    good = save_checkpoints(tmp_path / "ck", count=1)
+    first, second = tmp_path / "a" / "bad.pt", tmp_path / "b" / "bad.pt"
+    for p in (first, second):
+        p.parent.mkdir()
+    torch.save({**make_mlp().state_dict(), "0.bias": torch.full((8,), float("nan"))}, first)
+    second.write_bytes(first.read_bytes())  # one content, one stored row, two paths
+    rows = audit([good[0], first, second], make_mlp, toy_data(), max_iter=1)
+    assert [r["status"] for r in rows] == ["ok", "error", "error"]
+    assert str(first) in rows[1]["error"] and str(second) in rows[2]["error"]
+    assert str(first) not in rows[2]["error"]
 
 
 def test_kill_and_resume(tmp_path, nets):
@@ -709,6 +912,55 @@ def test_cli_end_to_end(tmp_path, nets, capsys):
     assert "nope" in capsys.readouterr().err
 
 
+def test_report_orders_rows_by_step_or_epoch_and_plots_that_axis(tmp_path, monkeypatch):
+    from sharpkit.audit import report
+
+    plots = []
+    monkeypatch.setattr(report, "_plot", lambda rows, metric, axis: plots.append((metric, axis, [r["name"] for r in rows])) or "")
+
+    def row(name, step, epoch):
+        return {"name": name, "step": step, "epoch": epoch, "status": "ok", "loss": 0.5, "keskar": 1.0}
+
+    # Every row has a step: by step, even where some also have an epoch.
+    rows = [row("step=300.ckpt", 300, None), row("epoch=2-step=200.ckpt", 200, 2), row("epoch=1-step=100.ckpt", 100, 1)]
+    assert [r["step"] for r in sort_rows(rows)] == [100, 200, 300]
+    render_html(rows, ["keskar"])
+    assert plots[-1] == ("keskar", "step", ["epoch=1-step=100.ckpt", "epoch=2-step=200.ckpt", "step=300.ckpt"])
+    # One unnumbered last.ckpt: the others are still ordered and plotted by epoch; last.ckpt is
+    # listed, not plotted at a made-up position.
+    plots.clear()
+    rows = [row("last.ckpt", None, None), row("epoch_2.pt", None, 2), row("epoch_10.pt", None, 10), row("epoch_1.pt", None, 1)]
+    assert [r["name"] for r in sort_rows(rows)] == ["epoch_1.pt", "epoch_2.pt", "epoch_10.pt", "last.ckpt"]
+    doc = render_html(rows, ["keskar"])
+    assert plots == [(m, "epoch", ["epoch_1.pt", "epoch_2.pt", "epoch_10.pt"]) for m in ("loss", "keskar")]
+    assert "Not plotted (no epoch in their paths): last.ckpt" in doc
+    # An unnumbered row does not stop the others being ordered by step.
+    rows = [row("last.ckpt", None, None), row("epoch=2-step=200.ckpt", 200, 2), row("step=300.ckpt", 300, None),
+            row("epoch=1-step=100.ckpt", 100, 1)]
+    assert [r["name"] for r in sort_rows(rows)] == ["epoch=1-step=100.ckpt", "epoch=2-step=200.ckpt", "step=300.ckpt", "last.ckpt"]
+    # Epochs for most rows and steps for a few: by epoch, the step-only rows listed, not plotted.
+    plots.clear()
+    rows = [row("epoch_1.pt", None, 1), row("epoch_2.pt", None, 2), row("step-50.ckpt", 50, None)]
+    assert [r["name"] for r in sort_rows(rows)] == ["epoch_1.pt", "epoch_2.pt", "step-50.ckpt"]
+    assert "Not plotted (no epoch in their paths): step-50.ckpt" in render_html(rows, ["keskar"])
+    # No numbers at all: by name, against the rows' order.
+    plots.clear()
+    render_html([row("b.pt", None, None), row("a.pt", None, None)], ["keskar"])
+    assert plots[-1] == ("keskar", None, ["a.pt", "b.pt"])
+
+
+def test_report_plots_one_line_per_run():
+    from sharpkit.audit.report import _series
+
+    rows = [{"name": f"{run}/epoch_{e}.pt", "epoch": e} for e in (1, 2) for run in ("sb", "lb")]
+    assert [(run, [r["name"] for r in members]) for run, members in _series(rows)] == [
+        ("sb", ["sb/epoch_1.pt", "sb/epoch_2.pt"]), ("lb", ["lb/epoch_1.pt", "lb/epoch_2.pt"])]
+    hf = [{"name": f"checkpoint-{s}/pytorch_model.bin", "step": s} for s in (500, 1000)]
+    assert _series(hf) == [(None, hf)]  # one checkpoint per folder: one line
+    doc = render_html([{**r, "status": "ok", "loss": 0.1, "keskar": 1.0} for r in rows], ["keskar"])
+    assert doc.count("data:image/png;base64,") == 2
+
+
 def test_cli_help_documents_exit_codes():
     from sharpkit.cli import build_parser
 
@@ -724,6 +976,80 @@ def test_data_module_function_dataloader(tmp_path, nets):
     for a, b in zip(via_loader, via_tensors):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-12)
         assert a["keskar"] == pytest.approx(b["keskar"], rel=1e-9)
+
+
+def test_num_classes_counted_over_all_batches(tmp_path, nets):
+    from sharpkit.audit import resolve_model
+
+    batches = as_batches(nets.sorted_loader())
+    assert int(next(iter(batches))[1].max()) == 0  # the first batch shows class 0 only
+    model, _ = resolve_model("auditnets:make_classes", batches, num_classes=None)
+    assert model[-1].out_features == 3
+    paths = save_checkpoints(tmp_path / "ck", nets.make_mlp, count=2)
+    rows = audit(paths, "auditnets:make_classes", "auditnets:sorted_loader", max_iter=1)
+    assert [r["status"] for r in rows] == ["ok", "ok"], rows[0].get("error")
+
+
+def _stored_keys(out: Path) -> list[str]:
+    return [json.loads(line)["key"] for line in out.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".npz"])
+def test_rewritten_data_file_is_not_served_old_rows(tmp_path, suffix):
+    import numpy as np
+
+    paths = save_checkpoints(tmp_path / "ck", count=1)
+    data_file, out = tmp_path / f"train{suffix}", tmp_path / "a.jsonl"
+
+    def write(seed):
+        g = torch.Generator().manual_seed(seed)
+        x, y = torch.randn(40, 6, generator=g), torch.randint(0, 3, (40,), generator=g)
+        if suffix == ".pt":
+            torch.save({"x": x, "y": y}, data_file)
+        else:
+            np.savez(data_file, x_train=x.numpy(), y_train=y.numpy())
+
+    write(1)
+    first = audit(paths, make_mlp, str(data_file), out=out, max_iter=1)
+    write(2)  # other data of the same size under the same name
+    second = audit(paths, make_mlp, str(data_file), out=out, max_iter=1)
+    assert second[0]["key"] != first[0]["key"] and second[0]["loss"] != first[0]["loss"]
+    assert len(_stored_keys(out)) == 2
+    write(2)  # the same bytes again: resumed
+    assert audit(paths, make_mlp, str(data_file), out=out, max_iter=1)[0]["key"] == second[0]["key"]
+    assert len(_stored_keys(out)) == 2
+
+
+def test_data_function_keyed_by_content_not_order(tmp_path, nets, monkeypatch):
+    paths = save_checkpoints(tmp_path / "ck", nets.make_mlp, count=1)
+    out = tmp_path / "a.jsonl"
+    first = audit(paths, make_mlp, "auditnets:env_data", out=out, max_iter=1)
+    monkeypatch.setenv("AUDIT_TEST_DATA_SEED", "2")  # the function now returns other data
+    second = audit(paths, make_mlp, "auditnets:env_data", out=out, max_iter=1)
+    assert second[0]["key"] != first[0]["key"] and second[0]["loss"] != first[0]["loss"]
+    # A loader that shuffles on every pass keeps its key (the samples are the same): it resumes.
+    keys = {audit(paths, make_mlp, "auditnets:shuffled_loader", out=out, max_iter=1)[0]["key"] for _ in range(3)}
+    assert len(keys) == 1 and len(_stored_keys(out)) == 3
+
+
+def test_model_architecture_and_loss_options_key_the_rows(tmp_path, nets):
+    paths = save_checkpoints(tmp_path / "ck", nets.make_mlp, count=1)
+    out = tmp_path / "a.jsonl"
+    tanh = audit(paths, nets.make_mlp, toy_data(), out=out, max_iter=1)[0]
+    relu = audit(paths, nets.make_relu, toy_data(), out=out, max_iter=1)[0]  # same tensors, other activation
+    assert relu["key"] != tanh["key"] and relu["loss"] != tanh["loss"]
+    smooth = audit(paths, nets.make_mlp, toy_data(), out=out, max_iter=1,
+                   loss_fn=nn.CrossEntropyLoss(label_smoothing=0.5))[0]
+    assert smooth["key"] != tanh["key"] and smooth["loss"] != tanh["loss"]
+    weighted = audit(paths, nets.make_mlp, toy_data(), out=out, max_iter=1,
+                     loss_fn=nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 3.0])))[0]
+    assert weighted["key"] != tanh["key"] and weighted["loss"] != tanh["loss"]
+    # The built-in name, and the module it stands for, are one loss; a function is its qualified name.
+    same = audit(paths, nets.make_mlp, toy_data(), out=out, max_iter=1, loss_fn=nn.CrossEntropyLoss())[0]
+    assert same["key"] == tanh["key"]
+    functional = audit(paths, nets.make_mlp, toy_data(), out=out, max_iter=1, loss_fn=nn.functional.cross_entropy)[0]
+    assert functional["config"]["loss"] == "torch.nn.functional.cross_entropy"
+    assert len(set(_stored_keys(out))) == 5
 
 
 def test_builtin_model_names_resolve_through_study_registry():
@@ -755,6 +1081,63 @@ def test_bad_arguments(tmp_path, kwargs, match):
     paths = save_checkpoints(tmp_path, count=1)
     with pytest.raises(ValueError, match=match):
         audit(paths, make_mlp, toy_data(), **kwargs)
+
+
+def test_lanczos_options_checked_only_for_top_eig(tmp_path):
+    paths = save_checkpoints(tmp_path, count=1)
+    rows = audit(paths, make_mlp, toy_data(), metrics="keskar", k=5, lanczos_steps=3, max_iter=1)
+    assert rows[0]["status"] == "ok"
+
+
+def _usage_error_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
+    """Command-line mistakes that must give exit 2 and a message, before anything is measured."""
+    import numpy as np
+
+    torch.save(dict(zip(("x", "y"), toy_data())), tmp_path / "data.pt")
+    (tmp_path / "garbage.pt").write_bytes(b"garbage")
+    torch.save(dict(zip(("x", "y"), toy_data())), tmp_path / "truncated.pt")
+    (tmp_path / "truncated.pt").write_bytes((tmp_path / "truncated.pt").read_bytes()[:300])
+    x, y = toy_data()
+    np.savez(tmp_path / "truncated.npz", x_train=x.numpy(), y_train=y.numpy())
+    (tmp_path / "truncated.npz").write_bytes((tmp_path / "truncated.npz").read_bytes()[:300])
+    g = torch.Generator().manual_seed(0)
+    torch.save({"x": torch.randn(40, 5, generator=g), "y": torch.randint(0, 3, (40,), generator=g)}, tmp_path / "narrow.pt")
+    (tmp_path / "folder").mkdir()
+    cuda = "cuda:99" if torch.cuda.is_available() else "cuda"
+    return {
+        "model-data-mismatch": (["--data", str(tmp_path / "narrow.pt")], "the model does not run on the data"),
+        "unknown-device": (["--device", "foo"], "device 'foo' is not usable"),
+        "absent-cuda": (["--device", cuda], f"device '{cuda}' is not usable"),
+        "garbage-data": (["--data", str(tmp_path / "garbage.pt")], "cannot load"),
+        "truncated-data-pt": (["--data", str(tmp_path / "truncated.pt")], "cannot load"),
+        "truncated-data-npz": (["--data", str(tmp_path / "truncated.npz")], "cannot load"),
+        "out-is-a-directory": (["--out", str(tmp_path / "folder")], "is a directory"),
+        "report-is-a-directory": (["--report", str(tmp_path / "folder")], "is a directory"),
+        "report-under-a-file": (["--report", str(tmp_path / "data.pt" / "r.html")], "is not a directory"),
+    }
+
+
+USAGE_ERRORS = ["model-data-mismatch", "unknown-device", "absent-cuda", "garbage-data", "truncated-data-pt",
+                "truncated-data-npz", "out-is-a-directory", "report-is-a-directory", "report-under-a-file"]
+
+
+@pytest.mark.parametrize("case", USAGE_ERRORS)
+def test_cli_usage_errors_exit_2_before_measuring(tmp_path, nets, capsys, monkeypatch, case):
+    from sharpkit.audit import batched
+    from sharpkit.cli import main
+
+    extra, message = _usage_error_cases(tmp_path)[case]
+    save_checkpoints(tmp_path / "ck", nets.make_mlp, count=1)
+
+    def no_measuring(*args, **kwargs):
+        raise AssertionError("measuring started")
+
+    monkeypatch.setattr(batched, "estimate_group_size", no_measuring)
+    args = ["audit", str(tmp_path / "ck"), "--model", "auditnets:make_mlp", "--data", str(tmp_path / "data.pt"),
+            "--out", str(tmp_path / "a.jsonl"), "--no-progress", "--max-iter", "1"]
+    assert main(args + extra) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
 
 
 def test_bad_data_and_loss(tmp_path):

@@ -7,29 +7,42 @@ How many are stacked follows from free memory; on a CPU, where stacking measured
 compute-bound single passes, the plan measures one checkpoint at a time once the passes are large.
 Where samples are independent (``bn="eval"``) the data are regrouped into passes of up to
 ``STACKED_ROWS`` samples, small batches joined (the loss must be a per-sample mean, as the
-built-in losses are).  Each finished checkpoint's row is appended durably to a JSONL store keyed by the checkpoint's
-content hash and the metric configuration, so an interrupted audit resumes where it stopped.
+built-in losses are).  Each finished checkpoint's row is appended durably to a JSONL store keyed by
+the checkpoint's content hash and everything that changes its values (metric options, the data's
+content, the model's architecture, the loss and its options), so an interrupted audit resumes
+where it stopped and a changed setting is never served old rows.
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from .. import __version__
 from .. import distributed as _dist
-from ..data import Batches, as_batches
-from ..objective import REGROUP_MAX_ROWS
+from ..data import Batches, as_batches, to_device
+from ..objective import REGROUP_MAX_ROWS, _loss_on
 from ..params import measurement_mode
-from .checkpoints import CheckpointError, describe_checkpoint, find_checkpoints, fit_state_dict, load_state_dict
+from .checkpoints import (
+    Checkpoint,
+    CheckpointError,
+    describe_checkpoint,
+    display_names,
+    error_summary,
+    file_sha256,
+    find_checkpoints,
+    fit_state_dict,
+    load_state_dict,
+)
 from .metrics import METRICS, MetricConfig, run_metrics
-from .store import ResultStore, row_key
+from .store import ResultStore, json_safe, row_key
 
 __all__ = ["audit", "MetricConfig", "METRICS", "ResultStore", "resolve_data", "resolve_model", "LOSSES"]
 
@@ -45,8 +58,13 @@ def resolve_data(spec: Any, batch_size: int | None = None) -> tuple[Batches, str
     ``spec``: ``"mnist1d"``, ``"digits"``, a ``.pt``/``.npz`` file (training split, via
     :func:`sharpkit.data.load_dataset`), ``"module:function"`` returning a DataLoader or an
     ``(inputs, targets)`` pair, or such data directly.  ``batch_size`` splits tensor data.
+
+    The description identifies the data's content (it keys the audit's result rows): a file's
+    SHA-256, or for data in memory and from ``module:function`` a :func:`_fingerprint` of the
+    samples.  Raises ``ValueError`` naming the spec when the data cannot be read.
     """
     num_classes = None
+    fingerprint = True  # data in memory and from module:function are identified by their samples
     if isinstance(spec, str):
         if ":" in spec and not os.path.exists(spec) and not spec.endswith((".pt", ".pth", ".npz")):
             import importlib
@@ -56,60 +74,163 @@ def resolve_data(spec: Any, batch_size: int | None = None) -> tuple[Batches, str
                 fn = getattr(importlib.import_module(mod_name), attr)
             except (ImportError, AttributeError) as exc:
                 raise ValueError(f"data spec {spec!r}: cannot find {attr!r} in module {mod_name!r} ({exc})") from None
-            data, desc = fn(), spec
+            try:
+                data = fn()
+            except Exception as exc:  # the user's function: an unusable --data, with the cause chained
+                raise ValueError(f"data spec {spec!r}: {attr}() raised {type(exc).__name__}: {error_summary(exc)}") from exc
+            desc = spec
         else:
             from ..data import load_dataset
 
-            ds = load_dataset(spec)
-            data, desc, num_classes = ds.train, f"{spec}:train", ds.num_classes or None
+            try:
+                ds = load_dataset(spec)
+            except Exception as exc:  # corrupt, truncated, not a data file (zip, pickle, torch errors)
+                raise ValueError(f"data {spec!r}: cannot load ({type(exc).__name__}: {error_summary(exc)})") from exc
+            data, num_classes, fingerprint = ds.train, ds.num_classes or None, False
+            # A file's bytes, not its name, identify it: rewritten data must not meet old rows.
+            desc = f"{Path(spec).name}@{file_sha256(spec)[:16]}:train" if os.path.isfile(spec) else f"{spec}:train"
     else:
-        data, desc = spec, None
+        data, desc = spec, "data"
     batches = as_batches(data, batch_size)
     n = batches.num_samples()
-    if desc is None:
-        desc = f"data:{_fingerprint(batches)}"
+    if fingerprint:
+        desc = f"{desc}:{_fingerprint(batches)}"
     return batches, f"{desc}:{n}", num_classes
 
 
 def _fingerprint(batches: Batches) -> str:
-    """A content hash of in-memory data (so that rows of different data never collide)."""
-    h = hashlib.sha256()
+    """A content hash of data in memory: of its samples and batch sizes, not of their order.
+
+    Rows of different data never collide, while a loader that shuffles (the same samples in
+    another order on every pass) keeps its fingerprint, so that its audits resume.  Each sample
+    (input and target bytes) is hashed on its own; the sorted digests are hashed together.
+    """
+    digests: list[bytes] = []
+    sizes: list[int] = []
+    layout: set[tuple] = set()
     for x, y in batches:
-        for t in (x, y):
+        n = int(x.shape[0])
+        sizes.append(n)
+        if n == 0:
+            continue
+        rows = []
+        for role, t in (("x", x), ("y", y)):
             t = t.detach().cpu().contiguous()
-            h.update(str((tuple(t.shape), str(t.dtype))).encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            layout.add((role, tuple(t.shape[1:]), str(t.dtype)))
+            raw = memoryview(t.reshape(n, -1).view(torch.uint8).numpy().tobytes())
+            width = len(raw) // n
+            rows.append([raw[i * width:(i + 1) * width] for i in range(n)])
+        for xb, yb in zip(*rows):
+            h = hashlib.sha256(xb)
+            h.update(yb)
+            digests.append(h.digest()[:16])
+    h = hashlib.sha256(repr((sorted(layout), sorted(sizes))).encode())
+    h.update(b"".join(sorted(digests)))
     return h.hexdigest()[:16]
+
+
+def _count_classes(batches: Batches) -> int:
+    """Classes of the targets: for integer labels the largest over all batches plus one (a loader
+    sorted by class shows only the first classes in its first batch), else a target row's width."""
+    y = next(iter(batches))[1]
+    if y.is_floating_point():
+        return y.shape[1] if y.dim() > 1 else 1
+    return max(int(t.max().item()) for _, t in batches if t.numel()) + 1
 
 
 def resolve_model(spec: Any, batches: Batches, num_classes: int | None, seed: int = 0) -> tuple[nn.Module, str]:
     """``(model, description)`` for an ``nn.Module``, a zero-argument factory, or a spec string.
 
     Strings are resolved by the study's model registry (``f1``, ``c1``, ``module:factory``), which
-    is given the data's sample shape and class count.
+    is given the data's sample shape and class count (``num_classes``, or counted from the
+    targets).  The description identifies the architecture (see :func:`_identity`).
     """
     if isinstance(spec, nn.Module):
-        return spec, _describe_module(spec)
+        return spec, _identity(spec)
     if callable(spec) and not isinstance(spec, str):
         model = spec()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model factory returned {type(model).__name__}, expected torch.nn.Module")
-        return model, _describe_module(model)
+        return model, _identity(model)
     if not isinstance(spec, str):
         raise TypeError(f"model must be an nn.Module, a factory or a spec string, got {type(spec).__name__}")
     from ..study.models import build_model
 
-    x, y = next(iter(batches))
+    x = next(iter(batches))[0]
     if num_classes is None:
-        num_classes = int(y.max().item()) + 1 if not y.is_floating_point() else (y.shape[1] if y.dim() > 1 else 1)
+        num_classes = _count_classes(batches)
     model = build_model(spec, tuple(x.shape[1:]), max(num_classes, 2), seed)
-    return model, f"{spec}|{_describe_module(model)}"
+    return model, f"{spec}|{_identity(model)}"
 
 
-def _describe_module(model: nn.Module) -> str:
-    shapes = [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
-    digest = hashlib.sha256(json.dumps(shapes).encode()).hexdigest()[:12]
-    return f"{type(model).__name__}[{digest}]"
+# Memory addresses in a repr ("<function f at 0x7f...>") differ between runs: never part of a key.
+_ADDRESS_RE = re.compile(r" at 0x[0-9a-fA-F]+")
+_PLAIN_TYPES = (bool, int, float, str, tuple, type(None))
+
+
+def _plain_attributes(obj: Any) -> dict[str, Any]:
+    """An object's public attributes of plain types: the options a loss module's repr omits
+    (``label_smoothing``, ``ignore_index``) and a custom module's settings."""
+    return {k: v for k, v in sorted(getattr(obj, "__dict__", {}).items())
+            if not k.startswith("_") and k != "training" and isinstance(v, _PLAIN_TYPES)}
+
+
+def _identity(obj: Any, tensors: bool = False) -> str:
+    """What identifies a model or a loss in the results key (memory addresses left out).
+
+    A module: ``Class[digest]`` of its class, its repr (layers, activations), every submodule's
+    plain attributes, its tensors' names and shapes, and with ``tensors`` their values (a loss's
+    class weights; a model's come from each checkpoint instead).  A function: its qualified name.
+    Anything else: its repr and plain attributes.
+    """
+    if isinstance(obj, nn.Module):
+        h = hashlib.sha256(f"{type(obj).__module__}.{type(obj).__qualname__}\n{obj!r}".encode())
+        for name, module in obj.named_modules():
+            h.update(_ADDRESS_RE.sub("", f"\n{name}: {_plain_attributes(module)}").encode())
+        for name, t in obj.state_dict().items():
+            h.update(f"\n{name}: {tuple(t.shape)} {t.dtype}".encode())
+            if tensors:
+                h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return f"{type(obj).__name__}[{h.hexdigest()[:12]}]"
+    if hasattr(obj, "__qualname__"):
+        return f"{getattr(obj, '__module__', None)}.{obj.__qualname__}"
+    return _ADDRESS_RE.sub("", f"{obj!r} {_plain_attributes(obj)}")
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device`` checked up front: an unknown name, or a device this torch build or machine does
+    not have, is a usage error before any data are read, not a traceback halfway."""
+    if device is None:
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+        if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise RuntimeError(f"this machine has {torch.cuda.device_count()} CUDA device(s)")
+        torch.empty(1, device=dev)
+    except (RuntimeError, AssertionError, TypeError, ValueError) as exc:  # AssertionError: a CPU-only build
+        raise ValueError(f"device {str(device)!r} is not usable here: {error_summary(exc)}") from None
+    return dev
+
+
+def _check_model_runs(model: nn.Module, loss_fn: Callable, batches: Batches, device: torch.device,
+                      dtype: torch.dtype, bn: str) -> None:
+    """Run the model and the loss on two samples of the first batch (model left as found).
+
+    A model that does not fit the data (input width, number of classes, targets the loss refuses)
+    is then a usage error naming the problem, raised before any checkpoint is read.
+    """
+    x, y = next(iter(batches))
+    inputs, targets = to_device((x[:2], y[:2]), device, dtype)
+    with measurement_mode(model, bn), torch.no_grad():
+        params = {k: v.detach().to(device, dtype if v.is_floating_point() else None)
+                  for k, v in list(model.named_parameters()) + list(model.named_buffers())}
+        try:
+            _loss_on(loss_fn, device, dtype)(functional_call(model, params, (inputs,)), targets)
+        except Exception as exc:
+            raise ValueError(
+                f"the model does not run on the data ({type(exc).__name__}: {error_summary(exc)}); samples have "
+                f"shape {tuple(x.shape[1:])}, targets {tuple(y.shape[1:])} of {str(y.dtype).replace('torch.', '')}"
+            ) from exc
 
 
 def audit(
@@ -143,8 +264,10 @@ def audit(
     """Measure the sharpness of many checkpoints of one architecture; one row per checkpoint.
 
     Args:
-        checkpoints: files, directories (their ``.pt/.pth/.bin/.ckpt/.safetensors`` files) or glob
-            patterns.
+        checkpoints: files, directories (their ``.pt/.pth/.bin/.ckpt/.safetensors`` files, not
+            recursively) or glob patterns (matched directories expanded, ``**`` any depth); see
+            :func:`~sharpkit.audit.checkpoints.find_checkpoints`.  One that yields no checkpoint
+            file gets an error row.
         model: the architecture: an ``nn.Module`` (left exactly as found), a zero-argument factory,
             or a spec (``f1``, ``c1``, ``module:factory``).
         data: training data: ``(inputs, targets)``, an iterable of batches, ``"mnist1d"``,
@@ -152,7 +275,9 @@ def audit(
         metrics: names from ``METRICS`` (``keskar``, ``keskar-subspace``, ``adaptive``,
             ``top-eig``, ``trace``), a list or a comma-separated string.
         out: JSONL results file; rows already there (same checkpoint content, same
-            configuration) are reused, not recomputed.  ``None``: nothing is written.
+            configuration, data, model and loss) are reused, not recomputed.  A file that is not
+            an audit results file is refused (``ValueError``), never truncated.  ``None``:
+            nothing is written.
         loss_fn: mean-reduced ``loss_fn(outputs, targets)`` or ``"cross_entropy"`` / ``"mse"``.
         epsilon, subspace_dim, rho, adaptive_scale, adaptive_norm, solver, max_iter, restarts, first_step, k,
             lanczos_steps, trace_samples, seed: metric options, see
@@ -168,11 +293,18 @@ def audit(
         memory_fraction: share of free memory the automatic group size may use (default 0.25).
 
     Returns:
-        One dict per checkpoint in the order found: ``key``, ``checkpoint``, ``name``, ``sha256``,
-        ``step``, ``epoch``, ``status`` (``"ok"`` or ``"error"``), ``error``, ``loss``, one entry
-        per metric, ``details``, ``config``.  Bad checkpoints (missing, unreadable, corrupt, not
-        fitting the model, NaN/inf weights) get ``status="error"`` and a message; the others are
-        still measured.
+        One dict per checkpoint path in the order found: ``key``, ``checkpoint``, ``name`` (the
+        shortest path suffix telling the files apart), ``sha256``, ``step``, ``epoch``, ``status``
+        (``"ok"`` or ``"error"``), ``error``, ``loss``, one entry per metric, ``details``,
+        ``config``; non-finite numbers are ``None``, as in the store.  Identical files under
+        several paths are measured once and each path gets its own row.  Bad checkpoints
+        (missing, unreadable, corrupt, not fitting the model, NaN/inf weights) get
+        ``status="error"`` and a message; the others are still measured.
+
+    Raises:
+        ValueError: unusable arguments, found before anything is measured: unknown options,
+            an unknown or absent ``device``, data that cannot be read, a model that does not run
+            on the data, an ``out`` that cannot be written or is not a results file.
     """
     config = MetricConfig(
         metrics=metrics, epsilon=epsilon, subspace_dim=subspace_dim, rho=rho, adaptive_scale=adaptive_scale,
@@ -189,25 +321,29 @@ def audit(
     if isinstance(loss_fn, str):
         if loss_fn not in LOSSES:
             raise ValueError(f"unknown loss {loss_fn!r}: use one of {sorted(LOSSES)} or pass a callable")
-        loss_name, loss_fn = loss_fn, LOSSES[loss_fn]()
-    else:
-        loss_name = getattr(loss_fn, "__name__", type(loss_fn).__name__)
+        loss_fn = LOSSES[loss_fn]()
     if isinstance(dtype, str):
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
             raise ValueError(f"unknown dtype {dtype!r} (use float32 or float64)")
         dtype = getattr(torch, dtype)
+    device = _resolve_device(device)
+    # Under torch.distributed only rank 0 reads and writes the store; the other ranks follow its plan.
+    # Opened before the data are read, so that an unusable results file is reported at once (on
+    # every rank: the others must not wait for rank 0 in the next collective).
+    with _dist.agree("opening the results file"):
+        store = ResultStore(out) if out is not None and _dist.is_main_process() else None
 
     batches, data_desc, num_classes = resolve_data(data, batch_size)
     net, model_desc = resolve_model(model, batches, num_classes, seed)
-    device = torch.device(device) if device is not None else torch.device("cpu")
     if dtype is None:
         dtype = next(iter(net.parameters())).dtype
+    _check_model_runs(net, loss_fn, batches, device, dtype, bn)
+    # Everything that changes a row's values identifies it: the data's content, the architecture
+    # (repr included), the loss with its options.
     key_config = {
-        **config.key(), "data": data_desc, "model": model_desc, "loss": loss_name, "bn": bn,
+        **config.key(), "data": data_desc, "model": model_desc, "loss": _identity(loss_fn, tensors=True), "bn": bn,
         "dtype": str(dtype).replace("torch.", ""), "batch_size": batch_size,
     }
-    # Under torch.distributed only rank 0 reads and writes the store; the other ranks follow its plan.
-    store = ResultStore(out) if out is not None and _dist.is_main_process() else None
     runner = _Runner(net, loss_fn, batches, config, key_config, device, dtype, bn, store)
     return runner.run(paths, group_size, progress, memory_fraction)
 
@@ -237,34 +373,52 @@ class _Runner:
         # Samples per checkpoint in one pass when the data may be regrouped (GroupPlan.pass_rows).
         self.pass_rows: int | None = None
 
-    def _base_row(self, ck, key: str) -> dict[str, Any]:
+    @staticmethod
+    def _position(ck: Checkpoint) -> dict[str, Any]:
+        """The fields of a row that belong to the path, not to the content measured."""
+        return {"checkpoint": str(ck.path), "name": ck.name, "step": ck.step, "epoch": ck.epoch}
+
+    def _base_row(self, ck: Checkpoint, key: str) -> dict[str, Any]:
         return {
-            "key": key, "checkpoint": str(ck.path), "name": ck.name, "sha256": ck.sha256,
-            "step": ck.step, "epoch": ck.epoch, "config": self.key_config, "sharpkit": __version__,
+            "key": key, **self._position(ck), "sha256": ck.sha256, "config": self.key_config,
+            "sharpkit": __version__,
         }
 
     def _write(self, row: dict[str, Any]) -> dict[str, Any]:
         row["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         if self.store is not None:
             self.store.append(row)
-        return row
+        return json_safe(row)  # as the store holds it, so that a resumed audit returns the same
 
-    def _error_row(self, ck, key: str, message: str) -> dict[str, Any]:
+    def _error_row(self, ck: Checkpoint, key: str, message: str) -> dict[str, Any]:
         return self._write({**self._base_row(ck, key), "status": "error", "error": message})
 
+    def _row_for(self, ck: Checkpoint, row: dict[str, Any]) -> dict[str, Any]:
+        """``row``, measured or stored for ``ck``'s content and configuration, as ``ck``'s own row:
+        its path, name, step and epoch (an error message naming the measured file names ``ck``)."""
+        own = {**row, **self._position(ck)}
+        if row.get("error") and row.get("checkpoint") != own["checkpoint"]:
+            own["error"] = row["error"].replace(str(row.get("checkpoint")), own["checkpoint"])
+        return own
+
     def run(self, paths: list[Path], group_size: int | None, progress: bool, memory_fraction: float):
-        cks = [describe_checkpoint(p) for p in paths]
+        cks = [describe_checkpoint(p, name) for p, name in zip(paths, display_names(paths))]
+        # Rows are keyed by content and configuration: a file listed twice under different paths
+        # (or two identical files, like the shared epoch_0.pt of two runs) is measured and stored
+        # once, and every path still gets its own row.
         keys = [row_key(ck.sha256 or "path:" + os.path.abspath(ck.path), self.key_config) for ck in cks]
         rows: dict[str, dict[str, Any]] = {}
-        pending = []
+        pending: list[tuple[Checkpoint, str]] = []
+        planned: set[str] = set()
         for ck, key in zip(cks, keys):
+            if key in rows or key in planned:
+                continue
             done = self.store.get(key) if self.store is not None else None
             if done is not None:
                 rows[key] = done
-            elif key in rows or any(key == k for _, k in pending):
-                continue  # the same file content listed twice: measured once
             else:
                 pending.append((ck, key))
+                planned.add(key)
         if _dist.is_distributed():
             # Only rank 0 read the store: every rank measures what it found pending.
             rows, todo = _dist.broadcast_object((rows, [k for _, k in pending]))
@@ -310,7 +464,7 @@ class _Runner:
             finally:
                 if bar is not None:
                     bar.close()
-        return [rows[k] for k in dict.fromkeys(keys)]
+        return [self._row_for(ck, rows[key]) for ck, key in zip(cks, keys)]
 
     def _measure(self, group) -> list[dict[str, Any]]:
         """Measure one group (stacked under vmap, or alone on Objective when it has one member)."""

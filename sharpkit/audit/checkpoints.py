@@ -1,4 +1,5 @@
-"""Checkpoint files: discovery, formats, content hash, step/epoch parsing, fit against a model.
+"""Checkpoint files: discovery, formats, content hash, step/epoch parsing, display names, fit
+against a model.
 
 Formats (chosen by suffix, then by content):
 
@@ -18,7 +19,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -31,6 +32,8 @@ __all__ = [
     "load_state_dict",
     "fit_state_dict",
     "parse_step",
+    "display_names",
+    "error_summary",
 ]
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
@@ -43,25 +46,49 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be measured (missing, unreadable, corrupt, not fitting, non-finite)."""
 
 
-def find_checkpoints(specs: Iterable[str | os.PathLike]) -> list[Path]:
-    """Expand files, directories (their checkpoint files, not recursive) and glob patterns.
+def _is_checkpoint_file(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in CHECKPOINT_SUFFIXES
 
-    A spec that names nothing existing and matches no file is kept as given, so that the audit
-    reports it as missing instead of silently dropping it.  Order: as given, directories and
-    globs sorted by name; duplicates (same resolved path) removed.
+
+def _checkpoints_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if _is_checkpoint_file(p))
+
+
+def find_checkpoints(specs: Iterable[str | os.PathLike]) -> list[Path]:
+    """Expand files, directories and glob patterns into checkpoint files.
+
+    - A file is taken as given, whatever its suffix.
+    - A directory gives its checkpoint files (suffixes ``CHECKPOINT_SUFFIXES``, in any case);
+      its subdirectories are not searched.
+    - A glob pattern (``*``, ``?``, ``[...]``; ``**`` matches any number of directories) gives the
+      checkpoint files it matches, and those of the directories it matches; other files
+      (``log.txt``) are left out, as in a directory.
+
+    A spec that yields no checkpoint file (a missing file, a directory without checkpoint files,
+    a pattern matching none) is kept as given, so that the audit reports it in an error row
+    (:func:`describe_checkpoint` says why) instead of silently measuring less than was asked.
+    Order: as given, each directory's and pattern's files sorted by path; duplicates (same
+    absolute path) removed.
     """
     found: list[Path] = []
     for spec in specs:
         spec = os.fspath(spec)
         path = Path(spec)
         if path.is_dir():
-            found += sorted(p for p in path.iterdir() if p.is_file() and p.suffix in CHECKPOINT_SUFFIXES)
+            matched = _checkpoints_in(path)
         elif path.exists():
-            found.append(path)
+            matched = [path]
         elif glob.has_magic(spec):
-            found += sorted(Path(p) for p in glob.glob(spec) if Path(p).is_file())
+            matched = []
+            for hit in map(Path, glob.glob(spec, recursive=True)):
+                if hit.is_dir():
+                    matched += _checkpoints_in(hit)
+                elif _is_checkpoint_file(hit):
+                    matched.append(hit)
+            matched = sorted(set(matched))
         else:
-            found.append(path)
+            matched = []
+        found += matched or [path]
     seen, unique = set(), []
     for p in found:
         key = os.path.abspath(p)
@@ -99,17 +126,17 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: file not found")
     if not os.access(path, os.R_OK):
         raise CheckpointError(f"{path}: file is not readable (permission denied)")
+    is_safetensors = path.suffix.lower() == ".safetensors"
     try:
-        if path.suffix == ".safetensors":
+        if is_safetensors:
             from safetensors.torch import load_file
 
             raw = load_file(str(path), device="cpu")
         else:
             raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt, truncated, or a pickle weights_only refuses
-        kind = "safetensors" if path.suffix == ".safetensors" else "torch.save (weights_only=True)"
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: cannot load as {kind}: {reason[:300]}") from None
+        kind = "safetensors" if is_safetensors else "torch.save (weights_only=True)"
+        raise CheckpointError(f"{path}: cannot load as {kind}: {error_summary(exc)}") from None
     if isinstance(raw, Mapping):
         for wrapper in ("state_dict", "model_state_dict", "model"):
             inner = raw.get(wrapper)
@@ -124,28 +151,56 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return tensors
 
 
+# Terminal escapes (torch bolds part of its weights_only message) would leak into reports.
+_ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+# The reason in torch's weights_only refusal follows this marker; the text before it is advice.
+_UNPICKLER_MARKER = "WeightsUnpickler error:"
+
+
+def error_summary(exc: BaseException, limit: int = 300) -> str:
+    """The informative part of an exception's message (a loader's, torch's), as one line.
+
+    Terminal escapes are removed; of torch's weights_only refusal only the reason is kept (the
+    rest is advice); otherwise the first sentence (torch follows it with generic hints).
+    """
+    text = _ANSI_RE.sub("", str(exc)).strip()
+    if _UNPICKLER_MARKER in text:
+        text = text.split(_UNPICKLER_MARKER, 1)[1].strip()
+    # A sentence ends at a line break or at ". " after a word (not after an initial like "e.g.").
+    first = re.split(r"\n|(?<=[^.\s]{2})\.\s", text, maxsplit=1)[0].strip().rstrip(".")
+    return (first or type(exc).__name__)[:limit]
+
+
 def _listing(names: list[str]) -> str:
     shown = ", ".join(names[:_MAX_LISTED])
     return shown + (f" and {len(names) - _MAX_LISTED} more" if len(names) > _MAX_LISTED else "")
 
 
-def _strip_prefix(state: dict[str, torch.Tensor], wanted: set[str]) -> dict[str, torch.Tensor]:
-    """Remove the key prefix (``model.``, ``module.``, ``net.``...) that makes most names match."""
+def _strip_prefix(state: dict[str, torch.Tensor], wanted: set[str], source: str) -> dict[str, torch.Tensor]:
+    """Remove the key prefix (``model.``, ``module.``, ``net.``...) that makes most names match.
+
+    Raises :class:`CheckpointError` when several prefixes match equally well (a Lightning
+    checkpoint holding ``model.`` and ``ema.`` copies): measuring either silently could measure
+    the wrong weights.
+    """
     if set(state) & wanted == wanted:
         return state
     candidates = {""}
     for key in state:
         parts = key.split(".")
         candidates.update(".".join(parts[:i]) + "." for i in range(1, len(parts)))
-
-    def score(prefix: str) -> int:
-        return sum(1 for k in state if k.startswith(prefix) and k[len(prefix):] in wanted)
-
-    best = max(sorted(candidates), key=lambda p: (score(p), -len(p)))
-    if not best or score(best) <= score(""):
+    scores = {p: sum(1 for k in state if k.startswith(p) and k[len(p):] in wanted) for p in candidates}
+    top = max(scores.values())
+    if top <= scores[""]:
         return state
+    best = sorted(p for p, s in scores.items() if s == top)
+    if len(best) > 1:
+        raise CheckpointError(
+            f"{source}: the model's weights appear under several prefixes ({', '.join(map(repr, best))}), "
+            "equally well matched; save the copy to measure on its own"
+        )
     # Keys outside the prefix (a Lightning module's loss weights, say) are not the model's.
-    return {k[len(best):]: v for k, v in state.items() if k.startswith(best)}
+    return {k[len(best[0]):]: v for k, v in state.items() if k.startswith(best[0])}
 
 
 def fit_state_dict(
@@ -158,7 +213,7 @@ def fit_state_dict(
     tensor holding NaN/inf.
     """
     reference = model.state_dict()
-    state = _strip_prefix(state, set(reference))
+    state = _strip_prefix(state, set(reference), source)
     missing = [k for k in reference if k not in state]
     unexpected = [k for k in state if k not in reference]
     misshaped = [
@@ -182,60 +237,119 @@ def fit_state_dict(
             if not bool(torch.isfinite(t).all()):
                 bad = "NaN" if bool(torch.isnan(t).any()) else "inf"
                 raise CheckpointError(f"{source}: tensor {k!r} contains {bad}; sharpness of a non-finite model is undefined")
-        fitted[k] = t.to(ref.dtype) if ref.is_floating_point() else t.to(ref.dtype)
+        fitted[k] = t.to(ref.dtype)
     return fitted
 
 
 # step/epoch in names such as "epoch=3-step=1200.ckpt", "ckpt_step_500.pt", "model-e07.pt", "iter1000".
-_STEP_RE = re.compile(r"(?:^|[^a-z])(?:global_step|step|iter|iteration|it)[=_\-]?(\d+)", re.IGNORECASE)
-_EPOCH_RE = re.compile(r"(?:^|[^a-z])(?:epoch|ep|e)[=_\-]?(\d+)", re.IGNORECASE)
+_STEP_RE = re.compile(r"(?<![a-z])(?:global_step|step|iteration|iter|it)[=_\-]?(\d+)", re.IGNORECASE)
+_EPOCH_RE = re.compile(r"(?<![a-z])(?:epoch|ep)[=_\-]?(\d+)", re.IGNORECASE)
+# A bare "e" ("model-e07") only after a separator: "lr1e" and "2.5e" begin exponents.
+_BARE_EPOCH_RE = re.compile(r"(?<![a-z0-9.])e[=_\-]?(\d+)", re.IGNORECASE)
+# Hugging Face's "checkpoint-500/" directories.
+_CHECKPOINT_DIR_RE = re.compile(r"(?<![a-z])(?:checkpoint|ckpt)[=_\-]?(\d+)", re.IGNORECASE)
+# Scientific notation (lr1e-3, wd5e-4, 2.5E+2) is a hyper-parameter, never a step or an epoch.
+_SCIENTIFIC_RE = re.compile(r"\d(?:\.\d+)?e[-+]?\d+", re.IGNORECASE)
 _NUMBER_RE = re.compile(r"(\d+)")
 
 
-def parse_step(name: str) -> tuple[int | None, int | None]:
-    """``(step, epoch)`` parsed from a checkpoint's file name; ``None`` where absent.
+def _search(pattern: re.Pattern, text: str) -> int | None:
+    m = pattern.search(text)
+    return int(m.group(1)) if m else None
 
-    ``step``/``iter``/``global_step`` and ``epoch``/``ep``/``e`` followed by a number are
-    recognised (``=``, ``_``, ``-`` or nothing between).  A name with neither but exactly one
-    number (``ckpt_0040.pt``) takes that number as its step.
+
+def _keywords(text: str, directory: bool = False) -> tuple[int | None, int | None]:
+    """``(step, epoch)`` named by keywords in one path component."""
+    text = _SCIENTIFIC_RE.sub("_", text)
+    step = _search(_STEP_RE, text)
+    if step is None and directory:
+        step = _search(_CHECKPOINT_DIR_RE, text)
+    epoch = _search(_EPOCH_RE, text)
+    if epoch is None:
+        epoch = _search(_BARE_EPOCH_RE, text)
+    return step, epoch
+
+
+def parse_step(path: str | os.PathLike) -> tuple[int | None, int | None]:
+    """``(step, epoch)`` of a checkpoint from its path; ``None`` where absent.
+
+    In order, the first that gives anything:
+
+    1. the file name's keywords: ``step``/``iter``/``it``/``global_step`` and ``epoch``/``ep``/``e``
+       followed by a number (``=``, ``_``, ``-`` or nothing between; scientific notation such as
+       ``lr1e-3`` is skipped, and a bare ``e`` counts only after a separator);
+    2. the same keywords, or ``checkpoint``/``ckpt``, in the parent directory's name
+       (``checkpoint-500/pytorch_model.bin``);
+    3. the file name's only number, as the step (``ckpt_0040.pt``);
+    4. a parent directory named by a number alone, as the step (``000500/model.pt``).
+
+    Keywords in the file name win over its directory: in ``runs/2/epoch_1.pt`` the 2 is not read.
     """
-    stem = Path(name).name
-    for suffix in CHECKPOINT_SUFFIXES:
-        if stem.endswith(suffix):
-            stem = stem[: -len(suffix)]
-            break
-    step_m, epoch_m = _STEP_RE.search(stem), _EPOCH_RE.search(stem)
-    step = int(step_m.group(1)) if step_m else None
-    epoch = int(epoch_m.group(1)) if epoch_m else None
+    path = Path(path)
+    stem = path.name
+    if path.suffix.lower() in CHECKPOINT_SUFFIXES:
+        stem = stem[: -len(path.suffix)]
+    parent = path.parent.name
+    step, epoch = _keywords(stem)
+    if step is None and epoch is None and parent:
+        step, epoch = _keywords(parent, directory=True)
     if step is None and epoch is None:
-        numbers = _NUMBER_RE.findall(stem)
+        numbers = _NUMBER_RE.findall(_SCIENTIFIC_RE.sub("_", stem))
         if len(numbers) == 1:
             step = int(numbers[0])
+        elif parent.isdigit():
+            step = int(parent)
     return step, epoch
+
+
+def display_names(paths: Sequence[str | os.PathLike]) -> list[str]:
+    """The shortest path suffixes that tell ``paths`` apart, all with the same number of parts.
+
+    One file, or files of one directory: their names.  ``runs/sb/epoch_1.pt`` beside
+    ``runs/lb/epoch_1.pt``: ``sb/epoch_1.pt`` and ``lb/epoch_1.pt`` (and ``sb/epoch_2.pt``, so
+    that every row says which run it belongs to).
+    """
+    parts = [Path(os.path.abspath(p)).parts for p in paths]
+    depth = 1
+    while len({q[-depth:] for q in parts}) < len(parts) and any(len(q) > depth for q in parts):
+        depth += 1
+    return [os.path.join(*q[-depth:]) for q in parts]
 
 
 @dataclass
 class Checkpoint:
-    """One checkpoint as the audit sees it: where it is, its identity, its parsed position."""
+    """One checkpoint as the audit sees it: where it is, how reports name it, its identity, its
+    parsed position, and why it cannot be measured (``error``)."""
 
     path: Path
+    name: str = ""
     sha256: str | None = None
     step: int | None = None
     epoch: int | None = None
     error: str | None = None
 
-    @property
-    def name(self) -> str:
-        return self.path.name
+    def __post_init__(self):
+        self.name = self.name or self.path.name
 
 
-def describe_checkpoint(path: Path) -> Checkpoint:
-    """Hash the file and parse its step/epoch; a missing/unreadable file gets ``error`` set."""
-    step, epoch = parse_step(path.name)
-    ck = Checkpoint(path=path, step=step, epoch=epoch)
+def describe_checkpoint(path: Path, name: str | None = None) -> Checkpoint:
+    """Hash the file and parse its step/epoch; a missing/unreadable file gets ``error`` set.
+
+    ``name``: how reports call it (default: the file name; see :func:`display_names`).  A path
+    that is a directory or a glob pattern is what :func:`find_checkpoints` kept when it yielded no
+    checkpoint file; the error says so.
+    """
+    step, epoch = parse_step(os.path.abspath(path))
+    ck = Checkpoint(path=path, name=name or "", step=step, epoch=epoch)
+    suffixes = ", ".join(CHECKPOINT_SUFFIXES)
     try:
         if path.is_dir():
-            raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
+            raise CheckpointError(
+                f"{path}: directory holds no checkpoint files ({suffixes}); its subdirectories are not "
+                f"searched: name them, or use a pattern such as '{path / '*'}'"
+            )
+        if not path.exists() and glob.has_magic(str(path)):
+            raise CheckpointError(f"{path}: pattern matches no checkpoint file ({suffixes})")
         ck.sha256 = file_sha256(path)
     except CheckpointError as exc:
         ck.error = str(exc)

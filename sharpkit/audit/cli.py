@@ -15,11 +15,19 @@ exit codes:
   0  every checkpoint was measured (or already had an ok row in --out)
   1  at least one checkpoint has status "error" (missing, unreadable or corrupt file, state dict
      not fitting the model, NaN/inf weights, non-finite loss); the others were still measured
-  2  bad arguments (unknown metric, unusable --model or --data, no checkpoints given ...)
+  2  bad arguments (unknown metric or device, unusable --model or --data, a model that does not
+     run on the data, --out or --report not writable, --out not an audit results file ...),
+     reported before anything is measured
   130 interrupted (rows already written stay valid; re-run the command to resume)
 
-Results are appended to --out (JSONL), one line per checkpoint, keyed by the file's SHA-256 and
-the metric configuration: re-running the same command skips finished checkpoints.
+A file, directory or pattern that yields no checkpoint file (missing, empty, matching nothing) gets
+an error row, like an unreadable checkpoint.
+
+Results are appended to --out (JSONL), one line per checkpoint content, keyed by the file's SHA-256
+and everything that changes the values (metric options, the data's content, the model's
+architecture, the loss): re-running the same command skips finished checkpoints.  Identical files
+under several paths are measured once; each path gets its own row in the output.  Non-finite
+numbers are written as null.
 
 examples:
   sharpkit audit runs/sb/ runs/lb/ --model f1 --data mnist1d --metrics keskar,top-eig --out audit.jsonl
@@ -43,7 +51,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("checkpoints", nargs="+", metavar="CKPT_OR_DIR_OR_GLOB",
                    help="checkpoint files (.pt/.pth/.bin torch.save state dicts, .safetensors, Lightning .ckpt), "
-                   "directories holding them, or glob patterns")
+                   "directories holding them (not searched recursively), or glob patterns (quoted; ** matches any "
+                   "depth; matched directories are expanded; files without a checkpoint suffix are skipped)")
     p.add_argument("--model", required=True, help="f1, c1, or MODULE:FACTORY returning the nn.Module")
     p.add_argument("--data", default="mnist1d",
                    help="mnist1d (default), digits, a .pt/.npz file of tensors, or MODULE:FUNCTION returning a "
@@ -85,9 +94,12 @@ def main(args: argparse.Namespace) -> int:
     from . import audit
     from .metrics import MetricConfig
     from .report import format_table, write_html
+    from .store import check_output_file
 
     try:
         metrics = MetricConfig(metrics=args.metrics).metrics
+        if args.report:  # checked now: a report that cannot be written must not wait for the measuring
+            check_output_file(args.report, "--report")
         rows = audit(
             args.checkpoints, model=args.model, data=args.data, metrics=metrics, out=args.out,
             loss_fn=args.loss, epsilon=args.epsilon, subspace_dim=args.subspace_dim, rho=args.rho,

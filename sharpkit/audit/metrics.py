@@ -98,7 +98,7 @@ class MetricConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.k > self.lanczos_steps:
+        if "top-eig" in self.metrics and self.k > self.lanczos_steps:  # k and lanczos_steps serve top-eig only
             raise ValueError(f"k={self.k} eigenvalues need lanczos_steps >= k, got {self.lanczos_steps}")
 
     def key(self) -> dict[str, Any]:

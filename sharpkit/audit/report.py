@@ -1,5 +1,5 @@
-"""The audit report: a sorted table, and each metric plotted against the checkpoints' step, in a
-self-contained HTML file (figures embedded as base64 PNG)."""
+"""The audit report: a table in training order, and each metric plotted against the checkpoints'
+step or epoch, in a self-contained HTML file (figures embedded as base64 PNG)."""
 from __future__ import annotations
 
 import base64
@@ -12,17 +12,34 @@ from typing import Any, Sequence
 
 from ..files import atomic_write_text
 
-__all__ = ["sort_rows", "format_table", "render_html", "write_html"]
+__all__ = ["progress_axis", "sort_rows", "format_table", "render_html", "write_html"]
 
 
-def _position(row: dict[str, Any]) -> tuple:
-    step, epoch = row.get("step"), row.get("epoch")
-    return (step is None and epoch is None, epoch if epoch is not None else -1, step if step is not None else -1, row.get("name", ""))
+def progress_axis(rows: Sequence[dict[str, Any]]) -> str | None:
+    """What orders the rows and is plotted on x: ``"step"`` when every row with a number has a
+    step, else whichever of ``"epoch"`` and ``"step"`` more rows have (``"epoch"`` on a tie);
+    ``None`` when no row has either.  Mixing them would misplace rows: epoch 2 is not step 2."""
+    with_step = sum(r.get("step") is not None for r in rows)
+    with_epoch = sum(r.get("epoch") is not None for r in rows)
+    numbered = sum(r.get("step") is not None or r.get("epoch") is not None for r in rows)
+    if numbered == 0:
+        return None
+    if with_step == numbered:
+        return "step"
+    return "epoch" if with_epoch >= with_step else "step"
 
 
 def sort_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows ordered by epoch, then step (as parsed from the names), then name; unnumbered last."""
-    return sorted(rows, key=_position)
+    """Rows in training order: by :func:`progress_axis` (the other number breaks ties), then by
+    name; rows without that number last, by name.  Without any numbers: by name."""
+    axis = progress_axis(rows)
+    other = "epoch" if axis == "step" else "step"
+
+    def key(row: dict[str, Any]) -> tuple:
+        v, w = (row.get(axis), row.get(other)) if axis else (None, None)
+        return (v is None, v or 0, w is None, w or 0, row.get("name") or "")
+
+    return sorted(rows, key=key)
 
 
 def _fmt(value: Any) -> str:
@@ -54,29 +71,39 @@ def format_table(rows: Sequence[dict[str, Any]], metrics: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def _x_axis(rows: list[dict[str, Any]]) -> tuple[str, list[float]]:
-    if rows and all(r.get("step") is not None for r in rows):
-        return "step", [r["step"] for r in rows]
-    if rows and all(r.get("epoch") is not None for r in rows):
-        return "epoch", [r["epoch"] for r in rows]
-    return "checkpoint (sorted by name)", list(range(len(rows)))
+def _series(rows: list[dict[str, Any]]) -> list[tuple[str | None, list[dict[str, Any]]]]:
+    """``rows`` split into runs by the folder part of their names (``sb/``, ``lb/``) when several
+    runs have more than one checkpoint, so that each run is its own line instead of one line
+    zigzagging between runs; else one series."""
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        runs.setdefault(os.path.dirname(r.get("name") or ""), []).append(r)
+    if len(runs) > 1 and any(len(members) > 1 for members in runs.values()):
+        return list(runs.items())
+    return [(None, rows)]
 
 
-def _plot(rows: list[dict[str, Any]], metric: str) -> str:
-    """One metric against step as a base64 PNG."""
+def _plot(rows: list[dict[str, Any]], metric: str, axis: str | None) -> str:
+    """One metric against ``axis`` (``"step"``/``"epoch"``; every row has it), or against the
+    rows' order when ``axis`` is None, as a base64 PNG."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    label, xs = _x_axis(rows)
-    ys = [r.get(metric) for r in rows]
+    label = axis or "checkpoint (sorted by name)"
     fig, ax = plt.subplots(figsize=(5.5, 3.2), dpi=100)
+    order = {id(r): i for i, r in enumerate(rows)}
     try:
-        ax.plot(xs, ys, marker="o", lw=1.5)
+        series = _series(rows)
+        for run, members in series:
+            xs = [r[axis] if axis else order[id(r)] for r in members]
+            ax.plot(xs, [r.get(metric) for r in members], marker="o", lw=1.5, label=run)
+        if len(series) > 1:
+            ax.legend(fontsize="small")
         ax.set_xlabel(label)
         ax.set_ylabel(metric)
-        ax.set_title(f"{metric} vs {label.split(' ')[0]}")
+        ax.set_title(f"{metric} vs {axis or 'checkpoint'}")
         ax.grid(alpha=0.3)
         fig.tight_layout()
         buf = io.BytesIO()
@@ -96,11 +123,17 @@ def render_html(rows: Sequence[dict[str, Any]], metrics: Sequence[str], title: s
         cls = ' class="err"' if r.get("status") == "error" else ""
         cells = "".join(f"<td>{html.escape(_fmt(r.get(c)))}</td>" for c in cols)
         body.append(f"<tr{cls}>{cells}<td>{html.escape(r.get('error') or '')}</td></tr>")
+    # Measured rows are plotted against the table's axis; those without it are listed instead.
+    axis = progress_axis(ordered)
     ok = [r for r in ordered if r.get("status") == "ok"]
+    plotted = [r for r in ok if axis is None or r.get(axis) is not None]
     figures = []
     for m in ("loss", *metrics):
-        if ok:
-            figures.append(f'<figure><img alt="{html.escape(m)}" src="data:image/png;base64,{_plot(ok, m)}"></figure>')
+        if plotted:
+            figures.append(f'<figure><img alt="{html.escape(m)}" src="data:image/png;base64,{_plot(plotted, m, axis)}"></figure>')
+    left_out = [html.escape(r.get("name") or "") for r in ok if axis is not None and r.get(axis) is None]
+    if left_out:
+        figures.append(f"<p>Not plotted (no {axis} in their paths): {', '.join(left_out)}.</p>")
     config = ordered[0].get("config", {}) if ordered else {}
     n_err = sum(r.get("status") == "error" for r in ordered)
     return f"""<!DOCTYPE html>

@@ -2,19 +2,23 @@
 
 Each row is written with a single ``os.write`` of the whole line on a descriptor opened with
 ``O_APPEND``, then ``fsync``: a crash leaves either the complete line or a torn tail with no
-newline.  Opening the store repairs such a tail (truncating the file to its last complete line),
-so a killed run never leaves a torn line behind, and rows are keyed so that a re-run skips what
-is done and never appends a duplicate.
+newline.  Opening the store drops such a tail (at most one line, which must look like the start of
+a row), so a killed run never leaves a torn line behind; any other line that is not a row makes
+the store refuse the file instead of "repairing" it, so that a mistyped ``--out`` (an HTML report,
+a CSV) is never truncated.  Rows are keyed so that a re-run skips what is done and never appends a
+duplicate.  Non-finite numbers (NaN, inf) are written as ``null``: strict JSON, which jq and other
+readers accept.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-__all__ = ["ResultStore", "row_key"]
+__all__ = ["ResultStore", "row_key", "json_safe", "check_output_file"]
 
 
 def row_key(identity: str, config: dict[str, Any]) -> str:
@@ -23,58 +27,100 @@ def row_key(identity: str, config: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, inf), however nested, replaced by ``None``."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def check_output_file(path: str | os.PathLike, what: str) -> Path:
+    """``path`` as a file the audit can write, checked before any measuring starts.
+
+    Raises ``ValueError`` (naming ``what``, e.g. ``"--report"``) when ``path`` is a directory, lies
+    under a file, or its nearest existing folder is not writable: found after hours of measuring,
+    such a mistake would lose the report.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{what} {path}: is a directory, not a file")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:  # the folder its parents would be made in
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"{what} {path}: {folder} is not a directory")
+    if not os.access(path if path.exists() else folder, os.W_OK):
+        raise ValueError(f"{what} {path}: not writable (permission denied)")
+    return path
+
+
 class ResultStore:
     """An append-only JSONL file of result rows keyed by ``row["key"]``.
 
     Args:
         path: the ``.jsonl`` file (created with its parent folder when absent).
+
+    Raises:
+        ValueError: ``path`` cannot be written (:func:`check_output_file`), or holds a complete
+            line that is not a result row (the file is left untouched).
     """
 
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
+        self.path = check_output_file(path, "results file")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.repaired_bytes = self._repair()
         self._rows: dict[str, dict[str, Any]] = {}
-        for row in self._read():
-            self._rows.setdefault(row["key"], row)
+        self.repaired_bytes = self._load()
 
-    def _repair(self) -> int:
-        """Drop a torn last line (no trailing newline, or not valid JSON); return bytes removed."""
+    def _load(self) -> int:
+        """Read every row; drop a torn tail; return the bytes dropped.
+
+        Every line is checked before anything is truncated: a file that is not a results file
+        raises and keeps every byte.
+        """
         if not self.path.exists():
             return 0
-        with open(self.path, "rb+") as fh:
-            data = fh.read()
-            keep = len(data)
-            if data and not data.endswith(b"\n"):
-                keep = data.rfind(b"\n") + 1
-            # A complete last line that does not parse is as good as torn: drop it as well.
-            while keep > 0:
-                start = data.rfind(b"\n", 0, keep - 1) + 1
-                try:
-                    json.loads(data[start:keep])
-                    break
-                except ValueError:
-                    keep = start
-            if keep != len(data):
-                fh.truncate(keep)
+        data = self.path.read_bytes()
+        lines = data.split(b"\n")
+        tail = lines.pop()  # b"" when the file ends with a newline
+        for lineno, line in enumerate(lines, 1):
+            if line.strip():
+                row = self._parse(line, lineno)
+                self._rows.setdefault(row["key"], row)
+        if not tail:
+            return 0
+        tail_lineno = len(lines) + 1
+        try:
+            json.loads(tail)
+        except ValueError:
+            # A torn append is the start of one of our rows ('{"...'); anything else is foreign.
+            if not tail.startswith(b'{"'):
+                raise ValueError(f"{self.path}:{tail_lineno}: not a JSON line; not an audit results file") from None
+            with open(self.path, "rb+") as fh:
+                fh.truncate(len(data) - len(tail))
                 fh.flush()
                 os.fsync(fh.fileno())
-        return len(data) - keep
+            return len(tail)
+        # A whole row cut just before its newline: keep it, and end the line so appends stay apart.
+        row = self._parse(tail, tail_lineno)
+        self._rows.setdefault(row["key"], row)
+        with open(self.path, "ab") as fh:
+            fh.write(b"\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        return 0
 
-    def _read(self) -> Iterator[dict[str, Any]]:
-        if not self.path.exists():
-            return
-        with open(self.path, "r", encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except ValueError as exc:
-                    raise ValueError(f"{self.path}:{lineno}: not a JSON line ({exc}); is this an audit results file?") from None
-                if not isinstance(row, dict) or "key" not in row:
-                    raise ValueError(f"{self.path}:{lineno}: row without a 'key'; is this an audit results file?")
-                yield row
+    def _parse(self, line: bytes, lineno: int) -> dict[str, Any]:
+        try:
+            row = json.loads(line)
+        except ValueError as exc:  # also UnicodeDecodeError: a binary file
+            raise ValueError(f"{self.path}:{lineno}: not a JSON line ({exc}); not an audit results file") from None
+        if not isinstance(row, dict) or "key" not in row:
+            raise ValueError(f"{self.path}:{lineno}: row without a 'key'; not an audit results file")
+        return row
 
     def __contains__(self, key: str) -> bool:
         return key in self._rows
@@ -90,11 +136,15 @@ class ResultStore:
         return list(self._rows.values())
 
     def append(self, row: dict[str, Any]) -> bool:
-        """Append ``row`` durably unless its key is already stored; True when written."""
+        """Append ``row`` durably unless its key is already stored; True when written.
+
+        Non-finite floats are stored as ``null`` (see :func:`json_safe`).
+        """
         key = row["key"]
         if key in self._rows:
             return False
-        line = (json.dumps(row, sort_keys=True, allow_nan=True) + "\n").encode("utf-8")
+        row = json_safe(row)
+        line = (json.dumps(row, sort_keys=True, allow_nan=False) + "\n").encode("utf-8")
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             written = os.write(fd, line)
