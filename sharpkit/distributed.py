@@ -417,12 +417,12 @@ def barrier() -> None:
         dist.barrier()
 
 
-
 @contextlib.contextmanager
 def launcher_session(backend: str | None = None, timeout: datetime.timedelta | float | None = None):
     """For entry points (``python -m sharpkit`` under torchrun): when the torchrun variables say
     ``WORLD_SIZE > 1`` and no group exists yet, initialise one, and destroy it on exit.  Yields
     whether a group of several processes is active.  Outside torchrun it does nothing."""
+    global _waiting_group  # the gloo group for waits dies with the process group: forget it
     started = False
     if (
         launched_by_torchrun()

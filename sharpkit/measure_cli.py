@@ -17,14 +17,13 @@ import math
 import os
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from .audit import LOSSES
+from .inputs import LOSSES, check_model_runs, resolve_data, resolve_device, resolve_model
 from .distributed import PeerFailure, agree, is_main_process
 
 EXIT_USAGE = 2
@@ -92,16 +91,9 @@ def _trace_matvecs(text: str) -> int:
 def _device_arg(text: str) -> str:
     """A device this machine has: checked at parsing, not after the data are loaded."""
     try:
-        dev = torch.device(text)
-    except (RuntimeError, ValueError):
-        raise argparse.ArgumentTypeError(f"not a device: {text!r} (use cpu, cuda or cuda:N)") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise argparse.ArgumentTypeError(f"{text}: CUDA is not available on this machine")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif dev.type != "cpu":
-        raise argparse.ArgumentTypeError(f"{text}: sharpkit measures on cpu or cuda devices")
+        resolve_device(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     return text
 
 
@@ -147,8 +139,6 @@ def _common(p: argparse.ArgumentParser, checkpoint: bool = True, bn_default: str
 
 def _load_data(args: argparse.Namespace) -> tuple[Any, int | None]:
     """``(batches, num_classes)`` of ``--data``; an unusable spec or file is a :class:`UsageError`."""
-    from .audit import resolve_data
-
     try:
         batches, _, num_classes = resolve_data(args.data, args.batch_size)
     except Exception as exc:  # corrupt files fail in zip, pickle, numpy or torch; a user's loader in anything
@@ -162,7 +152,6 @@ def _load_model(args: argparse.Namespace, batches: Any, num_classes: int | None,
                 option: str = "--checkpoint") -> nn.Module:
     """The model (with ``checkpoint``, given as ``option``, loaded when given) on the requested
     device/dtype, checked to run on the data with the loss."""
-    from .audit import resolve_model
     from .audit.checkpoints import fit_state_dict, load_state_dict
 
     try:
@@ -184,24 +173,11 @@ def _load_model(args: argparse.Namespace, batches: Any, num_classes: int | None,
 
 
 def _probe(model: nn.Module, loss_fn: nn.Module, batches: Any, args: argparse.Namespace) -> None:
-    """Run the model and the loss once on the first batch (model left as found)."""
-    from .data import to_device
-    from .params import measurement_mode
-
-    batch = next(b for b in batches if b[0].shape[0] > 0)
-    x, y = to_device(batch, _device(args.device), getattr(torch, args.dtype))
-    # Warnings stay quiet here: the measurement itself raises them again.
-    with measurement_mode(model, args.bn), torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:  # only the user's model and the loss: whatever they raise on these inputs is a misfit
-            out = model(x)
-            # MSELoss broadcasts mismatched shapes with only a warning (class labels against logits).
-            if isinstance(loss_fn, nn.MSELoss) and isinstance(out, torch.Tensor) and out.shape != y.shape:
-                raise UsageError(f"--loss mse compares outputs of shape {tuple(out.shape)} with targets of shape "
-                                 f"{tuple(y.shape)}")
-            loss_fn(out, y)
-        except Exception as exc:
-            raise UsageError(f"model and data do not fit: {_one_line(exc)}") from exc
+    """The model and the loss run on the data (:func:`sharpkit.inputs.check_model_runs`)."""
+    try:
+        check_model_runs(model, loss_fn, batches, _device(args.device), getattr(torch, args.dtype), args.bn)
+    except ValueError as exc:
+        raise UsageError(f"model and data do not fit: {_one_line(exc)}") from exc
 
 
 # ---------------------------------------------------------------------------------------------

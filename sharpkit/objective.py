@@ -18,7 +18,7 @@ from . import distributed as _dist
 from .data import Batches, as_batches, regroup_batches, to_device
 from .params import FlatParams, check_finite_parameters, has_shared_modules, tensor_objects_kept
 
-__all__ = ["Objective", "LossFn", "activation_elements"]
+__all__ = ["Objective", "LossFn", "activation_elements", "loss_on_device"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -69,7 +69,7 @@ class Objective:
         self.flat = FlatParams(model)
         self.device = torch.device(device) if device is not None else self.flat.device
         self.dtype = dtype or self.flat.dtype
-        self.loss_fn = _loss_on(loss_fn, self.device, self.dtype)
+        self.loss_fn = loss_on_device(loss_fn, self.device, self.dtype)
         batches = as_batches(data)
         self.distributed: bool = _dist.resolve(distributed) or batches.is_sharded
         self.batches: Batches = (
@@ -148,7 +148,7 @@ class Objective:
         return total / self.num_samples, grad
 
 
-def _loss_on(loss_fn: LossFn, device: torch.device, dtype: torch.dtype) -> LossFn:
+def loss_on_device(loss_fn: LossFn, device: torch.device, dtype: torch.dtype) -> LossFn:
     """``loss_fn``, or a copy of a loss module whose floating tensors (class weights) are moved to
     ``device``/``dtype``: evaluating in another precision must not meet float32 class weights."""
     if not isinstance(loss_fn, nn.Module):

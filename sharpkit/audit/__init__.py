@@ -14,29 +14,23 @@ where it stopped and a changed setting is never served old rows.
 """
 from __future__ import annotations
 
-import hashlib
 import os
-import re
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
-from torch import nn
-from torch.func import functional_call
 
 from .. import __version__
 from .. import distributed as _dist
-from ..data import Batches, as_batches, to_device
-from ..objective import REGROUP_MAX_ROWS, _loss_on
+from ..inputs import LOSSES, check_model_runs, identity, resolve_data, resolve_device, resolve_model
+from ..objective import REGROUP_MAX_ROWS
 from ..params import measurement_mode
 from .checkpoints import (
     Checkpoint,
     CheckpointError,
     describe_checkpoint,
     display_names,
-    error_summary,
-    file_sha256,
     find_checkpoints,
     fit_state_dict,
     load_state_dict,
@@ -45,193 +39,6 @@ from .metrics import METRICS, MetricConfig, run_metrics
 from .store import ResultStore, json_safe, row_key
 
 __all__ = ["audit", "MetricConfig", "METRICS", "ResultStore", "resolve_data", "resolve_model", "LOSSES"]
-
-LOSSES: dict[str, Callable[[], nn.Module]] = {
-    "cross_entropy": nn.CrossEntropyLoss,
-    "mse": nn.MSELoss,
-}
-
-
-def resolve_data(spec: Any, batch_size: int | None = None) -> tuple[Batches, str, int | None]:
-    """``(batches, description, num_classes)`` for a data spec or data object.
-
-    ``spec``: ``"mnist1d"``, ``"digits"``, a ``.pt``/``.npz`` file (training split, via
-    :func:`sharpkit.data.load_dataset`), ``"module:function"`` returning a DataLoader or an
-    ``(inputs, targets)`` pair, or such data directly.  ``batch_size`` splits tensor data.
-
-    The description identifies the data's content (it keys the audit's result rows): a file's
-    SHA-256, or for data in memory and from ``module:function`` a :func:`_fingerprint` of the
-    samples.  Raises ``ValueError`` naming the spec when the data cannot be read.
-    """
-    num_classes = None
-    fingerprint = True  # data in memory and from module:function are identified by their samples
-    if isinstance(spec, str):
-        if ":" in spec and not os.path.exists(spec) and not spec.endswith((".pt", ".pth", ".npz")):
-            import importlib
-
-            mod_name, _, attr = spec.partition(":")
-            try:
-                fn = getattr(importlib.import_module(mod_name), attr)
-            except (ImportError, AttributeError) as exc:
-                raise ValueError(f"data spec {spec!r}: cannot find {attr!r} in module {mod_name!r} ({exc})") from None
-            try:
-                data = fn()
-            except Exception as exc:  # the user's function: an unusable --data, with the cause chained
-                raise ValueError(f"data spec {spec!r}: {attr}() raised {type(exc).__name__}: {error_summary(exc)}") from exc
-            desc = spec
-        else:
-            from ..data import load_dataset
-
-            try:
-                ds = load_dataset(spec)
-            except Exception as exc:  # corrupt, truncated, not a data file (zip, pickle, torch errors)
-                raise ValueError(f"data {spec!r}: cannot load ({type(exc).__name__}: {error_summary(exc)})") from exc
-            data, num_classes, fingerprint = ds.train, ds.num_classes or None, False
-            # A file's bytes, not its name, identify it: rewritten data must not meet old rows.
-            desc = f"{Path(spec).name}@{file_sha256(spec)[:16]}:train" if os.path.isfile(spec) else f"{spec}:train"
-    else:
-        data, desc = spec, "data"
-    batches = as_batches(data, batch_size)
-    n = batches.num_samples()
-    if fingerprint:
-        desc = f"{desc}:{_fingerprint(batches)}"
-    return batches, f"{desc}:{n}", num_classes
-
-
-def _fingerprint(batches: Batches) -> str:
-    """A content hash of data in memory: of its samples and batch sizes, not of their order.
-
-    Rows of different data never collide, while a loader that shuffles (the same samples in
-    another order on every pass) keeps its fingerprint, so that its audits resume.  Each sample
-    (input and target bytes) is hashed on its own; the sorted digests are hashed together.
-    """
-    digests: list[bytes] = []
-    sizes: list[int] = []
-    layout: set[tuple] = set()
-    for x, y in batches:
-        n = int(x.shape[0])
-        sizes.append(n)
-        if n == 0:
-            continue
-        rows = []
-        for role, t in (("x", x), ("y", y)):
-            t = t.detach().cpu().contiguous()
-            layout.add((role, tuple(t.shape[1:]), str(t.dtype)))
-            raw = memoryview(t.reshape(n, -1).view(torch.uint8).numpy().tobytes())
-            width = len(raw) // n
-            rows.append([raw[i * width:(i + 1) * width] for i in range(n)])
-        for xb, yb in zip(*rows):
-            h = hashlib.sha256(xb)
-            h.update(yb)
-            digests.append(h.digest()[:16])
-    h = hashlib.sha256(repr((sorted(layout), sorted(sizes))).encode())
-    h.update(b"".join(sorted(digests)))
-    return h.hexdigest()[:16]
-
-
-def _count_classes(batches: Batches) -> int:
-    """Classes of the targets: for integer labels the largest over all batches plus one (a loader
-    sorted by class shows only the first classes in its first batch), else a target row's width."""
-    y = next(iter(batches))[1]
-    if y.is_floating_point():
-        return y.shape[1] if y.dim() > 1 else 1
-    return max(int(t.max().item()) for _, t in batches if t.numel()) + 1
-
-
-def resolve_model(spec: Any, batches: Batches, num_classes: int | None, seed: int = 0) -> tuple[nn.Module, str]:
-    """``(model, description)`` for an ``nn.Module``, a zero-argument factory, or a spec string.
-
-    Strings are resolved by the study's model registry (``f1``, ``c1``, ``module:factory``), which
-    is given the data's sample shape and class count (``num_classes``, or counted from the
-    targets).  The description identifies the architecture (see :func:`_identity`).
-    """
-    if isinstance(spec, nn.Module):
-        return spec, _identity(spec)
-    if callable(spec) and not isinstance(spec, str):
-        model = spec()
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model factory returned {type(model).__name__}, expected torch.nn.Module")
-        return model, _identity(model)
-    if not isinstance(spec, str):
-        raise TypeError(f"model must be an nn.Module, a factory or a spec string, got {type(spec).__name__}")
-    from ..study.models import build_model
-
-    x = next(iter(batches))[0]
-    if num_classes is None:
-        num_classes = _count_classes(batches)
-    model = build_model(spec, tuple(x.shape[1:]), max(num_classes, 2), seed)
-    return model, f"{spec}|{_identity(model)}"
-
-
-# Memory addresses in a repr ("<function f at 0x7f...>") differ between runs: never part of a key.
-_ADDRESS_RE = re.compile(r" at 0x[0-9a-fA-F]+")
-_PLAIN_TYPES = (bool, int, float, str, tuple, type(None))
-
-
-def _plain_attributes(obj: Any) -> dict[str, Any]:
-    """An object's public attributes of plain types: the options a loss module's repr omits
-    (``label_smoothing``, ``ignore_index``) and a custom module's settings."""
-    return {k: v for k, v in sorted(getattr(obj, "__dict__", {}).items())
-            if not k.startswith("_") and k != "training" and isinstance(v, _PLAIN_TYPES)}
-
-
-def _identity(obj: Any, tensors: bool = False) -> str:
-    """What identifies a model or a loss in the results key (memory addresses left out).
-
-    A module: ``Class[digest]`` of its class, its repr (layers, activations), every submodule's
-    plain attributes, its tensors' names and shapes, and with ``tensors`` their values (a loss's
-    class weights; a model's come from each checkpoint instead).  A function: its qualified name.
-    Anything else: its repr and plain attributes.
-    """
-    if isinstance(obj, nn.Module):
-        h = hashlib.sha256(f"{type(obj).__module__}.{type(obj).__qualname__}\n{obj!r}".encode())
-        for name, module in obj.named_modules():
-            h.update(_ADDRESS_RE.sub("", f"\n{name}: {_plain_attributes(module)}").encode())
-        for name, t in obj.state_dict().items():
-            h.update(f"\n{name}: {tuple(t.shape)} {t.dtype}".encode())
-            if tensors:
-                h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        return f"{type(obj).__name__}[{h.hexdigest()[:12]}]"
-    if hasattr(obj, "__qualname__"):
-        return f"{getattr(obj, '__module__', None)}.{obj.__qualname__}"
-    return _ADDRESS_RE.sub("", f"{obj!r} {_plain_attributes(obj)}")
-
-
-def _resolve_device(device: str | torch.device | None) -> torch.device:
-    """``device`` checked up front: an unknown name, or a device this torch build or machine does
-    not have, is a usage error before any data are read, not a traceback halfway."""
-    if device is None:
-        return torch.device("cpu")
-    try:
-        dev = torch.device(device)
-        if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise RuntimeError(f"this machine has {torch.cuda.device_count()} CUDA device(s)")
-        torch.empty(1, device=dev)
-    except (RuntimeError, AssertionError, TypeError, ValueError) as exc:  # AssertionError: a CPU-only build
-        raise ValueError(f"device {str(device)!r} is not usable here: {error_summary(exc)}") from None
-    return dev
-
-
-def _check_model_runs(model: nn.Module, loss_fn: Callable, batches: Batches, device: torch.device,
-                      dtype: torch.dtype, bn: str) -> None:
-    """Run the model and the loss on two samples of the first batch (model left as found).
-
-    A model that does not fit the data (input width, number of classes, targets the loss refuses)
-    is then a usage error naming the problem, raised before any checkpoint is read.
-    """
-    x, y = next(iter(batches))
-    inputs, targets = to_device((x[:2], y[:2]), device, dtype)
-    with measurement_mode(model, bn), torch.no_grad():
-        params = {k: v.detach().to(device, dtype if v.is_floating_point() else None)
-                  for k, v in list(model.named_parameters()) + list(model.named_buffers())}
-        try:
-            _loss_on(loss_fn, device, dtype)(functional_call(model, params, (inputs,)), targets)
-        except Exception as exc:
-            raise ValueError(
-                f"the model does not run on the data ({type(exc).__name__}: {error_summary(exc)}); samples have "
-                f"shape {tuple(x.shape[1:])}, targets {tuple(y.shape[1:])} of {str(y.dtype).replace('torch.', '')}"
-            ) from exc
-
 
 def audit(
     checkpoints: str | os.PathLike | Iterable[str | os.PathLike],
@@ -326,7 +133,7 @@ def audit(
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
             raise ValueError(f"unknown dtype {dtype!r} (use float32 or float64)")
         dtype = getattr(torch, dtype)
-    device = _resolve_device(device)
+    device = resolve_device(device)
     # Under torch.distributed only rank 0 reads and writes the store; the other ranks follow its plan.
     # Opened before the data are read, so that an unusable results file is reported at once (on
     # every rank: the others must not wait for rank 0 in the next collective).
@@ -337,11 +144,11 @@ def audit(
     net, model_desc = resolve_model(model, batches, num_classes, seed)
     if dtype is None:
         dtype = next(iter(net.parameters())).dtype
-    _check_model_runs(net, loss_fn, batches, device, dtype, bn)
+    check_model_runs(net, loss_fn, batches, device, dtype, bn)
     # Everything that changes a row's values identifies it: the data's content, the architecture
     # (repr included), the loss with its options.
     key_config = {
-        **config.key(), "data": data_desc, "model": model_desc, "loss": _identity(loss_fn, tensors=True), "bn": bn,
+        **config.key(), "data": data_desc, "model": model_desc, "loss": identity(loss_fn, tensors=True), "bn": bn,
         "dtype": str(dtype).replace("torch.", ""), "batch_size": batch_size,
     }
     runner = _Runner(net, loss_fn, batches, config, key_config, device, dtype, bn, store)

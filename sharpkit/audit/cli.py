@@ -63,7 +63,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--loss", default="cross_entropy", choices=("cross_entropy", "mse"), help="loss (default: cross_entropy)")
     p.add_argument("--epsilon", type=float, default=1e-3, help="box size of keskar metrics (default: 1e-3)")
     p.add_argument("--p", dest="subspace_dim", type=int, default=100, help="subspace dimension of keskar-subspace (default: 100)")
-    p.add_argument("--rho", type=float, default=2e-3, help="radius of adaptive sharpness, l-infinity (default: 2e-3)")
+    p.add_argument("--rho", type=float, default=2e-3, help="radius rho of adaptive sharpness, in the --adaptive-norm ball (default: 2e-3)")
     p.add_argument("--no-adaptive-scale", dest="adaptive_scale", action="store_false",
                    help="adaptive: use c = 1 (standard sharpness) instead of c = |w|")
     p.add_argument("--adaptive-norm", default="linf", choices=("linf", "l2"), help="adaptive: norm of the perturbation set (default: linf)")

@@ -20,7 +20,7 @@ on the whole group at once: the engine is the solvers' batched problem (``num_pr
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch

@@ -62,7 +62,6 @@ engine (``loss_and_grad(W)``) and reference points ``X`` into the problem ``Y ->
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
 

@@ -1,0 +1,221 @@
+"""What users name on the command line or pass to the API, resolved and checked before any
+measurement: data specs, model specs, devices, and whether the model runs on the data.
+
+Shared by ``sharpkit audit`` (:mod:`sharpkit.audit`) and the single-model commands
+(:mod:`sharpkit.measure_cli`).  Descriptions returned here identify content (a data file's
+SHA-256, a fingerprint of data in memory, a model's architecture, a loss and its options): the
+audit keys its stored rows by them.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from .audit.checkpoints import error_summary, file_sha256
+from .data import Batches, as_batches, load_dataset, to_device
+from .objective import loss_on_device
+from .params import measurement_mode
+
+__all__ = ["LOSSES", "resolve_data", "resolve_model", "resolve_device", "check_model_runs", "identity"]
+
+
+LOSSES: dict[str, Callable[[], nn.Module]] = {
+    "cross_entropy": nn.CrossEntropyLoss,
+    "mse": nn.MSELoss,
+}
+
+
+def resolve_data(spec: Any, batch_size: int | None = None) -> tuple[Batches, str, int | None]:
+    """``(batches, description, num_classes)`` for a data spec or data object.
+
+    ``spec``: ``"mnist1d"``, ``"digits"``, a ``.pt``/``.npz`` file (training split, via
+    :func:`sharpkit.data.load_dataset`), ``"module:function"`` returning a DataLoader or an
+    ``(inputs, targets)`` pair, or such data directly.  ``batch_size`` splits tensor data.
+
+    The description identifies the data's content (it keys the audit's result rows): a file's
+    SHA-256, or for data in memory and from ``module:function`` a :func:`_fingerprint` of the
+    samples.  Raises ``ValueError`` naming the spec when the data cannot be read.
+    """
+    num_classes = None
+    fingerprint = True  # data in memory and from module:function are identified by their samples
+    if isinstance(spec, str):
+        if ":" in spec and not os.path.exists(spec) and not spec.endswith((".pt", ".pth", ".npz")):
+            import importlib
+
+            mod_name, _, attr = spec.partition(":")
+            try:
+                fn = getattr(importlib.import_module(mod_name), attr)
+            except (ImportError, AttributeError) as exc:
+                raise ValueError(f"data spec {spec!r}: cannot find {attr!r} in module {mod_name!r} ({exc})") from None
+            try:
+                data = fn()
+            except Exception as exc:  # the user's function: an unusable --data, with the cause chained
+                raise ValueError(f"data spec {spec!r}: {attr}() raised {type(exc).__name__}: {error_summary(exc)}") from exc
+            desc = spec
+        else:
+            try:
+                ds = load_dataset(spec)
+            except Exception as exc:  # corrupt, truncated, not a data file (zip, pickle, torch errors)
+                raise ValueError(f"data {spec!r}: cannot load ({type(exc).__name__}: {error_summary(exc)})") from exc
+            data, num_classes, fingerprint = ds.train, ds.num_classes or None, False
+            # A file's bytes, not its name, identify it: rewritten data must not meet old rows.
+            desc = f"{Path(spec).name}@{file_sha256(spec)[:16]}:train" if os.path.isfile(spec) else f"{spec}:train"
+    else:
+        data, desc = spec, "data"
+    batches = as_batches(data, batch_size)
+    n = batches.num_samples()
+    if fingerprint:
+        desc = f"{desc}:{_fingerprint(batches)}"
+    return batches, f"{desc}:{n}", num_classes
+
+
+def _fingerprint(batches: Batches) -> str:
+    """A content hash of data in memory: of its samples and batch sizes, not of their order.
+
+    Rows of different data never collide, while a loader that shuffles (the same samples in
+    another order on every pass) keeps its fingerprint, so that its audits resume.  Each sample
+    (input and target bytes) is hashed on its own; the sorted digests are hashed together.
+    """
+    digests: list[bytes] = []
+    sizes: list[int] = []
+    layout: set[tuple] = set()
+    for x, y in batches:
+        n = int(x.shape[0])
+        sizes.append(n)
+        if n == 0:
+            continue
+        rows = []
+        for role, t in (("x", x), ("y", y)):
+            t = t.detach().cpu().contiguous()
+            layout.add((role, tuple(t.shape[1:]), str(t.dtype)))
+            raw = memoryview(t.reshape(n, -1).view(torch.uint8).numpy().tobytes())
+            width = len(raw) // n
+            rows.append([raw[i * width:(i + 1) * width] for i in range(n)])
+        for xb, yb in zip(*rows):
+            h = hashlib.sha256(xb)
+            h.update(yb)
+            digests.append(h.digest()[:16])
+    h = hashlib.sha256(repr((sorted(layout), sorted(sizes))).encode())
+    h.update(b"".join(sorted(digests)))
+    return h.hexdigest()[:16]
+
+
+def _count_classes(batches: Batches) -> int:
+    """Classes of the targets: for integer labels the largest over all batches plus one (a loader
+    sorted by class shows only the first classes in its first batch), else a target row's width."""
+    y = next(iter(batches))[1]
+    if y.is_floating_point():
+        return y.shape[1] if y.dim() > 1 else 1
+    return max(int(t.max().item()) for _, t in batches if t.numel()) + 1
+
+
+def resolve_model(spec: Any, batches: Batches, num_classes: int | None, seed: int = 0) -> tuple[nn.Module, str]:
+    """``(model, description)`` for an ``nn.Module``, a zero-argument factory, or a spec string.
+
+    Strings are resolved by the study's model registry (``f1``, ``c1``, ``module:factory``), which
+    is given the data's sample shape and class count (``num_classes``, or counted from the
+    targets).  The description identifies the architecture (see :func:`identity`).
+    """
+    if isinstance(spec, nn.Module):
+        return spec, identity(spec)
+    if callable(spec) and not isinstance(spec, str):
+        model = spec()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model factory returned {type(model).__name__}, expected torch.nn.Module")
+        return model, identity(model)
+    if not isinstance(spec, str):
+        raise TypeError(f"model must be an nn.Module, a factory or a spec string, got {type(spec).__name__}")
+    from .study.models import build_model
+
+    x = next(iter(batches))[0]
+    if num_classes is None:
+        num_classes = _count_classes(batches)
+    model = build_model(spec, tuple(x.shape[1:]), max(num_classes, 2), seed)
+    return model, f"{spec}|{identity(model)}"
+
+
+# Memory addresses in a repr ("<function f at 0x7f...>") differ between runs: never part of a key.
+_ADDRESS_RE = re.compile(r" at 0x[0-9a-fA-F]+")
+_PLAIN_TYPES = (bool, int, float, str, tuple, type(None))
+
+
+def _plain_attributes(obj: Any) -> dict[str, Any]:
+    """An object's public attributes of plain types: the options a loss module's repr omits
+    (``label_smoothing``, ``ignore_index``) and a custom module's settings."""
+    return {k: v for k, v in sorted(getattr(obj, "__dict__", {}).items())
+            if not k.startswith("_") and k != "training" and isinstance(v, _PLAIN_TYPES)}
+
+
+def identity(obj: Any, tensors: bool = False) -> str:
+    """What identifies a model or a loss in the results key (memory addresses left out).
+
+    A module: ``Class[digest]`` of its class, its repr (layers, activations), every submodule's
+    plain attributes, its tensors' names and shapes, and with ``tensors`` their values (a loss's
+    class weights; a model's come from each checkpoint instead).  A function: its qualified name.
+    Anything else: its repr and plain attributes.
+    """
+    if isinstance(obj, nn.Module):
+        h = hashlib.sha256(f"{type(obj).__module__}.{type(obj).__qualname__}\n{obj!r}".encode())
+        for name, module in obj.named_modules():
+            h.update(_ADDRESS_RE.sub("", f"\n{name}: {_plain_attributes(module)}").encode())
+        for name, t in obj.state_dict().items():
+            h.update(f"\n{name}: {tuple(t.shape)} {t.dtype}".encode())
+            if tensors:
+                h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return f"{type(obj).__name__}[{h.hexdigest()[:12]}]"
+    if hasattr(obj, "__qualname__"):
+        return f"{getattr(obj, '__module__', None)}.{obj.__qualname__}"
+    return _ADDRESS_RE.sub("", f"{obj!r} {_plain_attributes(obj)}")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device`` (default cpu) checked up front: an unknown name, or a device this torch build or
+    machine does not have, is a ``ValueError`` before any data are read, not a traceback halfway."""
+    if device is None:
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+        if dev.type == "meta":
+            raise ValueError("a meta device holds no data")
+        if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise RuntimeError(f"this machine has {torch.cuda.device_count()} CUDA device(s)")
+        torch.empty(1, device=dev)
+    except (RuntimeError, AssertionError, TypeError, ValueError) as exc:  # AssertionError: a CPU-only build
+        raise ValueError(f"device {str(device)!r} is not usable here: {error_summary(exc)}") from None
+    return dev
+
+
+def check_model_runs(model: nn.Module, loss_fn: Callable, batches: Batches, device: torch.device,
+                      dtype: torch.dtype, bn: str) -> None:
+    """Run the model and the loss on two samples of the first batch (model left as found).
+
+    A model that does not fit the data (input width, number of classes, targets the loss refuses)
+    is then a usage error naming the problem, raised before any checkpoint is read.
+    """
+    x, y = next(iter(batches))
+    inputs, targets = to_device((x[:2], y[:2]), device, dtype)
+    # Warnings stay quiet here: the measurement itself raises them again.
+    with measurement_mode(model, bn), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        params = {k: v.detach().to(device, dtype if v.is_floating_point() else None)
+                  for k, v in list(model.named_parameters()) + list(model.named_buffers())}
+        try:
+            out = functional_call(model, params, (inputs,))
+            # MSELoss broadcasts mismatched shapes with only a warning (class labels against logits).
+            if isinstance(loss_fn, nn.MSELoss) and isinstance(out, torch.Tensor) and out.shape != targets.shape:
+                raise ValueError(f"MSE compares outputs of shape {tuple(out.shape[1:])} per sample with targets "
+                                 f"of shape {tuple(targets.shape[1:])}")
+            loss_on_device(loss_fn, device, dtype)(out, targets)
+        except Exception as exc:
+            raise ValueError(
+                f"the model does not run on the data ({type(exc).__name__}: {error_summary(exc)}); samples have "
+                f"shape {tuple(x.shape[1:])}, targets {tuple(y.shape[1:])} of {str(y.dtype).replace('torch.', '')}"
+            ) from exc
