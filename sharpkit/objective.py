@@ -18,7 +18,7 @@ from . import distributed as _dist
 from .data import Batches, as_batches, regroup_batches, to_device
 from .params import FlatParams, check_finite_parameters, has_shared_modules, tensor_objects_kept
 
-__all__ = ["Objective", "LossFn", "activation_elements", "loss_on_device"]
+__all__ = ["Objective", "LossFn", "activation_elements", "loss_on_device", "regroup_rows"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -76,7 +76,7 @@ class Objective:
             _dist.shard(batches, keep_batches=_dist.uses_batch_statistics(model)) if self.distributed else batches
         )
         if regroup is not False and not _dist.uses_batch_statistics(model):
-            rows = _regroup_rows(model, self.batches, self.device, self.dtype) if regroup is True else int(regroup)
+            rows = regroup_rows(model, self.batches, self.device, self.dtype) if regroup is True else int(regroup)
             if rows is not None:
                 self.batches = regroup_batches(self.batches, rows)
         # The total over all ranks: every pass divides its reduced sums by it.
@@ -184,8 +184,18 @@ def activation_elements(model: nn.Module, batch, device: torch.device, dtype: to
     return total
 
 
-def _regroup_rows(model: nn.Module, batches: Batches, device: torch.device, dtype: torch.dtype) -> int | None:
-    """Samples per pass for ``Objective(regroup=True)``; None when there is nothing to join."""
+def regroup_rows(
+    model: nn.Module,
+    batches: Batches,
+    device: torch.device,
+    dtype: torch.dtype,
+    vectors: int = 1,
+    max_rows: int = REGROUP_MAX_ROWS,
+) -> int | None:
+    """Samples per pass when joining small batches: at most ``max_rows`` and ``REGROUP_BYTES`` of
+    activations, counted four times over (forward, backward, temporaries) for each of ``vectors``
+    directions a pass carries, never fewer than the largest batch.  None when there is nothing
+    to join (one batch)."""
     num_batches, largest = 0, None
     for batch in batches:
         num_batches += 1
@@ -196,4 +206,4 @@ def _regroup_rows(model: nn.Module, batches: Batches, device: torch.device, dtyp
     rows = largest[0].shape[0]
     itemsize = torch.empty((), dtype=dtype).element_size()
     per_sample = max(1.0, activation_elements(model, largest, device, dtype) / rows) * itemsize
-    return int(max(rows, min(REGROUP_MAX_ROWS, REGROUP_BYTES // (4 * per_sample))))
+    return int(max(rows, min(max_rows, REGROUP_BYTES // (4 * per_sample * max(1, vectors)))))

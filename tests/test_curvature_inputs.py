@@ -129,3 +129,67 @@ def test_chunk_size_must_be_an_int():
     model = nn.Sequential(nn.Linear(4, 3)).double()
     with pytest.raises(ValueError, match="chunk_size"):
         sk.hessian(model, nn.CrossEntropyLoss(), _data(), chunk_size=True)
+
+
+class _CountingMLP(nn.Sequential):
+    """An MLP that counts its forward calls (a subclass with its own forward: the generic engine)."""
+
+    calls = 0
+
+    def forward(self, x):
+        _CountingMLP.calls += 1
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("engine", ["auto", "generic"])
+def test_small_batches_are_joined_into_fewer_passes_with_the_same_operator(engine):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).double()
+    model[1].running_mean.uniform_(-0.5, 0.5)
+    model[1].running_var.uniform_(0.5, 2.0)
+    g = torch.Generator().manual_seed(1)
+    X, Y = torch.randn(61, 5, generator=g, dtype=F64), torch.randint(0, 3, (61,), generator=g)
+    batches = [(X[i:i + 8], Y[i:i + 8]) for i in range(0, 61, 8)]  # 8 batches, the last of 5
+    joined = sk.hessian(model, nn.CrossEntropyLoss(), batches, engine=engine)
+    kept = sk.hessian(model, nn.CrossEntropyLoss(), batches, engine=engine, regroup=False)
+    assert joined.num_batches == 1 and kept.num_batches == 8
+    expected = _explicit(model.eval(), nn.CrossEntropyLoss(), X, Y)
+    assert _rel(joined.dense(), expected) < 1e-12 and _rel(kept.dense(), expected) < 1e-12
+
+
+def test_joined_passes_call_the_model_once_per_pass():
+    torch.manual_seed(0)
+    model = _CountingMLP(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    g = torch.Generator().manual_seed(1)
+    X, Y = torch.randn(64, 5, generator=g, dtype=F64), torch.randint(0, 3, (64,), generator=g)
+    op = sk.hessian(model, nn.CrossEntropyLoss(), [(X[i:i + 4], Y[i:i + 4]) for i in range(0, 64, 4)],
+                    cache=False, ad="reverse-over-reverse")
+    _CountingMLP.calls = 0
+    op @ torch.randn(op.n, 3, dtype=F64)
+    assert op.num_batches == 1 and _CountingMLP.calls == 1
+
+
+def test_batch_statistics_keep_the_batches():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).double()
+    X, Y = _data(n=24, d=5)
+    batches = [(X[i:i + 8], Y[i:i + 8]) for i in range(0, 24, 8)]
+    assert sk.hessian(model, nn.CrossEntropyLoss(), batches, bn="train").num_batches == 3
+    no_stats = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8, track_running_stats=False), nn.ReLU(),
+                             nn.Linear(8, 3)).double()
+    assert sk.hessian(no_stats, nn.CrossEntropyLoss(), batches).num_batches == 3
+
+
+def test_pass_size_respects_the_memory_of_the_directions_a_pass_carries():
+    from sharpkit.data import as_batches
+    from sharpkit.objective import REGROUP_BYTES, regroup_rows
+
+    wide = nn.Sequential(nn.Linear(5, 4096), nn.ReLU(), nn.Linear(4096, 3))
+    X, Y = torch.randn(64, 5), torch.zeros(64, dtype=torch.long)
+    batches = as_batches([(X[i:i + 8], Y[i:i + 8]) for i in range(0, 64, 8)])
+    per_sample = (4096 + 4096 + 3) * 4  # bytes of float32 activations per sample
+    one = regroup_rows(wide, batches, torch.device("cpu"), torch.float32, vectors=1, max_rows=10**6)
+    sixteen = regroup_rows(wide, batches, torch.device("cpu"), torch.float32, vectors=16, max_rows=10**6)
+    assert one == REGROUP_BYTES // (4 * per_sample)
+    assert sixteen == max(8, REGROUP_BYTES // (4 * per_sample * 16))
+    assert regroup_rows(wide, as_batches((X, Y)), torch.device("cpu"), torch.float32) is None

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from .. import distributed as _dist
-from ..objective import Objective
+from ..data import regroup_batches
+from ..objective import Objective, regroup_rows
 from ..params import is_batchnorm, measurement_mode
 from .engines import DEFAULT_BLOCK_SIZE, KINDS, HVPEngine, make_engine
 
@@ -19,6 +20,13 @@ __all__ = ["CurvatureOperator", "hessian", "ggn"]
 # Data with at most this many samples keep their primal passes (gradient graphs) across products
 # by default; larger data recompute them (memory grows with the kept graphs).
 CACHE_MAX_SAMPLES = 8192
+# Small batches are joined into passes of up to this many samples (``regroup``).  Per-batch
+# overhead dominates small batches, while on a CPU the products of larger passes leave the caches:
+# 4000 MNIST-1D samples, 72 k-parameter MLP, batches of 128 / joined to 512 / 1024 / one of 4000:
+# top eigenvalue 0.77-0.98 / 0.51 / 0.48 / 0.46 s, Hutch++ trace (64 products) 2.69 / 1.76 / 1.67 /
+# 3.0-3.9 s (fused engine); generic engine 1.88 / 0.95 / 0.91 / 0.67 s and 3.40 / 2.74 / 2.84 /
+# 3.09 s.  1.08 M parameters: 6.9 / 5.6 / - / 5.6 s and 22.5 / 19.3 / - / 18.9 s.
+CURVATURE_PASS_ROWS = 1024
 
 
 @contextlib.contextmanager
@@ -71,6 +79,7 @@ class CurvatureOperator:
         cache: bool | None = None,
         chunk_size: int | None = None,
         ad: str = "auto",
+        regroup: bool = True,
     ):
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -104,6 +113,13 @@ class CurvatureOperator:
                 device=self.objective.device, cache=self.cache, objective=self.objective, ad=ad, bn=bn,
                 input_shape=input_shape,
             )
+            if regroup and num_batches > 1 and not _dist.uses_batch_statistics(model):
+                # After the engine: its preference says how many directions one pass carries.
+                rows = regroup_rows(model, self.objective.batches, self.objective.device, self.objective.dtype,
+                                    vectors=self.preferred_block_size, max_rows=CURVATURE_PASS_ROWS)
+                if rows is not None:
+                    self.objective.batches = regroup_batches(self.objective.batches, rows)
+                    num_batches = sum(1 for _ in self.objective.batches)
         self.num_batches = num_batches
         self.num_matvecs = 0
         self.num_passes = 0
@@ -218,6 +234,7 @@ def hessian(
     cache: bool | None = None,
     chunk_size: int | None = None,
     ad: str = "auto",
+    regroup: bool = True,
 ) -> CurvatureOperator:
     """The Hessian of the sample-weighted mean loss over ``data`` at ``model``'s parameters.
 
@@ -234,9 +251,13 @@ def hessian(
             batch or at most 8192 samples).
         chunk_size: process at most this many columns of ``V`` at once (default: all).
         ad: the generic engine's AD mode: "auto", "forward-over-reverse" or "reverse-over-reverse".
+        regroup: join consecutive small batches into passes of up to ``CURVATURE_PASS_ROWS`` (1024)
+            samples, within a memory bound for the directions a pass carries (default True; the
+            same operator, fewer calls).  Not done where BatchNorm uses batch statistics.  Needs a
+            per-sample mean loss, as the built-in losses are.
     """
     return CurvatureOperator("hessian", model, loss_fn, data, bn=bn, engine=engine, dtype=dtype, device=device,
-                             cache=cache, chunk_size=chunk_size, ad=ad)
+                             cache=cache, chunk_size=chunk_size, ad=ad, regroup=regroup)
 
 
 def ggn(
@@ -251,8 +272,9 @@ def ggn(
     cache: bool | None = None,
     chunk_size: int | None = None,
     ad: str = "auto",
+    regroup: bool = True,
 ) -> CurvatureOperator:
     """The generalized Gauss-Newton matrix ``sum_b n_b J_b^T H_loss,b J_b / N`` (J the Jacobian of
     the model output in the parameters); arguments as for :func:`hessian`."""
     return CurvatureOperator("ggn", model, loss_fn, data, bn=bn, engine=engine, dtype=dtype, device=device,
-                             cache=cache, chunk_size=chunk_size, ad=ad)
+                             cache=cache, chunk_size=chunk_size, ad=ad, regroup=regroup)
