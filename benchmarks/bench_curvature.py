@@ -359,7 +359,7 @@ def small_batches_table(repeats: int) -> None:
                     times[name].append(time.perf_counter() - t)
                     if name == "list 128":
                         passes = op.num_batches
-            spread = max(values.values()) / min(values.values()) - 1
+            spread = (max(values.values()) - min(values.values())) / max(abs(v) for v in values.values())
             print(f"{width:>5} {n:>8} {label:9} " + " ".join(f"{statistics.median(v):18.3f}" for v in times.values())
                   + f"  {passes:>6}   values agree to {spread:.1e}", flush=True)
 
