@@ -193,3 +193,37 @@ def test_pass_size_respects_the_memory_of_the_directions_a_pass_carries():
     assert one == REGROUP_BYTES // (4 * per_sample)
     assert sixteen == max(8, REGROUP_BYTES // (4 * per_sample * 16))
     assert regroup_rows(wide, as_batches((X, Y)), torch.device("cpu"), torch.float32) is None
+
+
+class _CountingLoader:
+    """A re-iterable source of batches that counts how often it is read (like a DataLoader)."""
+
+    def __init__(self, X, Y, size):
+        self.X, self.Y, self.size, self.reads = X, Y, size, 0
+
+    def __iter__(self):
+        self.reads += 1
+        for i in range(0, self.X.shape[0], self.size):
+            yield self.X[i:i + self.size], self.Y[i:i + self.size]
+
+
+@pytest.mark.parametrize("engine", ["fused", "generic"])
+def test_kept_primal_passes_need_no_further_reads_of_the_data(engine):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    g = torch.Generator().manual_seed(1)
+    X, Y = torch.randn(40, 5, generator=g, dtype=F64), torch.randint(0, 3, (40,), generator=g)
+    V = torch.randn(sum(p.numel() for p in model.parameters()), 4, generator=g, dtype=F64)
+    kept_loader, fresh_loader = _CountingLoader(X, Y, 16), _CountingLoader(X, Y, 16)
+    kept = sk.hessian(model, nn.CrossEntropyLoss(), kept_loader, engine=engine, regroup=False)
+    fresh = sk.hessian(model, nn.CrossEntropyLoss(), fresh_loader, engine=engine, regroup=False, cache=False)
+    reads_before = kept_loader.reads
+    first = kept @ V
+    second = kept @ V
+    assert kept_loader.reads == reads_before + 1  # the first product reads the data, later ones do not
+    assert torch.equal(first, second)
+    expected = _explicit(model, nn.CrossEntropyLoss(), X, Y) @ V
+    assert _rel(first, expected) < 1e-12 and _rel(fresh @ V, expected) < 1e-12
+    before = fresh_loader.reads
+    fresh @ V
+    assert fresh_loader.reads == before + 1  # without kept passes every product reads the data

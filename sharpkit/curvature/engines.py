@@ -51,9 +51,15 @@ class HVPEngine(Protocol):
 
     name: str
 
-    def batch_matmat(self, batch_index: int, inputs: torch.Tensor, targets: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    def batch_matmat(self, batch_index: int, inputs: torch.Tensor | None, targets: torch.Tensor | None,
+                     V: torch.Tensor) -> torch.Tensor:
         """(Hessian or GGN of THIS batch's mean loss at x) @ V, V of shape (n, k) -> (n, k).
-        May cache the batch's primal pass keyed by batch_index."""
+        May cache the batch's primal pass keyed by batch_index; inputs and targets may be None
+        where :meth:`is_cached` says that pass is kept."""
+        ...
+
+    def is_cached(self, batch_index: int) -> bool:
+        """True when products for ``batch_index`` need no data (its primal pass is kept)."""
         ...
 
 
@@ -91,9 +97,11 @@ class GenericEngine:
     def batch_matmat(self, batch_index: int, inputs: torch.Tensor, targets: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
         """(curvature of this batch's mean loss at x) @ V for V ``(n, k)`` -> ``(n, k)``."""
         V = V.detach().to(self.objective.device, self.objective.dtype)
+        if self.is_cached(batch_index):
+            self.info["ad"] = ROR
+            return self._graphs[batch_index](V)
         inputs, targets = to_device((inputs, targets), self.objective.device, self.objective.dtype)
-        use_graph = self.ad == ROR or (self.ad == "auto" and (self.cache or not self._forward_ok))
-        if not use_graph:
+        if not self._uses_graph():
             try:
                 out = self._forward(inputs, targets, V)
                 self.info["ad"] = FOR
@@ -109,6 +117,13 @@ class GenericEngine:
                 self._graphs[batch_index] = fn
         self.info["ad"] = ROR
         return fn(V)
+
+    def _uses_graph(self) -> bool:
+        return self.ad == ROR or (self.ad == "auto" and (self.cache or not self._forward_ok))
+
+    def is_cached(self, batch_index: int) -> bool:
+        """True when the batch's gradient graph is kept (products then need no data)."""
+        return self.cache and self._uses_graph() and batch_index in self._graphs
 
     def clear_cache(self) -> None:
         """Drop the kept gradient graphs."""

@@ -499,7 +499,7 @@ class FusedEngine:
         if k == 0:
             return torch.zeros(self.flat.n, 0, device=V.device, dtype=V.dtype)
         primal = self._primals.get(batch_index) if self.cache else None
-        if primal is None or primal.input_shape[0] != inputs.shape[0]:
+        if primal is None or (inputs is not None and primal.input_shape[0] != inputs.shape[0]):
             primal = self._primal(inputs, targets)
             if self.cache:
                 self._primals[batch_index] = primal
@@ -515,6 +515,10 @@ class FusedEngine:
         # (n, k) as a transposed view: the caller accumulates it, a contiguous copy would be wasted.
         res = out.t().to(V.dtype)
         return res[:, 0] if vec else res
+
+    def is_cached(self, batch_index: int) -> bool:
+        """True when the batch's primal pass is kept (products then need no data)."""
+        return self.cache and batch_index in self._primals
 
     def _vblock(self, ref: _Ref, blocks: list[torch.Tensor]) -> torch.Tensor | None:
         return None if ref.block is None else blocks[ref.block]

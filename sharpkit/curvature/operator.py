@@ -121,6 +121,7 @@ class CurvatureOperator:
                     self.objective.batches = regroup_batches(self.objective.batches, rows)
                     num_batches = sum(1 for _ in self.objective.batches)
         self.num_batches = num_batches
+        self._batch_sizes: list[int] | None = None  # samples per batch, after the first pass
         self.num_matvecs = 0
         self.num_passes = 0
 
@@ -184,6 +185,22 @@ class CurvatureOperator:
 
     __matmul__ = matmat
 
+    def _batches(self) -> Iterator[tuple[int, torch.Tensor | None, torch.Tensor | None, int]]:
+        """``(index, inputs, targets, samples)`` of each batch.  Once every batch's primal pass is
+        kept by the engine, the data are not read again (inputs and targets are None): a
+        DataLoader would collate every batch anew for each product, and a shuffling one would pair
+        the kept passes with other samples."""
+        sizes, cached = self._batch_sizes, getattr(self.engine, "is_cached", None)
+        if sizes is not None and cached is not None and all(cached(b) for b in range(len(sizes))):
+            for b, n_b in enumerate(sizes):
+                yield b, None, None, n_b
+            return
+        seen = []
+        for b, (inputs, targets) in enumerate(self.objective.batches):
+            seen.append(inputs.shape[0])
+            yield b, inputs, targets, inputs.shape[0]
+        self._batch_sizes = seen
+
     def _accumulate(self, W: torch.Tensor) -> torch.Tensor:
         """The one data pass: ``sum_b n_b * engine(b) @ W`` (reduced across ranks) ``/ N``."""
         k = W.shape[1]
@@ -191,14 +208,13 @@ class CurvatureOperator:
         if self.num_batches == 1 and step >= k and not self.objective.distributed:
             # One batch, one product: the engine's fresh result is already the mean (no sum buffer).
             with _curvature_mode(self.model, self.bn, copy_tensors=False):
-                inputs, targets = next(iter(self.objective.batches))
-                out = self.engine.batch_matmat(0, inputs, targets, W)
+                for b, inputs, targets, _ in self._batches():
+                    out = self.engine.batch_matmat(b, inputs, targets, W)
             self.num_passes += 1
             return out
         total = torch.zeros(self.n, k, device=self.device, dtype=self.dtype)
         with _curvature_mode(self.model, self.bn, copy_tensors=False), _dist.sharded_pass([total], enabled=self.objective.distributed):
-            for b, (inputs, targets) in enumerate(self.objective.batches):
-                n_b = inputs.shape[0]
+            for b, inputs, targets, n_b in self._batches():
                 for s in range(0, k, step):
                     total[:, s:s + step].add_(self.engine.batch_matmat(b, inputs, targets, W[:, s:s + step]), alpha=n_b)
         self.num_passes += 1
