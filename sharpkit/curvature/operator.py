@@ -20,12 +20,13 @@ __all__ = ["CurvatureOperator", "hessian", "ggn"]
 # Data with at most this many samples keep their primal passes (gradient graphs) across products
 # by default; larger data recompute them (memory grows with the kept graphs).
 CACHE_MAX_SAMPLES = 8192
-# Small batches are joined into passes of up to this many samples (``regroup``).  Per-batch
-# overhead dominates small batches, while on a CPU the products of larger passes leave the caches:
-# 4000 MNIST-1D samples, 72 k-parameter MLP, batches of 128 / joined to 512 / 1024 / one of 4000:
-# top eigenvalue 0.77-0.98 / 0.51 / 0.48 / 0.46 s, Hutch++ trace (64 products) 2.69 / 1.76 / 1.67 /
-# 3.0-3.9 s (fused engine); generic engine 1.88 / 0.95 / 0.91 / 0.67 s and 3.40 / 2.74 / 2.84 /
-# 3.09 s.  1.08 M parameters: 6.9 / 5.6 / - / 5.6 s and 22.5 / 19.3 / - / 18.9 s.
+# Small batches are joined into passes of up to this many samples (``regroup``): per-batch
+# overhead dominates small batches.  Top eigenvalue / Hutch++ trace (64 products) of a 72 k-parameter
+# MLP on 4000 MNIST-1D samples, 2-core CPU, fused engine: batches of 128 as given 0.77-1.00 / 2.64 s,
+# joined (4 passes of up to 1024) 0.48 / 1.65 s, one batch of 4000 0.46 / 1.60 s; generic engine
+# 1.60-1.93 / 3.39 s, joined (8 passes: its memory bound for 16 directions) 0.89-1.03 / 2.70 s,
+# one batch 0.65 / 2.80-3.03 s.
+# benchmarks/bench_curvature.py --small-batches has the table.
 CURVATURE_PASS_ROWS = 1024
 
 
