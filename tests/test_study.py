@@ -325,3 +325,203 @@ def test_real_measurement_api_wiring():
     t = measure.hessian_trace(model, nn.CrossEntropyLoss(), data, "eval", 30, 0)
     assert np.isfinite(t["value"])
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+# ---------------------------------------------------------------------- cache keys and resume
+def _one_run(npz, **over):
+    """The cheapest study: one model, one seed, SB and LB only."""
+    return _tiny(npz, **{"models": ("f1",), "seeds": (0,), "eps": (1e-3,), "solvers": ("apgd",), "sweep": (8, 32),
+                         "warm_epochs": (0,), **over})
+
+
+def test_rewritten_data_file_is_trained_anew(tmp_path, npz, api):
+    out = tmp_path / "study"
+    first = run_study(_one_run(npz), out, progress=False, threads=1)["stats"]
+    assert first["trainings_run"] == 2
+    d = dict(np.load(npz))
+    np.savez(npz, **{**d, "x_train": d["x_train"] * 2})  # same path, same shapes, other numbers
+    again = run_study(_one_run(npz), out, progress=False, threads=1)["stats"]
+    assert again["trainings_run"] == 2 and again["trainings_reused"] == 0
+    assert again["measurements_run"] == first["measurements_run"]  # nothing measured on the old data reused
+
+
+def _write_nets(tmp_path, monkeypatch, body):
+    """(Re)write the user's model module ``mynets`` and make the next import read it afresh."""
+    import importlib
+    import sys
+
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)  # an edit of equal size must not hit a stale .pyc
+    (tmp_path / "mynets.py").write_text("from torch import nn\n" + body)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "mynets", raising=False)
+    importlib.invalidate_caches()
+
+
+NET = ("def make_net(input_shape, num_classes):\n"
+       "    return nn.Sequential(nn.Linear(input_shape[0], {w}), nn.BatchNorm1d({w}), nn.{act}(), nn.Linear({w}, num_classes))\n")
+
+
+def test_edited_model_factory_is_trained_anew(tmp_path, npz, api, monkeypatch):
+    out = tmp_path / "study"
+    cfg = _one_run(npz, models=("mynets:make_net",))
+    _write_nets(tmp_path, monkeypatch, NET.format(w=32, act="ReLU"))
+    first = run_study(cfg, out, progress=False, threads=1)["stats"]
+    assert first["trainings_run"] == 2
+    assert run_study(cfg, out, progress=False, threads=1)["stats"]["trainings_run"] == 0  # unchanged: resumes
+    _write_nets(tmp_path, monkeypatch, NET.format(w=32, act="Tanh"))  # same parameter shapes
+    stats = run_study(cfg, out, progress=False, threads=1)["stats"]
+    assert stats["trainings_run"] == 2 and stats["measurements_run"] == first["measurements_run"]
+    _write_nets(tmp_path, monkeypatch, NET.format(w=64, act="Tanh"))  # other shapes: no load_state_dict error
+    assert run_study(cfg, out, progress=False, threads=1)["stats"]["trainings_run"] == 2
+
+
+def test_damaged_or_unfitting_cached_weights_are_redone(tmp_path, npz, api):
+    from sharpkit.study.pipeline import Study
+
+    out = tmp_path / "study"
+    run_study(_one_run(npz), out, progress=False, threads=1)
+    study = Study(_one_run(npz), out, progress=False)
+    run_dir = study.run_dir(study.run_key("f1", "lb", 0))
+    reference = torch.load(run_dir / "final.pt", weights_only=False)
+    # A final.pt under the right key whose weights do not fit the model: retrained, with a warning.
+    wrong = dict(reference, model={k: torch.zeros(1) for k in reference["model"]})
+    torch.save(wrong, run_dir / "final.pt")
+    with pytest.warns(RuntimeWarning, match="does not fit the model"):
+        stats = run_study(_one_run(npz), out, progress=False, threads=1)["stats"]
+    assert stats["trainings_run"] == 1
+    # A truncated final.pt and a truncated checkpoint.pt: trained afresh, to the same weights.
+    (run_dir / "final.pt").write_bytes(b"not a torch file")
+    (run_dir / "checkpoint.pt").write_bytes((run_dir / "checkpoint.pt").read_bytes()[:100])
+    with pytest.warns(RuntimeWarning, match="cannot be read"):
+        stats = run_study(_one_run(npz), out, progress=False, threads=1)["stats"]
+    assert stats["trainings_run"] == 1
+    redone = torch.load(run_dir / "final.pt", weights_only=False)
+    assert redone["record"]["resumed_from_epoch"] == 0
+    assert all(torch.equal(v, reference["model"][k]) for k, v in redone["model"].items())
+
+
+# ---------------------------------------------------------------------- unusable inputs
+def _bad_file(tmp_path, npz, **change):
+    d = dict(np.load(npz))
+    d.update(change)
+    path = tmp_path / "bad.npz"
+    np.savez(path, **d)
+    return str(path)
+
+
+def _nan_row(x, row):
+    x = x.copy()
+    x[row, 3] = np.nan
+    return x
+
+
+BAD_DATA = {
+    "nan_train": (lambda d: {"x_train": _nan_row(d["x_train"], 5)}, "x_train holds NaN or infinite values"),
+    "nan_test_row": (lambda d: {"x_test": _nan_row(d["x_test"], 7)}, "x_test holds NaN or infinite values"),
+    "negative_label": (lambda d: {"y_train": np.where(np.arange(160) == 3, -1, d["y_train"])}, "labels must be in [0, 3)"),
+    "labels_2d": (lambda d: {"y_train": np.eye(3, dtype=np.int64)[d["y_train"]]}, "one integer class label per sample"),
+    "test_width": (lambda d: {"x_test": d["x_test"][:, :10]}, "test samples have shape (10,), training samples (12,)"),
+    "one_class": (lambda d: {"y_train": 0 * d["y_train"], "y_test": 0 * d["y_test"]}, "a single class"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_DATA))
+def test_unusable_data_exit_2_before_training(case, tmp_path, npz, capsys, api):
+    change, message = BAD_DATA[case]
+    path = _bad_file(tmp_path, npz, **change(dict(np.load(npz))))
+    out = tmp_path / "out"
+    code = main(["study", "--data", path, "--model", "f1", "--sb", "8", "--lb", "32", "--seeds", "1", "--epochs", "1",
+                 "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not (out / "runs").exists()  # nothing trained
+
+
+BAD_NETS = {
+    "wrong_outputs": ("def net(input_shape, num_classes):\n    return nn.Linear(input_shape[0], 2)\n",
+                      "gives outputs of shape (4, 2) for 4 samples; the study needs (4, 3)"),
+    "raises": ("def net(input_shape, num_classes):\n    raise RuntimeError('boom')\n", "cannot be built"),
+    "wrong_input": ("def net(input_shape, num_classes):\n    return nn.Linear(5, num_classes)\n", "does not run on samples"),
+    "no_parameters": ("def net(input_shape, num_classes):\n    return nn.Flatten()\n", "no trainable parameters"),
+    "fewer_parameters_than_p": ("def net(input_shape, num_classes):\n    return nn.Linear(input_shape[0], num_classes)\n",
+                                "has 39 trainable parameters, fewer than the random subspace's dimension p = 100"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_NETS))
+def test_unusable_model_exits_2_before_training(case, tmp_path, npz, capsys, monkeypatch, api):
+    body, message = BAD_NETS[case]
+    _write_nets(tmp_path, monkeypatch, body)
+    out = tmp_path / "out"
+    code = main(["study", "--data", npz, "--model", "mynets:net", "--sb", "8", "--lb", "32", "--seeds", "1",
+                 "--epochs", "1", "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "mynets:net" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not (out / "runs").exists()
+
+
+# ---------------------------------------------------------------------- report
+def test_spearman_p_values_are_exact_for_few_points():
+    from scipy import stats
+
+    from sharpkit.study.report import spearman
+
+    def p(x, y):
+        return spearman(x, y)[1]
+
+    # Exact two-sided permutation p-values (scipy's t-approximation gives 0 for the first two).
+    assert p([1, 2, 3], [1, 2, 3]) == pytest.approx(2 / 6)
+    assert p([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(2 / 24)
+    assert p([1, 2, 3, 4, 5], [1, 2, 3, 5, 4]) == pytest.approx(10 / 120)  # rho = 0.9
+    assert p([1, 2, 3, 4, 5], [1, 2, 3, 4, 5]) == pytest.approx(2 / 120)
+    x, y = [1, 2, 3, 4, 5, 6], [1, 1, 2, 2, 3, 3]  # ties
+    ref = stats.permutation_test((y,), lambda v: stats.spearmanr(x, v).statistic, permutation_type="pairings")
+    assert spearman(x, y)[:2] == pytest.approx((stats.spearmanr(x, y).statistic, ref.pvalue))
+    # More points: random orderings from a fixed seed, never p = 0.
+    r = spearman(range(12), range(12))
+    assert r[0] == 1.0 and 0 < r[1] < 1e-3 and r[1] == spearman(range(12), range(12))[1]
+
+
+def test_trend_verdicts_need_significance():
+    from sharpkit.study.report import summarize
+
+    def results(points):
+        runs = [{"role": role, "seed": 0, "batch": 8, "test_acc": 0.9, "train_acc": 1.0, "dist_from_init": 1.0}
+                for role in ("sb", "lb")]
+        sweep = [{"batch": 8 * 2 ** i, "sharpness": 1.0 + i, "test_acc": 0.9 - 0.01 * i, "lambda_max": 1.0 + i}
+                 for i in range(points)]
+        return {"config": {"subspace_dim": 100, "eps": [], "solvers": []},
+                "models": {"f1": {"runs": runs, "sharpness": [], "curvature": [], "sweep": sweep}}}
+
+    def fig4(points):
+        return next(v for v in summarize(results(points))["models"]["f1"]["verdicts"] if v["claim"].startswith("Fig. 4"))
+
+    v = fig4(4)  # a perfect ranking of 4 batch sizes: p = 1/12, not significant
+    assert v["verdict"] == "same direction, not significant" and "exact permutation test" in v["statistic"]
+    assert fig4(5)["verdict"] == "reproduced"  # p = 1/60
+
+
+def test_paired_test_with_equal_differences():
+    from sharpkit.study.report import _verdict
+
+    three = paired_test([1.0, 1.0, 1.0], [2.0, 2.0, 2.0])
+    assert three["p"] == pytest.approx(0.125) and three["verdict"] == "same direction, not significant"
+    five = paired_test([1.0] * 5, [2.0] * 5)
+    assert five["p"] == pytest.approx(1 / 32) and five["verdict"] == "reproduced"
+    stat = _verdict("claim", "", "", five)["statistic"]
+    assert "sign test" in stat and "inf" not in stat and "nan" not in stat
+    assert paired_test([1.0] * 4, [1.0] * 4)["verdict"] == "not reproduced"
+
+
+def test_unsorted_seeds_noise_order_and_epoch_caps(tmp_path, npz, api):
+    out = tmp_path / "study"
+    cfg = _tiny(npz, models=("f1",), seeds=(2, 0), eps=(1e-3,), solvers=("apgd",), sweep=(8, 32), lb_epochs_factor=2.0)
+    results = run_study(cfg, out, progress=False, threads=1)
+    s = results["summary"]["models"]["f1"]
+    # The pipeline tracks the first configured seed (2), not the smallest.
+    assert any(v["claim"].startswith("Fig. 6") for v in s["verdicts"])
+    assert s["tracking"]["end"]["sb"] is not None and s["tracking"]["end"]["lb"] is not None
+    assert [n["epoch"] for n in results["models"]["f1"]["noise_scale"]][-1] == "final"
+    assert "capped at 3 epochs at SB and 6 at LB" in (out / "report.html").read_text()

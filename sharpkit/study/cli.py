@@ -36,7 +36,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--solvers", default=None, help=f"comma-separated ε-sharpness solvers from {SOLVERS} (default lbfgsb,apgd)")
     p.add_argument("--sweep", default=None, help="comma-separated batch sizes for the sweep (default: SB, 2SB, 4SB, ... LB)")
     p.add_argument("--warm-epochs", default=None, help="comma-separated k for the warm-start experiment")
-    p.add_argument("--quick", action="store_true", help="same pipeline, smaller: about 3 minutes on a 2-core CPU")
+    p.add_argument("--quick", action="store_true", help="same pipeline, smaller (2 seeds, short training): about 1 minute on a 2-core CPU")
     p.add_argument("--out", default="sharpkit-study", help="output directory (default sharpkit-study/); reused to resume")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads of the measurements (default: every available core on an idle machine, 1 on a busy one); training always uses one, so the trained models do not depend on it")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -6,10 +6,11 @@ import base64
 import csv
 import html
 import io
+import itertools
 import json
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
@@ -50,9 +51,12 @@ def paired_test(sb: Sequence[float], lb: Sequence[float], lb_greater: bool = Tru
 
     The per-seed difference ``d = lb - sb`` (``log(lb / sb)`` with ``log=True``, for quantities
     that differ by factors) gives the paired t statistic ``mean(d) / (std(d) / sqrt(n))`` and a
-    one-sided p-value for the claimed direction (``lb_greater``).  The verdict: "reproduced"
-    (right direction, p < 0.05, n >= 3), "same direction, not significant", "same direction
-    (too few seeds to test)" (n < 3, every seed agrees) or "not reproduced".
+    one-sided p-value for the claimed direction (``lb_greater``).  When every difference is the
+    same the t statistic is undefined: the p-value is then the exact one-sided sign test's
+    (``0.5 ** n`` when all differences lie in the claimed direction, 1 otherwise), and ``test``
+    says so.  The verdict: "reproduced" (right direction, p < 0.05, n >= 3), "same direction, not
+    significant", "same direction (too few seeds to test)" (n < 3, every seed agrees) or
+    "not reproduced".
     """
     from scipy import stats
 
@@ -61,41 +65,75 @@ def paired_test(sb: Sequence[float], lb: Sequence[float], lb_greater: bool = Tru
         pairs = [(a, b) for a, b in pairs if a > 0 and b > 0]
     n = len(pairs)
     if n == 0:
-        return {"n": 0, "verdict": "not measured", "t": math.nan, "p": math.nan, "mean_diff": math.nan}
+        return {"n": 0, "verdict": "not measured", "t": math.nan, "p": math.nan, "mean_diff": math.nan,
+                "test": "none"}
     a = np.array([p[0] for p in pairs])
     b = np.array([p[1] for p in pairs])
     d = np.log(b / a) if log else b - a
     sign = 1.0 if lb_greater else -1.0
     mean_d = float(d.mean())
-    if n >= 2 and d.std(ddof=1) > 0:
-        t = float(mean_d / (d.std(ddof=1) / math.sqrt(n)))
-        p = float(stats.t.sf(sign * t, df=n - 1))
-    else:
-        t, p = (math.inf * np.sign(mean_d) if mean_d != 0 else math.nan), math.nan
     right = sign * mean_d > 0
     all_right = bool(np.all(sign * d > 0))
+    t, p, test = math.nan, math.nan, "none (one seed)"
+    if n >= 2 and d.std(ddof=1) > 0:
+        t = float(mean_d / (d.std(ddof=1) / math.sqrt(n)))
+        p, test = float(stats.t.sf(sign * t, df=n - 1)), "paired t-test"
+    elif n >= 2:  # equal differences: no t statistic; the sign test still weighs n agreeing seeds
+        p, test = (0.5 ** n if all_right else 1.0), "sign test (every difference equal)"
     if not right:
         verdict = "not reproduced"
-    elif n >= 3 and (p < 0.05 or (math.isnan(p) and all_right)):
+    elif n >= 3 and p < 0.05:
         verdict = "reproduced"
     elif n >= 3:
         verdict = "same direction, not significant"
     else:
         verdict = "same direction (too few seeds to test)" if all_right else "not reproduced"
-    out = {"n": n, "t": t, "p": p, "mean_diff": mean_d, "verdict": verdict, "seeds_agreeing": int(np.sum(sign * d > 0))}
+    out = {"n": n, "t": t, "p": p, "test": test, "mean_diff": mean_d, "verdict": verdict,
+           "seeds_agreeing": int(np.sum(sign * d > 0))}
     if log:
         out["ratio_geomean"] = float(np.exp(mean_d))
     return out
 
 
-def spearman(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
+# Spearman p-values come from permutations, not the t-approximation, which is anti-conservative
+# for few points (p = 0 for rho = 1 at n = 3 or 4): exact (all n! orderings, 40320 at 8) up to
+# SPEARMAN_EXACT_MAX_N points, else SPEARMAN_RESAMPLES random orderings drawn from a fixed seed.
+SPEARMAN_EXACT_MAX_N = 8
+SPEARMAN_RESAMPLES = 20000
+
+
+class Spearman(NamedTuple):
+    rho: float
+    p: float  # two-sided
+    n: int  # finite pairs used
+    test: str  # how p was computed
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> Spearman:
+    """Spearman's rank correlation of the finite pairs and its two-sided permutation p-value: the
+    share of orderings of y's ranks whose |rho| reaches the observed one, over all orderings up
+    to ``SPEARMAN_EXACT_MAX_N`` points, else ``(1 + hits) / (1 + SPEARMAN_RESAMPLES)`` over random
+    orderings (seeded, so reports are reproducible).  NaN for fewer than 3 points or constant data."""
     from scipy import stats
 
     pts = [(a, b) for a, b in zip(x, y) if a is not None and b is not None and np.isfinite(a) and np.isfinite(b)]
-    if len(pts) < 3:
-        return math.nan, math.nan
-    r = stats.spearmanr([p[0] for p in pts], [p[1] for p in pts])
-    return float(r.statistic), float(r.pvalue)
+    n = len(pts)
+    if n < 3:
+        return Spearman(math.nan, math.nan, n, "none (fewer than 3 points)")
+    rx = stats.rankdata([p[0] for p in pts]) - (n + 1) / 2
+    ry = stats.rankdata([p[1] for p in pts]) - (n + 1) / 2
+    scale = math.sqrt(float(rx @ rx) * float(ry @ ry))
+    if scale == 0:
+        return Spearman(math.nan, math.nan, n, "none (constant values)")
+    rho = float(rx @ ry) / scale
+    if n <= SPEARMAN_EXACT_MAX_N:
+        orders, test = np.array(list(itertools.permutations(range(n)))), "exact permutation test"
+    else:
+        orders = np.random.default_rng(0).permuted(np.tile(np.arange(n), (SPEARMAN_RESAMPLES, 1)), axis=1)
+        test = f"permutation test, {SPEARMAN_RESAMPLES} random orderings"
+    hits = int(np.sum(np.abs(ry[orders] @ rx) / scale >= abs(rho) - 1e-9))  # ties with |rho| count despite rounding
+    p = hits / len(orders) if n <= SPEARMAN_EXACT_MAX_N else (1 + hits) / (1 + len(orders))
+    return Spearman(rho, p, n, test)
 
 
 # ---------------------------------------------------------------------- summary
@@ -229,7 +267,9 @@ def summarize(results: dict) -> dict:
                              "statistic": "one seed (first)",
                              "verdict": "reproduced (one seed)" if rise["lb"] > rise["sb"] else "not reproduced (one seed)"})
         # Fig 6: sharpness along training
-        track = {r["role"]: r.get("tracking", []) for r in runs if r["seed"] == min(x["seed"] for x in runs)}
+        # The pipeline tracks the first seed of the configured order (not the smallest): read the
+        # runs that carry tracking.
+        track = {r["role"]: r["tracking"] for r in runs if "tracking" in r}
         lam_end = {role: next((h["lambda_max"] for h in reversed(track.get(role, [])) if h.get("lambda_max") is not None), None)
                    for role in ("sb", "lb")}
         lam_peak = {role: max((h["lambda_max"] for h in track.get(role, []) if h.get("lambda_max") is not None), default=None)
@@ -246,29 +286,30 @@ def summarize(results: dict) -> dict:
         if m.get("sweep"):
             sw = m["sweep"]
             b = [r["batch"] for r in sw]
-            rho_s, p_s = spearman(b, [r["sharpness"] for r in sw])
-            rho_a, p_a = spearman(b, [r["test_acc"] for r in sw])
-            rho_l, _ = spearman(b, [r["lambda_max"] for r in sw])
+            sh = spearman(b, [r["sharpness"] for r in sw])
+            ac = spearman(b, [r["test_acc"] for r in sw])
+            lam = spearman(b, [r["lambda_max"] for r in sw])
             jump = _jump(sw)
-            s["sweep"] = {"spearman_sharpness": rho_s, "p_sharpness": p_s, "spearman_test_acc": rho_a, "p_test_acc": p_a,
-                          "spearman_lambda_max": rho_l, "jump_batch": jump}
+            s["sweep"] = {"spearman_sharpness": sh.rho, "p_sharpness": sh.p, "spearman_test_acc": ac.rho,
+                          "p_test_acc": ac.p, "p_test": sh.test, "spearman_lambda_max": lam.rho, "jump_batch": jump}
             verdicts.append({"claim": "Fig. 4: sharpness grows and test accuracy falls with batch size",
-                             "measured": f"Spearman ρ(batch, sharpness) = {rho_s:.2f}, ρ(batch, λ_max) = {rho_l:.2f}, "
-                                         f"ρ(batch, test acc) = {rho_a:.2f}; largest sharpness jump at batch {jump}",
+                             "measured": f"Spearman ρ(batch, sharpness) = {sh.rho:.2f}, ρ(batch, λ_max) = {lam.rho:.2f}, "
+                                         f"ρ(batch, test acc) = {ac.rho:.2f}; largest sharpness jump at batch {jump}",
                              "paper": "paper: a threshold beyond which sharpness jumps and accuracy drops",
-                             "statistic": f"{len(sw)} batch sizes, one seed; p = {p_s:.2g} / {p_a:.2g}",
-                             "verdict": _trend_verdict(rho_s, p_s, +1, rho_a, -1)})
+                             "statistic": f"{len(sw)} batch sizes, one seed; {_spearman_stat(sh, ac)}",
+                             "verdict": _trend_verdict(sh.rho, sh.p, +1, ac.rho, -1)})
         if m.get("warm_start"):
             ws = m["warm_start"]
             k = [r["k"] for r in ws]
-            rho_s, p_s = spearman(k, [r["sharpness"] for r in ws])
-            rho_a, p_a = spearman(k, [r["test_acc"] for r in ws])
-            s["warm_start"] = {"spearman_sharpness": rho_s, "spearman_test_acc": rho_a}
+            sh = spearman(k, [r["sharpness"] for r in ws])
+            ac = spearman(k, [r["test_acc"] for r in ws])
+            s["warm_start"] = {"spearman_sharpness": sh.rho, "p_sharpness": sh.p, "spearman_test_acc": ac.rho,
+                               "p_test_acc": ac.p, "p_test": sh.test}
             verdicts.append({"claim": "Fig. 5: warm-starting LB from later SB iterates gives flatter, better minimizers",
-                             "measured": f"Spearman ρ(k, sharpness) = {rho_s:.2f}, ρ(k, test acc) = {rho_a:.2f}",
+                             "measured": f"Spearman ρ(k, sharpness) = {sh.rho:.2f}, ρ(k, test acc) = {ac.rho:.2f}",
                              "paper": "paper: sharpness falls and test accuracy rises with k",
-                             "statistic": f"{len(ws)} values of k, one seed; p = {p_s:.2g} / {p_a:.2g}",
-                             "verdict": _trend_verdict(rho_s, p_s, -1, rho_a, +1)})
+                             "statistic": f"{len(ws)} values of k, one seed; {_spearman_stat(sh, ac)}",
+                             "verdict": _trend_verdict(sh.rho, sh.p, -1, ac.rho, +1)})
         if m.get("noise_scale"):
             bs = [r["b_simple"] for r in m["noise_scale"] if r.get("b_simple") is not None and np.isfinite(r["b_simple"])]
             jump = s.get("sweep", {}).get("jump_batch")
@@ -311,13 +352,26 @@ def _trend_verdict(rho_s: float, p_s: float, sign_s: int, rho_a: float, sign_a: 
     return "same direction, not significant" if acc_ok else "sharpness same direction (not significant), accuracy trend not"
 
 
+def _spearman_stat(sharpness: Spearman, accuracy: Spearman) -> str:
+    tests = sorted({sharpness.test, accuracy.test})
+    return (f"two-sided p = {sharpness.p:.2g} (sharpness) / {accuracy.p:.2g} (test accuracy), "
+            f"{' / '.join(tests)}")
+
+
 def _ratio(test: dict) -> str:
     r = test.get("ratio_geomean")
     return "n/a" if r is None or not np.isfinite(r) else f"{r:.3g}x (geometric mean over seeds)"
 
 
 def _verdict(claim: str, measured: str, paper: str, test: dict) -> dict:
-    stat = f"paired over {test['n']} seeds: t = {test['t']:.2f}, one-sided p = {test['p']:.2g}" if test["n"] else "not measured"
+    if not test["n"]:
+        stat = "not measured"
+    elif test["test"] == "paired t-test":
+        stat = f"paired over {test['n']} seeds: t = {test['t']:.2f}, one-sided p = {test['p']:.2g}"
+    elif test["n"] >= 2:
+        stat = f"paired over {test['n']} seeds: every difference equal, so no t; {test['test']}: one-sided p = {test['p']:.2g}"
+    else:
+        stat = "one seed: no test"
     return {"claim": claim, "measured": measured, "paper": paper, "statistic": stat, "verdict": test["verdict"]}
 
 
@@ -550,13 +604,16 @@ def render_html(results: dict, figures: list[Path]) -> str:
                  "say how its A is drawn, so absolute subspace values are not comparable with its Table 4. "
                  "Verdicts compare SB and LB trained from the same initialisation (paired by seed); "
                  "p-values are one-sided paired t-tests on the per-seed differences (log ratios for sharpness "
-                 "and curvature).</p>")
+                 "and curvature), or sign tests where every difference is equal. The trends of Fig. 4 and 5 "
+                 "(one seed) are judged by Spearman rank correlations with two-sided p-values, exact "
+                 f"permutation tests up to {SPEARMAN_EXACT_MAX_N} points (the t-approximation would give "
+                 "p = 0 for a perfect ranking of 3 or 4 points).</p>")
     stats = results.get("stats", {})
     parts.append("<h2>Configuration</h2>" + _table([
         {"setting": "data", "value": f"{res['data_name']}: {res['n_train']} train / {res['n_test']} test, input {res['input_shape']}, {res['num_classes']} classes"},
         {"setting": "models", "value": ", ".join(f"{k} ({v['num_params']} parameters, {v['model_kwargs']})" for k, v in results["models"].items())},
         {"setting": "batch sizes", "value": f"SB = {res['sb']}, LB = {res['lb']} (LB/SB = {res['lb_over_sb']:.1f})"},
-        {"setting": "training", "value": f"Adam lr {cfg['lr']}, until the epoch loss stops improving by {cfg['min_rel_improvement']:.0%} for {cfg['patience']} epochs, cap {cfg['max_epochs']} epochs"},
+        {"setting": "training", "value": f"Adam lr {cfg['lr']}, until the epoch loss stops improving by {cfg['min_rel_improvement']:.0%} for {cfg['patience']} epochs, capped at {res['epoch_cap_sb']} epochs at SB and {res['epoch_cap_lb']} at LB ({cfg['lb_epochs_factor']:g}× as many; geometric in between)"},
         {"setting": "seeds", "value": ", ".join(map(str, cfg["seeds"]))},
         {"setting": "ε-sharpness", "value": f"ε ∈ {cfg['eps']}, solvers {cfg['solvers']}, {cfg['sharpness_iters']} iterations, subspace p = {cfg['subspace_dim']} (Gaussian, Philox-seeded), on {res['sharpness_samples']} training samples, BN {cfg['bn']}"},
         {"setting": "Hessian", "value": f"λ_max by Lanczos (tol {cfg['eig_tol']}), trace by Hutch++ ({cfg['trace_matvecs']} matvecs), on {res['curvature_samples']} training samples"},

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..data import to_device
-from .store import atomic_torch_save
+from .store import atomic_torch_save, load_weights_record
 
 __all__ = ["TrainConfig", "TrainResult", "train"]
 
@@ -66,9 +66,10 @@ def train(
     Each epoch visits the training set once in a fresh random order drawn from ``seed``.  The
     epoch loss is the sample-weighted mean of the minibatch losses seen during the epoch (train
     mode).  With ``checkpoint`` the state after each epoch is saved there and a later call with the
-    same path resumes from it.  ``on_epoch(epoch, model, entry)`` is called after epoch 0 (before any
-    step) and after each epoch; a dict it returns is merged into that epoch's history entry.
-    ``progress``: a tqdm bar advanced once per epoch (optional).
+    same path resumes from it (a checkpoint that cannot be read or does not fit ``model`` is
+    ignored with a warning and training starts afresh).  ``on_epoch(epoch, model, entry)`` is
+    called after epoch 0 (before any step) and after each epoch; a dict it returns is merged into
+    that epoch's history entry.  ``progress``: a tqdm bar advanced once per epoch (optional).
     """
     x, y = train_data
     n = x.shape[0]
@@ -82,8 +83,9 @@ def train(
     gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + config.batch_size)
     result = TrainResult()
     ckpt = Path(checkpoint) if checkpoint is not None else None
-    if ckpt is not None and ckpt.exists():
-        state = torch.load(ckpt, map_location=device, weights_only=False)
+    # An unreadable checkpoint, or one of another architecture, is ignored (with a warning).
+    state = load_weights_record(ckpt, model, device) if ckpt is not None and ckpt.exists() else None
+    if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         gen.set_state(state["generator"])
