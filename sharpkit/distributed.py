@@ -193,9 +193,28 @@ def shard(
         return batches
     if rank is None and world_size is None and not is_distributed():
         return batches
+    _check_same_order(data)
     world = get_world_size() if world_size is None else int(world_size)
     r = get_rank() if rank is None else int(rank)
     return batches.shard(r, world, keep_batches=keep_batches)
+
+
+def _check_same_order(data: Any) -> None:
+    """Sharding deals batch j to rank j % world, so every rank must iterate the same sequence.  A
+    DataLoader that shuffles from the global random state draws another order on each rank (DDP
+    scripts seed ranks apart): samples would be counted twice or missed with the right total."""
+    from .data import Batches
+
+    while isinstance(data, Batches):
+        data = data._source
+    sampler = getattr(data, "sampler", None)
+    if isinstance(sampler, torch.utils.data.RandomSampler) and sampler.generator is None:
+        raise ValueError(
+            "a DataLoader with shuffle=True draws its order from each process's global random state, so the "
+            "ranks would see different sequences: pass shuffle=False, a generator seeded alike on every rank "
+            "(DataLoader(..., generator=torch.Generator().manual_seed(0))), or this rank's own part "
+            "through sharpkit.distributed.local_data"
+        )
 
 
 def uses_batch_statistics(model: torch.nn.Module, bn: str | None = None) -> bool:
@@ -372,13 +391,16 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 # A side group for waiting while rank 0 works alone (it may take longer than the default
 # group's timeout, which guards ordinary collectives).
 _waiting_group = None
+_waiting_group_for = None  # the default group it was made in (a group dies with its default group)
 WAIT_TIMEOUT = datetime.timedelta(hours=24)
 
 
 def _wait_group():
-    global _waiting_group
-    if _waiting_group is None:
+    global _waiting_group, _waiting_group_for
+    default = dist.distributed_c10d._get_default_group()
+    if _waiting_group is None or _waiting_group_for is not default:
         _waiting_group = dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT)
+        _waiting_group_for = default
     return _waiting_group
 
 
@@ -422,7 +444,7 @@ def launcher_session(backend: str | None = None, timeout: datetime.timedelta | f
     """For entry points (``python -m sharpkit`` under torchrun): when the torchrun variables say
     ``WORLD_SIZE > 1`` and no group exists yet, initialise one, and destroy it on exit.  Yields
     whether a group of several processes is active.  Outside torchrun it does nothing."""
-    global _waiting_group  # the gloo group for waits dies with the process group: forget it
+    global _waiting_group, _waiting_group_for  # the gloo group for waits dies with the process group
     started = False
     if (
         launched_by_torchrun()
@@ -436,5 +458,5 @@ def launcher_session(backend: str | None = None, timeout: datetime.timedelta | f
         yield is_distributed()
     finally:
         if started and dist.is_initialized():
-            _waiting_group = None
+            _waiting_group = _waiting_group_for = None
             dist.destroy_process_group()

@@ -76,7 +76,10 @@ class Objective:
             _dist.shard(batches, keep_batches=_dist.uses_batch_statistics(model)) if self.distributed else batches
         )
         if regroup is not False and not _dist.uses_batch_statistics(model):
-            rows = regroup_rows(model, self.batches, self.device, self.dtype) if regroup is True else int(regroup)
+            # Reads this rank's data (a forward of its largest batch): a failure on one rank must
+            # stop every rank, not leave the others in the next collective.
+            with _dist.agree("planning the data passes"):
+                rows = regroup_rows(model, self.batches, self.device, self.dtype) if regroup is True else int(regroup)
             if rows is not None:
                 self.batches = regroup_batches(self.batches, rows)
         # The total over all ranks: every pass divides its reduced sums by it.

@@ -362,9 +362,35 @@ def failures(tmp: Path) -> dict[str, str]:
 
         main_process_computes(train, "training")
 
+    def plan():
+        # Rank 1's batch (index 1) does not fit the model: found while planning the passes.
+        import sharpkit as sk
+
+        x, y = make_data(40)
+        batches = [(x[0:10], y[0:10]), (x[10:20, :7], y[10:20]), (x[20:30], y[20:30]), (x[30:], y[30:])]
+        sk.hessian(make_model(), nn.CrossEntropyLoss(), batches)
+
+    def shuffled():
+        import sharpkit as sk
+
+        torch.manual_seed(100 + rank)  # DDP scripts seed ranks apart: each would draw its own order
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*make_data()), batch_size=8, shuffle=True)
+        sk.keskar_sharpness(make_model(), nn.CrossEntropyLoss(), loader, max_iter=1)
+
+    def m_sharpness_on_a_part():
+        import sharpkit as sk
+        from sharpkit.distributed import local_data
+
+        x, y = make_data()
+        part = (x[:8], y[:8]) if rank == 0 else (x[8:12], y[8:12])
+        sk.adaptive_sharpness(make_model(), nn.CrossEntropyLoss(), local_data(part), rho=0.1, m=4, max_iter=2)
+
     attempt("in_pass", passes)
     attempt("load", load)
     attempt("rank0_alone", rank0_fails)
+    attempt("plan", plan)
+    attempt("shuffled", shuffled)
+    attempt("m_local", m_sharpness_on_a_part)
     t = torch.ones(2)
     attempt("after", lambda: all_reduce_sum_([t]))
     seen["after_value"] = str(t.tolist())
@@ -456,10 +482,34 @@ def test_failing_rank_is_reported_once_and_nobody_hangs(tmp_path):
     assert r0["load"].startswith("PeerFailure: rank 1 failed during loading the checkpoint")
     assert r0["rank0_alone"].startswith("RuntimeError: training diverged")
     assert r1["rank0_alone"].startswith("PeerFailure: rank 0 failed during training")
+    assert r1["plan"].startswith("RuntimeError") and "planning the data passes" in r1["plan"]
+    assert r0["plan"].startswith("PeerFailure: rank 1 failed during planning the data passes")
+    for r in (r0, r1):  # refused on every rank, before any collective
+        assert r["shuffled"].startswith("ValueError: a DataLoader with shuffle=True"), r["shuffled"]
+        assert r["m_local"].startswith("ValueError: m-sharpness needs the full data"), r["m_local"]
     # The group survives reported failures ...
     assert r0["after"] == r1["after"] == "ok" and r0["after_value"] == r1["after_value"] == "[2.0, 2.0]"
     # ... and a dead peer is an error on rank 0, not a hang.
     assert r0["peer_died"].startswith("RuntimeError") and "Connection" in r0["peer_died"]
+
+
+def test_wait_group_is_made_anew_for_a_new_process_group(tmp_path):
+    """The side group for waiting belongs to the process group it was made in: after the group is
+    destroyed and initialised again, a new one is made (the old handle would raise)."""
+    import torch.distributed as dist
+
+    from sharpkit.distributed import _wait_group
+
+    groups = []
+    for round_ in range(2):
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store{round_}", rank=0, world_size=1)
+        try:
+            groups.append(_wait_group())
+            assert _wait_group() is groups[-1]  # kept within one process group
+            dist.barrier(group=groups[-1])
+        finally:
+            dist.destroy_process_group()
+    assert groups[0] is not groups[1]
 
 
 def cli_data() -> tuple[torch.Tensor, torch.Tensor]:

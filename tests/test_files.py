@@ -30,3 +30,35 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
         atomic_write(target, half_then_fail)
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+def test_concurrent_writers_of_one_path_each_write_whole_files(tmp_path):
+    # Threads share a pid (as processes on different nodes can): each writer needs its own
+    # temporary file, or one truncates the other's and the result is torn.
+    import threading
+
+    path = tmp_path / "shared.bin"
+    contents = {name: name.encode() * (64 << 10) for name in ("A", "BB", "CCC")}
+    errors: list[BaseException] = []
+    start = threading.Barrier(len(contents))
+
+    def writer(data: bytes) -> None:
+        def write(fh):
+            start.wait()
+            for i in range(0, len(data), 4096):
+                fh.write(data[i:i + 4096])
+
+        try:
+            atomic_write(path, write)
+        except BaseException as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+
+    for _ in range(5):
+        threads = [threading.Thread(target=writer, args=(d,)) for d in contents.values()]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors
+        assert path.read_bytes() in contents.values()
+    assert [p.name for p in tmp_path.iterdir()] == ["shared.bin"]

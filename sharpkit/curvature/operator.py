@@ -102,25 +102,28 @@ class CurvatureOperator:
             self.objective._frozen = {k: v.detach().clone() for k, v in self.objective._frozen.items()}
             self.flat = self.objective.flat
             self.x = self.objective.x0()
-            num_batches, input_shape = 0, None
-            for inputs, _ in self.objective.batches:
-                num_batches += 1
-                input_shape = input_shape or tuple(inputs.shape)
-            if cache is None:
-                cache = num_batches == 1 or self.objective.num_samples <= CACHE_MAX_SAMPLES
-            self.cache = bool(cache)
-            self.engine: HVPEngine = make_engine(
-                kind, model, self.objective.loss_fn, self.flat, self.x, engine=engine, dtype=self.objective.dtype,
-                device=self.objective.device, cache=self.cache, objective=self.objective, ad=ad, bn=bn,
-                input_shape=input_shape,
-            )
-            if regroup and num_batches > 1 and not _dist.uses_batch_statistics(model):
-                # After the engine: its preference says how many directions one pass carries.
-                rows = regroup_rows(model, self.objective.batches, self.objective.device, self.objective.dtype,
-                                    vectors=self.preferred_block_size, max_rows=CURVATURE_PASS_ROWS)
-                if rows is not None:
-                    self.objective.batches = regroup_batches(self.objective.batches, rows)
-                    num_batches = sum(1 for _ in self.objective.batches)
+            # This rank's data are read here (and a forward runs when planning passes): a failure on
+            # one rank must stop every rank, not leave the others in the next collective.
+            with _dist.agree("planning the data passes"):
+                num_batches, input_shape = 0, None
+                for inputs, _ in self.objective.batches:
+                    num_batches += 1
+                    input_shape = input_shape or tuple(inputs.shape)
+                if cache is None:
+                    cache = num_batches == 1 or self.objective.num_samples <= CACHE_MAX_SAMPLES
+                self.cache = bool(cache)
+                self.engine: HVPEngine = make_engine(
+                    kind, model, self.objective.loss_fn, self.flat, self.x, engine=engine, dtype=self.objective.dtype,
+                    device=self.objective.device, cache=self.cache, objective=self.objective, ad=ad, bn=bn,
+                    input_shape=input_shape,
+                )
+                if regroup and num_batches > 1 and not _dist.uses_batch_statistics(model):
+                    # After the engine: its preference says how many directions one pass carries.
+                    rows = regroup_rows(model, self.objective.batches, self.objective.device, self.objective.dtype,
+                                        vectors=self.preferred_block_size, max_rows=CURVATURE_PASS_ROWS)
+                    if rows is not None:
+                        self.objective.batches = regroup_batches(self.objective.batches, rows)
+                        num_batches = sum(1 for _ in self.objective.batches)
         self.num_batches = num_batches
         self._batch_sizes: list[int] | None = None  # samples per batch, after the first pass
         self.num_matvecs = 0

@@ -39,7 +39,13 @@ KINDS = ("worst", "average")
 
 def _chunks(data: Any, m: int, num_examples: int | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The first ``num_examples`` examples of ``data`` in consecutive chunks of ``m``."""
-    xs, ys = as_batches(data).materialize(max_samples=num_examples)
+    batches = as_batches(data)
+    if batches.is_sharded:
+        # Each rank would cut its own share into a different number of chunks (and issue another
+        # number of collectives); m-sharpness takes the full data on every rank instead.
+        raise ValueError("m-sharpness needs the full data on every rank, not this rank's part (local_data); "
+                         "pass the data unsharded")
+    xs, ys = batches.materialize(max_samples=num_examples)
     return [(xs[s : s + m], ys[s : s + m]) for s in range(0, xs.shape[0], m)]
 
 
