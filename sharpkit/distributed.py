@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import pickle
 from typing import Any, Callable, Sequence, TypeVar
 
 import torch
@@ -421,7 +422,9 @@ def main_process_computes(fn: Callable[[], T], what: str = "work on rank 0") -> 
     if is_main_process():
         try:
             with suspended():
-                box[0] = ("ok", fn())
+                value = fn()
+            pickle.dumps(value)  # an unpicklable result fails here, reported like fn's own errors
+            box[0] = ("ok", value)
         except Exception as exc:  # noqa: BLE001 - handed to the other ranks, then re-raised
             error, box[0] = exc, ("error", f"{type(exc).__name__}: {exc}")
     dist.broadcast_object_list(box, src=0, group=group)

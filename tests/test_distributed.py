@@ -362,6 +362,11 @@ def failures(tmp: Path) -> dict[str, str]:
 
         main_process_computes(train, "training")
 
+    def rank0_unpicklable():
+        from sharpkit.distributed import main_process_computes
+
+        main_process_computes(lambda: (lambda: None), "returning a function")
+
     def plan():
         # Rank 1's batch (index 1) does not fit the model: found while planning the passes.
         import sharpkit as sk
@@ -388,6 +393,7 @@ def failures(tmp: Path) -> dict[str, str]:
     attempt("in_pass", passes)
     attempt("load", load)
     attempt("rank0_alone", rank0_fails)
+    attempt("rank0_unpicklable", rank0_unpicklable)
     attempt("plan", plan)
     attempt("shuffled", shuffled)
     attempt("m_local", m_sharpness_on_a_part)
@@ -482,6 +488,8 @@ def test_failing_rank_is_reported_once_and_nobody_hangs(tmp_path):
     assert r0["load"].startswith("PeerFailure: rank 1 failed during loading the checkpoint")
     assert r0["rank0_alone"].startswith("RuntimeError: training diverged")
     assert r1["rank0_alone"].startswith("PeerFailure: rank 0 failed during training")
+    assert "pickle" in r0["rank0_unpicklable"].lower(), r0["rank0_unpicklable"]
+    assert r1["rank0_unpicklable"].startswith("PeerFailure: rank 0 failed during returning a function")
     assert r1["plan"].startswith("RuntimeError") and "planning the data passes" in r1["plan"]
     assert r0["plan"].startswith("PeerFailure: rank 1 failed during planning the data passes")
     for r in (r0, r1):  # refused on every rank, before any collective
