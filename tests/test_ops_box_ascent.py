@@ -235,3 +235,15 @@ def test_gpu_nan_inf(backend):
         args = (x, y, g, eps, 0.02, "sign", yp, 0.6)
         for a, b in zip(sk.ops.box_ascent_step(*args, backend=backend), box_ascent_step_reference(*args)):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, equal_nan=True)
+
+
+def test_inputs_that_need_gradients_take_the_differentiable_path():
+    x = torch.randn(33, dtype=torch.float64)
+    y = torch.zeros(33, dtype=torch.float64)
+    g = torch.randn(33, dtype=torch.float64, requires_grad=True)
+    y_new, _ = sk.ops.box_ascent_step(x, y, g, epsilon=0.1, step=0.01, mode="grad")
+    assert y_new.requires_grad  # the torch path recorded the update
+    reference, _ = box_ascent_step_reference(x, y, g, 0.1, 0.01, "grad")
+    torch.testing.assert_close(y_new, reference)
+    with pytest.raises(ValueError, match="records no autograd history"):
+        sk.ops.box_ascent_step(x, y, g, epsilon=0.1, step=0.01, mode="grad", backend="cpp")

@@ -190,6 +190,9 @@ def test_clear_errors():
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="unusable"):
             sk.ops.GaussianSubspace(3, 2, backend="cuda")
+        for device in ("cuda", "cuda:0"):
+            with pytest.raises(ValueError, match="CUDA is not available"):
+                sk.ops.GaussianSubspace(3, 2, device=device)
 
 
 # ---- GPU ------------------------------------------------------------------------------------------
@@ -223,3 +226,22 @@ def test_gpu_low_precision_entries(backend, dtype):
     diff = (got.double().cpu() - want.double()).abs()
     ulp = want.double().abs() * (2.0 ** -10 if dtype == torch.float16 else 2.0 ** -7)
     assert bool((diff <= ulp + 1e-6).all())
+
+
+def test_inputs_that_need_gradients_take_the_differentiable_path():
+    # The fused kernels record no autograd history: "auto" then runs the torch path, an explicit
+    # kernel backend is an error rather than a silent zero gradient.
+    A = sk.ops.GaussianSubspace(50, 4, seed=1, dtype=torch.float64)
+    A64 = A.materialize().double()
+    z = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    A.matvec(z).pow(2).sum().backward()
+    torch.testing.assert_close(z.grad, 2 * A64.T @ (A64 @ z.detach()))
+    g = torch.randn(50, dtype=torch.float64, requires_grad=True)
+    A.rmatvec(g).sum().backward()
+    torch.testing.assert_close(g.grad, A64 @ torch.ones(4, dtype=torch.float64))
+    with torch.no_grad():  # no history wanted: the kernel backend as usual
+        torch.testing.assert_close(A.matvec(z), A64 @ z.detach())
+    if "cpp" in sk.ops.backends() and sk.ops.backends()["cpp"] == "ok":
+        explicit = sk.ops.GaussianSubspace(50, 4, seed=1, backend="cpp", dtype=torch.float64)
+        with pytest.raises(ValueError, match="records no autograd history"):
+            explicit.matvec(z)

@@ -193,6 +193,18 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype, op: str) -> 
     return backend
 
 
+def for_autograd(backend: str, tensors, op: str) -> str:
+    """``backend``, or "torch" where an input needs autograd history: the fused kernels write
+    their outputs directly and record none, so differentiating through them would silently give
+    zero gradients.  An explicit other backend is then an error."""
+    if not (torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)):
+        return backend
+    if backend not in ("auto", "torch"):
+        raise ValueError(f"{op}: backend {backend!r} records no autograd history, but an input requires grad; "
+                         "use backend='torch' (or 'auto'), or detach the inputs")
+    return "torch"
+
+
 def _supports(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
     """None if backend ``name`` can take tensors of this device/dtype, else why not."""
     if name == "torch":

@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from ._backend import DTYPE_CODES, DTYPE_SUFFIX, cpp_module, launch, multiprocessor_count, ptr, resolve
+from ._backend import DTYPE_CODES, DTYPE_SUFFIX, cpp_module, for_autograd, launch, multiprocessor_count, ptr, resolve
 
 MODES = ("sign", "grad")
 
@@ -121,6 +121,7 @@ def box_ascent_step(
         (copied to contiguous first).
     """
     _check_inputs(x, y, g, epsilon, step, mode, y_prev, momentum, out)
+    backend = for_autograd(backend, (x, y, g, y_prev), "box_ascent_step")
     name = resolve(backend, x.device, x.dtype, "box_ascent_step")
     if name == "torch":
         y_new, w = box_ascent_step_reference(x, y, g, epsilon, step, mode, y_prev, momentum)

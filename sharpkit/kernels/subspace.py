@@ -11,7 +11,7 @@ import operator
 
 import torch
 
-from ._backend import DTYPE_CODES, DTYPE_SUFFIX, cpp_module, launch, multiprocessor_count, ptr, resolve
+from ._backend import DTYPE_CODES, DTYPE_SUFFIX, cpp_module, for_autograd, launch, multiprocessor_count, ptr, resolve
 from .philox import gaussian_block
 
 DEFAULT_BLOCK_ROWS = 1 << 14
@@ -69,9 +69,12 @@ class GaussianSubspace:
             raise TypeError(f"GaussianSubspace: dtype must be a floating torch.dtype, got {dtype!r}")
         self.dtype = dtype
         self.device = torch.device(device) if device is not None else torch.device("cpu")
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"GaussianSubspace: device {str(self.device)!r} asked for, but CUDA is not available here")
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.backend = resolve(backend, self.device, dtype, "GaussianSubspace")
+        self._requested_backend = backend
         # Products accumulate in float32 for the 16-bit dtypes.
         self._work = dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
@@ -86,6 +89,12 @@ class GaussianSubspace:
     def _chunks(self):
         for start in range(0, self.n, self.block_rows):
             yield start, min(self.block_rows, self.n - start)
+
+    def _backend_for(self, v: torch.Tensor, what: str) -> str:
+        """This call's backend: the torch path where ``v`` needs autograd history (see
+        :func:`~sharpkit.kernels._backend.for_autograd`)."""
+        return "torch" if for_autograd(self._requested_backend, (v,), f"GaussianSubspace.{what}") == "torch" \
+            else self.backend
 
     def _vector(self, v: torch.Tensor, length: int, what: str) -> torch.Tensor:
         if not isinstance(v, torch.Tensor):
@@ -132,45 +141,47 @@ class GaussianSubspace:
 
     def matvec(self, z: torch.Tensor) -> torch.Tensor:
         """``A @ z`` for z of shape ``(p,)`` (converted to this dtype/device) -> ``(n,)``."""
+        backend = self._backend_for(z, "matvec")
         z = self._vector(z, self.p, "matvec")
         out = torch.empty(self.n, dtype=self.dtype, device=self.device)
         if self.p == 0:
             return out.zero_()
         for start, count in self._chunks():
             part = out[start : start + count]
-            if self.backend == "torch":
+            if backend == "torch":
                 part.copy_(gaussian_block(self.seed, start, count, self.p, self.dtype, self.device) @ z)
-            elif self.backend == "cpp":
+            elif backend == "cpp":
                 cpp_module()[0].subspace_matvec(self.seed, start, count, self.p, z.data_ptr(), part.data_ptr(),
                                                 DTYPE_CODES[self.dtype])
-            elif self.backend == "triton":
+            elif backend == "triton":
                 from . import _triton
 
                 _triton.subspace_matvec(self.seed, start, z, part)
             else:
                 blocks = min(_cdiv(count, _CUDA_THREADS), multiprocessor_count(self.device.index) * 16)
-                launch(self.backend, "subspace.cu", f"sk_subspace_matvec_{DTYPE_SUFFIX[self.dtype]}", (blocks,),
+                launch(backend, "subspace.cu", f"sk_subspace_matvec_{DTYPE_SUFFIX[self.dtype]}", (blocks,),
                        (_CUDA_THREADS,), [ptr(z), ptr(part), ("q", start), ("q", count), ("q", self.p),
                                           *self._key_args()], self.device)
         return out
 
     def rmatvec(self, g: torch.Tensor) -> torch.Tensor:
         """``A.T @ g`` for g of shape ``(n,)`` (converted to this dtype/device) -> ``(p,)``."""
+        backend = self._backend_for(g, "rmatvec")
         g = self._vector(g, self.n, "rmatvec")
         total = torch.zeros(self.p, dtype=self._work, device=self.device)
         if self.p == 0:
             return total.to(self.dtype)
         for start, count in self._chunks():
             part = g[start : start + count]
-            if self.backend == "torch":
+            if backend == "torch":
                 block = gaussian_block(self.seed, start, count, self.p, self._work, self.device)
-                total += block.T @ part.to(self._work)
-            elif self.backend == "cpp":
+                total = total + block.T @ part.to(self._work)  # (out of place: autograd may follow it)
+            elif backend == "cpp":
                 piece = torch.empty(self.p, dtype=self.dtype, device=self.device)
                 cpp_module()[0].subspace_rmatvec(self.seed, start, count, self.p, part.data_ptr(), piece.data_ptr(),
                                                  DTYPE_CODES[self.dtype])
                 total += piece
-            elif self.backend == "triton":
+            elif backend == "triton":
                 from . import _triton
 
                 total += _triton.subspace_rmatvec(self.seed, start, part, self.p)
@@ -178,7 +189,7 @@ class GaussianSubspace:
                 gx = min(_cdiv(count, _CUDA_THREADS), multiprocessor_count(self.device.index) * 4)
                 gy = _cdiv((self.p + 1) // 2, _CUDA_RMV_PAIRS)
                 partial = torch.empty(gx, self.p, dtype=self._work, device=self.device)
-                launch(self.backend, "subspace.cu", f"sk_subspace_rmatvec_{DTYPE_SUFFIX[self.dtype]}", (gx, gy),
+                launch(backend, "subspace.cu", f"sk_subspace_rmatvec_{DTYPE_SUFFIX[self.dtype]}", (gx, gy),
                        (_CUDA_THREADS,), [ptr(part), ptr(partial), ("q", start), ("q", count), ("q", self.p),
                                           *self._key_args()], self.device)
                 total += partial.sum(0)
