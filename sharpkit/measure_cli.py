@@ -250,6 +250,11 @@ def _sharpness_options(args: argparse.Namespace) -> dict[str, Any]:
         if solver == "lbfgsb":
             raise UsageError("--solver lbfgsb applies to --kind keskar; adaptive-worst is maximised by pga or apgd")
         options["solver"] = solver
+        if options["norm"] == "l2":  # the ℓ2 ball's ascent starts at y = 0 by a sign step, then at random points
+            reject(("first_step",), "applies to the box (--norm linf); with --norm l2 the runs after the first "
+                   "start at random points")
+            options["restarts"] = given.get("restarts", 1)
+            return options
     options.update(restarts=given.get("restarts", 1), first_step=given.get("first_step", "gradient"))
     return options
 
@@ -391,8 +396,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-iter", type=_positive_int, default=10,
                    help="solver iterations, or random draws for adaptive-average (default 10)")
     p.add_argument("--restarts", type=_positive_int, default=None,
-                   help="pga/apgd runs (default 1; the second starts with the other first step, the rest at "
-                   "random points)")
+                   help="pga/apgd runs (default 1; on the box the second starts with the other first step, "
+                   "the rest at random points; with --norm l2 all but the first start at random points)")
     p.add_argument("--first-step", choices=("gradient", "sign"), default=None,
                    help="pga/apgd first step on the box (default gradient: the largest 3%% of the gradient to "
                    "the edge)")

@@ -25,7 +25,7 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # Regrouping (``Objective(regroup=True)``): passes of at most this many samples, and activations
 # of at most this many bytes per pass (counted four times over: forward, backward and their
 # temporaries).  Small batches cost per-call overhead: ε-sharpness (Auto-PGD) on 4000 MNIST-1D
-# samples in batches of 128 took 0.43 s for a 72 k-parameter MLP and 3.40 s for a 1.08 M one,
+# samples in batches of 128 took 0.43 s for a 74 k-parameter MLP and 3.40 s for a 1.08 M one,
 # 0.18 s and 1.70 s regrouped (benchmarks/bench_sharpness.py --small-batches).
 REGROUP_MAX_ROWS = 16384
 REGROUP_BYTES = 256 << 20

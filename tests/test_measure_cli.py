@@ -201,6 +201,7 @@ def test_sharpness_json_records_only_the_options_used(setup, kind, absent):
     (["--kind", "adaptive-average", "--solver", "pga"], "--solver"),
     (["--norm", "l2"], "--norm"),
     (["--kind", "adaptive-worst", "--subspace-dim", "3"], "--subspace-dim"),
+    (["--kind", "adaptive-worst", "--norm", "l2", "--first-step", "sign"], "--first-step"),
 ])
 def test_sharpness_options_the_measurement_would_ignore_are_usage_errors(setup, capsys, options, named):
     tmp, *_ = setup

@@ -44,8 +44,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "audit",
         help="measure the sharpness of many checkpoints, batched across checkpoints",
         description="Measure sharpness metrics of many checkpoints of one architecture. Checkpoints "
-        "are measured in groups: their parameters are stacked and the model runs under vmap, so one "
-        "pass over the data serves the whole group.",
+        "can be measured in groups: their parameters are stacked and the model runs under vmap, so one "
+        "pass over the data serves the whole group. The group size follows from free memory; on a CPU, "
+        "where stacking measured slower once passes are large, checkpoints go one at a time when "
+        "passes hold more than 400 samples.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -71,7 +73,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="ascent solver (default: apgd); lbfgsb (scipy, the paper's protocol) measures one checkpoint at a time")
     p.add_argument("--max-iter", type=int, default=10, help="ascent iterations (default: 10)")
     p.add_argument("--restarts", type=int, default=1,
-                   help="apgd/pga runs (default: 1; the second starts with the other first step, the rest at random points)")
+                   help="apgd/pga runs (default: 1; on the box the second starts with the other first step, the rest at "
+                   "random points; with --adaptive-norm l2 all but the first start at random points)")
     p.add_argument("--first-step", default="gradient", choices=("gradient", "sign"),
                    help="apgd/pga first step on the box (default: gradient, the largest 3%% of the gradient to the edge)")
     p.add_argument("--k", type=int, default=1, help="top-eig: eigenvalues to report (default: 1)")
@@ -82,7 +85,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="torch device (default: cpu)")
     p.add_argument("--dtype", default=None, choices=("float32", "float64"), help="precision (default: the model's)")
     p.add_argument("--group-size", type=int, default=None,
-                   help="checkpoints measured together (default: chosen from free memory; 1 = one at a time)")
+                   help="checkpoints measured together (default: from free memory, and 1 on a CPU with passes of "
+                   "more than 400 samples; 1 = one at a time)")
     p.add_argument("--batch-size", type=int, default=None, help="split tensor data into batches of this size")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(func=main)

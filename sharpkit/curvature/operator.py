@@ -21,7 +21,7 @@ __all__ = ["CurvatureOperator", "hessian", "ggn"]
 # by default; larger data recompute them (memory grows with the kept graphs).
 CACHE_MAX_SAMPLES = 8192
 # Small batches are joined into passes of up to this many samples (``regroup``): per-batch
-# overhead dominates small batches.  Top eigenvalue / Hutch++ trace (64 products) of a 72 k-parameter
+# overhead dominates small batches.  Top eigenvalue / Hutch++ trace (64 products) of a 74 k-parameter
 # MLP on 4000 MNIST-1D samples, 2-core CPU, fused engine: batches of 128 as given 0.77-1.00 / 2.64 s,
 # joined (4 passes of up to 1024) 0.48 / 1.65 s, one batch of 4000 0.46 / 1.60 s; generic engine
 # 1.60-1.93 / 3.39 s, joined (8 passes: its memory bound for 16 directions) 0.89-1.03 / 2.70 s,

@@ -388,7 +388,8 @@ def eigenvalues(
         H: a curvature operator (or any symmetric ``(n, n)`` operator supporting ``H @ V``).
         k: number of eigenpairs (default 1).
         method: "lanczos" (default; full reorthogonalisation in float64; block Lanczos with batched
-            products when ``block_size > 1``), "lobpcg" (scipy's, on batched products) or "power"
+            products when ``block_size > 1``), "lobpcg" (scipy's, on batched products; which "LA"
+            or "SA", n >= 5 × block size) or "power"
             (deflated power iteration, PyHessian's algorithm: it finds the largest magnitude; for
             "LA"/"SA" a second run on the spectrum shifted by that magnitude, where its sign is wrong).
         which: "LA" largest algebraic (default), "SA" smallest algebraic, "LM" largest magnitude.

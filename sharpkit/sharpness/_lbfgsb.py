@@ -91,7 +91,7 @@ _blas_controller = None
 def _one_blas_thread():
     """scipy's BLAS on one thread while the context lasts.  With more, its worker threads keep
     spinning after each call to the routine and take the cores from the model's next pass: L-BFGS-B
-    on a 72k-parameter MLP took 0.70-0.79 s instead of 0.22-0.26 s on 2 cores (2.7 s instead of
+    on a 74k-parameter MLP took 0.70-0.79 s instead of 0.22-0.26 s on 2 cores (2.7 s instead of
     2.1 s at 10^6 parameters).  A no-op without threadpoolctl."""
     global _blas_controller
     try:

@@ -85,7 +85,8 @@ def keskar_sharpness(
         max_iter: L-BFGS-B iterations, or gradient steps per pga/apgd run (default 10).
         seed: seeds A (subspace) and the random restarts (default 0).
         bn: ``"eval"`` (BatchNorm uses running statistics, default) or ``"train"`` (batch statistics).
-        restarts: pga/apgd runs, the first from y = 0, the others from random points (default 1).
+        restarts: pga/apgd runs (default 1): the first two from y = 0 with the two first steps
+            (see ``first_step``), any others from random points in the box.
         step_size: pga/apgd initial step in units of the box half-width (default 2.0).
         first_step: pga/apgd's first step from y = 0: ``"gradient"`` (default; the largest 3 % of
             the gradient's coordinates to the box's edge, the rest in proportion) or ``"sign"`` (the

@@ -186,9 +186,11 @@ class Study:
         kwargs = {"num_samples": c.num_samples} if c.data == "mnist1d" else {}
         try:
             ds: TensorDataset = load_dataset(c.data, **kwargs)
-        except (ValueError, FileNotFoundError):
+        except FileNotFoundError:
             raise
-        except Exception as exc:  # a damaged file (zip, pickle, torch errors): an unusable --data
+        except Exception as exc:  # a damaged file (zip, pickle, numpy, torch errors): an unusable --data
+            if isinstance(exc, ValueError) and c.data in str(exc):
+                raise  # sharpkit's own message, naming the data already
             raise ValueError(f"data {c.data!r}: cannot load ({type(exc).__name__}: {error_summary(exc)})") from exc
         _check_data(ds, c.data)
         self.ds = ds
