@@ -22,7 +22,7 @@ from torch.func import functional_call
 from .audit.checkpoints import error_summary, file_sha256
 from .data import Batches, as_batches, load_dataset, to_device
 from .objective import loss_on_device
-from .params import measurement_mode
+from .params import measurement_mode, model_tensors
 
 __all__ = ["LOSSES", "resolve_data", "resolve_model", "resolve_device", "check_model_runs", "identity"]
 
@@ -205,10 +205,8 @@ def check_model_runs(model: nn.Module, loss_fn: Callable, batches: Batches, devi
     # Warnings stay quiet here: the measurement itself raises them again.
     with measurement_mode(model, bn), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        params = {k: v.detach().to(device, dtype if v.is_floating_point() else None)
-                  for k, v in list(model.named_parameters()) + list(model.named_buffers())}
         try:
-            out = functional_call(model, params, (inputs,))
+            out = functional_call(model, model_tensors(model, device, dtype), (inputs,))
             # MSELoss broadcasts mismatched shapes with only a warning (class labels against logits).
             if isinstance(loss_fn, nn.MSELoss) and isinstance(out, torch.Tensor) and out.shape != targets.shape:
                 raise ValueError(f"MSE compares outputs of shape {tuple(out.shape[1:])} per sample with targets "

@@ -16,7 +16,7 @@ from torch.func import functional_call
 
 from . import distributed as _dist
 from .data import Batches, as_batches, regroup_batches, to_device
-from .params import FlatParams, check_finite_parameters, has_shared_modules, tensor_objects_kept
+from .params import FlatParams, check_finite_parameters, has_shared_modules, model_tensors, tensor_objects_kept
 
 __all__ = ["Objective", "LossFn", "activation_elements", "loss_on_device", "regroup_rows"]
 
@@ -86,11 +86,8 @@ class Objective:
         self.num_samples = _dist.count_samples(self.batches, reduce=self.distributed)
         self.num_evals = 0
         self._shared_modules = has_shared_modules(model)
-        self._frozen = {
-            n: t.to(self.device, self.dtype if t.is_floating_point() else None)
-            for n, t in list(model.named_parameters()) + list(model.named_buffers())
-            if n not in set(self.flat.names)
-        }
+        trainable = set(self.flat.names)
+        self._frozen = {n: t for n, t in model_tensors(model, self.device, self.dtype).items() if n not in trainable}
 
     @property
     def n(self) -> int:
@@ -175,12 +172,8 @@ def activation_elements(model: nn.Module, batch, device: torch.device, dtype: to
     handles = [m.register_forward_hook(hook) for m in leaves]
     try:
         inputs, _ = to_device(batch, device, dtype)
-        # named_parameters/named_buffers list a tied tensor once (functional_call rejects aliases
-        # given separately, as state_dict() would list them).
-        params = {k: v.detach().to(device, dtype if v.is_floating_point() else None)
-                  for k, v in list(model.named_parameters()) + list(model.named_buffers())}
         with torch.no_grad(), tensor_objects_kept(model):
-            functional_call(model, params, (inputs,))
+            functional_call(model, model_tensors(model, device, dtype), (inputs,))
     finally:
         for h in handles:
             h.remove()

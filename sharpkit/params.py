@@ -104,6 +104,14 @@ class FlatParams:
             raise ValueError(f"expected a parameter-space tensor of shape {want}, got {tuple(flat.shape)}")
 
 
+def model_tensors(model: nn.Module, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of ``model`` by name, detached, on ``device``, floating ones in
+    ``dtype`` (for :func:`torch.func.functional_call`).  A tied tensor is listed once
+    (``state_dict()`` would list each alias, which functional_call rejects)."""
+    named = list(model.named_parameters()) + list(model.named_buffers())
+    return {k: v.detach().to(device, dtype if v.is_floating_point() else None) for k, v in named}
+
+
 def has_shared_modules(model: nn.Module) -> bool:
     """True when a submodule of ``model`` is registered under more than one name."""
     return sum(1 for _ in model.named_modules(remove_duplicate=False)) > sum(1 for _ in model.modules())

@@ -54,14 +54,20 @@ def test_sharpness_command_matches_api(setup):
     assert rows[0]["value"] >= rows[1]["value"] >= 0
 
 
-def test_sharpness_command_passes_the_apgd_start_options(setup):
-    tmp, x, y, ckpts = setup
+def _sharpness_json(setup, *options: str) -> dict:
+    """``sharpkit sharpness`` on the first checkpoint in float64 with ``options``; its JSON output
+    (the command must succeed)."""
+    tmp, _, _, ckpts = setup
     out = tmp / "a.json"
     rc = main(["sharpness", "--model", "tiny_nets:make", "--checkpoint", str(ckpts[0][0]), "--data",
-               str(tmp / "data.pt"), "--solver", "apgd", "--restarts", "2", "--first-step", "sign",
-               "--dtype", "float64", "--out", str(out)])
+               str(tmp / "data.pt"), *options, "--dtype", "float64", "--out", str(out)])
     assert rc == 0
-    result = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_sharpness_command_passes_the_apgd_start_options(setup):
+    tmp, x, y, ckpts = setup
+    result = _sharpness_json(setup, "--solver", "apgd", "--restarts", "2", "--first-step", "sign")
     assert (result["restarts"], result["first_step"]) == (2, "sign")
     model = ckpts[0][1].double()
     ref = sk.keskar_sharpness(model, nn.CrossEntropyLoss(), (x.double(), y), solver="apgd", restarts=2,
@@ -167,12 +173,7 @@ def test_landscape_command_passes_bn_and_records_it(setup):
 
 def test_sharpness_command_runs_the_adaptive_solver_given(setup):
     tmp, x, y, ckpts = setup
-    out = tmp / "a.json"
-    rc = main(["sharpness", "--model", "tiny_nets:make", "--checkpoint", str(ckpts[0][0]), "--data",
-               str(tmp / "data.pt"), "--kind", "adaptive-worst", "--solver", "pga", "--epsilon", "0.5",
-               "--dtype", "float64", "--out", str(out)])
-    assert rc == 0
-    result = json.loads(out.read_text())
+    result = _sharpness_json(setup, "--kind", "adaptive-worst", "--solver", "pga", "--epsilon", "0.5")
     assert result["solver"] == "pga"
     model = ckpts[0][1].double()
     refs = {solver: sk.adaptive_sharpness(model, nn.CrossEntropyLoss(), (x.double(), y), rho=0.5, max_iter=10,
