@@ -462,6 +462,15 @@ def test_unusable_model_exits_2_before_training(case, tmp_path, npz, capsys, mon
     assert not (out / "runs").exists()
 
 
+
+@pytest.mark.parametrize("spec, message", [("nomod_sharpkit_test:x", "cannot import module 'nomod_sharpkit_test'"),
+                                           ("sharpkit.study.models:no_such_factory", "no_such_factory")])
+def test_unimportable_model_spec_is_one_line(spec, message, tmp_path, npz, capsys):
+    code = main(["study", "--data", npz, "--model", spec, "--out", str(tmp_path / "out"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err
+    assert err.count("\n") == 1 and "usage:" not in err and "Traceback" not in err
+
 # ---------------------------------------------------------------------- report
 def test_spearman_p_values_are_exact_for_few_points():
     from scipy import stats

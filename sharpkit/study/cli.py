@@ -55,7 +55,11 @@ def _ints(text: str, what: str, parser) -> tuple[int, ...]:
 
 
 def config_from_args(args: argparse.Namespace):
-    """A :class:`~sharpkit.study.pipeline.StudyConfig` from parsed flags; bad values -> ``parser.error`` (exit 2)."""
+    """A :class:`~sharpkit.study.pipeline.StudyConfig` from parsed flags.
+
+    Malformed flags -> ``parser.error`` (usage and exit 2); a ``--model`` factory that cannot be
+    imported or called -> ``ValueError`` (one line and exit 2 from the command).
+    """
     from .pipeline import default_config, quick_config
 
     parser = args._parser
@@ -71,10 +75,7 @@ def config_from_args(args: argparse.Namespace):
         from .models import resolve_factory
 
         for m in models:
-            try:
-                resolve_factory(m)
-            except ValueError as exc:
-                parser.error(str(exc))
+            resolve_factory(m)  # ValueError naming the spec when it cannot be imported
         over["models"] = models
     for name in ("sb", "lb"):
         v = getattr(args, name)
@@ -140,9 +141,9 @@ def config_from_args(args: argparse.Namespace):
 def _run(args: argparse.Namespace) -> int:
     from .pipeline import run_study
 
-    config = config_from_args(args)
     t = time.perf_counter()
     try:
+        config = config_from_args(args)
         results = run_study(config, args.out, progress=not args.no_progress, threads=args.threads)
     except (ValueError, FileNotFoundError, TypeError) as exc:
         print(f"sharpkit study: error: {exc}", file=sys.stderr)
