@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -19,7 +20,10 @@ from .files import atomic_save_npz
 
 __all__ = [
     "Batches",
+    "BatchSurvey",
     "as_batches",
+    "survey_batches",
+    "regrouped_count",
     "load_mnist1d",
     "load_digits",
     "load_tensor_file",
@@ -165,6 +169,64 @@ def as_batches(data: Any, batch_size: int | None = None) -> Batches:
     return data if isinstance(data, Batches) and batch_size is None else Batches(data, batch_size)
 
 
+@dataclass(frozen=True)
+class BatchSurvey:
+    """What one read of :class:`Batches` finds (this rank's batches when they are sharded).
+
+    Attributes:
+        sizes: samples in each batch, in iteration order (empty batches are skipped by
+            :class:`Batches`, so every size is at least 1).
+        layouts: for each batch, a number that is equal for two batches exactly when
+            :func:`regroup_batches` may join them (same per-sample shapes, dtypes and devices).
+        largest: the first of the batches with the most samples (None when there is none: an
+            empty shard).
+        input_shape: the shape of the first batch's inputs, samples first (None when no batch).
+    """
+
+    sizes: tuple[int, ...]
+    layouts: tuple[int, ...]
+    largest: Batch | None
+    input_shape: tuple[int, ...] | None
+
+    @property
+    def num_batches(self) -> int:
+        """Number of batches."""
+        return len(self.sizes)
+
+    @property
+    def num_samples(self) -> int:
+        """Samples in all the batches together."""
+        return sum(self.sizes)
+
+    @property
+    def largest_size(self) -> int:
+        """Samples in the largest batch (0 when there is no batch)."""
+        return max(self.sizes, default=0)
+
+    def regrouped_count(self, rows: int) -> int:
+        """Number of passes :func:`regroup_batches` makes of these batches with ``rows`` samples
+        at most per pass (computed from the sizes, without reading the data)."""
+        return regrouped_count(self.sizes, rows, self.layouts)
+
+
+def survey_batches(batches: Batches) -> BatchSurvey:
+    """Survey ``batches`` in one read: every batch's size and layout, the largest batch, the first
+    batch's input shape.  Raises like iteration does (empty data that are not a shard)."""
+    sizes: list[int] = []
+    layouts: list[int] = []
+    seen: dict[tuple, int] = {}
+    largest: Batch | None = None
+    input_shape: tuple[int, ...] | None = None
+    for x, y in batches:
+        sizes.append(x.shape[0])
+        layouts.append(seen.setdefault(_layout(x, y), len(seen)))
+        if largest is None:
+            input_shape = tuple(x.shape)
+        if largest is None or x.shape[0] > largest[0].shape[0]:
+            largest = (x, y)
+    return BatchSurvey(tuple(sizes), tuple(layouts), largest, input_shape)
+
+
 class _Regrouped:
     """The batches of ``source`` regrouped into chunks of at most ``rows`` samples: consecutive
     small batches concatenated, large ones split.  Lazy and re-iterable (one chunk at a time)."""
@@ -175,13 +237,15 @@ class _Regrouped:
     def __iter__(self):
         xs: list[torch.Tensor] = []
         ys: list[torch.Tensor] = []
-        held = 0
+        held, held_layout = 0, None
         for x, y in self.source:
+            layout = _layout(x, y)
             for s in range(0, x.shape[0], self.rows):
                 px, py = x[s : s + self.rows], y[s : s + self.rows]
-                if xs and not (held + px.shape[0] <= self.rows and _joinable(xs[0], px) and _joinable(ys[0], py)):
+                if xs and not (held + px.shape[0] <= self.rows and layout == held_layout):
                     yield _concat(xs, ys)
                     xs, ys, held = [], [], 0
+                held_layout = layout
                 xs.append(px)
                 ys.append(py)
                 held += px.shape[0]
@@ -189,9 +253,36 @@ class _Regrouped:
             yield _concat(xs, ys)
 
 
-def _joinable(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether ``torch.cat`` can join ``a`` and ``b`` along the samples without changing either."""
-    return a.shape[1:] == b.shape[1:] and a.dtype == b.dtype and a.device == b.device
+def _layout(x: torch.Tensor, y: torch.Tensor) -> tuple:
+    """Per-sample shapes, dtypes and devices of a batch: ``torch.cat`` joins batches of equal
+    layouts along the samples without changing either."""
+    return (x.shape[1:], x.dtype, x.device, y.shape[1:], y.dtype, y.device)
+
+
+def regrouped_count(sizes: Sequence[int], rows: int, layouts: Sequence[int] | None = None) -> int:
+    """Number of passes :func:`regroup_batches` makes, with at most ``rows`` samples each, of
+    batches of ``sizes`` samples (``layouts``: one number per batch, batches of different numbers
+    are never joined; None: all joinable), without reading any batch.
+
+    The same rule as the regrouping: a batch is cut into pieces of ``rows`` samples (the last
+    smaller); a piece joins the pass being filled when it fits and has the same layout, else
+    that pass is closed and the piece starts the next.
+    """
+    if rows < 1:
+        raise ValueError(f"rows must be >= 1, got {rows}")
+    closed, held, held_layout = 0, 0, None
+    for i, size in enumerate(sizes):
+        if size < 1:
+            continue
+        layout = None if layouts is None else layouts[i]
+        if held and (held + min(size, rows) > rows or layout != held_layout):
+            closed, held = closed + 1, 0
+        pieces = -(-size // rows)
+        # Every piece after the first closes the pass before it (a whole piece of rows fills one).
+        closed += pieces - 1
+        held = held + size if pieces == 1 else size - (pieces - 1) * rows
+        held_layout = layout
+    return closed + (held > 0)
 
 
 def _concat(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

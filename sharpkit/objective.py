@@ -15,10 +15,11 @@ from torch import nn
 from torch.func import functional_call
 
 from . import distributed as _dist
-from .data import Batches, as_batches, regroup_batches, to_device
+from .data import Batches, BatchSurvey, as_batches, regroup_batches, survey_batches, to_device
 from .params import FlatParams, check_finite_parameters, has_shared_modules, model_tensors, tensor_objects_kept
 
-__all__ = ["Objective", "LossFn", "activation_elements", "loss_on_device", "regroup_rows"]
+__all__ = ["Objective", "LossFn", "activation_elements", "activation_elements_per_sample", "loss_on_device",
+           "regroup_rows"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -52,6 +53,14 @@ class Objective:
             samples than the largest batch; an int is the samples per pass (the caller planned the
             memory).  Not done when BatchNorm uses batch statistics (the samples of a batch
             interact).  Needs a per-sample mean loss (as the built-in losses are).  Default False.
+
+    Construction reads the data once (:attr:`survey`), plus one forward of the largest batch
+    when ``regroup=True``.
+
+    Attributes:
+        num_samples: samples in all the data (over all ranks when distributed).
+        survey: the :class:`~sharpkit.data.BatchSurvey` of this rank's batches as given (before
+            any regrouping; it holds the largest batch).
     """
 
     def __init__(
@@ -75,15 +84,21 @@ class Objective:
         self.batches: Batches = (
             _dist.shard(batches, keep_batches=_dist.uses_batch_statistics(model)) if self.distributed else batches
         )
+        # The one read of this rank's data; the total over all ranks divides every pass's reduced
+        # sums.  A failure on one rank (here, or in the forward that plans the passes below) stops
+        # every rank instead of leaving the others in the next collective.
+        count = torch.zeros(1, dtype=torch.float64)
+        with _dist.sharded_pass([count], enabled=self.distributed, what="reading the data"):
+            self.survey: BatchSurvey = survey_batches(self.batches)
+            count += self.survey.num_samples
+        self.num_samples = int(round(count.item()))
+        if self.num_samples == 0:
+            raise ValueError("data is empty: it holds no samples" + (" on any rank" if self.distributed else ""))
         if regroup is not False and not _dist.uses_batch_statistics(model):
-            # Reads this rank's data (a forward of its largest batch): a failure on one rank must
-            # stop every rank, not leave the others in the next collective.
             with _dist.agree("planning the data passes"):
-                rows = regroup_rows(model, self.batches, self.device, self.dtype) if regroup is True else int(regroup)
+                rows = regroup_rows(model, self.survey, self.device, self.dtype) if regroup is True else int(regroup)
             if rows is not None:
                 self.batches = regroup_batches(self.batches, rows)
-        # The total over all ranks: every pass divides its reduced sums by it.
-        self.num_samples = _dist.count_samples(self.batches, reduce=self.distributed)
         self.num_evals = 0
         self._shared_modules = has_shared_modules(model)
         trainable = set(self.flat.names)
@@ -180,9 +195,18 @@ def activation_elements(model: nn.Module, batch, device: torch.device, dtype: to
     return total
 
 
+def activation_elements_per_sample(model: nn.Module, survey: BatchSurvey, device: torch.device,
+                                   dtype: torch.dtype) -> float:
+    """Module-output elements per sample (not bytes), from one forward of the survey's largest
+    batch (:func:`activation_elements`); 0.0 when the survey found no batch."""
+    if survey.largest is None:
+        return 0.0
+    return activation_elements(model, survey.largest, device, dtype) / survey.largest_size
+
+
 def regroup_rows(
     model: nn.Module,
-    batches: Batches,
+    batches: Batches | BatchSurvey,
     device: torch.device,
     dtype: torch.dtype,
     vectors: int = 1,
@@ -191,15 +215,12 @@ def regroup_rows(
     """Samples per pass when joining small batches: at most ``max_rows`` and ``REGROUP_BYTES`` of
     activations, counted four times over (forward, backward, temporaries) for each of ``vectors``
     directions a pass carries, never fewer than the largest batch.  None when there is nothing
-    to join (one batch)."""
-    num_batches, largest = 0, None
-    for batch in batches:
-        num_batches += 1
-        if largest is None or batch[0].shape[0] > largest[0].shape[0]:
-            largest = batch
-    if num_batches < 2:
+    to join (one batch).  ``batches`` may be given as their survey (then not read again); one
+    forward of the largest batch runs either way."""
+    survey = batches if isinstance(batches, BatchSurvey) else survey_batches(batches)
+    if survey.num_batches < 2:
         return None
-    rows = largest[0].shape[0]
+    rows = survey.largest_size
     itemsize = torch.empty((), dtype=dtype).element_size()
-    per_sample = max(1.0, activation_elements(model, largest, device, dtype) / rows) * itemsize
+    per_sample = max(1.0, activation_elements_per_sample(model, survey, device, dtype)) * itemsize
     return int(max(rows, min(max_rows, REGROUP_BYTES // (4 * per_sample * max(1, vectors)))))

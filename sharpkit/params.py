@@ -137,13 +137,16 @@ def tensor_objects_kept(model: nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def preserved(model: nn.Module, copy_tensors: bool = True) -> Iterator[nn.Module]:
+def preserved(model: nn.Module, copy_tensors: bool = True, restore_objects: bool = True) -> Iterator[nn.Module]:
     """Restore ``model``'s parameters, buffers and train/eval flags bit for bit on exit.
 
     With ``copy_tensors=False`` (for work that only reads the model's tensors, such as a pass
     through ``functional_call`` with other tensors, where a copy of every parameter per pass would
     cost as much as the pass itself) the tensors are not copied: their in-place version counters are
     checked on exit instead, and a tensor written in place raises ``RuntimeError`` naming it.
+    ``restore_objects=False`` skips putting every module's parameter and buffer objects back
+    (:func:`tensor_objects_kept`, a walk of all modules): only for work that replaces none of them,
+    e.g. ``functional_call`` passes on a model without shared modules (:func:`has_shared_modules`).
     """
     modules = list(model.modules())
     named = list(model.named_parameters()) + list(model.named_buffers())
@@ -152,7 +155,7 @@ def preserved(model: nn.Module, copy_tensors: bool = True) -> Iterator[nn.Module
     saved = [t.detach().clone() for _, t in named] if copy_tensors else None
     versions = [t._version for _, t in named]
     try:
-        with tensor_objects_kept(model):
+        with tensor_objects_kept(model) if restore_objects else contextlib.nullcontext():
             yield model
         if saved is None:  # (checked only when the body succeeded: an error in flight wins)
             changed = [name for (name, t), v in zip(named, versions) if t._version != v]
@@ -177,19 +180,22 @@ def is_batchnorm(module: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def measurement_mode(model: nn.Module, bn: str = "eval", copy_tensors: bool = True) -> Iterator[nn.Module]:
+def measurement_mode(
+    model: nn.Module, bn: str = "eval", copy_tensors: bool = True, restore_objects: bool = True
+) -> Iterator[nn.Module]:
     """Put ``model`` in the state a measurement needs and restore everything afterwards.
 
     Dropout is always off (the whole model is put in eval mode).  ``bn="eval"`` makes BatchNorm
     use its running statistics; ``bn="train"`` makes it normalise with each batch's statistics.
     Either way the running buffers are restored on exit (a measurement never changes them), as
-    are the parameters and every module's train/eval flag (``copy_tensors``: see :func:`preserved`).
+    are the parameters and every module's train/eval flag (``copy_tensors``, ``restore_objects``:
+    see :func:`preserved`).
     Gradients are enabled inside (a measurement differentiates even when the caller runs under
     ``torch.no_grad()`` or ``torch.inference_mode()``).
     """
     if bn not in BN_POLICIES:
         raise ValueError(f"bn must be one of {BN_POLICIES}, got {bn!r}")
-    with torch.inference_mode(False), torch.enable_grad(), preserved(model, copy_tensors):
+    with torch.inference_mode(False), torch.enable_grad(), preserved(model, copy_tensors, restore_objects):
         model.eval()
         if bn == "train":
             for m in model.modules():

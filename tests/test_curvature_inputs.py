@@ -227,3 +227,37 @@ def test_kept_primal_passes_need_no_further_reads_of_the_data(engine):
     before = fresh_loader.reads
     fresh @ V
     assert fresh_loader.reads == before + 1  # without kept passes every product reads the data
+
+
+@pytest.mark.parametrize("engine", ["fused", "generic"])
+@pytest.mark.parametrize("regroup", [True, False])
+def test_construction_reads_the_data_once(engine, regroup):
+    torch.manual_seed(0)
+    model = _CountingMLP(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double() if engine == "generic" else \
+        nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    g = torch.Generator().manual_seed(1)
+    X, Y = torch.randn(61, 5, generator=g, dtype=F64), torch.randint(0, 3, (61,), generator=g)
+    loader = _CountingLoader(X, Y, 4)  # 16 small batches, the last of 1
+    _CountingMLP.calls = 0
+    op = sk.hessian(model, nn.CrossEntropyLoss(), loader, engine=engine, regroup=regroup)
+    assert loader.reads == 1  # one survey of the data: no recount, no second read to plan the passes
+    if engine == "generic":
+        assert _CountingMLP.calls == (1 if regroup else 0)  # the one forward the memory bound needs
+    assert op.num_batches == (1 if regroup else 16) and op.num_samples == 61
+    assert _rel(op.dense(), _explicit(model, nn.CrossEntropyLoss(), X, Y)) < 1e-12
+
+
+def test_objective_and_group_plan_read_the_data_once():
+    from sharpkit.audit.batched import estimate_group_size
+    from sharpkit.data import as_batches
+
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    g = torch.Generator().manual_seed(1)
+    X, Y = torch.randn(61, 5, generator=g, dtype=F64), torch.randint(0, 3, (61,), generator=g)
+    loader = _CountingLoader(X, Y, 4)
+    obj = Objective(model, nn.CrossEntropyLoss(), loader, regroup=True)
+    assert loader.reads == 1 and obj.num_samples == 61
+    torch.testing.assert_close(obj.loss(obj.x0()), nn.CrossEntropyLoss()(model(X), Y).double(), rtol=1e-12, atol=0)
+    loader.reads = 0
+    plan = estimate_group_size(model, as_batches(loader), torch.device("cpu"), F64, 10, available_bytes=1 << 40)
+    assert loader.reads == 1 and plan.keep_graphs

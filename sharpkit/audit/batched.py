@@ -26,8 +26,8 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from .. import distributed as _dist
-from ..data import Batches, regroup_batches, to_device
-from ..objective import Objective, activation_elements
+from ..data import Batches, regroup_batches, survey_batches, to_device
+from ..objective import Objective, activation_elements_per_sample
 from ..params import FlatParams
 
 __all__ = ["StackedObjective", "SingleObjective", "stack_checkpoints", "estimate_group_size", "GroupPlan"]
@@ -307,18 +307,14 @@ def estimate_group_size(
     up to this many samples per checkpoint (samples independent, per-sample mean loss); the plan's
     ``pass_rows`` is that, or less where the group's memory requires, never below the largest
     batch.  On a CPU with mean batches (after regrouping) above ``CPU_STACK_MAX_BATCH`` samples the
-    group is 1 (stacking measured slower there).
+    group is 1 (stacking measured slower there).  Reads the data once and runs one forward of
+    the largest batch.
     """
     itemsize = torch.empty((), dtype=dtype).element_size()
     n = FlatParams(model).n
-    num_batches, largest = 0, None
-    for b in batches:
-        num_batches += 1
-        if largest is None or b[0].shape[0] > largest[0].shape[0]:
-            largest = b
-    rows = largest[0].shape[0]
-    per_sample = activation_elements(model, largest, device, dtype) / rows
-    total = batches.num_samples()
+    survey = survey_batches(batches)
+    num_batches, rows, total = survey.num_batches, survey.largest_size, survey.num_samples
+    per_sample = activation_elements_per_sample(model, survey, device, dtype)
     budget = memory_fraction * (_available_bytes(device) if available_bytes is None else available_bytes)
     keep = itemsize * (n * vectors_per_checkpoint + 4 * per_sample * total)
     per = keep if keep <= budget else itemsize * (n * vectors_per_checkpoint + 4 * per_sample * rows)

@@ -31,12 +31,13 @@ CURVATURE_PASS_ROWS = 1024
 
 
 @contextlib.contextmanager
-def _curvature_mode(model: nn.Module, bn: str, copy_tensors: bool = True) -> Iterator[None]:
+def _curvature_mode(model: nn.Module, bn: str, copy_tensors: bool = True, restore_objects: bool = True) -> Iterator[None]:
     """:func:`measurement_mode`, and with ``bn="train"`` BatchNorm told not to track running
     statistics while we differentiate through it: it then normalises with batch statistics and has no
     buffer update to perform (an in-place update would break forward-mode AD and vmap).
-    ``copy_tensors=False`` for products: they run on the operator's own copies of the tensors."""
-    with measurement_mode(model, bn, copy_tensors):
+    ``copy_tensors=False`` for products: they run on the operator's own copies of the tensors;
+    ``restore_objects=False`` for products on a model without shared modules (see :func:`preserved`)."""
+    with measurement_mode(model, bn, copy_tensors, restore_objects):
         touched = []
         if bn == "train":
             for m in model.modules():
@@ -102,29 +103,31 @@ class CurvatureOperator:
             self.objective._frozen = {k: v.detach().clone() for k, v in self.objective._frozen.items()}
             self.flat = self.objective.flat
             self.x = self.objective.x0()
-            # This rank's data are read here (and a forward runs when planning passes): a failure on
-            # one rank must stop every rank, not leave the others in the next collective.
+            # The objective read this rank's data once (its survey); planning the passes runs one
+            # forward: a failure on one rank must stop every rank, not leave the others in the next
+            # collective.
+            survey = self.objective.survey
+            num_batches = survey.num_batches
             with _dist.agree("planning the data passes"):
-                num_batches, input_shape = 0, None
-                for inputs, _ in self.objective.batches:
-                    num_batches += 1
-                    input_shape = input_shape or tuple(inputs.shape)
                 if cache is None:
                     cache = num_batches == 1 or self.objective.num_samples <= CACHE_MAX_SAMPLES
                 self.cache = bool(cache)
                 self.engine: HVPEngine = make_engine(
                     kind, model, self.objective.loss_fn, self.flat, self.x, engine=engine, dtype=self.objective.dtype,
                     device=self.objective.device, cache=self.cache, objective=self.objective, ad=ad, bn=bn,
-                    input_shape=input_shape,
+                    input_shape=survey.input_shape,
                 )
                 if regroup and num_batches > 1 and not _dist.uses_batch_statistics(model):
                     # After the engine: its preference says how many directions one pass carries.
-                    rows = regroup_rows(model, self.objective.batches, self.objective.device, self.objective.dtype,
+                    rows = regroup_rows(model, survey, self.objective.device, self.objective.dtype,
                                         vectors=self.preferred_block_size, max_rows=CURVATURE_PASS_ROWS)
                     if rows is not None:
                         self.objective.batches = regroup_batches(self.objective.batches, rows)
-                        num_batches = sum(1 for _ in self.objective.batches)
+                        num_batches = survey.regrouped_count(rows)
         self.num_batches = num_batches
+        # Products skip putting the model's tensor objects back unless a module is registered twice
+        # (functional_call leaves plain tensors behind only then): decided once, not per product.
+        self._restore_objects = self.objective._shared_modules
         self._batch_sizes: list[int] | None = None  # samples per batch, after the first pass
         self.num_matvecs = 0
         self.num_passes = 0
@@ -211,13 +214,14 @@ class CurvatureOperator:
         step = self.chunk_size or k
         if self.num_batches == 1 and step >= k and not self.objective.distributed:
             # One batch, one product: the engine's fresh result is already the mean (no sum buffer).
-            with _curvature_mode(self.model, self.bn, copy_tensors=False):
+            with _curvature_mode(self.model, self.bn, copy_tensors=False, restore_objects=self._restore_objects):
                 for b, inputs, targets, _ in self._batches():
                     out = self.engine.batch_matmat(b, inputs, targets, W)
             self.num_passes += 1
             return out
         total = torch.zeros(self.n, k, device=self.device, dtype=self.dtype)
-        with _curvature_mode(self.model, self.bn, copy_tensors=False), _dist.sharded_pass([total], enabled=self.objective.distributed):
+        with _curvature_mode(self.model, self.bn, copy_tensors=False, restore_objects=self._restore_objects), \
+                _dist.sharded_pass([total], enabled=self.objective.distributed):
             for b, inputs, targets, n_b in self._batches():
                 for s in range(0, k, step):
                     total[:, s:s + step].add_(self.engine.batch_matmat(b, inputs, targets, W[:, s:s + step]), alpha=n_b)

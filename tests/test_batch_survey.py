@@ -1,0 +1,130 @@
+"""One read of the data: BatchSurvey, the pass count of regrouped batches derived from the sizes,
+and the per-product cost that a model without shared modules does not pay."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from torch import nn
+
+import sharpkit as sk
+import sharpkit.params as params
+from sharpkit.data import as_batches, regroup_batches, regrouped_count, survey_batches
+from sharpkit.objective import activation_elements, activation_elements_per_sample, regroup_rows
+
+F64 = torch.float64
+
+
+def _batches_of(sizes, d=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(k, d, generator=g), torch.randint(0, 2, (k,), generator=g)) for k in sizes]
+
+
+def _passes(batches, rows):
+    return sum(1 for _ in regroup_batches(batches, rows))
+
+
+def test_survey_reads_sizes_largest_and_input_shape():
+    data = _batches_of([3, 7, 0, 7, 2])
+    survey = survey_batches(as_batches(data))
+    assert survey.sizes == (3, 7, 7, 2)  # the empty batch is skipped, as iteration skips it
+    assert survey.num_batches == 4 and survey.num_samples == 19 and survey.largest_size == 7
+    assert survey.largest[0] is data[1][0]  # the first of the largest batches
+    assert survey.input_shape == (3, 3) and survey.layouts == (0, 0, 0, 0)
+    one = survey_batches(as_batches(data[1]))
+    assert one.sizes == (7,) and one.input_shape == (7, 3)
+    with pytest.raises(ValueError, match="empty"):
+        survey_batches(as_batches([]))
+    empty_shard = survey_batches(as_batches(data[:1]).shard(1, 2, keep_batches=True))
+    assert empty_shard.num_batches == 0 and empty_shard.largest is None and empty_shard.input_shape is None
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_regrouped_count_equals_the_passes_regrouping_makes(seed):
+    rnd = random.Random(seed)
+    sizes = [rnd.choice([0, 1, 2, 3, 5, 8, 13, 40]) for _ in range(rnd.randint(1, 12))]
+    if not any(sizes):
+        sizes[0] = 1
+    batches = as_batches(_batches_of(sizes, seed=seed))
+    survey = survey_batches(batches)
+    largest = max(sizes)
+    # Passes below, at and above the largest batch (below: large batches are split).
+    for rows in sorted({1, 2, rnd.randint(1, 50), largest - 1 or 1, largest, largest + 1, sum(sizes), 10**6}):
+        expected = _passes(batches, rows)
+        assert survey.regrouped_count(rows) == expected, (sizes, rows)
+        assert regrouped_count(sizes, rows) == expected, (sizes, rows)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 10, 100])
+def test_regrouped_count_of_a_single_batch(rows):
+    batches = as_batches(_batches_of([10]))
+    assert survey_batches(batches).regrouped_count(rows) == _passes(batches, rows) == -(-10 // rows)
+
+
+def test_regrouped_count_never_joins_batches_of_other_layouts():
+    mixed = [(torch.zeros(2, 6), torch.zeros(2)), (torch.zeros(3, 5), torch.zeros(3)),
+             (torch.zeros(1, 5), torch.zeros(1)), (torch.zeros(2, 5, dtype=F64), torch.zeros(2)),
+             (torch.zeros(2, 5), torch.zeros(2, dtype=torch.long)), (torch.zeros(1, 5), torch.zeros(1, dtype=torch.long))]
+    batches = as_batches(mixed)
+    survey = survey_batches(batches)
+    assert survey.layouts == (0, 1, 1, 2, 3, 3)
+    for rows in (1, 2, 3, 4, 10):
+        assert survey.regrouped_count(rows) == _passes(batches, rows), rows
+    assert survey.regrouped_count(10) == 4
+    with pytest.raises(ValueError, match="rows"):
+        survey.regrouped_count(0)
+
+
+def test_per_sample_activations_and_pass_rows_from_the_survey():
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2))
+    batches = as_batches(_batches_of([4, 6, 6, 1]))
+    survey = survey_batches(batches)
+    cpu = torch.device("cpu")
+    assert activation_elements_per_sample(model, survey, cpu, torch.float32) == 8 + 8 + 2
+    assert activation_elements_per_sample(model, survey, cpu, torch.float32) == \
+        activation_elements(model, survey.largest, cpu, torch.float32) / 6
+    for vectors in (1, 16):
+        assert regroup_rows(model, survey, cpu, torch.float32, vectors=vectors) == \
+            regroup_rows(model, batches, cpu, torch.float32, vectors=vectors)
+
+
+def _count_object_restores(monkeypatch):
+    calls = []
+    original = params.tensor_objects_kept
+
+    def counting(model):
+        calls.append(model)
+        return original(model)
+
+    monkeypatch.setattr(params, "tensor_objects_kept", counting)
+    return calls
+
+
+@pytest.mark.parametrize("engine", ["fused", "generic"])
+def test_products_restore_tensor_objects_only_for_shared_modules(monkeypatch, engine):
+    torch.manual_seed(0)
+    X, Y = torch.randn(12, 4, dtype=F64), torch.randint(0, 3, (12,))
+    plain = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 3)).double()
+    lin = nn.Linear(3, 3)
+    shared = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), lin, nn.Tanh(), lin).double()
+    for model, restores in ((plain, False), (shared, True)):
+        op = sk.hessian(model, nn.CrossEntropyLoss(), [(X[:5], Y[:5]), (X[5:], Y[5:])], engine=engine,
+                        regroup=False, cache=False)
+        expected = op @ torch.eye(op.n, dtype=F64)[:, :2]
+        calls = _count_object_restores(monkeypatch)
+        torch.testing.assert_close(op @ torch.eye(op.n, dtype=F64)[:, :2], expected, rtol=0, atol=0)
+        assert (len(calls) > 0) == restores, (engine, restores)
+        assert all(type(t) is nn.Parameter for t in model.state_dict(keep_vars=True).values())
+        monkeypatch.undo()
+
+
+def test_preserved_still_restores_replaced_objects_by_default():
+    model = nn.Sequential(nn.Linear(2, 2))
+    weight = model[0].weight
+    with sk.preserved(model):
+        model[0].weight = nn.Parameter(torch.zeros(2, 2))
+    assert model[0].weight is weight
+    with sk.preserved(model, restore_objects=False):
+        pass
+    assert model[0].weight is weight
