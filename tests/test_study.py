@@ -254,7 +254,6 @@ def test_models_and_factories(tmp_path, monkeypatch):
         (["--eps", "abc"], "--eps must be comma-separated numbers"),
         (["--seeds", "0"], "--seeds must be >= 1"),
         (["--seeds", "1,1"], "distinct"),
-        (["--model", "resnet"], "unknown model"),
         (["--epochs", "0"], "--epochs must be >= 1"),
         (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
         (["--sweep", "1,64"], "--sweep batch sizes must be >= 2"),
@@ -463,7 +462,8 @@ def test_unusable_model_exits_2_before_training(case, tmp_path, npz, capsys, mon
 
 
 
-@pytest.mark.parametrize("spec, message", [("nomod_sharpkit_test:x", "cannot import module 'nomod_sharpkit_test'"),
+@pytest.mark.parametrize("spec, message", [("resnet", "unknown model"),
+                                           ("nomod_sharpkit_test:x", "cannot import module 'nomod_sharpkit_test'"),
                                            ("sharpkit.study.models:no_such_factory", "no_such_factory")])
 def test_unimportable_model_spec_is_one_line(spec, message, tmp_path, npz, capsys):
     code = main(["study", "--data", npz, "--model", spec, "--out", str(tmp_path / "out"), "--no-progress"])
