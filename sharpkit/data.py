@@ -181,12 +181,15 @@ class BatchSurvey:
         largest: the first of the batches with the most samples (None when there is none: an
             empty shard).
         input_shape: the shape of the first batch's inputs, samples first (None when no batch).
+        ignored_targets: integer target entries equal to the ``ignored_target`` the survey was
+            asked to count (a loss's ``ignore_index``); 0 when none was asked.
     """
 
     sizes: tuple[int, ...]
     layouts: tuple[int, ...]
     largest: Batch | None
     input_shape: tuple[int, ...] | None
+    ignored_targets: int = 0
 
     @property
     def num_batches(self) -> int:
@@ -209,9 +212,11 @@ class BatchSurvey:
         return regrouped_count(self.sizes, rows, self.layouts)
 
 
-def survey_batches(batches: Batches) -> BatchSurvey:
+def survey_batches(batches: Batches, ignored_target: int | None = None) -> BatchSurvey:
     """Survey ``batches`` in one read: every batch's size and layout, the largest batch, the first
-    batch's input shape.  Raises like iteration does (empty data that are not a shard)."""
+    batch's input shape and, with ``ignored_target``, how many integer targets equal it.  Raises
+    like iteration does (empty data that are not a shard)."""
+    ignored = 0
     sizes: list[int] = []
     layouts: list[int] = []
     seen: dict[tuple, int] = {}
@@ -220,11 +225,13 @@ def survey_batches(batches: Batches) -> BatchSurvey:
     for x, y in batches:
         sizes.append(x.shape[0])
         layouts.append(seen.setdefault(_layout(x, y), len(seen)))
+        if ignored_target is not None and isinstance(y, torch.Tensor) and not y.is_floating_point():
+            ignored += int((y == ignored_target).sum())
         if largest is None:
             input_shape = tuple(x.shape)
         if largest is None or x.shape[0] > largest[0].shape[0]:
             largest = (x, y)
-    return BatchSurvey(tuple(sizes), tuple(layouts), largest, input_shape)
+    return BatchSurvey(tuple(sizes), tuple(layouts), largest, input_shape, ignored)
 
 
 class _Regrouped:

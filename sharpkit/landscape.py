@@ -18,6 +18,7 @@ from torch import nn
 
 from . import distributed as _dist
 from .data import as_batches, to_device
+from .objective import check_mean_reduced
 from .params import FlatParams, check_finite_parameters, measurement_mode
 
 __all__ = ["Curve", "Surface", "interpolate", "evaluate", "random_direction", "slice_1d", "slice_2d"]
@@ -63,6 +64,7 @@ def evaluate(
     the model is restored exactly.  Accuracy is the fraction of samples whose argmax output equals
     an integer target, NaN when outputs are not ``(N, C)`` class scores.
     """
+    check_mean_reduced(loss_fn)
     dev = torch.device(device) if device is not None else _param_device(model)
     dtype = _param_dtype(model)
     if dev != _param_device(model):

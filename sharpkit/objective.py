@@ -8,9 +8,11 @@ model's own tensors are never written; BatchNorm/dropout follow the ``bn`` polic
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
@@ -18,8 +20,8 @@ from . import distributed as _dist
 from .data import Batches, BatchSurvey, as_batches, regroup_batches, survey_batches, to_device
 from .params import FlatParams, check_finite_parameters, has_shared_modules, model_tensors, tensor_objects_kept
 
-__all__ = ["Objective", "LossFn", "activation_elements", "activation_elements_per_sample", "loss_on_device",
-           "regroup_rows"]
+__all__ = ["Objective", "LossFn", "activation_elements", "probe_largest_batch", "loss_on_device",
+           "regroup_rows", "check_mean_reduced", "ignored_target", "join_obstacle"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -51,8 +53,9 @@ class Objective:
             objective (:func:`sharpkit.data.regroup_batches`): ``True`` joins consecutive batches
             up to ``REGROUP_MAX_ROWS`` samples and ``REGROUP_BYTES`` of activations, never fewer
             samples than the largest batch; an int is the samples per pass (the caller planned the
-            memory).  Not done when BatchNorm uses batch statistics (the samples of a batch
-            interact).  Needs a per-sample mean loss (as the built-in losses are).  Default False.
+            memory).  ``True`` does not join when BatchNorm uses batch statistics (the samples of
+            a batch interact) nor where joining would change a batch's loss
+            (:func:`join_obstacle`); an int joins regardless.  Default False.
 
     Construction reads the data once (:attr:`survey`), plus one forward of the largest batch
     when ``regroup=True``.
@@ -78,6 +81,7 @@ class Objective:
         self.flat = FlatParams(model)
         self.device = torch.device(device) if device is not None else self.flat.device
         self.dtype = dtype or self.flat.dtype
+        check_mean_reduced(loss_fn)
         self.loss_fn = loss_on_device(loss_fn, self.device, self.dtype)
         batches = as_batches(data)
         self.distributed: bool = _dist.resolve(distributed) or batches.is_sharded
@@ -89,14 +93,15 @@ class Objective:
         # every rank instead of leaving the others in the next collective.
         count = torch.zeros(1, dtype=torch.float64)
         with _dist.sharded_pass([count], enabled=self.distributed, what="reading the data"):
-            self.survey: BatchSurvey = survey_batches(self.batches)
+            self.survey: BatchSurvey = survey_batches(self.batches, ignored_target(loss_fn))
             count += self.survey.num_samples
         self.num_samples = int(round(count.item()))
         if self.num_samples == 0:
             raise ValueError("data is empty: it holds no samples" + (" on any rank" if self.distributed else ""))
         if regroup is not False and not _dist.uses_batch_statistics(model):
             with _dist.agree("planning the data passes"):
-                rows = regroup_rows(model, self.survey, self.device, self.dtype) if regroup is True else int(regroup)
+                rows = (regroup_rows(model, self.survey, self.device, self.dtype, loss_fn=self.loss_fn)
+                        if regroup is True else int(regroup))
             if rows is not None:
                 self.batches = regroup_batches(self.batches, rows)
         self.num_evals = 0
@@ -176,6 +181,11 @@ def loss_on_device(loss_fn: LossFn, device: torch.device, dtype: torch.dtype) ->
 
 def activation_elements(model: nn.Module, batch, device: torch.device, dtype: torch.dtype) -> int:
     """Elements of every module output in one forward of ``batch`` (a proxy for activation memory)."""
+    return _probe_forward(model, batch, device, dtype)[0]
+
+
+def _probe_forward(model: nn.Module, batch, device: torch.device, dtype: torch.dtype) -> tuple[int, Any]:
+    """One forward of ``batch`` without gradients: (elements of every module output, the output)."""
     total = 0
 
     def hook(_module, _inputs, output):
@@ -188,20 +198,82 @@ def activation_elements(model: nn.Module, batch, device: torch.device, dtype: to
     try:
         inputs, _ = to_device(batch, device, dtype)
         with torch.no_grad(), tensor_objects_kept(model):
-            functional_call(model, model_tensors(model, device, dtype), (inputs,))
+            out = functional_call(model, model_tensors(model, device, dtype), (inputs,))
     finally:
         for h in handles:
             h.remove()
-    return total
+    return total, out
 
 
-def activation_elements_per_sample(model: nn.Module, survey: BatchSurvey, device: torch.device,
-                                   dtype: torch.dtype) -> float:
-    """Module-output elements per sample (not bytes), from one forward of the survey's largest
-    batch (:func:`activation_elements`); 0.0 when the survey found no batch."""
+def check_mean_reduced(loss_fn: Any) -> None:
+    """ValueError for a loss module whose ``reduction`` is not ``"mean"``: the objective is the
+    sample-weighted mean of batch means, and a summed (or unreduced) loss would make it depend on
+    how the data are batched."""
+    reduction = getattr(loss_fn, "reduction", "mean")
+    if reduction != "mean":
+        raise ValueError(f"loss_fn {type(loss_fn).__name__}(reduction={reduction!r}): sharpkit needs a mean-reduced "
+                         "loss (reduction='mean'); the objective is the sample-weighted mean of the batches' losses")
+
+
+def ignored_target(loss_fn: Any) -> int | None:
+    """The class index ``loss_fn`` leaves out of its mean (cross-entropy/NLL ``ignore_index``), else None."""
+    if isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)):
+        return int(loss_fn.ignore_index)
+    if loss_fn is F.cross_entropy or loss_fn is F.nll_loss:
+        return -100
+    return None
+
+
+def join_obstacle(loss_fn: LossFn, survey: BatchSurvey, outputs: Any = None) -> str | None:
+    """Why joining the surveyed batches into larger passes would change the objective, or None.
+
+    Joining keeps ``sum_b n_b * loss_b / N`` only when each batch's loss is the mean of per-sample
+    terms.  Not so for cross-entropy/NLL with class weights and class-index targets (a batch's mean
+    divides by its own sum of weights) or with targets equal to ``ignore_index`` (by its own count
+    of the others; the survey counts them, see :func:`ignored_target`).  Any other loss is probed
+    on ``outputs``, the model's outputs on the survey's largest batch: its loss must equal the
+    sample-weighted mean of the losses of its two halves (to rounding).
+    """
+    largest = survey.largest
+    if largest is None:
+        return None
+    targets = largest[1]
+    index_targets = isinstance(targets, torch.Tensor) and not targets.is_floating_point()
+    if isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)) and loss_fn.weight is not None and index_targets:
+        return "class weights with class-index targets: each batch's mean divides by its own sum of weights"
+    if survey.ignored_targets:
+        return (f"{survey.ignored_targets} targets equal ignore_index={ignored_target(loss_fn)}: each batch's mean "
+                "divides by its own count of the other targets")
+    m = survey.largest_size
+    if outputs is None or m < 2 or not isinstance(outputs, torch.Tensor) or outputs.shape[:1] != (m,):
+        return None
+    _, y = to_device(largest, outputs.device, outputs.dtype)
+    k = m // 2
+    with torch.no_grad():
+        losses = [loss_fn(outputs, y), loss_fn(outputs[:k], y[:k]), loss_fn(outputs[k:], y[k:])]
+    if not all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in losses):
+        return None  # not a scalar: the measurement's first pass says so
+    whole, first, second = (float(v) for v in losses)
+    halves = (k * first + (m - k) * second) / m
+    if not (math.isfinite(whole) and math.isfinite(halves)):
+        return None  # a non-finite loss is reported by the measurement itself
+    rtol = max(1e-6, 1000 * torch.finfo(outputs.dtype).eps)
+    if abs(whole - halves) > rtol * max(abs(whole), abs(halves), 1e-12):
+        return (f"loss_fn is not a per-sample mean: on {m} samples it gives {whole:.6g}, the sample-weighted mean "
+                f"of its halves {halves:.6g}")
+    return None
+
+
+def probe_largest_batch(model: nn.Module, survey: BatchSurvey, device: torch.device, dtype: torch.dtype,
+                        loss_fn: LossFn | None = None) -> tuple[float, str | None]:
+    """One forward of the survey's largest batch: module-output elements per sample (not bytes;
+    :func:`activation_elements`) and, given ``loss_fn``, why joining the batches would change the
+    objective (:func:`join_obstacle`, None when it would not).  ``(0.0, None)`` without batches."""
     if survey.largest is None:
-        return 0.0
-    return activation_elements(model, survey.largest, device, dtype) / survey.largest_size
+        return 0.0, None
+    elements, outputs = _probe_forward(model, survey.largest, device, dtype)
+    obstacle = None if loss_fn is None else join_obstacle(loss_on_device(loss_fn, device, dtype), survey, outputs)
+    return elements / survey.largest_size, obstacle
 
 
 def regroup_rows(
@@ -211,16 +283,21 @@ def regroup_rows(
     dtype: torch.dtype,
     vectors: int = 1,
     max_rows: int = REGROUP_MAX_ROWS,
+    loss_fn: LossFn | None = None,
 ) -> int | None:
     """Samples per pass when joining small batches: at most ``max_rows`` and ``REGROUP_BYTES`` of
     activations, counted four times over (forward, backward, temporaries) for each of ``vectors``
     directions a pass carries, never fewer than the largest batch.  None when there is nothing
-    to join (one batch).  ``batches`` may be given as their survey (then not read again); one
-    forward of the largest batch runs either way."""
+    to join (one batch) or, given ``loss_fn``, when joining would change the objective
+    (:func:`join_obstacle`; survey the batches with its :func:`ignored_target`).  ``batches`` may
+    be given as their survey (then not read again); one forward of the largest batch runs either way."""
     survey = batches if isinstance(batches, BatchSurvey) else survey_batches(batches)
     if survey.num_batches < 2:
         return None
     rows = survey.largest_size
+    elements_per_sample, obstacle = probe_largest_batch(model, survey, device, dtype, loss_fn)
+    if obstacle is not None:
+        return None
     itemsize = torch.empty((), dtype=dtype).element_size()
-    per_sample = max(1.0, activation_elements_per_sample(model, survey, device, dtype)) * itemsize
+    per_sample = max(1.0, elements_per_sample) * itemsize
     return int(max(rows, min(max_rows, REGROUP_BYTES // (4 * per_sample * max(1, vectors)))))

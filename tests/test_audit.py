@@ -621,6 +621,12 @@ def test_plan_regroups_small_batches_within_memory():
     plan = estimate_group_size(model, small, cpu, torch.float32, 10, memory_fraction=1.0, available_bytes=1,
                                regroup_rows=4096)
     assert plan.pass_rows == 10
+    # Joining would change the objective of a class-weighted cross-entropy: the batches stay as given.
+    weighted = nn.CrossEntropyLoss(weight=torch.tensor([0.5, 1.0, 2.0]))
+    assert estimate_group_size(model, small, cpu, torch.float32, 10, available_bytes=1 << 40, regroup_rows=4096,
+                               loss_fn=weighted).pass_rows is None
+    assert estimate_group_size(model, small, cpu, torch.float32, 10, available_bytes=1 << 40, regroup_rows=4096,
+                               loss_fn=nn.CrossEntropyLoss()).pass_rows == 4096
 
 
 def test_one_at_a_time_audit_regroups_small_batches(tmp_path):
@@ -1146,6 +1152,11 @@ def test_bad_data_and_loss(tmp_path):
         audit(paths, make_mlp, (torch.zeros(0, 6), torch.zeros(0, dtype=torch.long)))
     with pytest.raises(ValueError, match="no checkpoints given"):
         audit([], make_mlp, toy_data())
+    def per_sample(out, target):
+        return nn.functional.cross_entropy(out, target, reduction="none")
+
     for gs in (1, 2):
-        with pytest.raises(ValueError, match="scalar"):
+        with pytest.raises(ValueError, match="reduction='none'.*mean-reduced"):
             audit(paths, make_mlp, toy_data(), loss_fn=nn.CrossEntropyLoss(reduction="none"), group_size=gs, max_iter=1)
+        with pytest.raises(ValueError, match="scalar"):
+            audit(paths, make_mlp, toy_data(), loss_fn=per_sample, group_size=gs, max_iter=1)

@@ -11,7 +11,7 @@ from torch import nn
 import sharpkit as sk
 import sharpkit.params as params
 from sharpkit.data import as_batches, regroup_batches, regrouped_count, survey_batches
-from sharpkit.objective import activation_elements, activation_elements_per_sample, regroup_rows
+from sharpkit.objective import activation_elements, probe_largest_batch, regroup_rows
 
 F64 = torch.float64
 
@@ -81,8 +81,8 @@ def test_per_sample_activations_and_pass_rows_from_the_survey():
     batches = as_batches(_batches_of([4, 6, 6, 1]))
     survey = survey_batches(batches)
     cpu = torch.device("cpu")
-    assert activation_elements_per_sample(model, survey, cpu, torch.float32) == 8 + 8 + 2
-    assert activation_elements_per_sample(model, survey, cpu, torch.float32) == \
+    assert probe_largest_batch(model, survey, cpu, torch.float32)[0] == 8 + 8 + 2
+    assert probe_largest_batch(model, survey, cpu, torch.float32)[0] == \
         activation_elements(model, survey.largest, cpu, torch.float32) / 6
     for vectors in (1, 16):
         assert regroup_rows(model, survey, cpu, torch.float32, vectors=vectors) == \

@@ -163,7 +163,13 @@ def test_clear_errors():
         bad[0].weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         sk.hessian(bad, CE, data)
-    per_sample = nn.CrossEntropyLoss(reduction="none")
+    for engine in ("generic", "auto"):  # a loss module that says it is not mean-reduced: refused at once
+        with pytest.raises(ValueError, match="reduction='none'"):
+            sk.hessian(model, nn.CrossEntropyLoss(reduction="none"), data, engine=engine)
+
+    def per_sample(out, target):  # a callable returning one loss per sample: refused at the first pass
+        return nn.functional.cross_entropy(out, target, reduction="none")
+
     for engine in ("generic", "auto"):
         op = sk.hessian(model, per_sample, data, engine=engine)
         with pytest.raises(ValueError, match="scalar"):
@@ -191,8 +197,8 @@ def test_model_left_as_found_after_errors_and_train_mode():
     snap = snapshot(model)
     op = sk.hessian(model, CE, data, bn="train", dtype=F64)
     op @ _vectors(op.n, 2)
-    op_bad = sk.hessian(model, nn.CrossEntropyLoss(reduction="none"), data, bn="train")
     with pytest.raises(ValueError):
+        op_bad = sk.hessian(model, nn.CrossEntropyLoss(reduction="none"), data, bn="train")
         op_bad @ torch.ones(op_bad.n)
     assert_unchanged(model, snap)
 

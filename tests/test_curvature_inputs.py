@@ -261,3 +261,70 @@ def test_objective_and_group_plan_read_the_data_once():
     loader.reads = 0
     plan = estimate_group_size(model, as_batches(loader), torch.device("cpu"), F64, 10, available_bytes=1 << 40)
     assert loader.reads == 1 and plan.keep_graphs
+
+
+def _per_batch_explicit(model, loss, batches):
+    """The documented objective's Hessian: sum_b n_b H_b / N, each H_b of the batch's own loss."""
+    total = sum(x.shape[0] for x, _ in batches)
+    return sum(x.shape[0] * _explicit(model, loss, x, y) for x, y in batches) / total
+
+
+def _weighted_mse(out, target):
+    """A loss that is not a per-sample mean: samples weighted by their target's norm, normalised per batch."""
+    w = target.norm(dim=1)
+    return (w * ((out - target) ** 2).sum(1)).sum() / w.sum()
+
+
+@pytest.mark.parametrize("engine", ["auto", "generic"])
+@pytest.mark.parametrize("case", ["class_weights", "ignore_index_in_one_batch", "per_batch_normalised_callable"])
+def test_batches_stay_apart_where_joining_would_change_the_objective(engine, case):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.SiLU(), nn.Linear(6, 3)).double()
+    g = torch.Generator().manual_seed(2)
+    X = torch.randn(20, 5, generator=g, dtype=F64)
+    if case == "per_batch_normalised_callable":
+        loss, Y = _weighted_mse, torch.randn(20, 3, generator=g, dtype=F64)
+    else:
+        Y = torch.randint(0, 3, (20,), generator=g)
+        if case == "class_weights":
+            loss = nn.CrossEntropyLoss(weight=torch.tensor([0.3, 2.0, 1.1], dtype=F64))
+        else:  # the ignored class occurs only outside the largest batch
+            loss = nn.CrossEntropyLoss(ignore_index=-100)
+            Y[:3] = torch.tensor([-100, 0, -100])
+    batches = [(X[:3], Y[:3]), (X[3:15], Y[3:15]), (X[15:], Y[15:])]
+    expected = _per_batch_explicit(model, loss, batches)
+    H = sk.hessian(model, loss, batches, engine=engine)
+    assert H.num_batches == 3
+    assert _rel(H.dense(), expected) < 1e-12
+    obj = Objective(model, loss, batches, regroup=True)
+    with torch.no_grad():
+        documented = sum(x.shape[0] * float(loss(model(x), y)) for x, y in batches) / 20
+    assert float(obj.loss(obj.x0())) == pytest.approx(documented, rel=1e-12)
+
+
+def test_per_sample_mean_losses_are_still_joined():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.SiLU(), nn.Linear(6, 3)).double()
+    X, Y = _data(n=20, d=5)
+    batches = [(X[:3], Y[:3]), (X[3:15], Y[3:15]), (X[15:], Y[15:])]
+    # Class weights with probability targets divide by the sample count: a per-sample mean.
+    soft = torch.softmax(torch.randn(20, 3, dtype=F64), 1)
+    soft_batches = [(x, soft[i:i + x.shape[0]]) for x, i in zip((X[:3], X[3:15], X[15:]), (0, 3, 15))]
+    for loss, data in [(nn.CrossEntropyLoss(), batches), (nn.CrossEntropyLoss(ignore_index=7), batches),
+                       (nn.CrossEntropyLoss(weight=torch.tensor([0.3, 2.0, 1.1], dtype=F64)), soft_batches)]:
+        H = sk.hessian(model, loss, data, engine="generic")
+        assert H.num_batches == 1
+        assert _rel(H.dense(), _per_batch_explicit(model, loss, data)) < 1e-12
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_losses_that_are_not_mean_reduced_are_refused(reduction):
+    model = nn.Sequential(nn.Linear(4, 3)).double()
+    data = _data()
+    loss = nn.CrossEntropyLoss(reduction=reduction)
+    for call in (lambda: sk.hessian(model, loss, data), lambda: sk.ggn(model, loss, data),
+                 lambda: sk.keskar_sharpness(model, loss, data, solver="pga"),
+                 lambda: sk.adaptive_sharpness(model, loss, data, rho=0.01),
+                 lambda: sk.landscape.evaluate(model, loss, data)):
+        with pytest.raises(ValueError, match=f"reduction='{reduction}'.*mean-reduced"):
+            call()

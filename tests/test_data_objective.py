@@ -128,7 +128,9 @@ def test_objective_leaves_model_untouched():
 
 def test_objective_rejects_nonscalar_loss_and_nan_params():
     model, data = _mlp(), _data()
-    obj = Objective(model, nn.CrossEntropyLoss(reduction="none"), data)
+    with pytest.raises(ValueError, match="reduction='none'"):
+        Objective(model, nn.CrossEntropyLoss(reduction="none"), data)
+    obj = Objective(model, lambda out, target: nn.functional.cross_entropy(out, target, reduction="none"), data)
     with pytest.raises(ValueError, match="scalar"):
         obj.loss(obj.x0())
     with torch.no_grad():

@@ -112,8 +112,10 @@ def test_interpolate_bad_input():
         sk.interpolate(a, bad, nn.CrossEntropyLoss(), x_y, [0.0])
     with pytest.raises(ValueError, match="empty"):
         sk.interpolate(a, _net(1), nn.CrossEntropyLoss(), (x_y[0][:0], x_y[1][:0]), [0.0])
-    with pytest.raises(ValueError, match="scalar"):
+    with pytest.raises(ValueError, match="reduction='none'"):
         sk.interpolate(a, _net(1), nn.CrossEntropyLoss(reduction="none"), x_y, [0.0])
+    with pytest.raises(ValueError, match="scalar"):
+        sk.interpolate(a, _net(1), lambda out, y: nn.functional.cross_entropy(out, y, reduction="none"), x_y, [0.0])
 
 
 def test_random_direction_is_filter_normalised():

@@ -6,8 +6,9 @@ gradients for the ascent of ε-sharpness, Hessian-vector products for Lanczos an
 How many are stacked follows from free memory; on a CPU, where stacking measured slower than
 compute-bound single passes, the plan measures one checkpoint at a time once the passes are large.
 Where samples are independent (``bn="eval"``) the data are regrouped into passes of up to
-``STACKED_ROWS`` samples, small batches joined (the loss must be a per-sample mean, as the
-built-in losses are).  Each finished checkpoint's row is appended durably to a JSONL store keyed by
+``STACKED_ROWS`` samples, small batches joined, except where that would change a batch's loss (class-weighted or
+``ignore_index`` cross-entropy, any loss that is not a per-sample mean:
+:func:`sharpkit.objective.join_obstacle`).  Each finished checkpoint's row is appended durably to a JSONL store keyed by
 the checkpoint's content hash and everything that changes its values (metric options, the data's
 content, the model's architecture, the loss and its options), so an interrupted audit resumes
 where it stopped and a changed setting is never served old rows.
@@ -237,7 +238,7 @@ class _Runner:
                 plan = estimate_group_size(
                     self.model, self.batches, self.device, self.dtype,
                     self.config.vectors_per_checkpoint(), memory_fraction=memory_fraction,
-                    regroup_rows=None if self.batch_statistics else STACKED_ROWS,
+                    regroup_rows=None if self.batch_statistics else STACKED_ROWS, loss_fn=self.loss_fn,
                 )
                 plan = _dist.broadcast_object(plan)  # free memory differs between ranks
                 self.keep_graphs, self.pass_rows = plan.keep_graphs, plan.pass_rows

@@ -27,7 +27,7 @@ from torch.func import functional_call, vmap
 
 from .. import distributed as _dist
 from ..data import Batches, regroup_batches, survey_batches, to_device
-from ..objective import Objective, activation_elements_per_sample
+from ..objective import Objective, check_mean_reduced, ignored_target, probe_largest_batch
 from ..params import FlatParams
 
 __all__ = ["StackedObjective", "SingleObjective", "stack_checkpoints", "estimate_group_size", "GroupPlan"]
@@ -114,6 +114,7 @@ class StackedObjective:
     ):
         if X.dim() != 2:
             raise ValueError(f"X must have shape (B, n), got {tuple(X.shape)}")
+        check_mean_reduced(loss_fn)
         self.model = model
         self.loss_fn = loss_fn
         self.sharded = batches.is_sharded  # this rank's share: sums are reduced across ranks
@@ -293,6 +294,7 @@ def estimate_group_size(
     max_group: int = 64,
     available_bytes: int | None = None,
     regroup_rows: int | None = None,
+    loss_fn: Callable | None = None,
 ) -> GroupPlan:
     """How many checkpoints to stack, from free memory.
 
@@ -304,17 +306,20 @@ def estimate_group_size(
     and at most ``max_group`` (default 64) checkpoints; never fewer than one.
 
     ``regroup_rows`` (None: the batches stay as given): the data may be regrouped into passes of
-    up to this many samples per checkpoint (samples independent, per-sample mean loss); the plan's
+    up to this many samples per checkpoint (samples independent); the plan's
     ``pass_rows`` is that, or less where the group's memory requires, never below the largest
-    batch.  On a CPU with mean batches (after regrouping) above ``CPU_STACK_MAX_BATCH`` samples the
+    batch; None too where, given ``loss_fn``, joining batches would change the objective
+    (:func:`sharpkit.objective.join_obstacle`).  On a CPU with mean batches (after regrouping) above ``CPU_STACK_MAX_BATCH`` samples the
     group is 1 (stacking measured slower there).  Reads the data once and runs one forward of
     the largest batch.
     """
     itemsize = torch.empty((), dtype=dtype).element_size()
     n = FlatParams(model).n
-    survey = survey_batches(batches)
+    survey = survey_batches(batches, None if loss_fn is None else ignored_target(loss_fn))
     num_batches, rows, total = survey.num_batches, survey.largest_size, survey.num_samples
-    per_sample = activation_elements_per_sample(model, survey, device, dtype)
+    per_sample, obstacle = probe_largest_batch(model, survey, device, dtype, loss_fn)
+    if obstacle is not None:
+        regroup_rows = None
     budget = memory_fraction * (_available_bytes(device) if available_bytes is None else available_bytes)
     keep = itemsize * (n * vectors_per_checkpoint + 4 * per_sample * total)
     per = keep if keep <= budget else itemsize * (n * vectors_per_checkpoint + 4 * per_sample * rows)

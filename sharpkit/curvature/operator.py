@@ -120,7 +120,8 @@ class CurvatureOperator:
                 if regroup and num_batches > 1 and not _dist.uses_batch_statistics(model):
                     # After the engine: its preference says how many directions one pass carries.
                     rows = regroup_rows(model, survey, self.objective.device, self.objective.dtype,
-                                        vectors=self.preferred_block_size, max_rows=CURVATURE_PASS_ROWS)
+                                        vectors=self.preferred_block_size, max_rows=CURVATURE_PASS_ROWS,
+                                        loss_fn=self.objective.loss_fn)
                     if rows is not None:
                         self.objective.batches = regroup_batches(self.objective.batches, rows)
                         num_batches = survey.regrouped_count(rows)
@@ -277,8 +278,9 @@ def hessian(
         ad: the generic engine's AD mode: "auto", "forward-over-reverse" or "reverse-over-reverse".
         regroup: join consecutive small batches into passes of up to ``CURVATURE_PASS_ROWS`` (1024)
             samples, within a memory bound for the directions a pass carries (default True; the
-            same operator, fewer calls).  Not done where BatchNorm uses batch statistics.  Needs a
-            per-sample mean loss, as the built-in losses are.
+            same operator, fewer calls).  Not done where BatchNorm uses batch statistics, nor where
+            joining would change a batch's loss (class-weighted or ``ignore_index`` cross-entropy,
+            a loss that is not a per-sample mean: :func:`sharpkit.objective.join_obstacle`).
     """
     return CurvatureOperator("hessian", model, loss_fn, data, bn=bn, engine=engine, dtype=dtype, device=device,
                              cache=cache, chunk_size=chunk_size, ad=ad, regroup=regroup)
