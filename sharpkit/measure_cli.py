@@ -263,6 +263,8 @@ def _sharpness(args: argparse.Namespace) -> int:
     import sharpkit as sk
 
     options = _sharpness_options(args)  # before loading anything: a bad combination fails fast
+    if args.max_iter is None:
+        args.max_iter = 10 if args.kind == "keskar" else 20
     data, num_classes = _load_data(args)
     model = _load_model(args, data, num_classes, args.checkpoint)
     loss_fn = LOSSES[args.loss]()
@@ -393,8 +395,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "(lbfgsb does not apply there)")
     p.add_argument("--subspace-dim", type=_positive_int, default=None,
                    help="keskar: random subspace dimension p (default: full space)")
-    p.add_argument("--max-iter", type=_positive_int, default=10,
-                   help="solver iterations, or random draws for adaptive-average (default 10)")
+    p.add_argument("--max-iter", type=_positive_int, default=None,
+                   help="solver iterations, or random draws for adaptive-average (default: 10 for keskar, the "
+                   "paper's protocol; 20 for the adaptive kinds, as sk.adaptive_sharpness)")
     p.add_argument("--restarts", type=_positive_int, default=None,
                    help="pga/apgd runs (default 1; on the box the second starts with the other first step, "
                    "the rest at random points; with --norm l2 all but the first start at random points)")

@@ -174,9 +174,9 @@ def test_landscape_command_passes_bn_and_records_it(setup):
 def test_sharpness_command_runs_the_adaptive_solver_given(setup):
     tmp, x, y, ckpts = setup
     result = _sharpness_json(setup, "--kind", "adaptive-worst", "--solver", "pga", "--epsilon", "0.5")
-    assert result["solver"] == "pga"
+    assert result["solver"] == "pga" and result["max_iter"] == 20  # the API's default for adaptive kinds
     model = ckpts[0][1].double()
-    refs = {solver: sk.adaptive_sharpness(model, nn.CrossEntropyLoss(), (x.double(), y), rho=0.5, max_iter=10,
+    refs = {solver: sk.adaptive_sharpness(model, nn.CrossEntropyLoss(), (x.double(), y), rho=0.5,
                                           solver=solver).value for solver in ("pga", "apgd")}
     assert refs["pga"] != pytest.approx(refs["apgd"], rel=1e-6)  # the check below tells them apart
     assert result["results"][0]["value"] == pytest.approx(refs["pga"], rel=1e-9)

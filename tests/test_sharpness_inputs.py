@@ -169,3 +169,38 @@ def test_seed_restarts_and_negative_loss_errors():
 
     with pytest.raises(ValueError, match="loss > −1"):
         sk.keskar_sharpness(model, shifted, data)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m, d: sk.keskar_sharpness(m, nn.CrossEntropyLoss(), d, solver="lbfgsb", first_step="sign"),
+     "first_step='sign' applies to solver='pga'/'apgd'"),
+    (lambda m, d: sk.keskar_sharpness(m, nn.CrossEntropyLoss(), d, solver="lbfgsb", step_size=0.01),
+     "step_size=0.01 applies to solver='pga'/'apgd'"),
+    (lambda m, d: sk.adaptive_sharpness(m, nn.CrossEntropyLoss(), d, rho=0.1, kind="average", solver="pga"),
+     "solver='pga' applies to kind='worst'"),
+    (lambda m, d: sk.adaptive_sharpness(m, nn.CrossEntropyLoss(), d, rho=0.1, kind="average", restarts=5),
+     "restarts=5 applies to kind='worst'"),
+    (lambda m, d: sk.adaptive_sharpness(m, nn.CrossEntropyLoss(), d, rho=0.1, kind="average", first_step="sign"),
+     "first_step='sign' applies to kind='worst'"),
+    (lambda m, d: sk.adaptive_sharpness(m, nn.CrossEntropyLoss(), d, rho=0.1, norm="l2", first_step="sign"),
+     "first_step='sign' applies to the box"),
+    (lambda m, d: sk.adaptive_sharpness(m, nn.CrossEntropyLoss(), d, rho=0.1, num_examples=100),
+     "num_examples=100 applies to m-sharpness"),
+])
+def test_options_a_measurement_would_ignore_are_errors(call, message):
+    x, y = blobs()
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        call(mlp(), (x, y))
+
+
+def test_defaults_given_explicitly_are_the_defaults():
+    x, y = blobs()
+    model = mlp()
+    base = sk.adaptive_sharpness(model, nn.CrossEntropyLoss(), (x, y), rho=0.1, max_iter=3).value
+    same = sk.adaptive_sharpness(model, nn.CrossEntropyLoss(), (x, y), rho=0.1, max_iter=3, solver="apgd", restarts=1,
+                                 step_size=2.0, first_step="gradient").value
+    assert same == base
+    k = sk.keskar_sharpness(model, nn.CrossEntropyLoss(), (x, y), solver="apgd", max_iter=3)
+    k2 = sk.keskar_sharpness(model, nn.CrossEntropyLoss(), (x, y), solver="apgd", max_iter=3, step_size=2.0,
+                             first_step="gradient")
+    assert k.value == k2.value

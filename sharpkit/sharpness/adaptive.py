@@ -49,6 +49,10 @@ def _chunks(data: Any, m: int, num_examples: int | None) -> list[tuple[torch.Ten
     return [(xs[s : s + m], ys[s : s + m]) for s in range(0, xs.shape[0], m)]
 
 
+# m-sharpness uses the first this many examples by default (Andriushchenko et al.: 1024 in chunks of m).
+M_SHARPNESS_EXAMPLES = 1024
+
+
 def adaptive_sharpness(
     model: nn.Module,
     loss_fn: LossFn,
@@ -61,11 +65,11 @@ def adaptive_sharpness(
     max_iter: int = 20,
     seed: int = 0,
     bn: str = "eval",
-    num_examples: int | None = 1024,
-    solver: str = "apgd",
-    restarts: int = 1,
-    step_size: float = 2.0,
-    first_step: str = "gradient",
+    num_examples: int | None = M_SHARPNESS_EXAMPLES,
+    solver: str | None = None,
+    restarts: int | None = None,
+    step_size: float | None = None,
+    first_step: str | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
 ) -> SharpnessResult:
@@ -81,11 +85,14 @@ def adaptive_sharpness(
         max_iter: solver steps (worst) or random draws (average); default 20.
         seed: seeds the random draws and restarts (default 0).
         bn: BatchNorm policy, ``"eval"`` (default, frozen running statistics) or ``"train"``.
-        num_examples: with ``m``, how many leading examples to use (default 1024; ``None``: all).
-        solver: ``"apgd"`` (default) or ``"pga"`` for the worst case.
-        restarts: solver runs (default 1).  step_size: initial step in units of ρ c (default 2.0).
-        first_step: the first step on the box, ``"gradient"`` (default) or ``"sign"``, as in
-            :func:`sharpkit.keskar_sharpness`.
+        num_examples: with ``m``, how many leading examples to use (default 1024; ``None``: all);
+            another value without ``m`` is an error.
+        solver: ``"apgd"`` (default None: this) or ``"pga"`` for the worst case.
+        restarts: solver runs (default None: 1).  step_size: initial step in units of ρ c
+            (default None: 2.0).
+        first_step: the first step on the box, ``"gradient"`` (default None: this) or ``"sign"``,
+            as in :func:`sharpkit.keskar_sharpness`; an error with ``norm="l2"``.  ``solver``,
+            ``restarts``, ``step_size`` and ``first_step`` are errors with ``kind="average"``.
         device, dtype: where and in what precision the model is evaluated (default: its own).
 
     Returns:
@@ -96,10 +103,22 @@ def adaptive_sharpness(
     rho = positive_float("rho", rho)
     choice("norm", norm, solvers.NORMS)
     choice("kind", kind, KINDS)
+    ascent = (("solver", solver), ("restarts", restarts), ("step_size", step_size), ("first_step", first_step))
+    if kind == "average":
+        for name, value in ascent:
+            if value is not None:
+                raise ValueError(f"{name}={value!r} applies to kind='worst'; kind='average' averages max_iter random draws")
+    if norm == "l2" and first_step is not None:
+        raise ValueError(f"first_step={first_step!r} applies to the box (norm='linf'); on the l2 ball the first step "
+                         "is the normalised gradient")
+    if m is None and num_examples not in (None, M_SHARPNESS_EXAMPLES):
+        raise ValueError(f"num_examples={num_examples!r} applies to m-sharpness (give m); without m all of data is used")
+    solver = "apgd" if solver is None else solver
     choice("solver", solver, ("apgd", "pga"))
     max_iter = positive_int("max_iter", max_iter)
-    restarts = positive_int("restarts", restarts)
-    positive_float("step_size", step_size)
+    restarts = 1 if restarts is None else positive_int("restarts", restarts)
+    step_size = 2.0 if step_size is None else positive_float("step_size", step_size)
+    first_step = "gradient" if first_step is None else first_step
     choice("first_step", first_step, solvers.FIRST_STEPS)
     seed = seed_int(seed)
     if m is not None:

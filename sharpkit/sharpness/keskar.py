@@ -66,8 +66,8 @@ def keskar_sharpness(
     seed: int = 0,
     bn: str = "eval",
     restarts: int = 1,
-    step_size: float = 2.0,
-    first_step: str = "gradient",
+    step_size: float | None = None,
+    first_step: str | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
 ) -> SharpnessResult:
@@ -87,10 +87,12 @@ def keskar_sharpness(
         bn: ``"eval"`` (BatchNorm uses running statistics, default) or ``"train"`` (batch statistics).
         restarts: pga/apgd runs (default 1): the first two from y = 0 with the two first steps
             (see ``first_step``), any others from random points in the box.
-        step_size: pga/apgd initial step in units of the box half-width (default 2.0).
-        first_step: pga/apgd's first step from y = 0: ``"gradient"`` (default; the largest 3 % of
-            the gradient's coordinates to the box's edge, the rest in proportion) or ``"sign"`` (the
-            corner of the gradient's signs); with ``restarts >= 2`` the second run takes the other.
+        step_size: pga/apgd initial step in units of the box half-width (default None: 2.0).
+        first_step: pga/apgd's first step from y = 0: ``"gradient"`` (default None: this; the
+            largest 3 % of the gradient's coordinates to the box's edge, the rest in proportion) or
+            ``"sign"`` (the corner of the gradient's signs); with ``restarts >= 2`` the second run
+            takes the other.  ``step_size``, ``first_step`` and ``restarts`` are errors with
+            ``solver="lbfgsb"`` (the paper's protocol has none of them).
         device, dtype: where and in what precision the model is evaluated (default: its own).
 
     Returns:
@@ -102,9 +104,16 @@ def keskar_sharpness(
     choice("solver", solver, solvers.SOLVERS)
     max_iter = positive_int("max_iter", max_iter)
     restarts = positive_int("restarts", restarts)
-    if solver == "lbfgsb" and restarts != 1:
-        raise ValueError(f"restarts={restarts} applies to solver='pga'/'apgd'; L-BFGS-B (the paper's protocol) starts once at y = 0")
-    positive_float("step_size", step_size)
+    if solver == "lbfgsb":
+        if restarts != 1:
+            raise ValueError(f"restarts={restarts} applies to solver='pga'/'apgd'; L-BFGS-B (the paper's protocol) "
+                             "starts once at y = 0")
+        for name, value in (("step_size", step_size), ("first_step", first_step)):
+            if value is not None:
+                raise ValueError(f"{name}={value!r} applies to solver='pga'/'apgd'; L-BFGS-B (the paper's protocol) "
+                                 "takes scipy's own steps")
+    step_size = 2.0 if step_size is None else positive_float("step_size", step_size)
+    first_step = "gradient" if first_step is None else first_step
     choice("first_step", first_step, solvers.FIRST_STEPS)
     seed = seed_int(seed)
     if subspace_dim is not None:
