@@ -1160,3 +1160,24 @@ def test_bad_data_and_loss(tmp_path):
             audit(paths, make_mlp, toy_data(), loss_fn=nn.CrossEntropyLoss(reduction="none"), group_size=gs, max_iter=1)
         with pytest.raises(ValueError, match="scalar"):
             audit(paths, make_mlp, toy_data(), loss_fn=per_sample, group_size=gs, max_iter=1)
+
+
+@pytest.mark.parametrize("cuda, expected", [(True, "cuda"), (False, "cpu")])
+def test_cli_device_defaults_to_cuda_where_available(cuda, expected, monkeypatch, tmp_path):
+    import sys
+
+    from sharpkit.cli import main
+
+    audit_module = sys.modules["sharpkit.audit"]  # (sharpkit.audit the attribute is the function)
+
+    seen = {}
+
+    def fake_audit(*args, **kwargs):
+        seen["device"] = kwargs["device"]
+        return []
+
+    monkeypatch.setattr(audit_module, "audit", fake_audit)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    main(["audit", str(tmp_path / "none.pt"), "--model", "f1", "--data", "mnist1d", "--out", str(tmp_path / "a.jsonl"),
+          "--no-progress"])
+    assert seen["device"] == expected

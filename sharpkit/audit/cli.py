@@ -82,7 +82,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--trace-samples", type=int, default=20, help="trace: Hutchinson probes (default: 20)")
     p.add_argument("--seed", type=int, default=0, help="seed of the subspace, Lanczos start and probes (default: 0)")
     p.add_argument("--bn", default="eval", choices=("eval", "train"), help="BatchNorm statistics (default: eval)")
-    p.add_argument("--device", default=None, help="torch device (default: cpu)")
+    p.add_argument("--device", default=None,
+                   help="torch device: cpu, cuda, cuda:1 ... (default: cuda if available, like the other commands)")
     p.add_argument("--dtype", default=None, choices=("float32", "float64"), help="precision (default: the model's)")
     p.add_argument("--group-size", type=int, default=None,
                    help="checkpoints measured together (default: from free memory, and 1 on a CPU with passes of "
@@ -94,6 +95,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
+    import torch
+
     from ..distributed import is_main_process
     from . import audit
     from .metrics import MetricConfig
@@ -110,7 +113,8 @@ def main(args: argparse.Namespace) -> int:
             adaptive_scale=args.adaptive_scale, adaptive_norm=args.adaptive_norm, solver=args.solver, max_iter=args.max_iter,
             restarts=args.restarts, first_step=args.first_step, k=args.k,
             lanczos_steps=args.lanczos_steps, trace_samples=args.trace_samples, seed=args.seed, bn=args.bn,
-            device=args.device, dtype=args.dtype, group_size=args.group_size, batch_size=args.batch_size,
+            device=args.device if args.device is not None else ("cuda" if torch.cuda.is_available() else "cpu"),
+            dtype=args.dtype, group_size=args.group_size, batch_size=args.batch_size,
             progress=args.progress,
         )
     except (ValueError, TypeError, FileNotFoundError) as exc:
