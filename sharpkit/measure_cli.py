@@ -12,6 +12,7 @@ traceback from deep inside a solver.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -301,19 +302,54 @@ def _spectrum(args: argparse.Namespace) -> int:
     op = make(model, LOSSES[args.loss](), data, bn=args.bn)
     result: dict[str, Any] = {"operator": args.operator, "model": args.model, "checkpoint": args.checkpoint,
                               "data": args.data, "bn": args.bn, "seed": args.seed}
-    eig = sk.eigenvalues(op, k=args.k, which=args.which, tol=args.tol, seed=args.seed)
+    shown = _ProductProgress(op, enabled=args.progress and is_main_process())
+    with shown.stage("eigenvalues", None):
+        eig = sk.eigenvalues(shown, k=args.k, which=args.which, tol=args.tol, seed=args.seed)
     result["eigenvalues"] = [float(v) for v in eig.values]
     _say("eigenvalues: " + ", ".join(f"{v:.6g}" for v in result["eigenvalues"]))
     if args.trace:
-        est = sk.trace(op, method="hutch++", num_matvecs=args.trace, seed=args.seed)
+        with shown.stage("trace", args.trace):
+            est = sk.trace(shown, method="hutch++", num_matvecs=args.trace, seed=args.seed)
         result["trace"] = {"value": float(est.value), "stderr": float(est.stderr), "num_matvecs": est.num_matvecs}
         _say(f"trace: {est.value:.6g} ± {est.stderr:.2g}")
     if args.density:
-        dens = sk.spectral_density(op, num_runs=args.density, seed=args.seed)
+        with shown.stage("density", None):
+            dens = sk.spectral_density(shown, num_runs=args.density, seed=args.seed)
         result["density"] = {"grid": [float(v) for v in dens.grid], "density": [float(v) for v in dens.density]}
     result["num_matvecs"] = op.num_matvecs
     _emit(args, result)
     return 0
+
+
+class _ProductProgress:
+    """A curvature operator seen through a progress bar: ``op @ V`` advances the current stage's
+    bar by the number of vectors (products are the unit of work of every spectrum measure)."""
+
+    def __init__(self, op: Any, enabled: bool):
+        self._op, self._enabled, self._bar = op, enabled, None
+
+    def __getattr__(self, name: str) -> Any:  # shape, dtype, device, preferred_block_size ...
+        return getattr(self._op, name)
+
+    def __matmul__(self, V: torch.Tensor) -> torch.Tensor:
+        out = self._op @ V
+        if self._bar is not None:
+            self._bar.update(1 if V.dim() == 1 else V.shape[1])
+        return out
+
+    @contextlib.contextmanager
+    def stage(self, name: str, total: int | None):
+        if not self._enabled:
+            yield
+            return
+        from tqdm.auto import tqdm
+
+        self._bar = tqdm(total=total, desc=name, unit="product", dynamic_ncols=True, file=sys.stderr)
+        try:
+            yield
+        finally:
+            self._bar.close()
+            self._bar = None
 
 
 def _landscape(args: argparse.Namespace) -> int:
@@ -419,6 +455,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="also estimate the trace (Hutch++, at least 3 matvecs; default 0: off)")
     p.add_argument("--density", type=_non_negative_int, default=0, metavar="RUNS",
                    help="also the spectral density (SLQ runs; default 0: off)")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar of the curvature products on stderr")
     p.set_defaults(func=_reported("spectrum", _spectrum))
 
     p = sub.add_parser("landscape", help="1-D loss/accuracy curve between two checkpoints (Keskar Fig. 2/3)")

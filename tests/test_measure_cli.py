@@ -76,6 +76,23 @@ def test_sharpness_command_passes_the_apgd_start_options(setup):
     assert result["results"][0]["num_evals"] == 1 + 10 + 10
 
 
+@pytest.mark.parametrize("progress", [True, False])
+def test_spectrum_shows_its_products_on_stderr(setup, capsys, progress):
+    tmp, x, y, ckpts = setup
+    out = tmp / "p.json"
+    args = ["spectrum", "--model", "tiny_nets:make", "--checkpoint", str(ckpts[0][0]), "--data", str(tmp / "data.pt"),
+            "--trace", "12", "--density", "1", "--out", str(out)]
+    assert main(args + ([] if progress else ["--no-progress"])) == 0
+    err = capsys.readouterr().err
+    result = json.loads(out.read_text())
+    if progress:
+        assert "eigenvalues" in err and "trace" in err and "density" in err
+        assert "12/12" in err  # the trace's bar counts its products against the budget
+    else:
+        assert "product" not in err
+    assert result["trace"]["num_matvecs"] == 12
+
+
 def test_spectrum_command_matches_explicit_hessian(setup):
     tmp, x, y, ckpts = setup
     out = tmp / "e.json"
