@@ -120,9 +120,11 @@ def _count_classes(batches: Batches) -> int:
 def resolve_model(spec: Any, batches: Batches, num_classes: int | None, seed: int = 0) -> tuple[nn.Module, str]:
     """``(model, description)`` for an ``nn.Module``, a zero-argument factory, or a spec string.
 
-    Strings are resolved by the study's model registry (``f1``, ``c1``, ``module:factory``), which
-    is given the data's sample shape and class count (``num_classes``, or counted from the
-    targets).  The description identifies the architecture (see :func:`identity`).
+    Strings are resolved by the study's model registry (``f1``, ``c1`` at the paper's sizes, sized
+    ones such as ``f1(width=128,depth=5)`` or ``c1(channels=32,hidden=256x128)`` as a study records
+    its models, ``module:factory``), which is given the data's sample shape and class count
+    (``num_classes``, or counted from the targets).  The description identifies the architecture
+    (see :func:`identity`).
     """
     if isinstance(spec, nn.Module):
         return spec, identity(spec)

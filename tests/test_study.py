@@ -2,6 +2,7 @@ import base64
 import csv
 import json
 import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -464,7 +465,8 @@ def test_unusable_model_exits_2_before_training(case, tmp_path, npz, capsys, mon
 
 @pytest.mark.parametrize("spec, message", [("resnet", "unknown model"),
                                            ("nomod_sharpkit_test:x", "cannot import module 'nomod_sharpkit_test'"),
-                                           ("sharpkit.study.models:no_such_factory", "no_such_factory")])
+                                           ("sharpkit.study.models:no_such_factory", "no_such_factory"),
+                                           ("f1(widht=64)", "unknown size 'widht' for f1")])
 def test_unimportable_model_spec_is_one_line(spec, message, tmp_path, npz, capsys):
     code = main(["study", "--data", npz, "--model", spec, "--out", str(tmp_path / "out"), "--no-progress"])
     err = capsys.readouterr().err
@@ -534,3 +536,167 @@ def test_unsorted_seeds_noise_order_and_epoch_caps(tmp_path, npz, api):
     assert s["tracking"]["end"]["sb"] is not None and s["tracking"]["end"]["lb"] is not None
     assert [n["epoch"] for n in results["models"]["f1"]["noise_scale"]][-1] == "final"
     assert "capped at 3 epochs at SB and 6 at LB" in (out / "report.html").read_text()
+
+
+# ---------------------------------------------------------------------- the study's checkpoints, measured elsewhere
+def test_recorded_commands_measure_the_study_checkpoints(tmp_path, npz, api, capsys, monkeypatch):
+    """The audit line the study prints (and records) and each run's model.json command measure the
+    study's own checkpoints, on the data they were trained on: the loss they report is the training
+    loss the study recorded.  Plain --model f1 (the paper's 5 x 512) does not load them."""
+    import shlex
+
+    out = tmp_path / "study"
+    assert main(["study", "--data", npz, "--sb", "8", "--lb", "32", "--seeds", "1", "--epochs", "1", "--eps", "1e-3",
+                 "--solvers", "apgd", "--sweep", "8,32", "--warm-epochs", "0", "--out", str(out), "--no-progress",
+                 "--threads", "1"]) == 0
+    printed = [line.strip() for line in capsys.readouterr().out.splitlines() if line.strip().startswith("sharpkit audit")]
+    results = json.loads((out / "results.json").read_text())
+    models = results["models"]
+    assert printed == [models["f1"]["audit_command"], models["c1"]["audit_command"]]
+    assert models["f1"]["spec"] == "f1(width=128,depth=5)" and models["c1"]["spec"] == "c1(channels=32,hidden=256x128)"
+    assert printed[0] == (f"sharpkit audit '{out.as_posix()}/runs/f1-b*/final.pt' --model 'f1(width=128,depth=5)' "
+                          f"--data {out.as_posix()}/train.npz")
+    html_page = (out / "report.html").read_text()
+    assert "Measuring these checkpoints" in html_page and "c1(channels=32,hidden=256x128)" in html_page
+    # train.npz is the study's data: the training split it trained on (and its test split).
+    saved, d = np.load(out / "train.npz"), np.load(npz)
+    assert all(np.array_equal(saved[k], d[k]) for k in ("x_train", "y_train", "x_test", "y_test"))
+    train_loss = {r["checkpoint"]: r["train_loss"] for m in models.values() for r in m["runs"]}
+    assert len(train_loss) == 4
+
+    monkeypatch.undo()  # the real measurement API from here on
+    for line in printed:
+        argv = shlex.split(line)
+        assert argv[0] == "sharpkit"
+        assert main(argv[1:] + ["--out", str(tmp_path / "audit.jsonl"), "--no-progress"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(r["status"] == "ok" for r in rows)
+    for r in rows:
+        ckpt = Path(r["checkpoint"]).relative_to(out).as_posix()
+        assert r["loss"] == pytest.approx(train_loss[ckpt], rel=1e-5)
+
+    # Each run folder's model.json: the spec, the data (relative to the folder) and a sharpness command.
+    run = models["c1"]["runs"][1]
+    info = json.loads((out / Path(run["checkpoint"]).parent / "model.json").read_text())
+    assert info["spec"] == models["c1"]["spec"] and info["model"] == "c1"
+    assert (out / Path(run["checkpoint"]).parent / info["train_data"]).resolve() == (out / "train.npz").resolve()
+    argv = shlex.split(info["command"])
+    assert main(argv[1:] + ["--device", "cpu", "--max-iter", "2", "--out", str(tmp_path / "s.json")]) == 0
+    measured = json.loads((tmp_path / "s.json").read_text())
+    assert measured["results"][0]["loss"] == pytest.approx(run["train_loss"], rel=1e-5)
+
+    # The paper-sized plain spec does not fit them (the reviewer's failed attempt), reported in one line.
+    capsys.readouterr()
+    assert main(["sharpness", "--model", "f1", "--checkpoint", str(out / models["f1"]["runs"][0]["checkpoint"]),
+                 "--data", str(out / "train.npz"), "--device", "cpu"]) == 2
+    assert "mis-shaped keys" in capsys.readouterr().err
+
+
+def test_train_split_and_run_info_are_left_alone_on_resume(tmp_path, npz, api):
+    """A resumed study rewrites neither train.npz (the audit keys its rows by the file's SHA-256) nor
+    model.json; a study folder from before them gets them on resume."""
+    out = tmp_path / "study"
+    run_study(_one_run(npz), out, progress=False, threads=1)
+    files = [out / "train.npz", *sorted(out.glob("runs/*/model.json"))]
+    assert len(files) == 3
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in files}
+    again = run_study(_one_run(npz), out, progress=False, threads=1)
+    assert again["stats"]["trainings_run"] == 0
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in files} == before
+    for p in files:
+        p.unlink()
+    run_study(_one_run(npz), out, progress=False, threads=1)
+    assert {p: p.read_bytes() for p in files} == {p: b for p, (_, b) in before.items()}
+
+
+def test_default_study_keys_are_unchanged(tmp_path, npz, monkeypatch):
+    """Recording the sized specs changed no training key: the default study's and --quick's runs
+    resume (the ids below are those of sharpkit before the specs were recorded)."""
+    from sharpkit.study.pipeline import Study, default_config, quick_config
+    from sharpkit.study.store import key_id
+
+    monkeypatch.chdir(tmp_path)  # the data path is part of the key: the same relative name as when pinned
+    expected = {
+        False: {"f1-sb": "0b052852b071827e", "f1-lb": "b06af69961379fdd", "c1-sb": "42b4cc2819435e75", "c1-lb": "58f4d1dd963b5bb4"},
+        True: {"f1-sb": "e159f163c2e39c63", "f1-lb": "1c69c5f17b20148d", "c1-sb": "0065578db91bda5c", "c1-lb": "e3ee65f65e922cdf"},
+    }
+    for quick, ids in expected.items():
+        study = Study((quick_config if quick else default_config)(data="toy.npz", sb=8, lb=32), tmp_path / "s",
+                      progress=False)
+        assert {f"{m}-{r}": key_id(study.run_key(m, r, 0)) for m in ("f1", "c1") for r in ("sb", "lb")} == ids
+        assert study.model_spec("c1") == ("c1(channels=16,hidden=128x64)" if quick else "c1(channels=32,hidden=256x128)")
+
+
+def test_sized_spec_builds_the_study_model(tmp_path, npz):
+    from sharpkit.data import as_batches
+    from sharpkit.inputs import resolve_model
+    from sharpkit.study.pipeline import Study
+
+    study = Study(_tiny(npz), tmp_path / "s", progress=False)
+    assert study.model_spec("f1") == "f1(width=16,depth=2)" and study.model_spec("c1") == "c1(channels=4,hidden=8)"
+    batches = as_batches((study.ds.x_train, study.ds.y_train))
+    for name in ("f1", "c1"):
+        spec = study.model_spec(name)
+        ours, theirs = study.new_model(name, 3), build_model(spec, study.input_shape, study.ds.num_classes, seed=3)
+        assert repr(ours) == repr(theirs)
+        assert all(torch.equal(v, theirs.state_dict()[k]) for k, v in ours.state_dict().items())  # same init too
+        measured, _ = resolve_model(spec, batches, None, seed=3)  # what --model SPEC builds in the measurement commands
+        assert {k: v.shape for k, v in measured.state_dict().items()} == {k: v.shape for k, v in ours.state_dict().items()}
+    # Plain names stay the paper's sizes; a size given both in the spec and as an argument must agree.
+    assert build_model("f1", (40,), 10, seed=0)[1].out_features == 512
+    c1 = build_model("c1", (40,), 10, seed=0)
+    assert c1[1].out_channels == 64 and [m.out_features for m in c1 if isinstance(m, nn.Linear)] == [384, 192, 10]
+    assert build_model("f1(width=8)", (4,), 3, seed=0, width=8, depth=2)[4].out_features == 8
+    with pytest.raises(ValueError, match="gives width=8, the call width=16"):
+        build_model("f1(width=8)", (4,), 3, seed=0, width=16)
+    assert isinstance(build_model(" c1( channels = 4 , hidden = 8 x 4 , dropout=0.25 )", (12,), 3, seed=0), nn.Module)
+
+
+def test_model_spec_round_trip():
+    from sharpkit.study.models import format_model_spec, parse_model_spec
+
+    assert format_model_spec("f1", width=128, depth=5) == "f1(width=128,depth=5)"
+    assert format_model_spec("c1", hidden=[256, 128], channels=32) == "c1(channels=32,hidden=256x128)"
+    assert format_model_spec("c1", channels=8, hidden=(), dropout=0.25) == "c1(channels=8,hidden=none,dropout=0.25)"
+    assert format_model_spec("f1") == "f1" and format_model_spec("mypkg.nets:make") == "mypkg.nets:make"
+    for spec in ("f1(width=128,depth=5)", "c1(channels=8,hidden=none,dropout=0.25)", "c1(channels=32,hidden=256x128)"):
+        name, sizes = parse_model_spec(spec)
+        assert format_model_spec(name, **sizes) == spec
+    assert parse_model_spec("f1()") == ("f1", {}) and parse_model_spec("pkg.m:f") == ("pkg.m:f", {})
+
+
+BAD_SPECS = [
+    ("f1(widht=128)", "unknown size 'widht' for f1 (use width, depth)"),
+    ("c1(width=128)", "unknown size 'width' for c1 (use channels, hidden, dropout)"),
+    ("f1(width=0)", "width must be a positive integer, got '0'"),
+    ("f1(width=1e3)", "width must be a positive integer, got '1e3'"),
+    ("f1(width=abc,depth=5)", "width must be a positive integer, got 'abc'"),
+    ("c1(hidden=256,128)", "'128' is not key=value (hidden sizes are joined by x, e.g. hidden=256x128)"),
+    ("c1(hidden=256x)", "hidden must be positive integers joined by x"),
+    ("c1(dropout=1.5)", "dropout must be a number in [0, 1)"),
+    ("f1(width=8,width=16)", "width is given twice"),
+    ("f1(width=8,)", "an empty entry between commas"),
+    ("f1(width=8", "expected NAME(key=value,...), e.g. f1(width=128,depth=5)"),
+    ("resnet(width=8)", "sizes in parentheses apply to f1 and c1 only"),
+    ("mypkg.nets:make(width=8)", "sizes in parentheses apply to f1 and c1 only"),
+]
+
+
+@pytest.mark.parametrize("spec, message", BAD_SPECS)
+def test_bad_model_spec_is_a_clear_error(spec, message, npz, capsys):
+    with pytest.raises(ValueError) as exc:
+        build_model(spec, (12,), 3, seed=0)
+    assert message in str(exc.value) and spec in str(exc.value) and "\n" not in str(exc.value)
+    # The measurement commands and the study report it in one line, exit 2.
+    assert main(["sharpness", "--model", spec, "--data", npz, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_study_model_flag_takes_sized_specs(tmp_path):
+    from sharpkit.cli import build_parser
+    from sharpkit.study.cli import config_from_args
+
+    args = build_parser().parse_args(["study", "--model", "f1(width=64,depth=3), c1,c1(channels=8,hidden=16x8)",
+                                      "--out", str(tmp_path)])
+    assert config_from_args(args).models == ("f1(width=64,depth=3)", "c1", "c1(channels=8,hidden=16x8)")

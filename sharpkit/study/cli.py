@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 
@@ -25,7 +26,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=None,
                    help="MNIST-1D samples to generate (80%% train); default 10000, 4000 with --quick")
     p.add_argument("--model", default=None,
-                   help="comma-separated: f1, c1, or module:factory (called as factory(input_shape, num_classes)); default f1,c1")
+                   help="comma-separated: f1 and c1 (here 5 x 128, and 32 channels with hidden 256x128; narrower with --quick), "
+                        "sized ones such as 'f1(width=64,depth=3)' or 'c1(channels=16,hidden=128x64)', or module:factory "
+                        "(called as factory(input_shape, num_classes)); default f1,c1")
     p.add_argument("--sb", type=int, default=None, help="small batch size (default: min(256, LB // 16))")
     p.add_argument("--lb", type=int, default=None, help="large batch size (default: 10%% of the training set)")
     p.add_argument("--seeds", default=None, help="number of seeds (e.g. 5) or a comma-separated list (e.g. 0,3,7); default 5, 2 with --quick")
@@ -69,7 +72,8 @@ def config_from_args(args: argparse.Namespace):
             parser.error(f"--num-samples must be >= 100, got {args.num_samples}")
         over["num_samples"] = args.num_samples
     if args.model is not None:
-        models = tuple(m.strip() for m in args.model.split(",") if m.strip())
+        # Commas inside parentheses separate a spec's sizes, not models: f1(width=64,depth=3),c1
+        models = tuple(m.strip() for m in re.split(r",(?![^()]*\))", args.model) if m.strip())
         if not models:
             parser.error("--model is empty")
         from .models import resolve_factory
@@ -159,4 +163,12 @@ def _run(args: argparse.Namespace) -> int:
     for spec, s in results["summary"]["models"].items():
         for v in s["verdicts"]:
             print(f"  [{spec}] {v['verdict']:<34} {v['claim']}")
+    from .report import measure_commands
+
+    commands = measure_commands(results)
+    if commands:
+        print("  measure its checkpoints with the other commands (sharpness, spectrum, landscape, audit) on its "
+              "training split and with its model sizes (plain --model f1/c1 there is the paper's size):")
+        for line in commands:
+            print(f"    {line}")
     return 0

@@ -4,18 +4,23 @@ Keskar et al. (Table 1): F1 is ``784 -> 5 x [512, BN, ReLU] -> 10``; C1 is two
 ``[conv 64 5x5, BN, ReLU, maxpool 3/2]`` blocks, then dense 384 and dense 192 (each BN, ReLU,
 dropout 0.5) and a linear classifier.  Here both take sequences (MNIST-1D: length 40) and the
 widths are arguments so the study can fit a time budget.
+
+A model spec names one: ``f1`` and ``c1`` are the paper's sizes; ``f1(width=128,depth=5)`` and
+``c1(channels=32,hidden=256x128)`` give sizes (the study records its models this way, so that the
+measurement commands rebuild them); ``package.module:factory`` is the user's own.
 """
 from __future__ import annotations
 
 import importlib
 import inspect
 import math
-from typing import Callable, Sequence
+import re
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["make_f1", "make_c1", "build_model", "MODEL_NAMES"]
+__all__ = ["make_f1", "make_c1", "build_model", "parse_model_spec", "format_model_spec", "MODEL_NAMES"]
 
 MODEL_NAMES = ("f1", "c1")
 
@@ -89,14 +94,109 @@ def _check_dims(input_shape: Sequence[int], num_classes: int) -> None:
         raise ValueError(f"num_classes must be >= 2 for a classifier, got {num_classes}")
 
 
+def _positive_int(text: str) -> int:
+    if not re.fullmatch(r"[0-9]+", text) or int(text) < 1:
+        raise ValueError("must be a positive integer")
+    return int(text)
+
+
+def _hidden_sizes(text: str) -> tuple[int, ...]:
+    if text == "none":
+        return ()
+    parts = [p.strip() for p in text.split("x")]
+    if not all(re.fullmatch(r"[0-9]+", p) and int(p) >= 1 for p in parts):
+        raise ValueError("must be positive integers joined by x (e.g. 256x128), or none")
+    return tuple(int(p) for p in parts)
+
+
+def _dropout(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 <= value < 1.0:
+        raise ValueError("must be a number in [0, 1)")
+    return value
+
+
+# The sizes a spec may give, per built-in model, in the order specs are written: name -> parser.
+SIZE_KEYS: dict[str, dict[str, Callable[[str], Any]]] = {
+    "f1": {"width": _positive_int, "depth": _positive_int},
+    "c1": {"channels": _positive_int, "hidden": _hidden_sizes, "dropout": _dropout},
+}
+_EXAMPLES = {"f1": "f1(width=128,depth=5)", "c1": "c1(channels=32,hidden=256x128)"}
+
+
+def parse_model_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``(name, sizes)`` of a model spec: ``"f1"`` -> ``("f1", {})``,
+    ``"c1(channels=32,hidden=256x128)"`` -> ``("c1", {"channels": 32, "hidden": (256, 128)})``;
+    a ``module:factory`` spec is returned as its own name with no sizes.
+
+    Raises ``ValueError`` in one line, naming the spec, for a malformed spec, a size key the model
+    does not have, a repeated key or a bad value.
+    """
+    if "(" not in spec and ")" not in spec:
+        return spec, {}
+    m = re.fullmatch(r"\s*([^()\s]+)\s*\((.*)\)\s*", spec)
+    if m is None:
+        raise ValueError(f"model spec {spec!r}: expected NAME(key=value,...), e.g. {_EXAMPLES['f1']}")
+    name, body = m.group(1), m.group(2)
+    if name not in SIZE_KEYS:
+        raise ValueError(f"model spec {spec!r}: sizes in parentheses apply to f1 and c1 only "
+                         f"(e.g. {_EXAMPLES['f1']}, {_EXAMPLES['c1']})")
+    keys = SIZE_KEYS[name]
+    sizes: dict[str, Any] = {}
+    for item in body.split(",") if body.strip() else []:
+        key, eq, value = (part.strip() for part in item.partition("="))
+        if not item.strip():
+            raise ValueError(f"model spec {spec!r}: an empty entry between commas")
+        if not eq or not key:
+            hint = " (hidden sizes are joined by x, e.g. hidden=256x128)" if name == "c1" and "hidden" in sizes else ""
+            raise ValueError(f"model spec {spec!r}: {item.strip()!r} is not key=value{hint}")
+        if key not in keys:
+            raise ValueError(f"model spec {spec!r}: unknown size {key!r} for {name} (use {', '.join(keys)})")
+        if key in sizes:
+            raise ValueError(f"model spec {spec!r}: {key} is given twice")
+        try:
+            sizes[key] = keys[key](value)
+        except ValueError as exc:
+            raise ValueError(f"model spec {spec!r}: {key} {exc}, got {value!r}") from None
+    return name, sizes
+
+
+def format_model_spec(name: str, **sizes: Any) -> str:
+    """The spec that :func:`build_model` reads back as ``name`` with ``sizes``, e.g.
+    ``format_model_spec("f1", width=128, depth=5) == "f1(width=128,depth=5)"``; ``name`` alone when
+    no sizes are given (for ``f1``/``c1``: the paper's sizes)."""
+    if name not in SIZE_KEYS:
+        if sizes:
+            raise ValueError(f"sizes apply to f1 and c1 only, not to {name!r}")
+        return name
+    unknown = set(sizes) - set(SIZE_KEYS[name])
+    if unknown:
+        raise ValueError(f"unknown size {sorted(unknown)[0]!r} for {name} (use {', '.join(SIZE_KEYS[name])})")
+
+    def text(key: str, value: Any) -> str:
+        if key == "hidden":
+            return "x".join(str(int(h)) for h in value) if len(value) else "none"
+        return repr(float(value)) if key == "dropout" else str(int(value))
+
+    items = [f"{k}={text(k, sizes[k])}" for k in SIZE_KEYS[name] if k in sizes]
+    spec = f"{name}({','.join(items)})" if items else name
+    parse_model_spec(spec)  # what is written reads back (positive sizes, dropout in [0, 1))
+    return spec
+
+
 def resolve_factory(spec: str) -> Callable[..., nn.Module]:
-    """``f1``, ``c1`` or ``package.module:function`` -> a callable building the model."""
-    if spec == "f1":
+    """``f1``, ``c1`` (with or without sizes) or ``package.module:function`` -> a callable building the model."""
+    name, _ = parse_model_spec(spec)
+    if name == "f1":
         return make_f1
-    if spec == "c1":
+    if name == "c1":
         return make_c1
     if ":" not in spec:
-        raise ValueError(f"unknown model {spec!r}: use f1, c1 or module:factory (e.g. mypkg.nets:make_net)")
+        raise ValueError(f"unknown model {spec!r}: use f1, c1 (sized: {_EXAMPLES['f1']}, {_EXAMPLES['c1']}) "
+                         "or module:factory (e.g. mypkg.nets:make_net)")
     mod_name, _, attr = spec.partition(":")
     if not mod_name or not attr:
         raise ValueError(f"model spec {spec!r} must look like module:factory")
@@ -115,21 +215,30 @@ def build_model(
 ) -> nn.Module:
     """Build the model named by ``spec`` with its initial weights drawn from ``seed``.
 
-    Built-in names take ``kwargs`` (``width``, ``depth`` for f1; ``channels``, ``hidden``,
-    ``dropout`` for c1).  A ``module:factory`` is called as ``factory(input_shape, num_classes)``
-    when it accepts two arguments, else with none; it must return an ``nn.Module``.  The global
-    RNG is left as it was.
+    Built-in names take their sizes from the spec (``f1(width=128,depth=5)``) or from ``kwargs``
+    (``width``, ``depth`` for f1; ``channels``, ``hidden``, ``dropout`` for c1; a size given both
+    ways must agree); plain ``f1``/``c1`` without kwargs are the paper's sizes.  A
+    ``module:factory`` is called as ``factory(input_shape, num_classes)`` when it accepts two
+    arguments, else with none; it must return an ``nn.Module``.  The global RNG is left as it was.
     """
     factory = resolve_factory(spec)
+    name, sizes = parse_model_spec(spec)
+    for key, value in kwargs.items():
+        if key in sizes and _size_value(sizes[key]) != _size_value(value):
+            raise ValueError(f"model spec {spec!r} gives {key}={sizes[key]!r}, the call {key}={value!r}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if spec in MODEL_NAMES:
-            model = factory(tuple(input_shape), num_classes, **kwargs)
+        if name in MODEL_NAMES:
+            model = factory(tuple(input_shape), num_classes, **{**sizes, **kwargs})
         else:
             model = factory(tuple(input_shape), num_classes) if _takes_two(factory) else factory()
     if not isinstance(model, nn.Module):
         raise TypeError(f"model factory {spec!r} returned {type(model).__name__}, expected torch.nn.Module")
     return model
+
+
+def _size_value(value: Any) -> Any:
+    return tuple(value) if isinstance(value, (list, tuple)) else value
 
 
 def _takes_two(fn: Callable) -> bool:

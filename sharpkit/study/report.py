@@ -586,6 +586,27 @@ th{background:#f3f3f3}.ok{color:#176b1c;font-weight:600}.bad{color:#a11;font-wei
 img{max-width:100%;border:1px solid #eee;margin:.4em 0}code{background:#f5f5f5;padding:0 3px}"""
 
 
+def measure_commands(results: dict) -> list[str]:
+    """The ``sharpkit audit`` line of each model of the study (empty for results without them)."""
+    return [m["audit_command"] for m in results["models"].values() if m.get("audit_command")]
+
+
+def _measure_section(results: dict) -> str:
+    commands = measure_commands(results)
+    if not commands:
+        return ""
+    specs = ", ".join(f"<code>{html.escape(m['spec'])}</code>" for m in results["models"].values() if m.get("spec"))
+    return ("<h2>Measuring these checkpoints</h2><p>Each training's final weights are in "
+            "<code>runs/&lt;model&gt;-b&lt;batch&gt;-s&lt;seed&gt;-&lt;key&gt;/final.pt</code> (its folder's "
+            "<code>model.json</code> names the model), and the data the models were trained on are in "
+            f"<code>{html.escape(results.get('train_data', 'train.npz'))}</code> (training split; the test split as "
+            "x_test, y_test). The other commands (<code>sharpkit sharpness</code>, <code>spectrum</code>, "
+            f"<code>landscape</code>, <code>audit</code>) measure them with the models' sizes, {specs}, and "
+            "this data: there, plain <code>--model f1</code>/<code>c1</code> builds the paper's sizes and "
+            "<code>--data mnist1d</code> holds other samples. To audit every run of a model (SB, LB, sweep and "
+            "warm starts):</p><pre>" + html.escape("\n".join(commands)) + "</pre>")
+
+
 def render_html(results: dict, figures: list[Path]) -> str:
     cfg, res, env = results["config"], results["resolved"], results["environment"]
     imgs = {p.name: base64.b64encode(p.read_bytes()).decode() for p in figures}
@@ -623,6 +644,7 @@ def render_html(results: dict, figures: list[Path]) -> str:
     ]))
     if stats.get("unavailable"):
         parts.append("<p class='bad'>Not measured (API missing): " + html.escape("; ".join(stats["unavailable"])) + "</p>")
+    parts.append(_measure_section(results))
     for spec, s in results["summary"]["models"].items():
         m = results["models"][spec]
         parts.append(f"<h2>Model {html.escape(spec)}</h2><h3>Verdicts</h3>")
