@@ -1,6 +1,6 @@
 """Single measurements from the command line: ``sharpkit sharpness``, ``spectrum`` and ``landscape``.
 
-Each loads a model (``--model f1|c1|module:factory``), optionally a checkpoint into it, and data
+Each loads a model (``--model f1|c1|f1(width=..)|module:factory``), optionally a checkpoint into it, and data
 (``--data mnist1d|digits|FILE|module:function``), runs one measurement from the Python API and writes
 its result as JSON (and, for ``landscape --plot``, a PNG).  Output files are written atomically.
 
@@ -124,7 +124,8 @@ def _device(spec: str | None) -> torch.device:
 
 def _common(p: argparse.ArgumentParser, checkpoint: bool = True, bn_default: str = "eval",
             bn_help: str = "BatchNorm: running statistics (eval, default) or each batch's statistics (train)") -> None:
-    p.add_argument("--model", required=True, help="f1, c1 or module:factory (built with the data's input shape)")
+    p.add_argument("--model", required=True, help="f1, c1 (the paper's sizes), f1(width=W,depth=D), c1(channels=C,hidden=H1xH2) "
+                   "or module:factory (built with the data's input shape)")
     if checkpoint:
         p.add_argument("--checkpoint", help="state dict to load (torch.save, safetensors or Lightning .ckpt)")
     p.add_argument("--data", default="mnist1d", help="mnist1d (default), digits, a .npz/.pt file or module:function")

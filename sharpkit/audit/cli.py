@@ -55,7 +55,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="checkpoint files (.pt/.pth/.bin torch.save state dicts, .safetensors, Lightning .ckpt), "
                    "directories holding them (not searched recursively), or glob patterns (quoted; ** matches any "
                    "depth; matched directories are expanded; files without a checkpoint suffix are skipped)")
-    p.add_argument("--model", required=True, help="f1, c1, or MODULE:FACTORY returning the nn.Module")
+    p.add_argument("--model", required=True, help="f1, c1 (the paper's sizes), f1(width=W,depth=D), c1(channels=C,hidden=H1xH2), "
+                   "or MODULE:FACTORY returning the nn.Module")
     p.add_argument("--data", default="mnist1d",
                    help="mnist1d (default), digits, a .pt/.npz file of tensors, or MODULE:FUNCTION returning a "
                    "DataLoader or (inputs, targets); the training split is used")
