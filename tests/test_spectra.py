@@ -271,3 +271,140 @@ def test_spectral_density_does_not_depend_on_the_memory_bound():
     small = sk.spectral_density(A, num_runs=6, lanczos_steps=20, seed=1, max_memory_bytes=8 * 50 * 21 * 2)
     large = sk.spectral_density(A, num_runs=6, lanczos_steps=20, seed=1)
     assert torch.allclose(torch.as_tensor(small.density), torch.as_tensor(large.density), rtol=1e-10, atol=1e-12)
+
+
+class _MatrixOperator:
+    """An explicit symmetric matrix behind the operator interface, with the fused engine's CPU
+    preference of one direction per product (``trace`` then draws its probes one at a time)."""
+
+    preferred_block_size = 1
+
+    def __init__(self, A: torch.Tensor):
+        self.A, self.shape, self.dtype = A, A.shape, A.dtype
+
+    def __matmul__(self, V: torch.Tensor) -> torch.Tensor:
+        return self.A @ V
+
+
+def test_hutchinson_rtol_stderr_is_calibrated_with_one_probe_per_block():
+    # Testing the stopping rule from 2 probes on stopped runs whose first probes happened to agree,
+    # with a stderr far below the error (here: 15 % of the seeds beyond 3 stderr, z std ~16).
+    A = torch.randn(30, 30, generator=torch.Generator().manual_seed(0), dtype=F64)
+    A = (A + A.t()) / 2 + torch.eye(30, dtype=F64)
+    exact = float(torch.trace(A))
+    op = _MatrixOperator(A)
+    runs = [sk.trace(op, method="hutchinson", num_matvecs=2000, rtol=0.15, seed=s) for s in range(300)]
+    used = torch.tensor([r.num_matvecs for r in runs])
+    z = torch.tensor([(r.value - exact) / r.stderr for r in runs], dtype=F64)
+    assert float((z.abs() > 3).double().mean()) <= 0.02  # (Student t, 15 dof: ~0.01)
+    assert 0.8 < float(z.std()) < 1.25
+    assert int(used.min()) >= spectra.HUTCHINSON_MIN_PROBES
+    assert float(used.float().median()) < 100  # (the rule does stop runs early)
+    assert all(r.stderr <= 0.15 * abs(r.value) for r in runs)
+    # num_matvecs stays the hard cap, also below the minimum.
+    capped = sk.trace(op, method="hutchinson", num_matvecs=10, rtol=0.5, seed=0)
+    assert capped.num_matvecs == 10 == capped.samples.numel()
+
+
+def _with_spectrum(d: torch.Tensor, seed: int) -> torch.Tensor:
+    Q, _ = torch.linalg.qr(torch.randn(d.numel(), d.numel(), generator=torch.Generator().manual_seed(seed), dtype=F64))
+    A = (Q * d.to(F64)) @ Q.t()
+    return (A + A.t()) / 2
+
+
+def _wanted(evals: torch.Tensor, which: str, k: int) -> torch.Tensor:
+    order = {"LA": evals.flip(0), "SA": evals, "LM": evals[evals.abs().argsort(descending=True)]}[which]
+    return order[:k]
+
+
+_BULK = 0.9 * torch.linspace(-1, 1, 141) ** 3
+_SPECTRA = {
+    # the three extreme eigenvalues (LM: magnitudes 2, 1.5 and 1.3) twice / three times, then the bulk
+    "double": torch.cat([torch.tensor([2.0, 2.0, 1.5, 1.5, -1.3, -1.3]), _BULK]),
+    "triple": torch.cat([torch.tensor([2.0, 2.0, 2.0, 1.5, 1.5, 1.5, -1.3, -1.3, -1.3]), _BULK]),
+    "distinct": torch.cat([torch.tensor([2.0, 1.9, 1.5, 1.4, -1.3, -1.2]), _BULK]),
+}
+
+
+@pytest.mark.parametrize("which", ["LA", "SA", "LM"])
+@pytest.mark.parametrize("spectrum", list(_SPECTRA))
+def test_default_lanczos_finds_repeated_eigenvalues(spectrum, which):
+    # One Krylov vector sees one direction per eigenspace: single-vector Lanczos (the default for
+    # k > 1 before) returned 2, 1.5 and 0.9 for the top 3 of "triple", as converged.
+    for seed in (0, 1):
+        A = _with_spectrum(_SPECTRA[spectrum], seed)
+        n = A.shape[0]
+        evals = torch.linalg.eigvalsh(A)
+        scale = float(evals.abs().max())
+        for k in (2, 3, 4, 6):
+            r = sk.eigenvalues(A, k=k, which=which, tol=1e-8, seed=seed)
+            assert r.converged and r.num_matvecs < n  # (not by exhausting the space)
+            assert float((r.values - _wanted(evals, which, k)).abs().max()) < 1e-12 * scale
+            R = A @ r.vectors - r.vectors * r.values
+            assert float(R.norm(dim=0).max()) < 1e-7 * scale
+            torch.testing.assert_close(r.vectors.t() @ r.vectors, torch.eye(k, dtype=F64), atol=1e-8, rtol=0)
+        # k = 1 stays single-vector Lanczos
+        one = sk.eigenvalues(A, k=1, which=which, tol=1e-8, seed=seed)
+        assert one.method == "lanczos" and float((one.values - _wanted(evals, which, 1)).abs().max()) < 1e-12 * scale
+
+
+def test_lanczos_multiplicity_of_a_linear_mse_hessian():
+    # A linear model with C outputs under MSE: H = (2 / (N C)) I_C (x) [X 1]^T [X 1], every
+    # eigenvalue C-fold.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 3)).double()
+    data = [(torch.randn(50, 6, dtype=F64), torch.randn(50, 3, dtype=F64))]
+    H = explicit_hessian(model, nn.MSELoss(), data)
+    evals = torch.linalg.eigvalsh(H).flip(0)
+    op = sk.hessian(model, nn.MSELoss(), data, dtype=F64)
+    for k in (2, 3, 5):
+        for tol in (1e-3, 1e-8):
+            r = sk.eigenvalues(op, k=k, tol=tol)
+            assert r.converged
+            assert _rel(r.values, evals[:k]) < 10 * tol ** 2 + 1e-12
+    assert _rel(sk.eigenvalues(op, k=3, tol=1e-10).values, evals[:1].expand(3)) < 1e-12
+
+
+@pytest.mark.parametrize("which,tol,matvecs", [("LA", 1e-3, 13), ("LA", 1e-8, 22), ("SA", 1e-3, 15), ("SA", 1e-8, 25)])
+def test_lanczos_k1_products_unchanged(problem, which, tol, matvecs):
+    # k = 1 stays single-vector Lanczos (one direction of the top eigenspace is all it needs):
+    # the product counts are those measured before block Lanczos became the default for k > 1.
+    model, data, H, evals = problem
+    for dtype in (F64, None):
+        op = sk.hessian(model, CE, data, dtype=dtype)
+        r = sk.eigenvalues(op, k=1, which=which, tol=tol)
+        assert r.num_matvecs == matvecs == op.num_matvecs and r.converged
+        assert _rel(r.values, _wanted(evals, which, 1)) < (1e-5 if dtype is None else 10 * tol ** 2)
+
+
+def _repeated_operator(value: float) -> torch.Tensor:
+    """43 x 43 with ``value`` six times (more than a block) among 37 distinct eigenvalues."""
+    d = torch.linspace(-0.5, 0.85, 43, dtype=F64)
+    d[:6] = value
+    return _with_spectrum(d, seed=0)
+
+
+@pytest.mark.parametrize("matrix", ["zeros", "repeated", "dense"])
+@pytest.mark.parametrize("p", [1, 2, 3, 4])
+def test_lanczos_near_exhaustion(matrix, p):
+    # Before: block Lanczos replaced dead directions against QR completions not orthogonal to the
+    # basis, and the basis grew past n (wrong eigenpairs as converged, num_matvecs > n); and a
+    # Krylov space that became invariant with one block's copies of a 6-fold eigenvalue was taken
+    # as the answer for k close to n (wrong by up to 0.2, converged=True).
+    A = {"zeros": lambda: _repeated_operator(0.0), "repeated": lambda: _repeated_operator(0.3),
+         "dense": lambda: _symmetric(43, seed=5)}[matrix]()
+    n = A.shape[0]
+    evals = torch.linalg.eigvalsh(A)
+    scale = float(evals.abs().max())
+    for which in ("LA", "SA", "LM"):
+        for k in (n - 8, n - 6, n - 3, n - 1, n):
+            r = sk.eigenvalues(A, k=k, which=which, tol=1e-8, block_size=p)
+            want = _wanted(evals, which, k)
+            got = r.values.abs() if which == "LM" else r.values  # (LM: ties of +-x in either order)
+            assert r.converged and r.num_matvecs <= n
+            assert float((got - (want.abs() if which == "LM" else want)).abs().max()) < 1e-10 * scale
+            assert float((A @ r.vectors - r.vectors * r.values).norm(dim=0).max()) < 1e-10 * scale
+            torch.testing.assert_close(r.vectors.t() @ r.vectors, torch.eye(k, dtype=F64), atol=1e-10, rtol=0)
+    # Too few steps for k = n: said so.
+    short = sk.eigenvalues(A, k=n, block_size=p, max_steps=2)
+    assert not short.converged and short.num_matvecs == 2 * p
