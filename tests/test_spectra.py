@@ -242,6 +242,19 @@ def test_power_iteration_finds_the_algebraic_extremes():
     assert sk.eigenvalues(A, k=2, which="SA", **kw).values.tolist() == pytest.approx([-5.0, 1.0], rel=1e-6)
 
 
+@pytest.mark.parametrize("which", ["LA", "SA"])
+def test_power_iteration_wrong_sign_extreme_on_a_dense_operator(which):
+    # The dominant eigenvalue has the other sign: the second run, on the shifted spectrum, used to
+    # start from the first run's eigenvector (the shifted operator's null vector) and stopped at
+    # another eigenvalue (-4.5 for "LA" here), reported as converged.
+    sign = 1.0 if which == "LA" else -1.0
+    ev = sign * torch.cat([torch.tensor([-5.0, -4.5]), torch.linspace(-1, 0.5, 37), torch.tensor([1.0])]).double()
+    Q, _ = torch.linalg.qr(torch.randn(40, 40, generator=torch.Generator().manual_seed(0), dtype=F64))
+    A = Q @ torch.diag(ev) @ Q.t()
+    r = sk.eigenvalues(A, k=1, method="power", which=which, tol=1e-10, max_steps=3000)
+    assert float(r.values[0]) == pytest.approx(sign * 1.0, rel=1e-6)
+
+
 def test_lobpcg_honours_tol():
     g = torch.Generator().manual_seed(0)
     Q, _ = torch.linalg.qr(torch.randn(200, 200, generator=g, dtype=F64))
@@ -328,16 +341,20 @@ _SPECTRA = {
 
 @pytest.mark.parametrize("which", ["LA", "SA", "LM"])
 @pytest.mark.parametrize("spectrum", list(_SPECTRA))
-def test_default_lanczos_finds_repeated_eigenvalues(spectrum, which):
-    # One Krylov vector sees one direction per eigenspace: single-vector Lanczos (the default for
-    # k > 1 before) returned 2, 1.5 and 0.9 for the top 3 of "triple", as converged.
+def test_block_lanczos_finds_repeated_eigenvalues(spectrum, which):
+    # One Krylov vector sees one direction per eigenspace: single-vector Lanczos (the default)
+    # returns 2, 1.5 and 0.9 for the top 3 of "triple", as converged; a block of k vectors finds
+    # every copy (and, on distinct spectra, the same values as the default).
     for seed in (0, 1):
         A = _with_spectrum(_SPECTRA[spectrum], seed)
         n = A.shape[0]
         evals = torch.linalg.eigvalsh(A)
         scale = float(evals.abs().max())
         for k in (2, 3, 4, 6):
-            r = sk.eigenvalues(A, k=k, which=which, tol=1e-8, seed=seed)
+            r = sk.eigenvalues(A, k=k, which=which, tol=1e-8, seed=seed, block_size=k)
+            if spectrum == "distinct":
+                single = sk.eigenvalues(A, k=k, which=which, tol=1e-8, seed=seed)
+                assert float((single.values - _wanted(evals, which, k)).abs().max()) < 1e-12 * scale
             assert r.converged and r.num_matvecs < n  # (not by exhausting the space)
             assert float((r.values - _wanted(evals, which, k)).abs().max()) < 1e-12 * scale
             R = A @ r.vectors - r.vectors * r.values
@@ -368,7 +385,7 @@ def test_lanczos_multiplicity_of_a_linear_mse_hessian():
 @pytest.mark.parametrize("which,tol,matvecs", [("LA", 1e-3, 13), ("LA", 1e-8, 22), ("SA", 1e-3, 15), ("SA", 1e-8, 25)])
 def test_lanczos_k1_products_unchanged(problem, which, tol, matvecs):
     # k = 1 stays single-vector Lanczos (one direction of the top eigenspace is all it needs):
-    # the product counts are those measured before block Lanczos became the default for k > 1.
+    # the product counts are those measured before the block Lanczos and rtol changes.
     model, data, H, evals = problem
     for dtype in (F64, None):
         op = sk.hessian(model, CE, data, dtype=dtype)

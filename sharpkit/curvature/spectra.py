@@ -483,12 +483,12 @@ def eigenvalues(
         max_steps: Lanczos steps (default ``min(n, max(300, 20 k))``; block Lanczos with block p:
             ``min(n, max(300, 20 k) // p + 1)``, each one product of up to p vectors), power iterations per
             eigenvalue (default 100, PyHessian's), LOBPCG iterations (default 200).
-        block_size: block size of Lanczos (default: 1 for k = 1, single-vector Lanczos; ``min(k, 8)``
-            for k > 1, block Lanczos).  A Krylov space grown from p vectors holds at most p
-            directions of each eigenspace: with ``block_size=1`` and k > 1, an eigenvalue of
-            multiplicity m shows up once and the next distinct eigenvalues take the other m - 1
-            places, reported as converged; a block finds multiplicities up to its size (all of the
-            k wanted for k <= 8).  Where the Krylov space becomes invariant before k values have
+        block_size: block size of Lanczos (default 1: single-vector Lanczos).  A Krylov space
+            grown from p vectors holds at most p directions of each eigenspace: with
+            ``block_size=1`` and k > 1, an eigenvalue of exact multiplicity m shows up once and the
+            next distinct eigenvalues take the other m - 1 places, reported as converged (their
+            residuals are small); ``block_size >= m`` finds the copies (``converged`` says the
+            Ritz residuals met ``tol``, not that no copy is missing).  Where the Krylov space becomes invariant before k values have
             converged (k close to n, low rank), the run goes on from fresh random directions and
             stops only when they find nothing beyond the k-th value (they hold the missing copies).
     """
@@ -521,25 +521,22 @@ def eigenvalues(
             def shifted(V: torch.Tensor) -> torch.Tensor:
                 return sign * mv(V) + shift * V
 
-            first = vecs[:, 0]
-            vals, vecs, res, ok2, it2 = _power(shifted, n, k, tol, iters, first, gen, device)
+            # Not from the first run's vector: it is the eigenvector of the shifted spectrum's 0, so
+            # the run would start from rounding and stop on whatever its first steps produce.
+            vals, vecs, res, ok2, it2 = _power(shifted, n, k, tol, iters, v0, gen, device)
             vals, ok, it = sign * (vals - shift), ok and ok2, it + it2
         return EigenResult(vals, vecs, mv.count, res, ok, "power", it)
     if method == "lobpcg":
         mv = _Counter(H)
         return _lobpcg(H, mv, n, k, which, tol, max_steps or 200, v0, gen, device, block_size)
-    # Default block for k > 1: min(k, 8), not single-vector Lanczos, because one Krylov vector
-    # sees one direction per eigenspace: a repeated eigenvalue (a linear layer under MSE with C
-    # outputs: every eigenvalue C-fold) came out once, its copies replaced by the next eigenvalues
-    # with small residuals (converged=True).  The block costs about twice the products where the
-    # eigenvalues are distinct (top 5 of a 164-parameter MLP Hessian at tol 1e-3: 55 against 25)
-    # and shares every pass over the data among its vectors.  The alternative tried, a deflated
-    # restart after convergence (Lanczos from a fresh vector orthogonal to the basis), cost about
-    # as much (38-70 there) and is brittle: rounding leaves a missed copy a small component on the
-    # basis's last vectors, coupled to the truncated residual, and the Ritz residual of the found
-    # copy stalled above tight tolerances (7e-6 at tol 1e-8, until the space was exhausted).
-    # k = 1 needs one direction of the top eigenspace only: single-vector, products unchanged.
-    p = block_size if block_size is not None else (1 if k == 1 else min(k, 8))
+    # Default: single-vector Lanczos for every k.  A block of min(k, 8) would also find exact copies
+    # of repeated eigenvalues before the Krylov space becomes invariant (one start vector sees one
+    # direction per eigenspace), but it cost 4x the time for the top 5 of the 1.08 M-parameter F1
+    # MLP (2.72 s against 0.68 s, 45 against 24 products; benchmarks/bench_curvature.py, kept in
+    # benchmarks/results/cpu_curvature_20261129T180556Z.txt) and exact multiplicities are rare in
+    # trained networks (a linear layer under MSE with C outputs is the classic case): pass
+    # block_size >= the multiplicity when copies matter.
+    p = block_size if block_size is not None else 1
     if not isinstance(p, int) or p < 1:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
     storage = _work_dtype(H)  # the Lanczos basis (block Lanczos keeps its products in float64)
