@@ -40,7 +40,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import torch
 from torch import nn

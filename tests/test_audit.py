@@ -27,7 +27,7 @@ from sharpkit.audit.checkpoints import (
     load_state_dict,
     parse_step,
 )
-from sharpkit.audit.metrics import MetricConfig, hutchinson_trace, lanczos_top
+from sharpkit.audit.metrics import hutchinson_trace, lanczos_top
 from sharpkit.audit.report import format_table, render_html, sort_rows, write_html
 from sharpkit.audit.store import ResultStore
 from sharpkit.data import as_batches
