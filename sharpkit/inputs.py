@@ -21,7 +21,7 @@ from torch.func import functional_call
 
 from .audit.checkpoints import error_summary, file_sha256
 from .data import Batches, as_batches, load_dataset, to_device
-from .objective import loss_on_device
+from .objective import checked_loss, loss_on_device
 from .params import measurement_mode, model_tensors
 
 __all__ = ["LOSSES", "resolve_data", "resolve_model", "resolve_device", "check_model_runs", "identity"]
@@ -209,11 +209,8 @@ def check_model_runs(model: nn.Module, loss_fn: Callable, batches: Batches, devi
         warnings.simplefilter("ignore")
         try:
             out = functional_call(model, model_tensors(model, device, dtype), (inputs,))
-            # MSELoss broadcasts mismatched shapes with only a warning (class labels against logits).
-            if isinstance(loss_fn, nn.MSELoss) and isinstance(out, torch.Tensor) and out.shape != targets.shape:
-                raise ValueError(f"MSE compares outputs of shape {tuple(out.shape[1:])} per sample with targets "
-                                 f"of shape {tuple(targets.shape[1:])}")
-            loss_on_device(loss_fn, device, dtype)(out, targets)
+            # (checked_loss: MSE broadcasts mismatched shapes, class labels against logits, with only a warning)
+            checked_loss(loss_on_device(loss_fn, device, dtype), out, targets)
         except Exception as exc:
             raise ValueError(
                 f"the model does not run on the data ({type(exc).__name__}: {error_summary(exc)}); samples have "

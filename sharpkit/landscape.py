@@ -18,7 +18,7 @@ from torch import nn
 
 from . import distributed as _dist
 from .data import as_batches, to_device
-from .objective import check_mean_reduced
+from .objective import check_mean_reduced, checked_loss
 from .params import FlatParams, check_finite_parameters, measurement_mode
 
 __all__ = ["Curve", "Surface", "interpolate", "evaluate", "random_direction", "slice_1d", "slice_2d"]
@@ -78,9 +78,7 @@ def evaluate(
             for batch in batches:
                 inputs, targets = to_device(batch, dev, dtype)
                 out = model(inputs)
-                loss = loss_fn(out, targets)
-                if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-                    raise ValueError("loss_fn must return a scalar (mean-reduced) tensor")
+                loss = checked_loss(loss_fn, out, targets)
                 n_b = inputs.shape[0]
                 sums[0] += float(loss) * n_b
                 sums[2] += n_b

@@ -21,7 +21,7 @@ from .data import Batches, BatchSurvey, as_batches, regroup_batches, survey_batc
 from .params import FlatParams, check_finite_parameters, has_shared_modules, model_tensors, tensor_objects_kept
 
 __all__ = ["Objective", "LossFn", "activation_elements", "probe_largest_batch", "loss_on_device",
-           "regroup_rows", "check_mean_reduced", "ignored_target", "join_obstacle"]
+           "regroup_rows", "check_mean_reduced", "ignored_target", "join_obstacle", "checked_loss"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -130,12 +130,7 @@ class Objective:
     def batch_loss(self, x: torch.Tensor, batch) -> torch.Tensor:
         """Mean loss of one batch at parameters ``x`` (differentiable in ``x``)."""
         inputs, targets = to_device(batch, self.device, self.dtype)
-        out = self.batch_output(x, inputs)
-        loss = self.loss_fn(out, targets)
-        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-            raise ValueError(f"loss_fn must return a scalar (mean-reduced) tensor, got {shape}")
-        return loss
+        return checked_loss(self.loss_fn, self.batch_output(x, inputs), targets)
 
     def loss(self, x: torch.Tensor) -> torch.Tensor:
         """``f(x)`` as a 0-dim tensor (no graph)."""
@@ -203,6 +198,31 @@ def _probe_forward(model: nn.Module, batch, device: torch.device, dtype: torch.d
         for h in handles:
             h.remove()
     return total, out
+
+
+# Losses that compare outputs and targets element by element: torch broadcasts mismatched shapes
+# with only a warning ((N, 1) outputs against (N,) targets become an (N, N) comparison).
+_ELEMENTWISE_LOSSES = (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss)
+_ELEMENTWISE_FUNCTIONS = (F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss)
+
+
+def checked_loss(loss_fn: LossFn, outputs: Any, targets: Any) -> torch.Tensor:
+    """``loss_fn(outputs, targets)``, which must be a scalar tensor of a mean-reduced loss
+    (:func:`check_mean_reduced`); an element-wise regression loss (MSE, L1, smooth L1, Huber) must
+    get targets shaped like the outputs.  ValueError otherwise."""
+    check_mean_reduced(loss_fn)
+    elementwise = isinstance(loss_fn, _ELEMENTWISE_LOSSES) or any(loss_fn is f for f in _ELEMENTWISE_FUNCTIONS)
+    if elementwise and isinstance(outputs, torch.Tensor) and isinstance(targets, torch.Tensor) \
+            and outputs.shape != targets.shape:
+        what = getattr(loss_fn, "__name__", type(loss_fn).__name__)
+        raise ValueError(f"{what} compares outputs of shape {tuple(outputs.shape)} with targets of shape "
+                         f"{tuple(targets.shape)}: they must match (torch would broadcast them into a loss over "
+                         "every output-target pair)")
+    loss = loss_fn(outputs, targets)
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise ValueError(f"loss_fn must return a scalar (mean-reduced) tensor, got {shape}")
+    return loss
 
 
 def check_mean_reduced(loss_fn: Any) -> None:

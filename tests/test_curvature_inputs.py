@@ -328,3 +328,17 @@ def test_losses_that_are_not_mean_reduced_are_refused(reduction):
                  lambda: sk.landscape.evaluate(model, loss, data)):
         with pytest.raises(ValueError, match=f"reduction='{reduction}'.*mean-reduced"):
             call()
+
+
+@pytest.mark.parametrize("loss", [nn.MSELoss(), nn.L1Loss(), nn.functional.mse_loss, nn.HuberLoss()])
+def test_regression_targets_that_would_broadcast_are_refused(loss):
+    # (N, 1) outputs against (N,) targets: torch broadcasts to an (N, N) comparison with only a warning.
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 1)).double()
+    x, y = torch.randn(16, 4, dtype=F64), torch.randn(16, dtype=F64)
+    calls = [lambda: sk.hessian(model, loss, (x, y), engine="generic") @ torch.ones(sk.FlatParams(model).n, dtype=F64),
+             lambda: sk.keskar_sharpness(model, loss, (x, y), solver="pga", max_iter=2),
+             lambda: sk.landscape.evaluate(model, loss, (x, y))]
+    for call in calls:
+        with pytest.raises(ValueError, match=r"outputs of shape \(16, 1\) with targets of shape \(16,\)"):
+            call()
+    sk.keskar_sharpness(model, loss, (x, y[:, None]), solver="pga", max_iter=2)  # matching shapes: fine

@@ -27,7 +27,7 @@ from torch.func import functional_call, vmap
 
 from .. import distributed as _dist
 from ..data import Batches, regroup_batches, survey_batches, to_device
-from ..objective import Objective, check_mean_reduced, ignored_target, probe_largest_batch
+from ..objective import Objective, check_mean_reduced, checked_loss, ignored_target, probe_largest_batch
 from ..params import FlatParams
 
 __all__ = ["StackedObjective", "SingleObjective", "stack_checkpoints", "estimate_group_size", "GroupPlan"]
@@ -134,11 +134,7 @@ class StackedObjective:
         def one(x: torch.Tensor, buffers: dict[str, torch.Tensor], inputs: torch.Tensor, targets: torch.Tensor):
             tensors = dict(buffers)
             tensors.update(self.flat.as_dict(x))
-            loss = loss_fn(functional_call(model, tensors, (inputs,)), targets)
-            if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-                shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-                raise ValueError(f"loss_fn must return a scalar (mean-reduced) tensor, got {shape}")
-            return loss
+            return checked_loss(loss_fn, functional_call(model, tensors, (inputs,)), targets)
 
         self._batched = vmap(one, in_dims=(0, 0, None, None))
 

@@ -29,7 +29,7 @@ from torch import nn
 from torch.func import grad, jvp, vjp, vmap
 
 from ..data import to_device
-from ..objective import Objective
+from ..objective import Objective, checked_loss
 from ..params import FlatParams
 
 # Vectors per product when the caller may choose (e.g. trace probes) and the engine states no
@@ -145,7 +145,7 @@ class GenericEngine:
 
         out, pullback = vjp(model_out, x)
         out = out.detach()
-        g_out = grad(lambda o: _scalar_loss(obj.loss_fn(o, targets)))
+        g_out = grad(lambda o: checked_loss(obj.loss_fn, o, targets))
 
         def one(v: torch.Tensor) -> torch.Tensor:
             jv = jvp(model_out, (x,), (v,))[1]
@@ -189,7 +189,7 @@ class GenericEngine:
             u = torch.zeros_like(out, requires_grad=True)
             (jtu,) = torch.autograd.grad(out, xr, u, create_graph=True)
             o = out.detach().requires_grad_(True)
-            (g_out,) = torch.autograd.grad(_scalar_loss(obj.loss_fn(o, targets)), o, create_graph=True)
+            (g_out,) = torch.autograd.grad(checked_loss(obj.loss_fn, o, targets), o, create_graph=True)
 
         def ggn_mm(V: torch.Tensor) -> torch.Tensor:
             jv = _batched_vjp(jtu, u, V)  # (*out.shape, k) laid out as columns
@@ -199,13 +199,6 @@ class GenericEngine:
             return _batched_vjp(out, xr, hjv)
 
         return ggn_mm
-
-
-def _scalar_loss(loss: Any) -> torch.Tensor:
-    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-        raise ValueError(f"loss_fn must return a scalar (mean-reduced) tensor, got {shape}")
-    return loss
 
 
 def _batched_vjp(y: torch.Tensor, x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
