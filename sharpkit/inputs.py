@@ -21,10 +21,11 @@ from torch.func import functional_call
 
 from .audit.checkpoints import error_summary, file_sha256
 from .data import Batches, as_batches, load_dataset, to_device
-from .objective import checked_loss, loss_on_device
+from .objective import check_mean_reduced, checked_loss, loss_on_device
 from .params import measurement_mode, model_tensors
 
-__all__ = ["LOSSES", "resolve_data", "resolve_model", "resolve_device", "check_model_runs", "identity"]
+__all__ = ["LOSSES", "resolve_data", "resolve_model", "resolve_device", "default_device", "check_model_runs",
+           "identity"]
 
 
 LOSSES: dict[str, Callable[[], nn.Module]] = {
@@ -178,6 +179,11 @@ def identity(obj: Any, tensors: bool = False) -> str:
     return _ADDRESS_RE.sub("", f"{obj!r} {_plain_attributes(obj)}")
 
 
+def default_device() -> torch.device:
+    """The commands' device when none is given: the GPU where CUDA is available, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """``device`` (default cpu) checked up front: an unknown name, or a device this torch build or
     machine does not have, is a ``ValueError`` before any data are read, not a traceback halfway."""
@@ -202,6 +208,7 @@ def check_model_runs(model: nn.Module, loss_fn: Callable, batches: Batches, devi
     A model that does not fit the data (input width, number of classes, targets the loss refuses)
     is then a usage error naming the problem, raised before any checkpoint is read.
     """
+    check_mean_reduced(loss_fn)
     x, y = next(iter(batches))
     inputs, targets = to_device((x[:2], y[:2]), device, dtype)
     # Warnings stay quiet here: the measurement itself raises them again.

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .inputs import LOSSES, check_model_runs, resolve_data, resolve_device, resolve_model
+from .inputs import LOSSES, check_model_runs, default_device, resolve_data, resolve_device, resolve_model
 from .distributed import PeerFailure, agree, is_main_process
 
 EXIT_USAGE = 2
@@ -115,7 +115,7 @@ def _output_path(text: str) -> str:
 
 
 def _device(spec: str | None) -> torch.device:
-    return torch.device(spec if spec is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    return torch.device(spec) if spec is not None else default_device()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -207,10 +207,10 @@ _ELEMENTWISE_FUNCTIONS = (F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss)
 
 
 def checked_loss(loss_fn: LossFn, outputs: Any, targets: Any) -> torch.Tensor:
-    """``loss_fn(outputs, targets)``, which must be a scalar tensor of a mean-reduced loss
-    (:func:`check_mean_reduced`); an element-wise regression loss (MSE, L1, smooth L1, Huber) must
-    get targets shaped like the outputs.  ValueError otherwise."""
-    check_mean_reduced(loss_fn)
+    """``loss_fn(outputs, targets)``, which must be a scalar tensor; an element-wise regression loss
+    (MSE, L1, smooth L1, Huber) must get targets shaped like the outputs.  ValueError otherwise.
+    Runs in every pass; the loss's reduction is checked once, where a measurement is set up
+    (:func:`check_mean_reduced`)."""
     elementwise = isinstance(loss_fn, _ELEMENTWISE_LOSSES) or any(loss_fn is f for f in _ELEMENTWISE_FUNCTIONS)
     if elementwise and isinstance(outputs, torch.Tensor) and isinstance(targets, torch.Tensor) \
             and outputs.shape != targets.shape:
@@ -309,9 +309,12 @@ def regroup_rows(
     activations, counted four times over (forward, backward, temporaries) for each of ``vectors``
     directions a pass carries, never fewer than the largest batch.  None when there is nothing
     to join (one batch) or, given ``loss_fn``, when joining would change the objective
-    (:func:`join_obstacle`; survey the batches with its :func:`ignored_target`).  ``batches`` may
-    be given as their survey (then not read again); one forward of the largest batch runs either way."""
-    survey = batches if isinstance(batches, BatchSurvey) else survey_batches(batches)
+    (:func:`join_obstacle`).  ``batches`` may be given as their survey (then not read again; survey
+    them with the loss's :func:`ignored_target`); one forward of the largest batch runs either way."""
+    if isinstance(batches, BatchSurvey):
+        survey = batches
+    else:
+        survey = survey_batches(batches, None if loss_fn is None else ignored_target(loss_fn))
     if survey.num_batches < 2:
         return None
     rows = survey.largest_size

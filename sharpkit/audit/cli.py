@@ -96,9 +96,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    import torch
-
     from ..distributed import is_main_process
+    from ..inputs import default_device
     from . import audit
     from .metrics import MetricConfig
     from .report import format_table, write_html
@@ -114,7 +113,7 @@ def main(args: argparse.Namespace) -> int:
             adaptive_scale=args.adaptive_scale, adaptive_norm=args.adaptive_norm, solver=args.solver, max_iter=args.max_iter,
             restarts=args.restarts, first_step=args.first_step, k=args.k,
             lanczos_steps=args.lanczos_steps, trace_samples=args.trace_samples, seed=args.seed, bn=args.bn,
-            device=args.device if args.device is not None else ("cuda" if torch.cuda.is_available() else "cpu"),
+            device=args.device if args.device is not None else str(default_device()),
             dtype=args.dtype, group_size=args.group_size, batch_size=args.batch_size,
             progress=args.progress,
         )

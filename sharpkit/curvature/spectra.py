@@ -292,22 +292,22 @@ def _next_block(basis: _Basis, W: torch.Tensor, a_scale: float, w_scale: float, 
     """
     p = W.shape[1]
     room = n - basis.size
+
+    def live_block(Qn: torch.Tensor, B: torch.Tensor, smallest: float):
+        if smallest < 1e-4 * w_scale:  # nearly dead: orthogonalise once more
+            Qn, C = torch.linalg.qr(basis.orthogonalize_(Qn))
+            B = C @ B
+        return Qn, B, False
+
     Qn, B = torch.linalg.qr(W)
     sv = torch.linalg.svdvals(B)
     thr = 1e-12 * max(1.0, a_scale)
     if p <= room and float(sv[-1]) > thr:
-        if float(sv[-1]) < 1e-4 * w_scale:
-            Qn, C = torch.linalg.qr(basis.orthogonalize_(Qn))
-            B = C @ B
-        return Qn, B, False
+        return live_block(Qn, B, float(sv[-1]))
     U, sv, Vh = torch.linalg.svd(B)
     live = min(int((sv > thr).sum()), room)
     if live:
-        Qn, B = Qn @ U[:, :live], sv[:live, None] * Vh[:live]
-        if float(sv[live - 1]) < 1e-4 * w_scale:
-            Qn, C = torch.linalg.qr(basis.orthogonalize_(Qn))
-            B = C @ B
-        return Qn, B, False
+        return live_block(Qn @ U[:, :live], sv[:live, None] * Vh[:live], float(sv[live - 1]))
     cols: list[torch.Tensor] = []
     for _ in range(min(width, room)):
         w = _gaussian(n, 1, gen, device)
@@ -469,7 +469,7 @@ def eigenvalues(
         H: a curvature operator (or any symmetric ``(n, n)`` operator supporting ``H @ V``).
         k: number of eigenpairs (default 1).
         method: "lanczos" (default; full reorthogonalisation in float64; block Lanczos with batched
-            products when ``block_size > 1``, the default for k > 1), "lobpcg" (scipy's, on batched products; which "LA"
+            products when ``block_size > 1``), "lobpcg" (scipy's, on batched products; which "LA"
             or "SA", n >= 5 × block size) or "power"
             (deflated power iteration, PyHessian's algorithm: it finds the largest magnitude; for
             "LA"/"SA" a second run on the spectrum shifted by that magnitude, where its sign is wrong).
