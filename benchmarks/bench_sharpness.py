@@ -6,8 +6,10 @@ Script mode (``python benchmarks/bench_sharpness.py``) prints two tables:
    MNIST-1D (4000 training sequences) with Adam at batch 400 (10 % of the training set, Keskar's
    large batch) until the epoch loss stops improving; the weights are cached under
    ``$SHARPKIT_CACHE`` (default ``~/.cache/sharpkit``).  The reference is the paper's protocol,
-   ``solver="lbfgsb"`` with 10 iterations.  Then ``lbfgsb``, ``pga``, ``apgd`` and ``apgd`` with
-   two starts (``restarts=2``: the gradient and the sign first step) run in interleaved
+   ``solver="lbfgsb"`` with 10 iterations.  Then ``lbfgsb``, ``pga``, ``apgd``, ``apgd`` with
+   two starts (``restarts=2``: the gradient and the sign first step) and ``apgd`` with bfloat16
+   steps (``ascent_dtype="bfloat16"``; its value is known exactly only at the end of the call, so its
+   time to reach is the whole call's) run in interleaved
    rounds (the order rotates each round) and the table gives, as medians over rounds, the time each
    takes to first reach the reference value (from the start of the call, setup included), its total
    time and final value.
@@ -19,8 +21,8 @@ Script mode (``python benchmarks/bench_sharpness.py``) prints two tables:
    Eight MNIST-1D models (F1-style MLPs and C1-style conv nets, batch 400 and 50, several seeds and
    training lengths, some narrower) at ε = 1e-3 and 5e-4; per case the final values of ``lbfgsb``
    (10 iterations), ``apgd`` from the gradient and from the sign first step, ``apgd`` with both
-   starts (``restarts=2``) and ``pga``, and the evaluations each needed to reach the ``lbfgsb``
-   value (``-`` never).  Values only, no times.
+   starts (``restarts=2``), ``pga`` and ``apgd`` with bfloat16 steps, and the evaluations each
+   needed to reach the ``lbfgsb`` value (``-`` never).  Values only, no times.
 
 4. Data sources (``--small-batches``, instead of 1 and 2): the time of ``apgd`` and ``lbfgsb`` on
    untrained F1-style MLPs (widths 128 and 512) with the data as one batch, as a list of batches of
@@ -51,9 +53,11 @@ from sharpkit.files import atomic_torch_save
 from sharpkit.study.train import TrainConfig, train
 
 # Table rows: label -> keskar_sharpness arguments.  "apgd x2" is two runs, from the gradient and
-# the sign first step (restarts=2).
+# the sign first step (restarts=2); "apgd bf16" takes its steps under bfloat16 autocast (its value,
+# and so its history, is exact only at the end: the time to reach is then the whole call's).
 SOLVERS = {"lbfgsb": {"solver": "lbfgsb"}, "pga": {"solver": "pga"}, "apgd": {"solver": "apgd"},
-           "apgd x2": {"solver": "apgd", "restarts": 2}}
+           "apgd x2": {"solver": "apgd", "restarts": 2},
+           "apgd bf16": {"solver": "apgd", "ascent_dtype": "bfloat16"}}
 
 
 def trained_f1(data, batch_size: int, max_epochs: int, seed: int = 0) -> nn.Module:
@@ -129,7 +133,8 @@ SURVEY_MODELS = [("f1", 400, 20, 0, 512, 4000), ("f1", 400, 200, 0, 512, 4000), 
                  ("f1", 50, 10, 0, 512, 4000), ("f1", 400, 60, 3, 512, 4000), ("f1", 200, 20, 0, 256, 2000),
                  ("c1", 400, 30, 0, 0, 4000), ("c1", 50, 10, 0, 0, 4000)]
 SURVEY_RUNS = {"apgd": {"solver": "apgd"}, "apgd sign": {"solver": "apgd", "first_step": "sign"},
-               "apgd x2": {"solver": "apgd", "restarts": 2}, "pga": {"solver": "pga"}}
+               "apgd x2": {"solver": "apgd", "restarts": 2}, "pga": {"solver": "pga"},
+               "apgd bf16": {"solver": "apgd", "ascent_dtype": "bfloat16"}}
 
 
 def survey(epsilons: tuple[float, ...]) -> None:

@@ -223,7 +223,8 @@ def _sharpness_options(args: argparse.Namespace) -> dict[str, Any]:
     """The options ``--kind`` uses, with their defaults filled in; an option given that the
     measurement would ignore is a :class:`UsageError` (it must neither run silently as something
     else nor be recorded as used)."""
-    given = {name: getattr(args, name) for name in ("solver", "restarts", "first_step", "norm", "subspace_dim")
+    given = {name: getattr(args, name) for name in ("solver", "restarts", "first_step", "ascent_dtype", "norm",
+                                                    "subspace_dim")
              if getattr(args, name) is not None}
     if args.standard:
         given["standard"] = True
@@ -238,26 +239,27 @@ def _sharpness_options(args: argparse.Namespace) -> dict[str, Any]:
         solver = given.get("solver", "lbfgsb")
         options: dict[str, Any] = {"solver": solver, "subspace_dim": args.subspace_dim}
         if solver == "lbfgsb":
-            reject(("restarts", "first_step"), "applies to --solver pga/apgd; lbfgsb (the paper's protocol) "
-                   "starts once at y = 0")
+            reject(("restarts", "first_step", "ascent_dtype"), "applies to --solver pga/apgd; lbfgsb (the paper's "
+                   "protocol) starts once at y = 0 and needs exact values")
             return options
     else:
         reject(("subspace_dim",), "applies to --kind keskar")
         options = {"norm": given.get("norm", "linf"), "adaptive": not args.standard}
         if args.kind == "adaptive-average":
-            reject(("solver", "restarts", "first_step"), "applies to --kind keskar and adaptive-worst; "
+            reject(("solver", "restarts", "first_step", "ascent_dtype"), "applies to --kind keskar and adaptive-worst; "
                    "adaptive-average averages --max-iter random draws")
             return options
         solver = given.get("solver", "apgd")
         if solver == "lbfgsb":
             raise UsageError("--solver lbfgsb applies to --kind keskar; adaptive-worst is maximised by pga or apgd")
-        options["solver"] = solver
+        options.update(solver=solver, ascent_dtype=given.get("ascent_dtype"))
         if options["norm"] == "l2":  # the ℓ2 ball's ascent starts at y = 0 by a sign step, then at random points
             reject(("first_step",), "applies to the box (--norm linf); with --norm l2 the runs after the first "
                    "start at random points")
             options["restarts"] = given.get("restarts", 1)
             return options
-    options.update(restarts=given.get("restarts", 1), first_step=given.get("first_step", "gradient"))
+    options.update(restarts=given.get("restarts", 1), first_step=given.get("first_step", "gradient"),
+                   ascent_dtype=given.get("ascent_dtype"))
     return options
 
 
@@ -441,6 +443,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--first-step", choices=("gradient", "sign"), default=None,
                    help="pga/apgd first step on the box (default gradient: the largest 3%% of the gradient to "
                    "the edge)")
+    p.add_argument("--ascent-dtype", choices=("bfloat16", "float16"), default=None,
+                   help="pga/apgd: take the ascent's steps under autocast to this precision; the reported losses "
+                   "stay exact (faster where the hardware has fast low-precision matrix products: GPU tensor cores, "
+                   "CPUs with AVX-512 BF16 or AMX; default full precision)")
     p.add_argument("--norm", choices=("linf", "l2"), default=None,
                    help="adaptive: norm of the perturbation ball (default linf)")
     p.add_argument("--standard", action="store_true", help="adaptive: c = 1 (standard sharpness) instead of c = |w|")

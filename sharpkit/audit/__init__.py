@@ -57,6 +57,7 @@ def audit(
     max_iter: int = 10,
     restarts: int = 1,
     first_step: str = "gradient",
+    ascent_dtype: str | None = None,
     k: int = 1,
     lanczos_steps: int = 20,
     trace_samples: int = 20,
@@ -87,8 +88,8 @@ def audit(
             an audit results file is refused (``ValueError``), never truncated.  ``None``:
             nothing is written.
         loss_fn: mean-reduced ``loss_fn(outputs, targets)`` or ``"cross_entropy"`` / ``"mse"``.
-        epsilon, subspace_dim, rho, adaptive_scale, adaptive_norm, solver, max_iter, restarts, first_step, k,
-            lanczos_steps, trace_samples, seed: metric options, see
+        epsilon, subspace_dim, rho, adaptive_scale, adaptive_norm, solver, max_iter, restarts, first_step,
+            ascent_dtype, k, lanczos_steps, trace_samples, seed: metric options, see
             :class:`~sharpkit.audit.metrics.MetricConfig`.  ``solver="lbfgsb"`` (scipy, one problem
             at a time) measures one checkpoint at a time; ``"apgd"`` (default) and ``"pga"`` batch.
         bn: ``"eval"`` (running statistics, default) or ``"train"`` (batch statistics).
@@ -117,7 +118,8 @@ def audit(
     config = MetricConfig(
         metrics=metrics, epsilon=epsilon, subspace_dim=subspace_dim, rho=rho, adaptive_scale=adaptive_scale,
         adaptive_norm=adaptive_norm, solver=solver, max_iter=max_iter, restarts=restarts,
-        first_step=first_step, k=k, lanczos_steps=lanczos_steps, trace_samples=trace_samples, seed=seed,
+        first_step=first_step, ascent_dtype=ascent_dtype, k=k, lanczos_steps=lanczos_steps,
+        trace_samples=trace_samples, seed=seed,
     )
     if group_size is not None and (not isinstance(group_size, int) or group_size < 1):
         raise ValueError(f"group_size must be a positive integer or None, got {group_size!r}")
@@ -145,6 +147,9 @@ def audit(
     net, model_desc = resolve_model(model, batches, num_classes, seed)
     if dtype is None:
         dtype = next(iter(net.parameters())).dtype
+    if config.ascent_dtype is not None and dtype != torch.float32:
+        raise ValueError(f"ascent_dtype={config.ascent_dtype!r} needs the model measured in float32 (autocast leaves "
+                         f"{dtype} as it is), got dtype {dtype}")
     check_model_runs(net, loss_fn, batches, device, dtype, bn)
     # Everything that changes a row's values identifies it: the data's content, the architecture
     # (repr included), the loss with its options.

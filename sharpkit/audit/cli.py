@@ -78,6 +78,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    "random points; with --adaptive-norm l2 all but the first start at random points)")
     p.add_argument("--first-step", default="gradient", choices=("gradient", "sign"),
                    help="apgd/pga first step on the box (default: gradient, the largest 3%% of the gradient to the edge)")
+    p.add_argument("--ascent-dtype", default=None, choices=("bfloat16", "float16"),
+                   help="apgd/pga: take the ascent's steps under autocast to this precision, the reported losses still "
+                   "exact (faster where the hardware has fast low-precision matrix products; default: full precision)")
     p.add_argument("--k", type=int, default=1, help="top-eig: eigenvalues to report (default: 1)")
     p.add_argument("--lanczos-steps", type=int, default=20, help="top-eig: Lanczos iterations (default: 20)")
     p.add_argument("--trace-samples", type=int, default=20, help="trace: Hutchinson probes (default: 20)")
@@ -111,7 +114,7 @@ def main(args: argparse.Namespace) -> int:
             args.checkpoints, model=args.model, data=args.data, metrics=metrics, out=args.out,
             loss_fn=args.loss, epsilon=args.epsilon, subspace_dim=args.subspace_dim, rho=args.rho,
             adaptive_scale=args.adaptive_scale, adaptive_norm=args.adaptive_norm, solver=args.solver, max_iter=args.max_iter,
-            restarts=args.restarts, first_step=args.first_step, k=args.k,
+            restarts=args.restarts, first_step=args.first_step, ascent_dtype=args.ascent_dtype, k=args.k,
             lanczos_steps=args.lanczos_steps, trace_samples=args.trace_samples, seed=args.seed, bn=args.bn,
             device=args.device if args.device is not None else str(default_device()),
             dtype=args.dtype, group_size=args.group_size, batch_size=args.batch_size,

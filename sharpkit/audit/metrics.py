@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ..sharpness.solvers import FIRST_STEPS, NORMS
+from ..sharpness.solvers import FIRST_STEPS, NORMS, ascent_dtype_name
 
 __all__ = ["MetricConfig", "METRICS", "SOLVERS", "run_metrics", "lanczos_top", "hutchinson_trace"]
 
@@ -51,6 +51,9 @@ class MetricConfig:
         max_iter: steps per maximisation (default 10).
         restarts: apgd/pga runs (default 1).  first_step: apgd/pga's first step on the box,
             ``"gradient"`` (default) or ``"sign"`` (:mod:`sharpkit.sharpness.solvers`).
+        ascent_dtype: apgd/pga steps under autocast to ``"bfloat16"`` or ``"float16"``, the
+            reported losses still exact (:class:`~sharpkit.sharpness.solvers.AutocastEngine`;
+            default None: full-precision steps).
         k: eigenvalues for ``top-eig`` (default 1).  lanczos_steps: Lanczos iterations (default 20).
         trace_samples: Hutchinson probes (default 20).
         seed: seeds A, the Lanczos start vector and the Hutchinson probes (default 0).
@@ -66,6 +69,7 @@ class MetricConfig:
     max_iter: int = 10
     restarts: int = 1
     first_step: str = "gradient"
+    ascent_dtype: str | None = None
     k: int = 1
     lanczos_steps: int = 20
     trace_samples: int = 20
@@ -86,6 +90,11 @@ class MetricConfig:
             raise ValueError(f"unknown solver {self.solver!r}: choose from {', '.join(SOLVERS)}")
         if self.first_step not in FIRST_STEPS:
             raise ValueError(f"first_step must be one of {FIRST_STEPS}, got {self.first_step!r}")
+        if self.ascent_dtype is not None:
+            self.ascent_dtype = ascent_dtype_name(self.ascent_dtype)
+            if self.solver == "lbfgsb":
+                raise ValueError("ascent_dtype applies to solver 'apgd'/'pga'; lbfgsb (the paper's protocol) needs "
+                                 "exact values and gradients")
         if self.adaptive_norm not in NORMS:
             raise ValueError(f"adaptive_norm must be one of {NORMS}, got {self.adaptive_norm!r}")
         if self.solver == "lbfgsb" and "adaptive" in self.metrics and self.adaptive_norm != "linf":
@@ -110,6 +119,8 @@ class MetricConfig:
             used.update(solver=self.solver, max_iter=self.max_iter)
             if self.solver != "lbfgsb":
                 used.update(restarts=self.restarts, first_step=self.first_step)
+            if self.ascent_dtype is not None:  # absent from full-precision keys, as before the option
+                used["ascent_dtype"] = self.ascent_dtype
         if m & {"keskar", "keskar-subspace"}:
             used["epsilon"] = d["epsilon"]
         if "keskar-subspace" in m:
@@ -224,8 +235,11 @@ def run_metrics(engine, config: MetricConfig) -> list[dict[str, Any]]:
     ms = set(config.metrics)
     if ms & {"keskar", "keskar-subspace", "adaptive"}:
         from ..sharpness import solvers
+
+        # The ascents' steps; curvature and reported losses use the engine itself.
+        steps = engine if config.ascent_dtype is None else solvers.AutocastEngine(engine, config.ascent_dtype)
     if "keskar" in ms:
-        res = _ascend(solvers.ShiftedProblem(engine, X), solvers.keskar_bound(X, config.epsilon), "linf", config)
+        res = _ascend(solvers.ShiftedProblem(steps, X), solvers.keskar_bound(X, config.epsilon), "linf", config)
         f0 = res.loss0
         for b in range(B):
             out[b]["keskar"] = float(100 * (res.max_loss[b] - res.loss0[b]) / (1 + res.loss0[b]))
@@ -233,7 +247,7 @@ def run_metrics(engine, config: MetricConfig) -> list[dict[str, Any]]:
     if "keskar-subspace" in ms:
         A = _DenseSubspace(engine.dim, config.subspace_dim, config.seed, X.dtype, X.device)
         scale = solvers.keskar_bound(A.centers(X), config.epsilon).to(X.dtype)
-        res = _ascend(solvers.SubspaceProblem(engine, X, A), scale, "linf", config)
+        res = _ascend(solvers.SubspaceProblem(steps, X, A), scale, "linf", config)
         f0 = res.loss0 if f0 is None else f0
         for b in range(B):
             out[b]["keskar-subspace"] = float(100 * (res.max_loss[b] - res.loss0[b]) / (1 + res.loss0[b]))
@@ -241,7 +255,7 @@ def run_metrics(engine, config: MetricConfig) -> list[dict[str, Any]]:
                                                     "num_evals": res.num_evals}
     if "adaptive" in ms:
         scale = config.rho * (X.abs() if config.adaptive_scale else torch.ones_like(X))
-        res = _ascend(solvers.ShiftedProblem(engine, X), scale, config.adaptive_norm, config)
+        res = _ascend(solvers.ShiftedProblem(steps, X), scale, config.adaptive_norm, config)
         f0 = res.loss0 if f0 is None else f0
         for b in range(B):
             out[b]["adaptive"] = float(res.max_loss[b] - res.loss0[b])

@@ -45,3 +45,16 @@ def choice(name: str, value: Any, options: tuple[str, ...]) -> str:
     if value not in options:
         raise ValueError(f"{name} must be one of {options}, got {value!r}")
     return value
+
+
+def ascent_dtype_arg(value: Any, solver: str) -> str | None:
+    """``value`` (``None``, ``"bfloat16"``/``"float16"`` or that torch dtype) as the name of the
+    ascent steps' precision; ``ValueError`` for anything else, or with ``solver="lbfgsb"``."""
+    from .solvers import ascent_dtype_name
+
+    if value is None:
+        return None
+    if solver == "lbfgsb":
+        raise ValueError(f"ascent_dtype={value!r} applies to solver='pga'/'apgd'; L-BFGS-B (the paper's protocol) "
+                         "needs exact values and gradients")
+    return ascent_dtype_name(value)

@@ -29,7 +29,7 @@ from ..data import as_batches
 from ..objective import LossFn, Objective
 from ..params import measurement_mode
 from . import solvers
-from ._checks import choice, positive_float, positive_int, seed_int
+from ._checks import ascent_dtype_arg, choice, positive_float, positive_int, seed_int
 from .result import SharpnessResult
 
 __all__ = ["adaptive_sharpness"]
@@ -72,6 +72,7 @@ def adaptive_sharpness(
     first_step: str | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    ascent_dtype: torch.dtype | str | None = None,
 ) -> SharpnessResult:
     """Worst- or average-case (adaptive) sharpness of ``model`` at its current parameters.
 
@@ -94,6 +95,9 @@ def adaptive_sharpness(
             as in :func:`sharpkit.keskar_sharpness`; an error with ``norm="l2"``.  ``solver``,
             ``restarts``, ``step_size`` and ``first_step`` are errors with ``kind="average"``.
         device, dtype: where and in what precision the model is evaluated (default: its own).
+        ascent_dtype: worst case only: ``"bfloat16"`` or ``"float16"`` for the ascent's steps, the
+            reported losses still in ``dtype`` (as in :func:`sharpkit.keskar_sharpness`; default
+            None: full precision).
 
     Returns:
         :class:`SharpnessResult`; ``value = max_loss - loss``.  ``perturbation`` is δ (``(n,)``, or
@@ -103,7 +107,8 @@ def adaptive_sharpness(
     rho = positive_float("rho", rho)
     choice("norm", norm, solvers.NORMS)
     choice("kind", kind, KINDS)
-    ascent = (("solver", solver), ("restarts", restarts), ("step_size", step_size), ("first_step", first_step))
+    ascent = (("solver", solver), ("restarts", restarts), ("step_size", step_size), ("first_step", first_step),
+              ("ascent_dtype", ascent_dtype))
     if kind == "average":
         for name, value in ascent:
             if value is not None:
@@ -115,6 +120,7 @@ def adaptive_sharpness(
         raise ValueError(f"num_examples={num_examples!r} applies to m-sharpness (give m); without m all of data is used")
     solver = "apgd" if solver is None else solver
     choice("solver", solver, ("apgd", "pga"))
+    ascent_dtype = ascent_dtype_arg(ascent_dtype, solver)
     max_iter = positive_int("max_iter", max_iter)
     restarts = 1 if restarts is None else positive_int("restarts", restarts)
     step_size = 2.0 if step_size is None else positive_float("step_size", step_size)
@@ -148,7 +154,8 @@ def adaptive_sharpness(
             history.append((evals, time.perf_counter() - t0, mean(best) - mean(loss0)))
 
         if kind == "worst":
-            problem = solvers.ShiftedProblem(engine, X)
+            steps = engine if ascent_dtype is None else solvers.AutocastEngine(engine, ascent_dtype)
+            problem = solvers.ShiftedProblem(steps, X)
             res = solvers.maximize(problem, scale, solver=solver, norm=norm, max_iter=max_iter, step_size=step_size,
                                    restarts=restarts, seed=seed, callback=record, first_step=first_step)
             loss0, max_loss, num_evals, info = res.loss0, res.max_loss, res.num_evals, res.info
@@ -169,7 +176,8 @@ def adaptive_sharpness(
                 record(s + 2, loss0, total / (s + 1))
             max_loss, num_evals, info, perturbation, used = total / max_iter, max_iter + 1, {}, None, "sampling"
     loss, worst = mean(loss0), mean(max_loss)
-    info = dict(info, num_problems=engine.num_problems, norm=norm, adaptive=adaptive, m=m)
+    info = dict(info, num_problems=engine.num_problems, norm=norm, adaptive=adaptive, m=m,
+                ascent_dtype=ascent_dtype)
     return SharpnessResult(
         value=worst - loss,
         loss=loss,

@@ -29,7 +29,7 @@ from ..objective import LossFn, Objective
 from ..ops import GaussianSubspace
 from ..params import measurement_mode, num_parameters
 from . import solvers
-from ._checks import choice, positive_float, positive_int, seed_int
+from ._checks import ascent_dtype_arg, choice, positive_float, positive_int, seed_int
 from .result import SharpnessResult
 
 __all__ = ["keskar_sharpness", "subspace_center"]
@@ -70,6 +70,7 @@ def keskar_sharpness(
     first_step: str | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    ascent_dtype: torch.dtype | str | None = None,
 ) -> SharpnessResult:
     """Keskar et al.'s ε-sharpness of ``model`` at its current parameters (percent).
 
@@ -94,6 +95,13 @@ def keskar_sharpness(
             takes the other.  ``step_size``, ``first_step`` and ``restarts`` are errors with
             ``solver="lbfgsb"`` (the paper's protocol has none of them).
         device, dtype: where and in what precision the model is evaluated (default: its own).
+        ascent_dtype: pga/apgd only: ``"bfloat16"`` or ``"float16"`` to take the ascent's steps
+            with the model under ``torch.autocast`` to that precision (default None: full
+            precision).  The loss at the parameters and at each run's best point are still
+            evaluated in ``dtype`` (float32 required), so ``value`` is exact; the steps are cheaper
+            where the hardware has fast low-precision matrix products (GPU tensor cores, CPUs with
+            AVX-512 BF16 or AMX) and slower elsewhere.  ``history`` then holds the exact values
+            only (at the start and after each run).
 
     Returns:
         :class:`SharpnessResult` with ``value``, ``loss``, ``max_loss``, ``perturbation`` (the
@@ -116,6 +124,7 @@ def keskar_sharpness(
     first_step = "gradient" if first_step is None else first_step
     choice("first_step", first_step, solvers.FIRST_STEPS)
     seed = seed_int(seed)
+    ascent_dtype = ascent_dtype_arg(ascent_dtype, solver)
     if subspace_dim is not None:
         subspace_dim = positive_int("subspace_dim", subspace_dim)
         n = num_parameters(model)
@@ -134,6 +143,8 @@ def keskar_sharpness(
         obj = Objective(model, loss_fn, data, device=device, dtype=dtype, regroup=True)
         X = obj.x0().unsqueeze(0)
         engine = solvers.ObjectiveEngine([obj])
+        if ascent_dtype is not None:
+            engine = solvers.AutocastEngine(engine, ascent_dtype)
         A = coords = None
         if subspace_dim is None:
             problem = solvers.ShiftedProblem(engine, X)
@@ -164,5 +175,5 @@ def keskar_sharpness(
         subspace_dim=subspace_dim,
         coords=coords,
         history=history,
-        info=res.info,
+        info=dict(res.info, ascent_dtype=ascent_dtype),
     )

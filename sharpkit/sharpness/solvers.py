@@ -25,7 +25,8 @@ ball it is a normalised-gradient step followed by the projection onto the ball.
 Every solver first evaluates ``Y = 0`` (the unperturbed loss ``loss0``, which must be finite),
 keeps the best point found per problem (never worse than ``Y = 0``) and returns an
 :class:`AscentResult`.  Evaluations count data passes: one at ``Y = 0``, ``max_iter`` per run and
-one at each random start point.
+one at each random start point (with low-precision steps, below, also an exact pass at ``Y = 0``
+and one per run at its best point).
 
 * First step on the box (``first_step``).  ``"gradient"`` (default): ``U = clip(G / c, −1, 1)``
   with ``G`` the gradient in normalised coordinates and ``c`` the ``1 − FIRST_STEP_EDGE_FRACTION``
@@ -50,11 +51,21 @@ one at each random start point.
 * :func:`lbfgsb`: scipy's L-BFGS-B (B = 1, box only), Keskar et al.'s protocol: start at 0,
   ``maxiter=max_iter``, scipy's defaults otherwise, objective and gradient in float64 on the host.
 
+Low-precision steps (``AutocastEngine``): pga/apgd only need an ascent direction, which a pass
+under ``torch.autocast`` to bfloat16/float16 gives at a fraction of the cost where the hardware has
+fast low-precision matrix products (GPU tensor cores; CPUs with AVX-512 BF16 or AMX).  Such a
+problem says so with ``estimates = True``: its ``loss_and_grad`` values are estimates used only to
+steer the steps, and its ``loss(Y)`` is exact (the engine's own precision).  The solvers then take
+``loss0`` from an exact pass at ``Y = 0`` and evaluate each run's best point exactly at the end;
+the returned ``max_loss`` is that exact value (never below ``loss0``: if no run's point beats it,
+``Y = 0`` is returned), and ``callback`` sees exact values only (at the start and the end).
+L-BFGS-B refuses such problems (its line search needs exact, consistent values).
+
 ``restarts > 1`` adds runs of pga/apgd: on the box the second starts at 0 with the other first step,
 the others (and on the ball all but the first) from uniformly random points of the set (seeded by
 ``seed``); the best point over all runs is returned.
 
-Adapters: :class:`ObjectiveEngine` evaluates a list of :class:`sharpkit.objective.Objective` (one
+Adapters: :class:`AutocastEngine` wraps an engine for low-precision steps; :class:`ObjectiveEngine` evaluates a list of :class:`sharpkit.objective.Objective` (one
 per problem) at full parameter vectors ``W`` ``(B, n)``; :class:`ShiftedProblem` turns any such
 engine (``loss_and_grad(W)``) and reference points ``X`` into the problem ``Y -> f(X + Y)``;
 :class:`SubspaceProblem` into ``Z -> f(X + A Z)`` with gradients ``Aᵀ ∇f``, A matrix-free.
@@ -74,6 +85,7 @@ from ._lbfgsb import minimize_box
 __all__ = [
     "AscentProblem",
     "AscentResult",
+    "AutocastEngine",
     "ObjectiveEngine",
     "ShiftedProblem",
     "SubspaceProblem",
@@ -86,11 +98,15 @@ __all__ = [
     "SOLVERS",
     "NORMS",
     "FIRST_STEPS",
+    "ASCENT_DTYPES",
+    "ascent_dtype_name",
 ]
 
 SOLVERS = ("lbfgsb", "pga", "apgd")
 NORMS = ("linf", "l2")
 FIRST_STEPS = ("gradient", "sign")
+# Precisions that AutocastEngine's steps may run in (by name, as the CLI and result rows spell them).
+ASCENT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 # The share of coordinates that the gradient first step moves to the edge of the box.
 FIRST_STEP_EDGE_FRACTION = 0.03
 APGD_MOMENTUM = 0.75
@@ -168,6 +184,41 @@ class ObjectiveEngine:
         return losses, grads
 
 
+def ascent_dtype_name(value: torch.dtype | str) -> str:
+    """The name in :data:`ASCENT_DTYPES` of ``value`` (that name or its torch dtype)."""
+    for name, dtype in ASCENT_DTYPES.items():
+        if value == name or value is dtype:
+            return name
+    raise ValueError(f"ascent_dtype must be one of {tuple(ASCENT_DTYPES)}, got {value!r}")
+
+
+class AutocastEngine:
+    """An engine whose ``loss_and_grad`` runs under ``torch.autocast(dtype)`` (the ascent's steps)
+    while ``loss`` stays in the wrapped engine's precision (the values that are reported).
+
+    Its problems are marked ``estimates = True`` (module docstring).  The wrapped engine must
+    evaluate in float32: autocast leaves float64 computations as they are.
+    """
+
+    estimates = True
+
+    def __init__(self, engine: Any, dtype: torch.dtype | str):
+        self.ascent_dtype = ascent_dtype_name(dtype)
+        if engine.dtype != torch.float32:
+            raise ValueError(f"low-precision ascent steps need the model evaluated in float32 (autocast leaves "
+                             f"{engine.dtype} as it is), got dtype={engine.dtype}")
+        self.engine, self.steps_dtype = engine, ASCENT_DTYPES[self.ascent_dtype]
+        self.num_problems, self.dim = engine.num_problems, engine.dim
+        self.device, self.dtype = engine.device, engine.dtype
+
+    def loss_and_grad(self, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.autocast(torch.device(self.device).type, dtype=self.steps_dtype):
+            return self.engine.loss_and_grad(W)
+
+    def loss(self, W: torch.Tensor) -> torch.Tensor:
+        return self.engine.loss(W)
+
+
 class ShiftedProblem:
     """The ascent problem ``Y -> f_b(X[b] + Y[b])`` (full space, d = n) of an engine with
     ``loss_and_grad(W: (B, n))``, e.g. :class:`ObjectiveEngine` or the audit's stacked engines."""
@@ -178,6 +229,7 @@ class ShiftedProblem:
         self.engine, self.X = engine, X
         self.num_problems, self.dim = X.shape
         self.device, self.dtype = X.device, X.dtype
+        self.estimates = getattr(engine, "estimates", False)
 
     def point(self, Y: torch.Tensor) -> torch.Tensor:
         """The parameters ``X + Y`` at perturbation coordinates ``Y``."""
@@ -185,6 +237,10 @@ class ShiftedProblem:
 
     def loss_and_grad(self, Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.engine.loss_and_grad(self.point(Y))
+
+    def loss(self, Y: torch.Tensor) -> torch.Tensor:
+        """The engine's loss at ``X + Y`` (``(B,)`` float64, no gradient)."""
+        return self.engine.loss(self.point(Y))
 
 
 class SubspaceProblem:
@@ -200,6 +256,7 @@ class SubspaceProblem:
         self.engine, self.X, self.A = engine, X, A
         self.num_problems, self.dim = X.shape[0], A.p
         self.device, self.dtype = X.device, X.dtype
+        self.estimates = getattr(engine, "estimates", False)
 
     def point(self, Z: torch.Tensor) -> torch.Tensor:
         """The parameters ``X + A Z`` (row by row)."""
@@ -214,6 +271,10 @@ class SubspaceProblem:
         del W
         gz = torch.stack([self.A.rmatvec(grads[b]).to(self.dtype) for b in range(self.num_problems)])
         return losses, gz
+
+    def loss(self, Z: torch.Tensor) -> torch.Tensor:
+        """The engine's loss at ``X + A Z`` (``(B,)`` float64, no gradient)."""
+        return self.engine.loss(self.point(Z))
 
 
 def keskar_bound(x: torch.Tensor, epsilon: float) -> torch.Tensor:
@@ -263,15 +324,39 @@ def _evaluate(problem: Any, Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return losses, grads.detach().to(Y.dtype)
 
 
-def _start(problem: Any, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Evaluate Y = 0; raise when the unperturbed loss is not finite."""
-    Y = torch.zeros_like(scale)
-    loss0, g0 = _evaluate(problem, Y)
-    bad = (~torch.isfinite(loss0)).nonzero().flatten().tolist()
+def _exact_loss(problem: Any, Y: torch.Tensor) -> torch.Tensor:
+    """The problem's exact loss at ``Y`` (``(B,)`` float64), for problems whose steps are estimates."""
+    losses = problem.loss(Y).detach().to(torch.float64).reshape(-1)
+    if losses.shape[0] != problem.num_problems:
+        raise ValueError(f"loss returned shape {tuple(losses.shape)} for Y of shape {tuple(Y.shape)}")
+    return losses
+
+
+def _check_unperturbed(losses: torch.Tensor) -> None:
+    bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
     if bad:
-        raise ValueError(f"the loss at the unperturbed parameters is {float(loss0[bad[0]])} (problem {bad[0]}); "
+        raise ValueError(f"the loss at the unperturbed parameters is {float(losses[bad[0]])} (problem {bad[0]}); "
                          "sharpness is undefined there")
-    return Y, loss0, g0
+
+
+def _start(problem: Any, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Evaluate Y = 0: ``(loss0, f0, g0, passes)``, ``loss0`` exact and ``f0``, ``g0`` the steps'
+    value and gradient (one pass, or two when the problem's steps are estimates); raise when the
+    unperturbed loss is not finite."""
+    Y = torch.zeros_like(scale)
+    if not getattr(problem, "estimates", False):
+        f0, g0 = _evaluate(problem, Y)
+        _check_unperturbed(f0)
+        return f0, f0, g0, 1
+    loss0 = _exact_loss(problem, Y)
+    _check_unperturbed(loss0)
+    f0, g0 = _evaluate(problem, Y)
+    bad = (~torch.isfinite(f0)).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(f"the low-precision pass at the unperturbed parameters gave loss {float(f0[bad[0]])} "
+                         f"(problem {bad[0]}; exact: {float(loss0[bad[0]])}): it overflowed; use bfloat16 or "
+                         "full-precision steps")
+    return loss0, f0, g0, 2
 
 
 def _random_unit(shape, norm: str, gen: torch.Generator, dtype, device) -> torch.Tensor:
@@ -356,8 +441,9 @@ def _first_order(problem, scale, norm, max_iter, step_size, restarts, seed, call
     B = problem.num_problems
     scale = scale.detach()
     step = _Stepper(scale, norm)
-    Y0, loss0, g0 = _start(problem, scale)
-    evals = 1
+    estimates = getattr(problem, "estimates", False)
+    loss0, f0, g0, evals = _start(problem, scale)
+    # The best point over finished runs and its exact loss.
     best_loss = loss0.clone()
     best_U = torch.zeros_like(scale)
     if callback is not None:
@@ -367,7 +453,7 @@ def _first_order(problem, scale, norm, max_iter, step_size, restarts, seed, call
     checkpoints = set(apgd_checkpoints(max_iter))
     for start in _run_starts(restarts, norm, first_step):
         if start != "random":
-            U, f, G = torch.zeros_like(scale), loss0.clone(), g0
+            U, f, G = torch.zeros_like(scale), f0.clone(), g0
         else:
             if gen is None:
                 gen = torch.Generator(device=scale.device).manual_seed(int(seed))
@@ -428,12 +514,18 @@ def _first_order(problem, scale, norm, max_iter, step_size, restarts, seed, call
                         successes[b] = 0
                     best_at_last = run_best_f.clone()
                     last_w = k + 1
-            if callback is not None:
+            if callback is not None and not estimates:
                 callback(evals, loss0, torch.maximum(best_loss, run_best_f))
-        better = run_best_f > best_loss
+        if estimates:
+            # The steps' values only ranked this run's points; its best is valued exactly.
+            run_best_f = _exact_loss(problem, scale * run_best_U)
+            evals += 1
+        better = (run_best_f > best_loss) & torch.isfinite(run_best_f)
         if bool(better.any()):
             best_loss = torch.where(better, run_best_f, best_loss)
             best_U[better] = run_best_U[better]
+        if callback is not None and estimates:
+            callback(evals, loss0, best_loss)
         final_eta.append(list(eta))
         starts.append(start)
         del U, U_prev, U_next, G, run_best_G
@@ -502,12 +594,15 @@ def lbfgsb(
     iterates).
     """
     _check_common(problem, scale, "linf", max_iter, 1, 1.0)
+    if getattr(problem, "estimates", False):
+        raise ValueError("lbfgsb needs exact objective values and gradients (its line search compares them); "
+                         "low-precision steps apply to pga/apgd")
     if problem.num_problems != 1:
         raise ValueError(f"lbfgsb solves one problem at a time, got num_problems={problem.num_problems}")
     scale = scale.detach()
     device, dtype = scale.device, scale.dtype
     bound = scale[0].double().cpu().numpy()
-    Y0, loss0, g0 = _start(problem, scale)
+    loss0, _, g0, _ = _start(problem, scale)
     # The last point evaluated and its loss: scipy's final iterate is normally that point.
     state = {"evals": 1, "best": loss0.clone(), "last": (np.zeros_like(bound), float(loss0[0]))}
     if callback is not None:
