@@ -14,6 +14,12 @@ interleaved and the medians reported, because this machine's speed drifts.  The 
 variants are compared metric by metric.  Both regroup ``--batch-size`` batches into larger passes
 (the MLP has no BatchNorm), so the batch size mostly changes the stacked variant's chunks.
 
+``--pass-rates`` instead times one loss-and-gradient pass over the 4000 samples for ``--counts``
+checkpoints, as arithmetic rates: one at a time (:class:`sharpkit.objective.Objective`), stacked
+(the audit's :class:`sharpkit.audit.batched.StackedObjective` under vmap), stacked by hand-written
+batched GEMMs, and one large float32 GEMM (4000 x 512 by 512 x 512, the machine's practical peak).
+The peak over the one-at-a-time rate bounds what stacking can gain for compute-bound checkpoints.
+
 Under pytest (``pytest benchmarks/bench_audit.py``) a small pytest-benchmark case times each variant.
 """
 from __future__ import annotations
@@ -83,6 +89,69 @@ def max_rel_diff(a: list[dict], b: list[dict], names: list[str]) -> dict[str, fl
     return out
 
 
+def _median_seconds(fn, repeats: int = 20) -> float:
+    fn()
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def pass_rates(count: int, hidden: int) -> None:
+    """One loss-and-gradient pass of ``count`` MLP checkpoints over MNIST-1D's 4000 training
+    samples, four ways, in ms and GFLOP/s (2 x 3 multiply-adds per weight per sample)."""
+    from sharpkit.audit.batched import StackedObjective, stack_checkpoints
+    from sharpkit.data import as_batches
+    from sharpkit.objective import Objective
+
+    x, y = sk.load_mnist1d().train
+    torch.manual_seed(0)
+    models = [make_mlp(hidden).eval() for _ in range(count)]
+    ce = nn.CrossEntropyLoss()
+    objectives = [Objective(m, ce, (x, y)) for m in models]
+    points = [o.x0() for o in objectives]
+
+    def one_at_a_time():
+        for o, w in zip(objectives, points):
+            o.loss_and_grad(w)
+
+    X, frozen = stack_checkpoints(models[0], [m.state_dict() for m in models], torch.device("cpu"), torch.float32)
+    stacked = StackedObjective(models[0], ce, as_batches((x, y)), X, frozen)
+
+    layers = [i for i, m in enumerate(models[0]) if isinstance(m, nn.Linear)]
+    weights = [torch.stack([m[i].weight.detach() for m in models]) for i in layers]
+    biases = [torch.stack([m[i].bias.detach() for m in models]) for i in layers]
+
+    def by_hand():
+        ws = [w.clone().requires_grad_(True) for w in weights]
+        bs = [b.clone().requires_grad_(True) for b in biases]
+        h = x.expand(count, -1, -1)
+        for j, (w, b) in enumerate(zip(ws, bs)):
+            h = torch.baddbmm(b[:, None], h, w.transpose(1, 2))
+            if j < len(ws) - 1:
+                h = h.relu()
+        loss = nn.functional.cross_entropy(h.reshape(-1, h.shape[-1]), y.repeat(count), reduction="sum") / len(y)
+        torch.autograd.grad(loss, ws + bs)
+
+    a, b = torch.randn(4000, 512), torch.randn(512, 512)
+    macs = sum(w[0].numel() for w in weights) * len(x) * count
+    peak_t = _median_seconds(lambda: a @ b)
+    print(f"one loss-and-gradient pass, {count} checkpoints of MLP 40-{hidden}-{hidden}-10, 4000 samples, "
+          f"{torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    rows = {"one at a time (Objective)": _median_seconds(one_at_a_time),
+            "stacked (StackedObjective, vmap)": _median_seconds(lambda: stacked.loss_and_grad(X)),
+            "stacked by hand (baddbmm)": _median_seconds(by_hand)}
+    for name, t in rows.items():
+        print(f"{name:34} {t * 1e3:8.2f} ms  {6 * macs / t / 1e9:7.1f} GFLOP/s")
+    peak = 2 * a.shape[0] * a.shape[1] * b.shape[1] / peak_t / 1e9
+    print(f"{'float32 GEMM 4000x512 @ 512x512':34} {peak_t * 1e3:8.2f} ms  {peak:7.1f} GFLOP/s")
+    print(f"stacking can gain at most {peak / (6 * macs / rows['one at a time (Objective)'] / 1e9):.2f}x on these passes "
+          "(the GEMM peak over the one-at-a-time rate)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--counts", type=int, nargs="+", default=[16, 64])
@@ -93,9 +162,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="split the 4000 samples into batches of this size (default: one batch)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--device", default="cpu", help="where the audits run (cpu, cuda)")
+    parser.add_argument("--pass-rates", action="store_true", help="time single passes instead (see above)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.pass_rates:
+        for count in args.counts:
+            pass_rates(count, args.hidden)
+        return 0
     names = ["loss", *args.metrics.split(",")]
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, metrics {args.metrics}, "
           f"MLP 40-{args.hidden}-{args.hidden}-10 ({sum(p.numel() for p in make_mlp(args.hidden).parameters())} params), "

@@ -487,6 +487,27 @@ def test_ascent_starts_reach_the_rows_and_their_key(tmp_path):
         assert row["details"]["keskar"]["num_evals"] == ref.num_evals == 1 + 4 + 4 + (1 + 4)
 
 
+def test_default_ascent_steps_are_each_metrics_own(tmp_path):
+    """Without max_iter, keskar takes the paper's 10 steps and adaptive the 20 of sk.adaptive_sharpness;
+    the rows equal the API's defaults, and an explicit max_iter applies to both."""
+    paths = save_checkpoints(tmp_path / "ck", count=2)
+    data = toy_data()
+    rows = audit(paths, make_mlp, data, metrics="keskar,adaptive", dtype="float64", group_size=2)
+    for path, row in zip(paths, rows):
+        model = make_mlp().double()
+        model.load_state_dict(torch.load(path, weights_only=True))
+        ce = nn.CrossEntropyLoss()
+        keskar = sk.keskar_sharpness(model, ce, data, solver="apgd")
+        adaptive = sk.adaptive_sharpness(model, ce, data, rho=2e-3)
+        assert row["keskar"] == pytest.approx(keskar.value, rel=1e-8, abs=1e-10)
+        assert row["adaptive"] == pytest.approx(adaptive.value, rel=1e-8, abs=1e-12)
+        assert row["details"]["keskar"]["num_evals"] == 1 + 10
+        assert row["details"]["adaptive"]["num_evals"] == 1 + 20
+        assert (row["config"]["max_iter"], row["config"]["adaptive_max_iter"]) == (10, 20)
+    both = audit(paths[:1], make_mlp, data, metrics="keskar,adaptive", dtype="float64", max_iter=5)
+    assert both[0]["details"]["adaptive"]["num_evals"] == both[0]["details"]["keskar"]["num_evals"] == 1 + 5
+
+
 # --------------------------------------------------------------------------- batched == one at a time
 
 

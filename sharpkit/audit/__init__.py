@@ -54,7 +54,7 @@ def audit(
     adaptive_scale: bool = True,
     adaptive_norm: str = "linf",
     solver: str = "apgd",
-    max_iter: int = 10,
+    max_iter: int | None = None,
     restarts: int = 1,
     first_step: str = "gradient",
     ascent_dtype: str | None = None,

@@ -72,7 +72,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--adaptive-norm", default="linf", choices=("linf", "l2"), help="adaptive: norm of the perturbation set (default: linf)")
     p.add_argument("--solver", default="apgd", choices=("apgd", "pga", "lbfgsb"),
                    help="ascent solver (default: apgd); lbfgsb (scipy, the paper's protocol) measures one checkpoint at a time")
-    p.add_argument("--max-iter", type=int, default=10, help="ascent iterations (default: 10)")
+    p.add_argument("--max-iter", type=int, default=None,
+                   help="ascent iterations (default: 10 for the keskar metrics, the paper's protocol; 20 for adaptive, "
+                   "as sk.adaptive_sharpness)")
     p.add_argument("--restarts", type=int, default=1,
                    help="apgd/pga runs (default: 1; on the box the second starts with the other first step, the rest at "
                    "random points; with --adaptive-norm l2 all but the first start at random points)")

@@ -32,6 +32,9 @@ __all__ = ["MetricConfig", "METRICS", "SOLVERS", "run_metrics", "lanczos_top", "
 METRICS = ("keskar", "keskar-subspace", "adaptive", "top-eig", "trace")
 SOLVERS = ("apgd", "pga", "lbfgsb")  # sharpkit.sharpness.solvers'; lbfgsb runs one checkpoint at a time
 
+# Default ascent steps: the paper's protocol for Keskar's metrics, Andriushchenko et al.'s for adaptive.
+KESKAR_STEPS, ADAPTIVE_STEPS = 10, 20
+
 # Materialise the subspace matrix A up to this many bytes; beyond, products stream it by blocks.
 _MATERIALIZE_LIMIT = 256 << 20
 
@@ -48,7 +51,8 @@ class MetricConfig:
             (default), else ``c = 1``.  adaptive_norm: ``"linf"`` (default) or ``"l2"``.
         solver: ascent solver of :mod:`sharpkit.sharpness.solvers`: ``"apgd"`` (default),
             ``"pga"`` or ``"lbfgsb"`` (one checkpoint at a time).
-        max_iter: steps per maximisation (default 10).
+        max_iter: steps per maximisation (default None: 10 for ``keskar``/``keskar-subspace``,
+            the paper's protocol, and 20 for ``adaptive``, as :func:`sharpkit.adaptive_sharpness`).
         restarts: apgd/pga runs (default 1).  first_step: apgd/pga's first step on the box,
             ``"gradient"`` (default) or ``"sign"`` (:mod:`sharpkit.sharpness.solvers`).
         ascent_dtype: apgd/pga steps under autocast to ``"bfloat16"`` or ``"float16"``, the
@@ -66,7 +70,7 @@ class MetricConfig:
     adaptive_scale: bool = True
     adaptive_norm: str = "linf"
     solver: str = "apgd"
-    max_iter: int = 10
+    max_iter: int | None = None
     restarts: int = 1
     first_step: str = "gradient"
     ascent_dtype: str | None = None
@@ -105,6 +109,8 @@ class MetricConfig:
                 raise ValueError(f"{name} must be a positive finite number, got {value!r}")
         for name in ("subspace_dim", "max_iter", "restarts", "k", "lanczos_steps", "trace_samples"):
             value = getattr(self, name)
+            if name == "max_iter" and value is None:
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if "top-eig" in self.metrics and self.k > self.lanczos_steps:  # k and lanczos_steps serve top-eig only
@@ -116,7 +122,11 @@ class MetricConfig:
         used = {"metrics": list(self.metrics), "seed": self.seed}
         m = set(self.metrics)
         if m & {"keskar", "keskar-subspace", "adaptive"}:
-            used.update(solver=self.solver, max_iter=self.max_iter)
+            used["solver"] = self.solver
+            if m & {"keskar", "keskar-subspace"}:
+                used["max_iter"] = self.steps("keskar")
+            if "adaptive" in m:
+                used["adaptive_max_iter"] = self.steps("adaptive")
             if self.solver != "lbfgsb":
                 used.update(restarts=self.restarts, first_step=self.first_step)
             if self.ascent_dtype is not None:  # absent from full-precision keys, as before the option
@@ -132,6 +142,12 @@ class MetricConfig:
         if "trace" in m:
             used["trace_samples"] = self.trace_samples
         return used
+
+    def steps(self, metric: str) -> int:
+        """Ascent steps of ``metric`` (``max_iter``, or its metric's default when None)."""
+        if self.max_iter is not None:
+            return self.max_iter
+        return ADAPTIVE_STEPS if metric == "adaptive" else KESKAR_STEPS
 
     def vectors_per_checkpoint(self) -> int:
         """Parameter-sized vectors a checkpoint needs at once (for the group-size estimate)."""
@@ -176,10 +192,10 @@ class _DenseSubspace:
         return torch.linalg.solve(self.dense.T @ self.dense, self.dense.T @ X.double().T).T
 
 
-def _ascend(problem, scale: torch.Tensor, norm: str, config: "MetricConfig"):
+def _ascend(problem, scale: torch.Tensor, norm: str, config: "MetricConfig", metric: str):
     from ..sharpness import solvers
 
-    return solvers.maximize(problem, scale, solver=config.solver, norm=norm, max_iter=config.max_iter,
+    return solvers.maximize(problem, scale, solver=config.solver, norm=norm, max_iter=config.steps(metric),
                             restarts=config.restarts, seed=config.seed, first_step=config.first_step)
 
 
@@ -239,7 +255,8 @@ def run_metrics(engine, config: MetricConfig) -> list[dict[str, Any]]:
         # The ascents' steps; curvature and reported losses use the engine itself.
         steps = engine if config.ascent_dtype is None else solvers.AutocastEngine(engine, config.ascent_dtype)
     if "keskar" in ms:
-        res = _ascend(solvers.ShiftedProblem(steps, X), solvers.keskar_bound(X, config.epsilon), "linf", config)
+        res = _ascend(solvers.ShiftedProblem(steps, X), solvers.keskar_bound(X, config.epsilon), "linf", config,
+                      "keskar")
         f0 = res.loss0
         for b in range(B):
             out[b]["keskar"] = float(100 * (res.max_loss[b] - res.loss0[b]) / (1 + res.loss0[b]))
@@ -247,7 +264,7 @@ def run_metrics(engine, config: MetricConfig) -> list[dict[str, Any]]:
     if "keskar-subspace" in ms:
         A = _DenseSubspace(engine.dim, config.subspace_dim, config.seed, X.dtype, X.device)
         scale = solvers.keskar_bound(A.centers(X), config.epsilon).to(X.dtype)
-        res = _ascend(solvers.SubspaceProblem(steps, X, A), scale, "linf", config)
+        res = _ascend(solvers.SubspaceProblem(steps, X, A), scale, "linf", config, "keskar-subspace")
         f0 = res.loss0 if f0 is None else f0
         for b in range(B):
             out[b]["keskar-subspace"] = float(100 * (res.max_loss[b] - res.loss0[b]) / (1 + res.loss0[b]))
@@ -255,7 +272,7 @@ def run_metrics(engine, config: MetricConfig) -> list[dict[str, Any]]:
                                                     "num_evals": res.num_evals}
     if "adaptive" in ms:
         scale = config.rho * (X.abs() if config.adaptive_scale else torch.ones_like(X))
-        res = _ascend(solvers.ShiftedProblem(steps, X), scale, config.adaptive_norm, config)
+        res = _ascend(solvers.ShiftedProblem(steps, X), scale, config.adaptive_norm, config, "adaptive")
         f0 = res.loss0 if f0 is None else f0
         for b in range(B):
             out[b]["adaptive"] = float(res.max_loss[b] - res.loss0[b])
