@@ -250,3 +250,65 @@ def test_cli_ascent_dtype(tmp_path, capsys, trained32):
             assert capsys.readouterr().err.startswith("sharpkit sharpness: error: --ascent-dtype")
     finally:
         sys.path.remove(str(tmp_path))
+
+
+class CountingBatches:
+    """Batches that count how often they are read."""
+
+    def __init__(self, data):
+        self.data, self.reads = data, 0
+
+    def __iter__(self):
+        self.reads += 1
+        return iter([self.data])
+
+
+def test_unusable_ascent_dtype_is_refused_before_the_data_are_read(trained32, tmp_path):
+    model, data = trained32
+    ce = nn.CrossEntropyLoss()
+    batches = CountingBatches(data)
+    with pytest.raises(ValueError, match="float32"):
+        sk.keskar_sharpness(model, ce, batches, solver="apgd", ascent_dtype="bfloat16", dtype=torch.float64)
+    with pytest.raises(ValueError, match="float32"):
+        sk.adaptive_sharpness(copy.deepcopy(model).double(), ce, batches, rho=0.01, ascent_dtype="bfloat16")
+    with pytest.raises(ValueError, match="autocast"):
+        sk.keskar_sharpness(model, ce, batches, solver="apgd", ascent_dtype="bfloat16", device="meta")
+    assert batches.reads == 0
+    path = tmp_path / "m.pt"
+    torch.save(model.state_dict(), path)
+    factory = lambda: mlp((8, 64, 64, 4), seed=5, dtype=torch.float32)  # noqa: E731
+    with pytest.raises(ValueError, match="float32"):
+        audit([str(path)], factory, batches, metrics="keskar", ascent_dtype="bfloat16", dtype="float64")
+    assert batches.reads == 0
+    # Without a maximisation among the metrics the option is ignored (and not keyed), like epsilon.
+    rows = audit([str(path)], factory, data, metrics="top-eig", ascent_dtype="bfloat16", dtype="float64",
+                 solver="lbfgsb", lanczos_steps=3)
+    assert rows[0]["status"] == "ok" and "ascent_dtype" not in rows[0]["config"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_autocast_that_would_disable_itself_is_an_error():
+    with pytest.raises(ValueError, match="disabled on cuda"):
+        solvers.check_autocast("bfloat16", "cuda", torch.float32)
+    with pytest.raises(ValueError, match="no autocast for device type 'meta'"):
+        solvers.check_autocast("float16", "meta", torch.float32)
+    assert solvers.check_autocast("bfloat16", "cpu", torch.float32) is torch.bfloat16
+
+
+class NoLowPrecision(nn.Module):
+    """A layer without a low-precision kernel: it fails whenever autocast is on."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 4)
+
+    def forward(self, x):
+        if torch.is_autocast_enabled(x.device.type):
+            raise RuntimeError("could not create a primitive descriptor for this layer\nmore detail")
+        return self.lin(x)
+
+
+def test_a_model_that_fails_in_low_precision_gets_a_clear_error(trained32):
+    _, data = trained32
+    with pytest.raises(ValueError, match="low-precision ascent steps fail on this model: could not create"):
+        sk.keskar_sharpness(NoLowPrecision(), nn.CrossEntropyLoss(), data, solver="apgd", ascent_dtype="bfloat16")

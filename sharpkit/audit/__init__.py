@@ -27,6 +27,7 @@ from .. import distributed as _dist
 from ..inputs import LOSSES, check_model_runs, identity, resolve_data, resolve_device, resolve_model
 from ..objective import REGROUP_MAX_ROWS
 from ..params import measurement_mode
+from ..sharpness.solvers import check_autocast
 from .checkpoints import (
     Checkpoint,
     CheckpointError,
@@ -137,6 +138,9 @@ def audit(
             raise ValueError(f"unknown dtype {dtype!r} (use float32 or float64)")
         dtype = getattr(torch, dtype)
     device = resolve_device(device)
+    ascent_dtype = config.ascent_dtype if config.has_ascent() else None  # (ignored otherwise, like epsilon)
+    if ascent_dtype is not None:  # the device (and an explicit dtype) before any data are read
+        check_autocast(ascent_dtype, device, dtype if dtype is not None else torch.float32)
     # Under torch.distributed only rank 0 reads and writes the store; the other ranks follow its plan.
     # Opened before the data are read, so that an unusable results file is reported at once (on
     # every rank: the others must not wait for rank 0 in the next collective).
@@ -147,9 +151,8 @@ def audit(
     net, model_desc = resolve_model(model, batches, num_classes, seed)
     if dtype is None:
         dtype = next(iter(net.parameters())).dtype
-    if config.ascent_dtype is not None and dtype != torch.float32:
-        raise ValueError(f"ascent_dtype={config.ascent_dtype!r} needs the model measured in float32 (autocast leaves "
-                         f"{dtype} as it is), got dtype {dtype}")
+    if ascent_dtype is not None:
+        check_autocast(ascent_dtype, device, dtype)
     check_model_runs(net, loss_fn, batches, device, dtype, bn)
     # Everything that changes a row's values identifies it: the data's content, the architecture
     # (repr included), the loss with its options.

@@ -30,6 +30,7 @@ from ..sharpness.solvers import FIRST_STEPS, NORMS, ascent_dtype_name
 __all__ = ["MetricConfig", "METRICS", "SOLVERS", "run_metrics", "lanczos_top", "hutchinson_trace"]
 
 METRICS = ("keskar", "keskar-subspace", "adaptive", "top-eig", "trace")
+ASCENT_METRICS = ("keskar", "keskar-subspace", "adaptive")
 SOLVERS = ("apgd", "pga", "lbfgsb")  # sharpkit.sharpness.solvers'; lbfgsb runs one checkpoint at a time
 
 # Default ascent steps: the paper's protocol for Keskar's metrics, Andriushchenko et al.'s for adaptive.
@@ -96,7 +97,7 @@ class MetricConfig:
             raise ValueError(f"first_step must be one of {FIRST_STEPS}, got {self.first_step!r}")
         if self.ascent_dtype is not None:
             self.ascent_dtype = ascent_dtype_name(self.ascent_dtype)
-            if self.solver == "lbfgsb":
+            if self.solver == "lbfgsb" and self.has_ascent():
                 raise ValueError("ascent_dtype applies to solver 'apgd'/'pga'; lbfgsb (the paper's protocol) needs "
                                  "exact values and gradients")
         if self.adaptive_norm not in NORMS:
@@ -121,7 +122,7 @@ class MetricConfig:
         d = asdict(self)
         used = {"metrics": list(self.metrics), "seed": self.seed}
         m = set(self.metrics)
-        if m & {"keskar", "keskar-subspace", "adaptive"}:
+        if self.has_ascent():
             used["solver"] = self.solver
             if m & {"keskar", "keskar-subspace"}:
                 used["max_iter"] = self.steps("keskar")
@@ -142,6 +143,10 @@ class MetricConfig:
         if "trace" in m:
             used["trace_samples"] = self.trace_samples
         return used
+
+    def has_ascent(self) -> bool:
+        """Whether a metric asked for is a maximisation (the solver options apply)."""
+        return bool(set(self.metrics) & set(ASCENT_METRICS))
 
     def steps(self, metric: str) -> int:
         """Ascent steps of ``metric`` (``max_iter``, or its metric's default when None)."""
@@ -249,7 +254,7 @@ def run_metrics(engine, config: MetricConfig) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = [{"details": {}} for _ in range(B)]
     f0 = None
     ms = set(config.metrics)
-    if ms & {"keskar", "keskar-subspace", "adaptive"}:
+    if config.has_ascent():
         from ..sharpness import solvers
 
         # The ascents' steps; curvature and reported losses use the engine itself.

@@ -47,14 +47,21 @@ def choice(name: str, value: Any, options: tuple[str, ...]) -> str:
     return value
 
 
-def ascent_dtype_arg(value: Any, solver: str) -> str | None:
+def ascent_dtype_arg(value: Any, solver: str, model: torch.nn.Module, device: Any, dtype: torch.dtype | None
+                     ) -> str | None:
     """``value`` (``None``, ``"bfloat16"``/``"float16"`` or that torch dtype) as the name of the
-    ascent steps' precision; ``ValueError`` for anything else, or with ``solver="lbfgsb"``."""
-    from .solvers import ascent_dtype_name
+    ascent steps' precision, checked before any data pass: ``ValueError`` for another value, with
+    ``solver="lbfgsb"``, or where autocast would not take effect for the model measured on
+    ``device`` in ``dtype`` (each ``None``: the model's own)."""
+    from .solvers import ascent_dtype_name, check_autocast
 
     if value is None:
         return None
     if solver == "lbfgsb":
         raise ValueError(f"ascent_dtype={value!r} applies to solver='pga'/'apgd'; L-BFGS-B (the paper's protocol) "
                          "needs exact values and gradients")
-    return ascent_dtype_name(value)
+    name = ascent_dtype_name(value)
+    first = next(model.parameters(), None)
+    check_autocast(name, device if device is not None else (first.device if first is not None else "cpu"),
+                   dtype if dtype is not None else (first.dtype if first is not None else torch.float32))
+    return name

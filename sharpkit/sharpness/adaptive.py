@@ -97,7 +97,8 @@ def adaptive_sharpness(
         device, dtype: where and in what precision the model is evaluated (default: its own).
         ascent_dtype: worst case only: ``"bfloat16"`` or ``"float16"`` for the ascent's steps, the
             reported losses still in ``dtype`` (as in :func:`sharpkit.keskar_sharpness`; default
-            None: full precision).
+            None: full precision); ``history`` then holds exact values only (at the start and after
+            each run).
 
     Returns:
         :class:`SharpnessResult`; ``value = max_loss - loss``.  ``perturbation`` is δ (``(n,)``, or
@@ -120,7 +121,7 @@ def adaptive_sharpness(
         raise ValueError(f"num_examples={num_examples!r} applies to m-sharpness (give m); without m all of data is used")
     solver = "apgd" if solver is None else solver
     choice("solver", solver, ("apgd", "pga"))
-    ascent_dtype = ascent_dtype_arg(ascent_dtype, solver)
+    ascent_dtype = ascent_dtype_arg(ascent_dtype, solver, model, device, dtype)
     max_iter = positive_int("max_iter", max_iter)
     restarts = 1 if restarts is None else positive_int("restarts", restarts)
     step_size = 2.0 if step_size is None else positive_float("step_size", step_size)

@@ -101,7 +101,8 @@ def keskar_sharpness(
             evaluated in ``dtype`` (float32 required), so ``value`` is exact; the steps are cheaper
             where the hardware has fast low-precision matrix products (GPU tensor cores, CPUs with
             AVX-512 BF16 or AMX) and slower elsewhere.  ``history`` then holds the exact values
-            only (at the start and after each run).
+            only (at the start and after each run).  Prefer bfloat16: float16 runs without loss
+            scaling, so gradients below its range are zero and those coordinates do not move.
 
     Returns:
         :class:`SharpnessResult` with ``value``, ``loss``, ``max_loss``, ``perturbation`` (the
@@ -124,7 +125,7 @@ def keskar_sharpness(
     first_step = "gradient" if first_step is None else first_step
     choice("first_step", first_step, solvers.FIRST_STEPS)
     seed = seed_int(seed)
-    ascent_dtype = ascent_dtype_arg(ascent_dtype, solver)
+    ascent_dtype = ascent_dtype_arg(ascent_dtype, solver, model, device, dtype)
     if subspace_dim is not None:
         subspace_dim = positive_int("subspace_dim", subspace_dim)
         n = num_parameters(model)

@@ -29,7 +29,8 @@ class SharpnessResult:
         subspace_dim: p for the random-subspace variant, else ``None``.
         coords: the subspace coordinates y (``(p,)``) with ``perturbation = A y``, else ``None``.
         history: ``(num_evals, seconds since the call began, value of the best point so far)``
-            after each evaluation (L-BFGS-B: the best point evaluated so far, not its iterate).
+            after each evaluation (L-BFGS-B: the best point evaluated so far, not its iterate; with
+            ``ascent_dtype``: only after the start and after each run, where values are exact).
         info: solver details (e.g. L-BFGS-B's ``nit``, ``nfev``, ``message``).
     """
 

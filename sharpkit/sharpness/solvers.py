@@ -58,7 +58,9 @@ problem says so with ``estimates = True``: its ``loss_and_grad`` values are esti
 steer the steps, and its ``loss(Y)`` is exact (the engine's own precision).  The solvers then take
 ``loss0`` from an exact pass at ``Y = 0`` and evaluate each run's best point exactly at the end;
 the returned ``max_loss`` is that exact value (never below ``loss0``: if no run's point beats it,
-``Y = 0`` is returned), and ``callback`` sees exact values only (at the start and the end).
+``Y = 0`` is returned), and ``callback`` sees exact values only (after the passes at ``Y = 0``
+and after each run).  float16 has no loss scaling here: gradients below its range become zero and
+those coordinates do not move, so bfloat16 is the better choice where it is fast.
 L-BFGS-B refuses such problems (its line search needs exact, consistent values).
 
 ``restarts > 1`` adds runs of pga/apgd: on the box the second starts at 0 with the other first step,
@@ -73,6 +75,7 @@ engine (``loss_and_grad(W)``) and reference points ``X`` into the problem ``Y ->
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
 
@@ -100,6 +103,7 @@ __all__ = [
     "FIRST_STEPS",
     "ASCENT_DTYPES",
     "ascent_dtype_name",
+    "check_autocast",
 ]
 
 SOLVERS = ("lbfgsb", "pga", "apgd")
@@ -192,22 +196,41 @@ def ascent_dtype_name(value: torch.dtype | str) -> str:
     raise ValueError(f"ascent_dtype must be one of {tuple(ASCENT_DTYPES)}, got {value!r}")
 
 
+def check_autocast(name: str, device: torch.device | str, measured_dtype: torch.dtype) -> torch.dtype:
+    """The torch dtype of the ascent precision ``name``; ``ValueError`` unless autocast to it would
+    take effect: the model measured in float32 (autocast lowers float32 computations only) on a
+    device type where torch's autocast exists and is enabled (it disables itself, with only a
+    warning, e.g. for CUDA without a GPU)."""
+    dtype = ASCENT_DTYPES[ascent_dtype_name(name)]
+    if measured_dtype != torch.float32:
+        raise ValueError(f"ascent_dtype={name!r} needs the model measured in float32 (autocast lowers float32 "
+                         f"computations only), got {measured_dtype}")
+    kind = torch.device(device).type
+    if not torch.amp.is_autocast_available(kind):
+        raise ValueError(f"ascent_dtype={name!r}: torch has no autocast for device type {kind!r}")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        probe = torch.autocast(kind, dtype=dtype)
+    if not getattr(probe, "_enabled", True):
+        why = f": {caught[0].message}" if caught else ""
+        raise ValueError(f"ascent_dtype={name!r}: autocast to {name} is disabled on {kind}{why}")
+    return dtype
+
+
 class AutocastEngine:
     """An engine whose ``loss_and_grad`` runs under ``torch.autocast(dtype)`` (the ascent's steps)
     while ``loss`` stays in the wrapped engine's precision (the values that are reported).
 
     Its problems are marked ``estimates = True`` (module docstring).  The wrapped engine must
-    evaluate in float32: autocast leaves float64 computations as they are.
+    evaluate in float32 on a device with autocast (:func:`check_autocast`).
     """
 
     estimates = True
 
     def __init__(self, engine: Any, dtype: torch.dtype | str):
         self.ascent_dtype = ascent_dtype_name(dtype)
-        if engine.dtype != torch.float32:
-            raise ValueError(f"low-precision ascent steps need the model evaluated in float32 (autocast leaves "
-                             f"{engine.dtype} as it is), got dtype={engine.dtype}")
-        self.engine, self.steps_dtype = engine, ASCENT_DTYPES[self.ascent_dtype]
+        self.steps_dtype = check_autocast(self.ascent_dtype, engine.device, engine.dtype)
+        self.engine = engine
         self.num_problems, self.dim = engine.num_problems, engine.dim
         self.device, self.dtype = engine.device, engine.dtype
 
@@ -350,12 +373,17 @@ def _start(problem: Any, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
         return f0, f0, g0, 1
     loss0 = _exact_loss(problem, Y)
     _check_unperturbed(loss0)
-    f0, g0 = _evaluate(problem, Y)
+    try:
+        f0, g0 = _evaluate(problem, Y)
+    except RuntimeError as exc:  # e.g. a layer without a kernel for that precision on this device
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"the low-precision ascent steps fail on this model: {first_line}; take full-precision "
+                         "steps (ascent_dtype=None) or another precision") from exc
     bad = (~torch.isfinite(f0)).nonzero().flatten().tolist()
     if bad:
         raise ValueError(f"the low-precision pass at the unperturbed parameters gave loss {float(f0[bad[0]])} "
-                         f"(problem {bad[0]}; exact: {float(loss0[bad[0]])}): it overflowed; use bfloat16 or "
-                         "full-precision steps")
+                         f"(problem {bad[0]}; exact: {float(loss0[bad[0]])}): it overflowed; take full-precision "
+                         "steps (ascent_dtype=None), or bfloat16 (float16's range is smaller)")
     return loss0, f0, g0, 2
 
 
@@ -553,7 +581,8 @@ def pga(
             first starts at 0, on the box the second too with the other first step, the others at
             seeded random points).  seed: for the random starts.
         first_step: ``"gradient"`` (default) or ``"sign"``, the box's first step (module docstring).
-        callback: called after every evaluation as ``callback(num_evals, loss0, best_loss)``.
+        callback: called after every evaluation as ``callback(num_evals, loss0, best_loss)``
+            (problems with estimated steps: after the start and after each run, exact values).
     """
     return _first_order(problem, scale, norm, max_iter, step_size, restarts, seed, callback, "pga",
                         first_step)
