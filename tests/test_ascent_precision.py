@@ -312,3 +312,21 @@ def test_a_model_that_fails_in_low_precision_gets_a_clear_error(trained32):
     _, data = trained32
     with pytest.raises(ValueError, match="low-precision ascent steps fail on this model: could not create"):
         sk.keskar_sharpness(NoLowPrecision(), nn.CrossEntropyLoss(), data, solver="apgd", ascent_dtype="bfloat16")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("ascent_dtype", ["bfloat16", "float16"])
+def test_gpu_low_precision_steps_report_exact_values(trained32, ascent_dtype):
+    """On the GPU the steps run in the low precision (tensor cores) and the value stays exact."""
+    model, data = trained32
+    gpu_model = copy.deepcopy(model).cuda()
+    seen = set()
+    hook = gpu_model[0].register_forward_hook(lambda m, i, o: seen.add(o.dtype))
+    r = sk.keskar_sharpness(gpu_model, nn.CrossEntropyLoss(), data, solver="apgd", ascent_dtype=ascent_dtype)
+    hook.remove()
+    assert seen == {getattr(torch, ascent_dtype), torch.float32}
+    x = sk.FlatParams(model).get()
+    assert r.loss == pytest.approx(_exact_loss64(model, data, x), rel=1e-5)
+    assert r.max_loss == pytest.approx(_exact_loss64(model, data, x + r.perturbation.cpu()), rel=1e-5)
+    ref = sk.keskar_sharpness(model, nn.CrossEntropyLoss(), data, solver="lbfgsb")
+    assert r.value >= 0.95 * ref.value > 0
