@@ -22,7 +22,8 @@ Script mode (``python benchmarks/bench_sharpness.py``) prints two tables:
    training lengths, some narrower) at ε = 1e-3 and 5e-4; per case the final values of ``lbfgsb``
    (10 iterations), ``apgd`` from the gradient and from the sign first step, ``apgd`` with both
    starts (``restarts=2``), ``pga`` and ``apgd`` with bfloat16 steps, and the evaluations each
-   needed to reach the ``lbfgsb`` value (``-`` never).  Values only, no times.
+   needed to reach the ``lbfgsb`` value (``-`` never); then each call's seconds (single runs, not
+   interleaved: indicative only).
 
 4. Data sources (``--small-batches``, instead of 1 and 2): the time of ``apgd`` and ``lbfgsb`` on
    untrained F1-style MLPs (widths 128 and 512) with the data as one batch, as a list of batches of
@@ -145,6 +146,7 @@ def survey(epsilons: tuple[float, ...]) -> None:
     print(f"{'model':34} {'eps':>7} {'lbfgsb':>9} " + " ".join(f"{k:>15}" for k in SURVEY_RUNS))
     tally = {k: 0 for k in SURVEY_RUNS}
     cases = 0
+    times: list[tuple[str, dict[str, float]]] = []
     for kind, batch, epochs, seed, width, samples in SURVEY_MODELS:
         x, y = data.x_train[:samples], data.y_train[:samples]
         torch.manual_seed(seed)
@@ -160,15 +162,23 @@ def survey(epsilons: tuple[float, ...]) -> None:
         for eps in epsilons:
             ref = sk.keskar_sharpness(model, loss_fn, (x, y), epsilon=eps, solver="lbfgsb")
             cells = []
+            seconds = {"lbfgsb": ref.time_s}
             for name, kw in SURVEY_RUNS.items():
                 r = sk.keskar_sharpness(model, loss_fn, (x, y), epsilon=eps, **kw)
                 reach = evals_to_reach(r.history, ref.value)
                 tally[name] += r.value >= ref.value
                 cells.append(f"{r.value:9.1f} @{'-' if reach is None else reach:>3}")
+                seconds[name] = r.time_s
             cases += 1
+            times.append((f"{label} {eps:.0e}", seconds))
             print(f"{label:34} {eps:7.0e} {ref.value:9.1f} " + " ".join(f"{c:>15}" for c in cells), flush=True)
     print(f"\nvalue >= lbfgsb's in {cases} cases: " + ", ".join(f"{k} {v}" for k, v in tally.items()))
     print("(@: evaluations until the best value reached lbfgsb's; lbfgsb itself takes 11)")
+    print(f"\nseconds per call (single runs, in the order above; threads {torch.get_num_threads()})")
+    names = ["lbfgsb", *SURVEY_RUNS]
+    print(f"{'case':42} " + " ".join(f"{k:>9}" for k in names))
+    for case, seconds in times:
+        print(f"{case:42} " + " ".join(f"{seconds[k]:9.2f}" for k in names))
 
 
 def small_batches_table(rounds: int, epsilon: float) -> None:
