@@ -67,10 +67,11 @@ L-BFGS-B refuses such problems (its line search needs exact, consistent values).
 the others (and on the ball all but the first) from uniformly random points of the set (seeded by
 ``seed``); the best point over all runs is returned.
 
-Adapters: :class:`AutocastEngine` wraps an engine for low-precision steps; :class:`ObjectiveEngine` evaluates a list of :class:`sharpkit.objective.Objective` (one
-per problem) at full parameter vectors ``W`` ``(B, n)``; :class:`ShiftedProblem` turns any such
-engine (``loss_and_grad(W)``) and reference points ``X`` into the problem ``Y -> f(X + Y)``;
-:class:`SubspaceProblem` into ``Z -> f(X + A Z)`` with gradients ``Aᵀ ∇f``, A matrix-free.
+Adapters: :class:`ObjectiveEngine` evaluates a list of :class:`sharpkit.objective.Objective` (one
+per problem) at full parameter vectors ``W`` ``(B, n)``; :class:`AutocastEngine` wraps an engine
+for low-precision steps; :class:`ShiftedProblem` turns any such engine (``loss_and_grad(W)``) and
+reference points ``X`` into the problem ``Y -> f(X + Y)``; :class:`SubspaceProblem` into
+``Z -> f(X + A Z)`` with gradients ``Aᵀ ∇f``, A matrix-free.
 """
 from __future__ import annotations
 
