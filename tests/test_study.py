@@ -112,6 +112,13 @@ def test_quick_pipeline_end_to_end(tmp_path, npz, api):
     assert len(f1["sharpness"]) == 48
     assert [r["batch"] for r in f1["sweep"]] == [8, 16, 32]
     assert [r["k"] for r in f1["warm_start"]] == [0, 1, 2]
+    # Each run's model.json tells the trainings of one batch and seed apart: LB, and the warm starts
+    # from the SB run's epoch-k weights.
+    infos = [json.loads(p.read_text()) for p in sorted(out.glob("runs/f1-b32-s0-*/model.json"))]
+    starts = sorted((i["training"]["warm_start"] or {"epoch": 0})["epoch"] for i in infos)
+    assert starts == [0, 1, 2] and all(i["training"]["batch"] == 32 and i["training"]["seed"] == 0 for i in infos)
+    sb_run = [i for i in infos if i["training"]["warm_start"]][0]["training"]["warm_start"]["run"]
+    assert sb_run.startswith("f1-b8-s0-") and (out / "runs" / sb_run / "epoch1.pt").exists()
     assert "sweep" not in data["models"]["c1"]  # extras only for the first model by default
     assert {n["epoch"] for n in f1["noise_scale"]} >= {0, "final"}
     assert len(f1["curves"]["sin"]["test"]["alphas"]) == 5

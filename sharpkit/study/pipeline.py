@@ -6,7 +6,8 @@ warm-start snapshots) and finished measurements in ``DIR/cache/``; a re-run with
 reuses them, and an interrupted run loses at most the epoch or measurement in flight.
 
 The study's checkpoints can be measured with the other commands: ``DIR/train.npz`` holds the data
-it trains on, each run folder's ``model.json`` the model spec with the study's sizes, and
+it trains on, each run folder's ``model.json`` the model spec with the study's sizes (and the
+training behind the run: batch, seed, warm start), and
 results.json, report.html and the command's summary give the ``sharpkit audit`` line.
 """
 from __future__ import annotations
@@ -272,11 +273,19 @@ class Study:
             atomic_write_bytes(path, data)
         return path
 
-    def _write_run_info(self, run_dir: Path, spec: str) -> None:
+    def _write_run_info(self, run_dir: Path, key: dict) -> None:
         """DIR/runs/<run>/model.json: how to rebuild the model of this run's final.pt and where its
-        training data are (relative to the run folder), with a sharpness command for it."""
+        training data are (relative to the run folder), with a sharpness command for it, and the
+        training that produced it (the LB run and the warm starts of one seed share a folder prefix)."""
+        spec = key["model"]
+        start = key["start"]
+        training = {
+            "batch": key["batch"], "seed": key["seed"], "max_epochs": key["max_epochs"], "lr": key["lr"],
+            "warm_start": None if start is None else {
+                "run": Path(start["snapshot"]).parent.name, "epoch": start["epoch"]},
+        }
         info = {
-            "model": spec, "spec": self.model_spec(spec), "input_shape": list(self.input_shape),
+            "model": spec, "spec": self.model_spec(spec), "training": training, "input_shape": list(self.input_shape),
             "num_classes": self.ds.num_classes, "checkpoint": "final.pt", "train_data": f"../../{TRAIN_SPLIT}",
             "command": (f"sharpkit sharpness --model {shlex.quote(self.model_spec(spec))} --checkpoint "
                         f"{shlex.quote((run_dir / 'final.pt').as_posix())} "
@@ -383,7 +392,7 @@ class Study:
         if state is not None and state.get("key") == key:
             model.load_state_dict(state["model"])
             self.stats["trainings_reused"] += 1
-            self._write_run_info(run_dir, key["model"])  # runs of studies from before model.json
+            self._write_run_info(run_dir, key)  # runs of studies from before model.json
             return model.eval(), state["record"]
         if key["start"] is not None:
             snap = self.out / key["start"]["snapshot"]
@@ -407,7 +416,7 @@ class Study:
             "seconds": time.perf_counter() - t, "resumed_from_epoch": res.resumed_from, "run_dir": run_dir.name,
         }
         atomic_torch_save({"key": key, "model": model.state_dict(), "record": record}, final)
-        self._write_run_info(run_dir, key["model"])
+        self._write_run_info(run_dir, key)
         self.stats["trainings_run"] += 1
         return model.eval(), record
 
