@@ -330,3 +330,30 @@ def test_gpu_low_precision_steps_report_exact_values(trained32, ascent_dtype):
     assert r.max_loss == pytest.approx(_exact_loss64(model, data, x + r.perturbation.cpu()), rel=1e-5)
     ref = sk.keskar_sharpness(model, nn.CrossEntropyLoss(), data, solver="lbfgsb")
     assert r.value >= 0.95 * ref.value > 0
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("bn", ["eval", "train"])
+def test_batchnorm_model_low_precision_steps_exact(trained32, device, bn):
+    """BatchNorm under autocast (running or batch statistics): the reported losses are exact."""
+    _, data = trained32
+    model = mlp((8, 32, 32, 4), bn=True, seed=2, dtype=torch.float32).eval()
+    before = state(model)
+    r = sk.keskar_sharpness(copy.deepcopy(model).to(device) if device == "cuda" else model, nn.CrossEntropyLoss(),
+                            data, solver="apgd", ascent_dtype="bfloat16", bn=bn, max_iter=5)
+    assert_same_state(model, before)
+    ref_model = copy.deepcopy(model).double()
+    if bn == "train":
+        ref_model.train()
+    flat = sk.FlatParams(ref_model)
+    x = flat.get()
+
+    def loss_at(w):
+        tensors = dict(zip(flat.names, flat.views(w)))
+        tensors.update({k: v.clone() for k, v in ref_model.named_buffers()})  # running statistics untouched
+        with torch.no_grad():
+            return float(nn.functional.cross_entropy(functional_call(ref_model, tensors, (data[0].double(),)), data[1]))
+
+    assert r.loss == pytest.approx(loss_at(x), rel=1e-5)
+    assert r.max_loss == pytest.approx(loss_at(x + r.perturbation.cpu().double()), rel=1e-5)
+    assert r.max_loss > r.loss
