@@ -16,7 +16,7 @@ from sharpkit.audit import audit
 from sharpkit.cli import main
 from sharpkit.objective import Objective
 from sharpkit.sharpness import solvers
-from test_sharpness_helpers import assert_same_state, blobs, mlp, state, train_full_batch
+from test_sharpness_helpers import assert_same_state, blobs, mlp, state, trained_classifier
 
 
 class EstimatedQuadratics:
@@ -118,10 +118,7 @@ def test_autocast_engine_checks_its_arguments():
 
 @pytest.fixture(scope="module")
 def trained32():
-    torch.manual_seed(0)
-    data = blobs(256, dim=8, classes=4, seed=5, dtype=torch.float32)
-    model = mlp((8, 64, 64, 4), seed=5, dtype=torch.float32)
-    return train_full_batch(model, data, steps=200), data
+    return trained_classifier(256, 64)
 
 
 def _exact_loss64(model, data, w):

@@ -11,7 +11,7 @@ from torch.func import functional_call
 import sharpkit as sk
 from sharpkit.sharpness import solvers
 from test_sharpness_helpers import (SeparableQuadratic, assert_same_state, blobs, dummy_data, mean_loss, mlp, state,
-                                    train_full_batch)
+                                    train_full_batch, trained_classifier)
 
 SOLVERS = ("lbfgsb", "pga", "apgd")
 
@@ -83,10 +83,7 @@ def test_lbfgsb_is_the_paper_protocol_against_independent_scipy():
 @pytest.fixture(scope="module")
 def trained_mlp():
     """A small MLP trained full-batch (a large-batch minimiser) and its data."""
-    torch.manual_seed(0)
-    data = blobs(200, dim=8, classes=4, seed=5, dtype=torch.float32)
-    model = mlp((8, 32, 32, 4), seed=5, dtype=torch.float32)
-    return train_full_batch(model, data, steps=200), data
+    return trained_classifier(200, 32)
 
 
 def test_apgd_reaches_lbfgsb_on_trained_mlp(trained_mlp):

@@ -94,3 +94,12 @@ def assert_same_state(model: nn.Module, before) -> None:
     assert all(torch.equal(a, b) for a, b in zip(params, before[0]))
     assert all(torch.equal(a, b) for a, b in zip(buffers, before[1]))
     assert flags == before[2]
+
+
+def trained_classifier(samples: int = 200, hidden: int = 32) -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    """A float32 MLP 8 -> hidden -> hidden -> 4 trained full-batch (a large-batch minimiser) on
+    ``samples`` blob points, and those points."""
+    torch.manual_seed(0)
+    data = blobs(samples, dim=8, classes=4, seed=5, dtype=torch.float32)
+    model = mlp((8, hidden, hidden, 4), seed=5, dtype=torch.float32)
+    return train_full_batch(model, data, steps=200), data

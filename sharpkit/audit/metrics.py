@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ..sharpness.solvers import FIRST_STEPS, NORMS, ascent_dtype_name
+from ..sharpness.solvers import FIRST_STEPS, NORMS, ascent_dtype_for
 
 __all__ = ["MetricConfig", "METRICS", "SOLVERS", "run_metrics", "lanczos_top", "hutchinson_trace"]
 
@@ -95,11 +95,8 @@ class MetricConfig:
             raise ValueError(f"unknown solver {self.solver!r}: choose from {', '.join(SOLVERS)}")
         if self.first_step not in FIRST_STEPS:
             raise ValueError(f"first_step must be one of {FIRST_STEPS}, got {self.first_step!r}")
-        if self.ascent_dtype is not None:
-            self.ascent_dtype = ascent_dtype_name(self.ascent_dtype)
-            if self.solver == "lbfgsb" and self.has_ascent():
-                raise ValueError("ascent_dtype applies to solver 'apgd'/'pga'; lbfgsb (the paper's protocol) needs "
-                                 "exact values and gradients")
+        if self.ascent_dtype is not None:  # (the solver matters only where a metric maximises)
+            self.ascent_dtype = ascent_dtype_for(self.ascent_dtype, self.solver if self.has_ascent() else "apgd")
         if self.adaptive_norm not in NORMS:
             raise ValueError(f"adaptive_norm must be one of {NORMS}, got {self.adaptive_norm!r}")
         if self.solver == "lbfgsb" and "adaptive" in self.metrics and self.adaptive_norm != "linf":

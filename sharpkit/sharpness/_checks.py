@@ -53,15 +53,11 @@ def ascent_dtype_arg(value: Any, solver: str, model: torch.nn.Module, device: An
     ascent steps' precision, checked before any data pass: ``ValueError`` for another value, with
     ``solver="lbfgsb"``, or where autocast would not take effect for the model measured on
     ``device`` in ``dtype`` (each ``None``: the model's own)."""
-    from .solvers import ascent_dtype_name, check_autocast
+    from ..params import FlatParams
+    from .solvers import ascent_dtype_for, check_autocast
 
-    if value is None:
-        return None
-    if solver == "lbfgsb":
-        raise ValueError(f"ascent_dtype={value!r} applies to solver='pga'/'apgd'; L-BFGS-B (the paper's protocol) "
-                         "needs exact values and gradients")
-    name = ascent_dtype_name(value)
-    first = next(model.parameters(), None)
-    check_autocast(name, device if device is not None else (first.device if first is not None else "cpu"),
-                   dtype if dtype is not None else (first.dtype if first is not None else torch.float32))
+    name = ascent_dtype_for(value, solver)
+    if name is not None:
+        flat = FlatParams(model)
+        check_autocast(name, device if device is not None else flat.device, dtype if dtype is not None else flat.dtype)
     return name

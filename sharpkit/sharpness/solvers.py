@@ -104,6 +104,7 @@ __all__ = [
     "FIRST_STEPS",
     "ASCENT_DTYPES",
     "ascent_dtype_name",
+    "ascent_dtype_for",
     "check_autocast",
 ]
 
@@ -195,6 +196,17 @@ def ascent_dtype_name(value: torch.dtype | str) -> str:
         if value == name or value is dtype:
             return name
     raise ValueError(f"ascent_dtype must be one of {tuple(ASCENT_DTYPES)}, got {value!r}")
+
+
+def ascent_dtype_for(value: torch.dtype | str | None, solver: str) -> str | None:
+    """The ascent steps' precision by name (None: full precision); ``ValueError`` for an unknown
+    value or with ``solver="lbfgsb"`` (its line search needs exact values)."""
+    if value is None:
+        return None
+    if solver == "lbfgsb":
+        raise ValueError(f"ascent_dtype={value!r} applies to solver 'pga'/'apgd'; L-BFGS-B (the paper's protocol) "
+                         "needs exact values and gradients")
+    return ascent_dtype_name(value)
 
 
 def check_autocast(name: str, device: torch.device | str, measured_dtype: torch.dtype) -> torch.dtype:
