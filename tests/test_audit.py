@@ -543,6 +543,31 @@ def test_float32_batched_close_to_one_at_a_time(tmp_path):
         assert b["top-eig"] == pytest.approx(s["top-eig"], rel=1e-4)
 
 
+@pytest.mark.parametrize("group_size", [1, 3])
+def test_curvature_only_audit_evaluates_the_loss_once_per_group(tmp_path, monkeypatch, group_size):
+    """The loss the finiteness check computes is the row's loss: no second pass for it."""
+    calls = []
+    for engine in (SingleObjective, StackedObjective):
+        original = engine.loss
+
+        def counted(self, X, _original=original):
+            calls.append(X.shape[0])
+            return _original(self, X)
+
+        monkeypatch.setattr(engine, "loss", counted)
+    paths = save_checkpoints(tmp_path / "ck", count=3)
+    rows = audit(paths, make_mlp, toy_data(), metrics="top-eig,trace", dtype="float64", group_size=group_size,
+                 lanczos_steps=4, trace_samples=2)
+    assert len(calls) == 3 // group_size
+    x, y = toy_data()
+    for path, row in zip(paths, rows):
+        model = make_mlp().double()
+        model.load_state_dict(torch.load(path))
+        with torch.no_grad():
+            expected = float(nn.functional.cross_entropy(model(x.double()), y))
+        assert row["loss"] == pytest.approx(expected, rel=1e-12)
+
+
 def test_model_left_exactly_as_found(tmp_path):
     paths = save_checkpoints(tmp_path / "ck", make_bn, count=3)
     torch.manual_seed(7)

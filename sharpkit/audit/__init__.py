@@ -316,7 +316,7 @@ class _Runner:
             ]
             rest = [g for g, ok in zip(group, finite) if ok]
             return rows + (self._measure(rest) if rest else [])
-        results = run_metrics(engine, self.config)
+        results = run_metrics(engine, self.config, loss0=losses)
         seconds = (time.perf_counter() - t0) / len(group)
         rows = []
         for (ck, key, _), res in zip(group, results):

@@ -240,8 +240,11 @@ def hutchinson_trace(engine, samples: int, seed: int) -> tuple[torch.Tensor, tor
     return vals.mean(1), stderr
 
 
-def run_metrics(engine, config: MetricConfig) -> list[dict[str, Any]]:
+def run_metrics(engine, config: MetricConfig, loss0: torch.Tensor | None = None) -> list[dict[str, Any]]:
     """All of ``config.metrics`` for every problem of ``engine``: one dict per problem.
+
+    ``loss0``, the ``(B,)`` losses at the checkpoints when the caller has them, spares a pass where
+    no ascent reports them.
 
     Each dict has ``"loss"`` (f at the checkpoint), one float per metric, and ``"details"``
     (per-metric extras: max_loss, the eigenvalues, the trace's standard error, evaluation counts).
@@ -291,7 +294,7 @@ def run_metrics(engine, config: MetricConfig) -> list[dict[str, Any]]:
             out[b]["trace"] = float(est[b])
             out[b]["details"]["trace"] = {"stderr": float(err[b])}
     if f0 is None:
-        f0 = engine.loss(X)
+        f0 = engine.loss(X) if loss0 is None else loss0
     for b in range(B):
         out[b]["loss"] = float(f0[b])
     return out
