@@ -21,7 +21,8 @@ from .data import Batches, BatchSurvey, as_batches, regroup_batches, survey_batc
 from .params import FlatParams, check_finite_parameters, has_shared_modules, model_tensors, tensor_objects_kept
 
 __all__ = ["Objective", "LossFn", "activation_elements", "probe_largest_batch", "loss_on_device",
-           "regroup_rows", "check_mean_reduced", "ignored_target", "join_obstacle", "checked_loss"]
+           "regroup_rows", "check_mean_reduced", "ignored_target", "join_obstacle", "samples_interact",
+           "checked_loss"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -53,12 +54,12 @@ class Objective:
             objective (:func:`sharpkit.data.regroup_batches`): ``True`` joins consecutive batches
             up to ``REGROUP_MAX_ROWS`` samples and ``REGROUP_BYTES`` of activations, never fewer
             samples than the largest batch; an int is the samples per pass (the caller planned the
-            memory).  ``True`` does not join when BatchNorm uses batch statistics (the samples of
-            a batch interact) nor where joining would change a batch's loss
-            (:func:`join_obstacle`); an int joins regardless.  Default False.
+            memory).  ``True`` does not join when BatchNorm uses batch statistics or the model's
+            samples interact otherwise (:func:`samples_interact`), nor where joining would change
+            a batch's loss (:func:`join_obstacle`); an int joins regardless.  Default False.
 
-    Construction reads the data once (:attr:`survey`), plus one forward of the largest batch
-    when ``regroup=True``.
+    Construction reads the data once (:attr:`survey`), plus forwards of the largest batch and
+    of its halves when ``regroup=True``.
 
     Attributes:
         num_samples: samples in all the data (over all ranks when distributed).
@@ -192,12 +193,53 @@ def _probe_forward(model: nn.Module, batch, device: torch.device, dtype: torch.d
     handles = [m.register_forward_hook(hook) for m in leaves]
     try:
         inputs, _ = to_device(batch, device, dtype)
-        with torch.no_grad(), tensor_objects_kept(model):
-            out = functional_call(model, model_tensors(model, device, dtype), (inputs,))
+        out = _forward(model, inputs, device, dtype)
     finally:
         for h in handles:
             h.remove()
     return total, out
+
+
+def _forward(model: nn.Module, inputs: torch.Tensor, device: torch.device, dtype: torch.dtype) -> Any:
+    with torch.no_grad(), tensor_objects_kept(model):
+        return functional_call(model, model_tensors(model, device, dtype), (inputs,))
+
+
+def samples_interact(model: nn.Module, batch, outputs: Any, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why the samples of a batch interact in ``model`` (so that batches must not be joined), or None.
+
+    ``outputs`` is the model's output on ``batch``; the model runs on the batch's two halves and
+    each output tensor must equal the halves' outputs stacked (to rounding).  Batch statistics
+    outside BatchNorm modules (``F.batch_norm(training=True)``, a layer subtracting the batch mean)
+    fail this, as do outputs that are not per-sample.  A batch of one sample cannot be split: its
+    model is then taken to mix samples (a caller may still join batches by asking for it)."""
+    inputs = to_device(batch, device, dtype)[0]
+    m = inputs.shape[0]
+    if m < 2:
+        return "the batches hold one sample each, so whether the model's samples interact cannot be checked"
+    k = m // 2
+    whole, treespec = torch.utils._pytree.tree_flatten(outputs)
+    first = torch.utils._pytree.tree_flatten(_forward(model, inputs[:k], device, dtype))[0]
+    second = torch.utils._pytree.tree_flatten(_forward(model, inputs[k:], device, dtype))[0]
+    if not whole or len(first) != len(whole) or len(second) != len(whole):
+        return "the model's outputs are not per-sample tensors"
+    for w, a, b in zip(whole, first, second):
+        if not all(isinstance(t, torch.Tensor) and t.dim() > 0 for t in (w, a, b)) \
+                or (w.shape[0], a.shape[0], b.shape[0]) != (m, k, m - k) or a.shape[1:] != w.shape[1:]:
+            return "the model's outputs are not per-sample tensors"
+        joined = torch.cat([a, b])
+        if not w.is_floating_point():
+            same = torch.equal(w, joined)
+        else:
+            # Half batches take other GEMM blockings: rounding, not interaction, up to this.
+            rtol = max(1e-6, 1000 * torch.finfo(w.dtype).eps)
+            scale = float(w.abs().max()) if w.numel() else 0.0
+            diff = (w - joined).abs().max() if w.numel() else torch.zeros(())
+            same = (bool(torch.isfinite(diff)) and float(diff) <= rtol * max(scale, 1e-30)) or torch.equal(w, joined)
+        if not same:
+            return (f"the model's outputs on a batch of {m} samples differ from its outputs on the batch's halves: "
+                    "its samples interact (batch statistics?)")
+    return None
 
 
 # Losses that compare outputs and targets element by element: torch broadcasts mismatched shapes
@@ -286,13 +328,16 @@ def join_obstacle(loss_fn: LossFn, survey: BatchSurvey, outputs: Any = None) -> 
 
 def probe_largest_batch(model: nn.Module, survey: BatchSurvey, device: torch.device, dtype: torch.dtype,
                         loss_fn: LossFn | None = None) -> tuple[float, str | None]:
-    """One forward of the survey's largest batch: module-output elements per sample (not bytes;
-    :func:`activation_elements`) and, given ``loss_fn``, why joining the batches would change the
-    objective (:func:`join_obstacle`, None when it would not).  ``(0.0, None)`` without batches."""
+    """Forwards of the survey's largest batch and of its halves: module-output elements per sample
+    (not bytes; :func:`activation_elements`) and why joining the batches would change the objective
+    (the model's samples interact: :func:`samples_interact`; given ``loss_fn``, the loss is not a
+    per-sample mean: :func:`join_obstacle`), None when it would not.  ``(0.0, None)`` without batches."""
     if survey.largest is None:
         return 0.0, None
     elements, outputs = _probe_forward(model, survey.largest, device, dtype)
-    obstacle = None if loss_fn is None else join_obstacle(loss_on_device(loss_fn, device, dtype), survey, outputs)
+    obstacle = join_obstacle(loss_on_device(loss_fn, device, dtype), survey, outputs) if loss_fn is not None else None
+    if obstacle is None and survey.num_batches > 1:
+        obstacle = samples_interact(model, survey.largest, outputs, device, dtype)
     return elements / survey.largest_size, obstacle
 
 
@@ -308,9 +353,10 @@ def regroup_rows(
     """Samples per pass when joining small batches: at most ``max_rows`` and ``REGROUP_BYTES`` of
     activations, counted four times over (forward, backward, temporaries) for each of ``vectors``
     directions a pass carries, never fewer than the largest batch.  None when there is nothing
-    to join (one batch) or, given ``loss_fn``, when joining would change the objective
-    (:func:`join_obstacle`).  ``batches`` may be given as their survey (then not read again; survey
-    them with the loss's :func:`ignored_target`); one forward of the largest batch runs either way."""
+    to join (one batch) or when joining would change the objective (the model's samples interact,
+    or given ``loss_fn`` the loss is not a per-sample mean: :func:`probe_largest_batch`).
+    ``batches`` may be given as their survey (then not read again; survey them with the loss's
+    :func:`ignored_target`); forwards of the largest batch and of its halves run either way."""
     if isinstance(batches, BatchSurvey):
         survey = batches
     else:

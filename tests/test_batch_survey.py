@@ -128,3 +128,106 @@ def test_preserved_still_restores_replaced_objects_by_default():
     with sk.preserved(model, restore_objects=False):
         pass
     assert model[0].weight is weight
+
+
+# ---- models whose samples interact are never joined ------------------------------------------------
+
+class _Center(nn.Module):
+    """Subtracts the batch mean: the samples of a batch interact without any BatchNorm module."""
+
+    def forward(self, h):
+        return h - h.mean(0, keepdim=True)
+
+
+class _FunctionalBatchNorm(nn.Module):
+    """Batch statistics through ``F.batch_norm(training=True)`` (a hand-rolled ghost batch norm)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, width))
+
+    def forward(self, h):
+        return nn.functional.batch_norm(h, None, None, self.weight, None, training=True)
+
+
+def _mixing_model(kind: str) -> nn.Module:
+    torch.manual_seed(3)
+    middle = _Center() if kind == "center" else _FunctionalBatchNorm(8)
+    return nn.Sequential(nn.Linear(4, 8), middle, nn.Tanh(), nn.Linear(8, 3)).double()
+
+
+def _mixing_data():
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(11, 4, generator=g, dtype=F64), torch.randint(0, 3, (11,), generator=g)
+    return [(x[i:i + 4], y[i:i + 4]) for i in range(0, 11, 4)]  # batches of 4, 4, 3
+
+
+def _batchwise_objective(model, batches):
+    """Reference: the sample-weighted mean of the batches' losses, each batch as given."""
+    def f(flat):
+        names = [n for n, _ in model.named_parameters()]
+        shapes = [p.shape for _, p in model.named_parameters()]
+        tensors, i = {}, 0
+        for n, s in zip(names, shapes):
+            tensors[n] = flat[i:i + s.numel()].view(s)
+            i += s.numel()
+        total = sum(x.shape[0] * nn.functional.cross_entropy(torch.func.functional_call(model, tensors, (x,)), y)
+                    for x, y in batches)
+        return total / sum(x.shape[0] for x, _ in batches)
+    x0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    return f, x0
+
+
+@pytest.mark.parametrize("kind", ["center", "functional-bn"])
+def test_samples_interacting_outside_batchnorm_keep_their_batches(kind, tmp_path):
+    model = _mixing_model(kind)
+    batches = _mixing_data()
+    f, x0 = _batchwise_objective(model, batches)
+    survey = survey_batches(as_batches(batches))
+    cpu = torch.device("cpu")
+    reason = probe_largest_batch(model, survey, cpu, F64, nn.CrossEntropyLoss())[1]
+    assert reason is not None and "interact" in reason
+    assert regroup_rows(model, survey, cpu, F64) is None
+    # Every measurement sees the objective of the batches as given (joined, it would differ).
+    H = sk.hessian(model, nn.CrossEntropyLoss(), batches, dtype=F64).dense()
+    H_ref = torch.autograd.functional.hessian(f, x0)
+    assert torch.allclose(H, H_ref, rtol=1e-9, atol=1e-12)
+    f_joined, _ = _batchwise_objective(model, [(torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches]))])
+    assert not torch.allclose(torch.autograd.functional.hessian(f_joined, x0), H_ref, rtol=1e-3, atol=1e-6)
+    res = sk.keskar_sharpness(model, nn.CrossEntropyLoss(), batches, epsilon=1e-3, max_iter=2)
+    assert res.loss == pytest.approx(float(f(x0)), rel=1e-12)
+    torch.save(model.state_dict(), tmp_path / "ck.pt")
+    rows = sk.audit([tmp_path / "ck.pt"], lambda: _mixing_model(kind), batches, metrics="trace", trace_samples=2,
+                    dtype="float64", progress=False)
+    assert rows[0]["status"] == "ok" and rows[0]["loss"] == pytest.approx(float(f(x0)), rel=1e-12)
+
+
+def test_independent_samples_are_still_joined_and_one_sample_batches_are_not():
+    cpu = torch.device("cpu")
+    for dtype in (torch.float32, F64):
+        torch.manual_seed(0)
+        conv = nn.Sequential(nn.Conv1d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6, 3)).to(dtype)
+        batches = [(torch.randn(k, 1, 8, dtype=dtype), torch.randint(0, 3, (k,))) for k in (64, 64, 17)]
+        survey = survey_batches(as_batches(batches))
+        assert probe_largest_batch(conv, survey, cpu, dtype, nn.CrossEntropyLoss())[1] is None
+        assert regroup_rows(conv, survey, cpu, dtype) >= 64
+    mlp = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2))
+    singles = survey_batches(as_batches(_batches_of([1, 1, 1])))
+    assert "one sample" in probe_largest_batch(mlp, singles, cpu, torch.float32)[1]
+    assert regroup_rows(mlp, singles, cpu, torch.float32) is None
+
+
+def test_per_sample_tuple_outputs_are_compared_leaf_by_leaf():
+    class Two(nn.Module):
+        def __init__(self, center: bool):
+            super().__init__()
+            self.lin, self.center = nn.Linear(3, 2), center
+
+        def forward(self, x):
+            h = self.lin(x)
+            return h, (h - h.mean(0)) if self.center else 2 * h
+
+    cpu = torch.device("cpu")
+    survey = survey_batches(as_batches(_batches_of([6, 6])))
+    assert probe_largest_batch(Two(False), survey, cpu, torch.float32)[1] is None
+    assert "interact" in probe_largest_batch(Two(True), survey, cpu, torch.float32)[1]

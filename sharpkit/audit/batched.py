@@ -304,10 +304,11 @@ def estimate_group_size(
     ``regroup_rows`` (None: the batches stay as given): the data may be regrouped into passes of
     up to this many samples per checkpoint (samples independent); the plan's
     ``pass_rows`` is that, or less where the group's memory requires, never below the largest
-    batch; None too where, given ``loss_fn``, joining batches would change the objective
-    (:func:`sharpkit.objective.join_obstacle`).  On a CPU with mean batches (after regrouping) above ``CPU_STACK_MAX_BATCH`` samples the
-    group is 1 (stacking measured slower there).  Reads the data once and runs one forward of
-    the largest batch.
+    batch; None too where joining batches would change the objective (the model's samples
+    interact, or given ``loss_fn`` the loss is not a per-sample mean:
+    :func:`sharpkit.objective.probe_largest_batch`).  On a CPU with mean batches (after
+    regrouping) above ``CPU_STACK_MAX_BATCH`` samples the group is 1 (stacking measured slower
+    there).  Reads the data once and runs forwards of the largest batch and of its halves.
     """
     itemsize = torch.empty((), dtype=dtype).element_size()
     n = FlatParams(model).n
