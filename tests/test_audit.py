@@ -161,6 +161,15 @@ def save_checkpoints(folder: Path, factory=make_mlp, count: int = 4, prefix: str
         ("lr_2.5E-4_ckpt_0040.pt", (40, None)),
         ("lr1e-3.pt", (None, None)),
         ("EPOCH_7.PT", (None, 7)),
+        # A "." separates a keyword from its number too; a bare "e" after a "." is an epoch.
+        ("weights.epoch.3.pt", (None, 3)),
+        ("model.e5.pt", (None, 5)),
+        ("lr1.e-3.pt", (None, None)),
+        # A number glued to a word names the model or a version, not a step; after ckpt it is one.
+        ("resnet18.pt", (None, None)),
+        ("model_v3.pt", (None, None)),
+        ("ckpt0040.pt", (40, None)),
+        ("resnet18_0040.pt", (40, None)),
         # The parent directory when the file name has nothing (Hugging Face), never over it.
         ("hf/checkpoint-500/pytorch_model.bin", (500, None)),
         ("runs/epoch_3/model.safetensors", (None, 3)),
@@ -667,12 +676,16 @@ def test_plan_regroups_small_batches_within_memory():
     plan = estimate_group_size(model, small, cpu, torch.float32, 10, memory_fraction=1.0, available_bytes=1,
                                regroup_rows=4096)
     assert plan.pass_rows == 10
-    # Joining would change the objective of a class-weighted cross-entropy: the batches stay as given.
+    # Joining would change the objective of a loss that is not a (weighted) per-sample mean: the
+    # batches stay as given.  A class-weighted cross-entropy is one, with each batch weighing its
+    # targets' class weights.
+    def squared(out, t):
+        return nn.functional.cross_entropy(out, t) ** 2
+
     weighted = nn.CrossEntropyLoss(weight=torch.tensor([0.5, 1.0, 2.0]))
-    assert estimate_group_size(model, small, cpu, torch.float32, 10, available_bytes=1 << 40, regroup_rows=4096,
-                               loss_fn=weighted).pass_rows is None
-    assert estimate_group_size(model, small, cpu, torch.float32, 10, available_bytes=1 << 40, regroup_rows=4096,
-                               loss_fn=nn.CrossEntropyLoss()).pass_rows == 4096
+    for loss_fn, rows in ((squared, None), (weighted, 4096), (nn.CrossEntropyLoss(), 4096)):
+        assert estimate_group_size(model, small, cpu, torch.float32, 10, available_bytes=1 << 40, regroup_rows=4096,
+                                   loss_fn=loss_fn).pass_rows == rows
 
 
 def test_one_at_a_time_audit_regroups_small_batches(tmp_path):

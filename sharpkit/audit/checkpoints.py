@@ -241,16 +241,19 @@ def fit_state_dict(
     return fitted
 
 
-# step/epoch in names such as "epoch=3-step=1200.ckpt", "ckpt_step_500.pt", "model-e07.pt", "iter1000".
-_STEP_RE = re.compile(r"(?<![a-z])(?:global_step|step|iteration|iter|it)[=_\-]?(\d+)", re.IGNORECASE)
-_EPOCH_RE = re.compile(r"(?<![a-z])(?:epoch|ep)[=_\-]?(\d+)", re.IGNORECASE)
-# A bare "e" ("model-e07") only after a separator: "lr1e" and "2.5e" begin exponents.
-_BARE_EPOCH_RE = re.compile(r"(?<![a-z0-9.])e[=_\-]?(\d+)", re.IGNORECASE)
+# step/epoch in names such as "epoch=3-step=1200.ckpt", "ckpt_step_500.pt", "model-e07.pt", "iter1000",
+# "weights.epoch.3.pt": a keyword, then "=", "_", "-", "." or nothing, then the number.
+_STEP_RE = re.compile(r"(?<![a-z])(?:global_step|step|iteration|iter|it)[=_\-.]?(\d+)", re.IGNORECASE)
+_EPOCH_RE = re.compile(r"(?<![a-z])(?:epoch|ep)[=_\-.]?(\d+)", re.IGNORECASE)
+# A bare "e" ("model-e07", "model.e5") only after a separator: "lr1e", "2.5e" and "1.e" begin exponents.
+_BARE_EPOCH_RE = re.compile(r"(?<![a-z0-9])(?<!\d\.)e[=_\-.]?(\d+)", re.IGNORECASE)
 # Hugging Face's "checkpoint-500/" directories.
-_CHECKPOINT_DIR_RE = re.compile(r"(?<![a-z])(?:checkpoint|ckpt)[=_\-]?(\d+)", re.IGNORECASE)
-# Scientific notation (lr1e-3, wd5e-4, 2.5E+2) is a hyper-parameter, never a step or an epoch.
-_SCIENTIFIC_RE = re.compile(r"\d(?:\.\d+)?e[-+]?\d+", re.IGNORECASE)
-_NUMBER_RE = re.compile(r"(\d+)")
+_CHECKPOINT_DIR_RE = re.compile(r"(?<![a-z])(?:checkpoint|ckpt)[=_\-.]?(\d+)", re.IGNORECASE)
+# Scientific notation (lr1e-3, wd5e-4, 2.5E+2, 1.e-3) is a hyper-parameter, never a step or an epoch.
+_SCIENTIFIC_RE = re.compile(r"\d(?:\.\d*)?e[-+]?\d+", re.IGNORECASE)
+# A number standing alone ("ckpt_0040", "0040") or after "checkpoint"/"ckpt" ("ckpt0040"); one
+# glued to another word names the model or a version, not a step ("resnet18", "v3").
+_NUMBER_RE = re.compile(r"(?:(?<=checkpoint)|(?<=ckpt)|(?<![a-z0-9]))(\d+)", re.IGNORECASE)
 
 
 def _search(pattern: re.Pattern, text: str) -> int | None:
@@ -276,11 +279,14 @@ def parse_step(path: str | os.PathLike) -> tuple[int | None, int | None]:
     In order, the first that gives anything:
 
     1. the file name's keywords: ``step``/``iter``/``it``/``global_step`` and ``epoch``/``ep``/``e``
-       followed by a number (``=``, ``_``, ``-`` or nothing between; scientific notation such as
-       ``lr1e-3`` is skipped, and a bare ``e`` counts only after a separator);
+       followed by a number (``=``, ``_``, ``-``, ``.`` or nothing between: ``epoch=3``,
+       ``weights.epoch.3``; scientific notation such as ``lr1e-3`` is skipped, and a bare ``e``
+       counts only after a separator: ``model-e07``, ``model.e5``);
     2. the same keywords, or ``checkpoint``/``ckpt``, in the parent directory's name
        (``checkpoint-500/pytorch_model.bin``);
-    3. the file name's only number, as the step (``ckpt_0040.pt``);
+    3. the file name's only number, as the step (``ckpt_0040.pt``, ``0040.pt``, ``ckpt0040.pt``),
+       counting only numbers not glued to a word other than ``checkpoint``/``ckpt``: the 18 of
+       ``resnet18.pt`` and the 3 of ``model_v3.pt`` name the model, not a step;
     4. a parent directory named by a number alone, as the step (``000500/model.pt``).
 
     Keywords in the file name win over its directory: in ``runs/2/epoch_1.pt`` the 2 is not read.
