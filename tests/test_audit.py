@@ -929,14 +929,15 @@ def test_report_table_and_html(tmp_path):
     rows = [
         {"name": "b.pt", "step": 200, "epoch": None, "status": "ok", "loss": 0.5, "keskar": 2.0},
         {"name": "a.pt", "step": 100, "epoch": None, "status": "ok", "loss": 0.7, "keskar": 1.0},
-        {"name": "z.pt", "step": None, "epoch": None, "status": "error", "error": "z.pt: file not found"},
+        {"name": "z.pt", "checkpoint": "runs/z.pt", "step": None, "epoch": None, "status": "error",
+         "error": "runs/z.pt: file not found"},
     ]
     assert [r["name"] for r in sort_rows(rows)] == ["a.pt", "b.pt", "z.pt"]
     table = format_table(rows, ["keskar"])
     lines = table.splitlines()
     assert lines[0].split() == ["name", "epoch", "step", "status", "loss", "keskar"]
     assert lines[2].split() == ["a.pt", "-", "100", "ok", "0.7", "1"]
-    assert "error: z.pt: z.pt: file not found" in table
+    assert "error: z.pt: file not found" in table  # the row's name, then the reason: the path once
     path = write_html(tmp_path / "r" / "audit.html", rows, ["keskar"])
     doc = path.read_text()
     assert doc.count("data:image/png;base64,") == 2  # loss and keskar against step
@@ -976,6 +977,21 @@ def test_cli_end_to_end(tmp_path, nets, capsys):
     assert "unknown metric" in capsys.readouterr().err
     assert main(["audit", str(ckdir), "--model", "auditnets:nope", "--data", str(tmp_path / "data.pt")]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_table_error_lines_name_the_checkpoint_once(tmp_path):
+    good = save_checkpoints(tmp_path / "ck", count=1)
+    bad = tmp_path / "bad" / "nan.pt"
+    bad.parent.mkdir()
+    torch.save({**make_mlp().state_dict(), "0.bias": torch.full((8,), float("nan"))}, bad)
+    missing = tmp_path / "bad" / "gone.pt"
+    rows = audit([good[0], bad, missing], make_mlp, toy_data(), max_iter=1)
+    errors = [line for line in format_table(rows, ["keskar"]).splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {rows[2]['name']}: file not found",
+                      f"error: {rows[1]['name']}: tensor '0.bias' contains NaN; sharpness of a non-finite model is undefined"]
+    # A message that does not start with the path is shown whole.
+    row = {"name": "a.pt", "checkpoint": "runs/a.pt", "status": "error", "error": "the loss or a metric is not finite"}
+    assert "error: a.pt: the loss or a metric is not finite" in format_table([row], ["keskar"])
 
 
 def test_report_orders_rows_by_step_or_epoch_and_plots_that_axis(tmp_path, monkeypatch):

@@ -57,7 +57,8 @@ def _columns(metrics: Sequence[str]) -> list[str]:
 
 
 def format_table(rows: Sequence[dict[str, Any]], metrics: Sequence[str]) -> str:
-    """A plain-text table of the sorted rows (errors show their message after the table)."""
+    """A plain-text table of the sorted rows; each error row's reason follows the table, after the
+    row's name."""
     cols = _columns(metrics)
     body = [[_fmt(r.get(c)) for c in cols] for r in sort_rows(rows)]
     widths = [max(len(c), *(len(line[i]) for line in body)) if body else len(c) for i, c in enumerate(cols)]
@@ -67,8 +68,15 @@ def format_table(rows: Sequence[dict[str, Any]], metrics: Sequence[str]) -> str:
     errors = [r for r in sort_rows(rows) if r.get("status") == "error"]
     if errors:
         lines.append("")
-        lines += [f"error: {r.get('name')}: {r.get('error')}" for r in errors]
+        lines += [f"error: {r.get('name')}: {_reason(r)}" for r in errors]
     return "\n".join(lines)
+
+
+def _reason(row: dict[str, Any]) -> str:
+    """A row's error without the leading ``<checkpoint path>: `` that most messages start with:
+    the table's line names the row already."""
+    error, path = str(row.get("error")), row.get("checkpoint")
+    return error[len(path) + 2:] if path and error.startswith(f"{path}: ") else error
 
 
 def _series(rows: list[dict[str, Any]]) -> list[tuple[str | None, list[dict[str, Any]]]]:
