@@ -262,6 +262,32 @@ def test_formats_torch_safetensors_lightning_ddp(tmp_path):
             assert torch.equal(fitted[k], sd[k]), (name, k)
 
 
+def test_missing_num_batches_tracked_is_filled_like_torch(tmp_path):
+    full = save_checkpoints(tmp_path / "full", make_bn, count=1)[0]
+    sd = torch.load(full)
+    lacking = {k: v for k, v in sd.items() if k != "1.num_batches_tracked"}
+    (tmp_path / "old").mkdir()
+    torch.save(lacking, tmp_path / "old" / "step_10.pt")
+    model = make_bn()
+    model.load_state_dict(lacking, strict=True)  # torch accepts it: BatchNorm fills the count in
+    target = make_bn()
+    target[1].num_batches_tracked.fill_(7)
+    fitted = fit_state_dict(lacking, target, "old.pt")
+    assert list(fitted) == list(sd) and int(fitted["1.num_batches_tracked"]) == 7  # the model's value
+    assert int(target[1].num_batches_tracked) == 7
+    # Any other missing key is still refused, the count named nowhere.
+    with pytest.raises(CheckpointError, match=r"missing keys: 1\.running_mean$"):
+        fit_state_dict({k: v for k, v in lacking.items() if k != "1.running_mean"}, make_bn(), "old.pt")
+    # Behind a prefix too, and in a Lightning file.
+    fitted = fit_state_dict({"model." + k: v for k, v in lacking.items()}, make_bn(), "old.ckpt")
+    assert list(fitted) == list(sd)
+    # Measured as the complete checkpoint is (the count never changes the loss).
+    a, b = (audit([p], make_bn, toy_data(), metrics="keskar,top-eig", max_iter=2, lanczos_steps=3)[0]
+            for p in (full, tmp_path / "old" / "step_10.pt"))
+    assert b["status"] == "ok", b["error"]
+    assert (b["loss"], b["keskar"], b["top-eig"]) == (a["loss"], a["keskar"], a["top-eig"])
+
+
 def test_ambiguous_prefix_is_an_error_naming_the_candidates(tmp_path):
     sd = make_mlp().state_dict()
     ema = {k: v + 1 for k, v in sd.items()}

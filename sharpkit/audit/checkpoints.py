@@ -208,12 +208,15 @@ def fit_state_dict(
 ) -> dict[str, torch.Tensor]:
     """Match ``state`` to ``model.state_dict()``: strip a prefix, check names, shapes and finiteness.
 
-    Returns the tensors in the model's order, cast to each model tensor's dtype.  Raises
-    :class:`CheckpointError` naming the missing, unexpected and mis-shaped keys, or the first
-    tensor holding NaN/inf.
+    Returns the tensors in the model's order, cast to each model tensor's dtype.  A BatchNorm
+    ``num_batches_tracked`` the checkpoint lacks (older torch, or weights saved without it) takes
+    the model's value, as ``load_state_dict(strict=True)`` does: it never changes the loss.
+    Raises :class:`CheckpointError` naming the missing, unexpected and mis-shaped keys, or the
+    first tensor holding NaN/inf.
     """
     reference = model.state_dict()
     state = _strip_prefix(state, set(reference), source)
+    state = {**{k: reference[k].clone() for k in reference if k not in state and _is_batch_count(k, model)}, **state}
     missing = [k for k in reference if k not in state]
     unexpected = [k for k in state if k not in reference]
     misshaped = [
@@ -239,6 +242,19 @@ def fit_state_dict(
                 raise CheckpointError(f"{source}: tensor {k!r} contains {bad}; sharpness of a non-finite model is undefined")
         fitted[k] = t.to(ref.dtype)
     return fitted
+
+
+def _is_batch_count(key: str, model: nn.Module) -> bool:
+    """Whether ``key`` is a BatchNorm layer's ``num_batches_tracked`` buffer (torch fills it in when a
+    state dict lacks it; only the running averages' momentum=None mode reads it, which sharpkit
+    never updates)."""
+    prefix, _, name = key.rpartition(".")
+    if name != "num_batches_tracked":
+        return False
+    try:
+        return isinstance(model.get_submodule(prefix), nn.modules.batchnorm._NormBase)
+    except AttributeError:
+        return False
 
 
 # step/epoch in names such as "epoch=3-step=1200.ckpt", "ckpt_step_500.pt", "model-e07.pt", "iter1000",
