@@ -1075,6 +1075,10 @@ def test_cli_help_documents_exit_codes():
     sub = build_parser()._subparsers._group_actions[0].choices["audit"]
     text = sub.format_help()
     assert "exit codes" in text and "status \"error\"" in text
+    # Identical files: one --out line per content, one row per path in the table and report.
+    flat = " ".join(text.split())
+    assert "one line per checkpoint content and configuration" in flat
+    assert "measured once and stored in one --out line; each path gets its own row" in flat
 
 
 def test_data_module_function_dataloader(tmp_path, nets):

@@ -23,10 +23,11 @@ exit codes:
 A file, directory or pattern that yields no checkpoint file (missing, empty, matching nothing) gets
 an error row, like an unreadable checkpoint.
 
-Results are appended to --out (JSONL), one line per checkpoint content, keyed by the file's SHA-256
-and everything that changes the values (metric options, the data's content, the model's
-architecture, the loss): re-running the same command skips finished checkpoints.  Identical files
-under several paths are measured once; each path gets its own row in the output.  Non-finite
+Results are appended to --out (JSONL), one line per checkpoint content and configuration, keyed by
+the file's SHA-256 and everything that changes the values (metric options, the data's content, the
+model's architecture, the loss): re-running the same command skips finished checkpoints.  Identical
+files under several paths are measured once and stored in one --out line; each path gets its own
+row (name, step, epoch) in the printed table, the --report and sk.audit's returned rows.  Non-finite
 numbers are written as null.
 
 examples:
