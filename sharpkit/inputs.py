@@ -12,7 +12,6 @@ import hashlib
 import os
 import re
 import warnings
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -42,8 +41,9 @@ def resolve_data(spec: Any, batch_size: int | None = None) -> tuple[Batches, str
     ``(inputs, targets)`` pair, or such data directly.  ``batch_size`` splits tensor data.
 
     The description identifies the data's content (it keys the audit's result rows): a file's
-    SHA-256, or for data in memory and from ``module:function`` a :func:`_fingerprint` of the
-    samples.  Raises ``ValueError`` naming the spec when the data cannot be read.
+    SHA-256 (not its name: a renamed or copied file keeps its rows), the name of a built-in set,
+    or for data in memory and from ``module:function`` a :func:`_fingerprint` of the samples.
+    Raises ``ValueError`` naming the spec when the data cannot be read.
     """
     num_classes = None
     fingerprint = True  # data in memory and from module:function are identified by their samples
@@ -67,8 +67,9 @@ def resolve_data(spec: Any, batch_size: int | None = None) -> tuple[Batches, str
             except Exception as exc:  # corrupt, truncated, not a data file (zip, pickle, torch errors)
                 raise ValueError(f"data {spec!r}: cannot load ({type(exc).__name__}: {error_summary(exc)})") from exc
             data, num_classes, fingerprint = ds.train, ds.num_classes or None, False
-            # A file's bytes, not its name, identify it: rewritten data must not meet old rows.
-            desc = f"{Path(spec).name}@{file_sha256(spec)[:16]}:train" if os.path.isfile(spec) else f"{spec}:train"
+            # A file's bytes alone identify it: rewritten data must not meet old rows, and a renamed
+            # or copied file keeps them.
+            desc = f"file@{file_sha256(spec)[:16]}:train" if os.path.isfile(spec) else f"{spec}:train"
     else:
         data, desc = spec, "data"
     batches = as_batches(data, batch_size)

@@ -1132,6 +1132,38 @@ def test_rewritten_data_file_is_not_served_old_rows(tmp_path, suffix):
     assert len(_stored_keys(out)) == 2
 
 
+@pytest.mark.parametrize("suffix", [".pt", ".npz"])
+def test_renamed_or_copied_data_file_keeps_its_rows(tmp_path, suffix):
+    import numpy as np
+
+    paths = save_checkpoints(tmp_path / "ck", count=1)
+    data_file, out = tmp_path / f"train{suffix}", tmp_path / "a.jsonl"
+    x, y = toy_data()
+    if suffix == ".pt":
+        torch.save({"x": x, "y": y}, data_file)
+    else:
+        np.savez(data_file, x_train=x.numpy(), y_train=y.numpy())
+    first = audit(paths, make_mlp, str(data_file), out=out, max_iter=1)
+    text = out.read_text()
+    copy = tmp_path / "elsewhere" / f"copy{suffix}"
+    copy.parent.mkdir()
+    copy.write_bytes(data_file.read_bytes())
+    data_file.rename(tmp_path / f"renamed{suffix}")
+    for moved in (copy, tmp_path / f"renamed{suffix}"):
+        again = audit(paths, make_mlp, str(moved), out=out, max_iter=1)
+        assert again[0]["key"] == first[0]["key"] and again[0]["finished_at"] == first[0]["finished_at"]
+    assert out.read_text() == text  # nothing measured again
+
+
+def test_data_descriptions_of_other_specs_keep_their_keys(nets):
+    # Stores written before file data were keyed by content alone keep their rows for these specs.
+    from sharpkit.inputs import resolve_data
+
+    assert resolve_data("mnist1d")[1] == "mnist1d:train:4000"
+    assert resolve_data("digits")[1] == "digits:train:1438"
+    assert resolve_data("auditnets:data")[1] == "auditnets:data:fee51d08f12c4bae:40"
+
+
 def test_data_function_keyed_by_content_not_order(tmp_path, nets, monkeypatch):
     paths = save_checkpoints(tmp_path / "ck", nets.make_mlp, count=1)
     out = tmp_path / "a.jsonl"
