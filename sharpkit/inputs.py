@@ -131,7 +131,11 @@ def resolve_model(spec: Any, batches: Batches, num_classes: int | None, seed: in
     if isinstance(spec, nn.Module):
         return spec, identity(spec)
     if callable(spec) and not isinstance(spec, str):
-        model = spec()
+        try:
+            model = spec()
+        except Exception as exc:  # the user's factory: an unusable model, with the cause chained
+            name = getattr(spec, "__qualname__", type(spec).__name__)
+            raise ValueError(f"model factory {name}() raised {type(exc).__name__}: {error_summary(exc)}") from exc
         if not isinstance(model, nn.Module):
             raise TypeError(f"model factory returned {type(model).__name__}, expected torch.nn.Module")
         return model, identity(model)

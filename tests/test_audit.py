@@ -85,6 +85,9 @@ NETS_SOURCE = textwrap.dedent(
         x, y = data()
         return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8, shuffle=True)
 
+    def make_raising(input_shape, num_classes):
+        raise RuntimeError("factory boom")
+
     def env_data():
         # Other data of the same size when AUDIT_TEST_DATA_SEED changes.
         g = torch.Generator().manual_seed(int(os.environ.get("AUDIT_TEST_DATA_SEED", "1")))
@@ -1282,6 +1285,29 @@ def test_cli_usage_errors_exit_2_before_measuring(tmp_path, nets, capsys, monkey
     assert main(args + extra) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err, err
+
+
+def test_raising_model_factory_is_a_usage_error(tmp_path, nets, capsys, monkeypatch):
+    from sharpkit.audit import batched
+    from sharpkit.cli import main
+
+    paths = save_checkpoints(tmp_path / "ck", nets.make_mlp, count=1)
+    with pytest.raises(ValueError, match=r"^model spec 'auditnets:make_raising': make_raising\(\(6,\), 3\) raised "
+                                         r"RuntimeError: factory boom$") as info:
+        audit(paths, "auditnets:make_raising", toy_data(), max_iter=1)
+    assert isinstance(info.value.__cause__, RuntimeError)
+
+    def raising():
+        raise RuntimeError("boom")
+
+    with pytest.raises(ValueError, match=r"model factory .*raising\(\) raised RuntimeError: boom$"):
+        audit(paths, raising, toy_data(), max_iter=1)
+    monkeypatch.setattr(batched, "estimate_group_size", lambda *a, **k: pytest.fail("measuring started"))
+    code = main(["audit", str(tmp_path / "ck"), "--model", "auditnets:make_raising", "--data", "auditnets:data",
+                 "--out", str(tmp_path / "a.jsonl"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and err.count("\n") == 1, err
+    assert "'auditnets:make_raising': make_raising((6,), 3) raised RuntimeError: factory boom" in err
 
 
 def test_bad_data_and_loss(tmp_path):

@@ -220,6 +220,10 @@ def build_model(
     ways must agree); plain ``f1``/``c1`` without kwargs are the paper's sizes.  A
     ``module:factory`` is called as ``factory(input_shape, num_classes)`` when it accepts two
     arguments, else with none; it must return an ``nn.Module``.  The global RNG is left as it was.
+
+    Raises ``ValueError`` in one line naming the spec: for an unusable spec, and for any exception
+    the user's factory raises (chained as its cause), e.g. ``model spec 'nets:make': make((40,),
+    10) raised RuntimeError: boom``.
     """
     factory = resolve_factory(spec)
     name, sizes = parse_model_spec(spec)
@@ -231,7 +235,14 @@ def build_model(
         if name in MODEL_NAMES:
             model = factory(tuple(input_shape), num_classes, **{**sizes, **kwargs})
         else:
-            model = factory(tuple(input_shape), num_classes) if _takes_two(factory) else factory()
+            args = (tuple(input_shape), num_classes) if _takes_two(factory) else ()
+            try:
+                model = factory(*args)
+            except Exception as exc:  # the user's code: an unusable model spec, with the cause chained
+                from ..audit.checkpoints import error_summary
+
+                call = f"{spec.partition(':')[2]}({', '.join(map(repr, args))})"
+                raise ValueError(f"model spec {spec!r}: {call} raised {type(exc).__name__}: {error_summary(exc)}") from exc
     if not isinstance(model, nn.Module):
         raise TypeError(f"model factory {spec!r} returned {type(model).__name__}, expected torch.nn.Module")
     return model
