@@ -1230,6 +1230,24 @@ def test_bad_arguments(tmp_path, kwargs, match):
         audit(paths, make_mlp, toy_data(), **kwargs)
 
 
+def test_subspace_dim_above_parameter_count_refused_before_measuring(tmp_path, monkeypatch):
+    from sharpkit.audit import batched
+
+    paths = save_checkpoints(tmp_path, count=2)
+    n = sum(p.numel() for p in make_mlp().parameters())  # 83
+    assert audit(paths, make_mlp, toy_data(), metrics="keskar-subspace", subspace_dim=n, max_iter=1)[0]["status"] == "ok"
+    # Not asked for keskar-subspace: the option does not matter.
+    assert audit(paths[:1], make_mlp, toy_data(), metrics="top-eig", subspace_dim=n + 1, lanczos_steps=2,
+                 group_size=1)[0]["status"] == "ok"
+    monkeypatch.setattr(batched, "estimate_group_size", lambda *a, **k: pytest.fail("measuring started"))
+    for gs in (1, 2):
+        with pytest.raises(ValueError, match=f"subspace_dim must be at most the number of parameters n={n}, got {n + 1}"):
+            audit(paths, make_mlp, toy_data(), metrics="keskar,keskar-subspace", subspace_dim=n + 1, group_size=gs)
+    # As sk.keskar_sharpness says.
+    with pytest.raises(ValueError, match=f"at most the number of parameters n={n}"):
+        sk.keskar_sharpness(make_mlp(), nn.CrossEntropyLoss(), toy_data(), subspace_dim=n + 1)
+
+
 def test_lanczos_options_checked_only_for_top_eig(tmp_path):
     paths = save_checkpoints(tmp_path, count=1)
     rows = audit(paths, make_mlp, toy_data(), metrics="keskar", k=5, lanczos_steps=3, max_iter=1)

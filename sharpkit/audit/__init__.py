@@ -25,8 +25,8 @@ import torch
 from .. import __version__
 from .. import distributed as _dist
 from ..inputs import LOSSES, check_model_runs, identity, resolve_data, resolve_device, resolve_model
-from ..objective import REGROUP_MAX_ROWS
-from ..params import measurement_mode
+from ..objective import REGROUP_MAX_ROWS, survey_weights
+from ..params import FlatParams, measurement_mode
 from ..sharpness.solvers import check_autocast
 from .checkpoints import (
     Checkpoint,
@@ -113,8 +113,10 @@ def audit(
 
     Raises:
         ValueError: unusable arguments, found before anything is measured: unknown options,
-            an unknown or absent ``device``, data that cannot be read, a model that does not run
-            on the data, an ``out`` that cannot be written or is not a results file.
+            ``subspace_dim`` above the model's parameter count (with ``keskar-subspace``), an
+            unknown or absent ``device``, data that cannot be read, a model factory that raises, a
+            model that does not run on the data, an ``out`` that cannot be written or is not a
+            results file.
     """
     config = MetricConfig(
         metrics=metrics, epsilon=epsilon, subspace_dim=subspace_dim, rho=rho, adaptive_scale=adaptive_scale,
@@ -149,6 +151,11 @@ def audit(
 
     batches, data_desc, num_classes = resolve_data(data, batch_size)
     net, model_desc = resolve_model(model, batches, num_classes, seed)
+    if "keskar-subspace" in config.metrics:
+        # A = n x p needs p <= n: beyond, AᵀA is singular and the values meaningless.
+        n = FlatParams(net).n
+        if config.subspace_dim > n:
+            raise ValueError(f"subspace_dim must be at most the number of parameters n={n}, got {config.subspace_dim}")
     if dtype is None:
         dtype = next(iter(net.parameters())).dtype
     if ascent_dtype is not None:
@@ -184,7 +191,7 @@ class _Runner:
         # Samples of a batch interact where BatchNorm uses batch statistics: batches stay as given.
         self.batch_statistics = _dist.uses_batch_statistics(model, bn)
         self.local_batches = _dist.shard(batches, keep_batches=self.batch_statistics)
-        self.num_samples = _dist.count_samples(self.local_batches)
+        self.weights = survey_weights(self.local_batches, loss_fn, self.local_batches.is_sharded)[1]
         self.keep_graphs = True
         # Samples per checkpoint in one pass when the data may be regrouped (GroupPlan.pass_rows).
         self.pass_rows: int | None = None
@@ -302,7 +309,7 @@ class _Runner:
             # activations are kept near cache size by regrouping the data.
             max_rows = None if self.pass_rows is None else max(64, min(STACKED_ROWS // len(group), self.pass_rows))
             engine = StackedObjective(
-                self.model, self.loss_fn, self.local_batches, X, frozen, self.num_samples,
+                self.model, self.loss_fn, self.local_batches, X, frozen, self.weights,
                 keep_graphs=self.keep_graphs, max_rows=max_rows,
             )
         # A checkpoint whose loss is not finite (finite weights that overflow) has no sharpness:
