@@ -25,7 +25,7 @@ import torch
 from .. import __version__
 from .. import distributed as _dist
 from ..inputs import LOSSES, check_model_runs, identity, resolve_data, resolve_device, resolve_model
-from ..objective import REGROUP_MAX_ROWS, survey_weights
+from ..objective import REGROUP_MAX_ROWS
 from ..params import FlatParams, measurement_mode
 from ..sharpness.solvers import check_autocast
 from .checkpoints import (
@@ -191,7 +191,7 @@ class _Runner:
         # Samples of a batch interact where BatchNorm uses batch statistics: batches stay as given.
         self.batch_statistics = _dist.uses_batch_statistics(model, bn)
         self.local_batches = _dist.shard(batches, keep_batches=self.batch_statistics)
-        self.weights = survey_weights(self.local_batches, loss_fn, self.local_batches.is_sharded)[1]
+        self.num_samples = _dist.count_samples(self.local_batches)
         self.keep_graphs = True
         # Samples per checkpoint in one pass when the data may be regrouped (GroupPlan.pass_rows).
         self.pass_rows: int | None = None
@@ -309,7 +309,7 @@ class _Runner:
             # activations are kept near cache size by regrouping the data.
             max_rows = None if self.pass_rows is None else max(64, min(STACKED_ROWS // len(group), self.pass_rows))
             engine = StackedObjective(
-                self.model, self.loss_fn, self.local_batches, X, frozen, self.weights,
+                self.model, self.loss_fn, self.local_batches, X, frozen, self.num_samples,
                 keep_graphs=self.keep_graphs, max_rows=max_rows,
             )
         # A checkpoint whose loss is not finite (finite weights that overflow) has no sharpness:
