@@ -23,8 +23,8 @@ from .data import Batches, as_batches, load_dataset, to_device
 from .objective import check_mean_reduced, checked_loss, loss_on_device
 from .params import measurement_mode, model_tensors
 
-__all__ = ["LOSSES", "resolve_data", "resolve_model", "resolve_device", "default_device", "check_model_runs",
-           "identity"]
+__all__ = ["LOSSES", "resolve_data", "resolve_model", "resolve_model_classes", "resolve_device", "default_device",
+           "check_model_runs", "identity"]
 
 
 LOSSES: dict[str, Callable[[], nn.Module]] = {
@@ -128,8 +128,19 @@ def resolve_model(spec: Any, batches: Batches, num_classes: int | None, seed: in
     (``num_classes``, or counted from the targets).  The description identifies the architecture
     (see :func:`identity`).
     """
+    model, desc, _ = resolve_model_classes(spec, batches, num_classes, seed)
+    return model, desc
+
+
+def resolve_model_classes(spec: Any, batches: Batches, num_classes: int | None,
+                          seed: int = 0) -> tuple[nn.Module, str, int | None]:
+    """:func:`resolve_model`'s ``(model, description)``, and the number of classes the model was
+    built for where that came from the data's integer labels (a built-in model, or a
+    ``module:factory`` taking ``(input_shape, num_classes)``), else None: a checkpoint trained
+    for other classes can then be told why it does not fit.
+    """
     if isinstance(spec, nn.Module):
-        return spec, identity(spec)
+        return spec, identity(spec), None
     if callable(spec) and not isinstance(spec, str):
         try:
             model = spec()
@@ -138,16 +149,18 @@ def resolve_model(spec: Any, batches: Batches, num_classes: int | None, seed: in
             raise ValueError(f"model factory {name}() raised {type(exc).__name__}: {error_summary(exc)}") from exc
         if not isinstance(model, nn.Module):
             raise TypeError(f"model factory returned {type(model).__name__}, expected torch.nn.Module")
-        return model, identity(model)
+        return model, identity(model), None
     if not isinstance(spec, str):
         raise TypeError(f"model must be an nn.Module, a factory or a spec string, got {type(spec).__name__}")
-    from .study.models import build_model
+    from .study.models import build_model, sized_by_data
 
-    x = next(iter(batches))[0]
+    x, y = next(iter(batches))
     if num_classes is None:
         num_classes = _count_classes(batches)
-    model = build_model(spec, tuple(x.shape[1:]), max(num_classes, 2), seed)
-    return model, f"{spec}|{identity(model)}"
+    num_classes = max(num_classes, 2)
+    model = build_model(spec, tuple(x.shape[1:]), num_classes, seed)
+    from_labels = sized_by_data(spec) and not y.is_floating_point()
+    return model, f"{spec}|{identity(model)}", num_classes if from_labels else None
 
 
 # Memory addresses in a repr ("<function f at 0x7f...>") differ between runs: never part of a key.

@@ -1199,6 +1199,32 @@ def test_model_architecture_and_loss_options_key_the_rows(tmp_path, nets):
     assert len(set(_stored_keys(out))) == 5
 
 
+def test_misfit_output_layer_says_the_class_count_came_from_the_labels(tmp_path, nets):
+    from sharpkit.study.models import build_model
+
+    (tmp_path / "ck").mkdir()
+    torch.save(build_model("f1(width=8,depth=1)", (6,), 3, seed=0).state_dict(), tmp_path / "ck" / "three.pt")
+    x, y = toy_data()
+    y = y.clone()
+    y[5] = 3  # labels 0 ... 3: a model sized by the data gets 4 outputs
+    note = "the model was built for 4 classes found in the data's labels"
+    for spec in ("f1(width=8,depth=1)", "auditnets:make_classes"):
+        if spec.startswith("auditnets"):
+            torch.save(nets.make_classes((6,), 3).state_dict(), tmp_path / "ck" / "three.pt")
+        (row,) = audit(tmp_path / "ck", spec, (x, y), max_iter=1)
+        assert row["status"] == "error" and "(checkpoint (3, 8), model (4, 8))" in row["error"], row["error"]
+        assert row["error"].endswith("; " + note)
+    # The checkpoint's own width mismatch: nothing about classes.
+    torch.save(build_model("f1(width=8,depth=1)", (6,), 4, seed=0).state_dict(), tmp_path / "ck" / "three.pt")
+    (row,) = audit(tmp_path / "ck", "f1(width=9,depth=1)", (x, y), max_iter=1)
+    assert "mis-shaped keys" in row["error"] and "classes" not in row["error"]
+    # A model not sized by the data (a module, a zero-argument factory): its classes are its own.
+    torch.save(nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4)).state_dict(), tmp_path / "ck" / "three.pt")
+    for model in (make_mlp(), "auditnets:make_mlp"):
+        (row,) = audit(tmp_path / "ck", model, toy_data(), max_iter=1)
+        assert "mis-shaped keys: 2.weight" in row["error"] and "classes" not in row["error"]
+
+
 def test_builtin_model_names_resolve_through_study_registry():
     from sharpkit.audit import resolve_model
 

@@ -24,7 +24,15 @@ import torch
 
 from .. import __version__
 from .. import distributed as _dist
-from ..inputs import LOSSES, check_model_runs, identity, resolve_data, resolve_device, resolve_model
+from ..inputs import (
+    LOSSES,
+    check_model_runs,
+    identity,
+    resolve_data,
+    resolve_device,
+    resolve_model,
+    resolve_model_classes,
+)
 from ..objective import REGROUP_MAX_ROWS
 from ..params import FlatParams, measurement_mode
 from ..sharpness.solvers import check_autocast
@@ -150,7 +158,7 @@ def audit(
         store = ResultStore(out) if out is not None and _dist.is_main_process() else None
 
     batches, data_desc, num_classes = resolve_data(data, batch_size)
-    net, model_desc = resolve_model(model, batches, num_classes, seed)
+    net, model_desc, data_classes = resolve_model_classes(model, batches, num_classes, seed)
     if "keskar-subspace" in config.metrics:
         # A = n x p needs p <= n: beyond, AᵀA is singular and the values meaningless.
         n = FlatParams(net).n
@@ -167,7 +175,7 @@ def audit(
         **config.key(), "data": data_desc, "model": model_desc, "loss": identity(loss_fn, tensors=True), "bn": bn,
         "dtype": str(dtype).replace("torch.", ""), "batch_size": batch_size,
     }
-    runner = _Runner(net, loss_fn, batches, config, key_config, device, dtype, bn, store)
+    runner = _Runner(net, loss_fn, batches, config, key_config, device, dtype, bn, store, data_classes)
     return runner.run(paths, group_size, progress, memory_fraction)
 
 
@@ -183,10 +191,12 @@ STACKED_ROWS = REGROUP_MAX_ROWS  # 16384, the cap Objective(regroup=True) uses t
 class _Runner:
     """One audit: resolve checkpoints to rows, measure the pending ones group by group."""
 
-    def __init__(self, model, loss_fn, batches, config, key_config, device, dtype, bn, store):
+    def __init__(self, model, loss_fn, batches, config, key_config, device, dtype, bn, store, data_classes=None):
         self.model, self.loss_fn, self.batches = model, loss_fn, batches
         self.config, self.key_config = config, key_config
         self.device, self.dtype, self.bn, self.store = device, dtype, bn, store
+        # Classes the model was built for, counted from the data's labels (None: not from the data).
+        self.data_classes = data_classes
         # Each rank measures on its share of the data; every pass sums over ranks (sharpkit.distributed).
         # Samples of a batch interact where BatchNorm uses batch statistics: batches stay as given.
         self.batch_statistics = _dist.uses_batch_statistics(model, bn)
@@ -274,7 +284,8 @@ class _Runner:
                     else:
                         try:
                             with _dist.agree(f"loading {ck.path}"):
-                                state = fit_state_dict(load_state_dict(ck.path), self.model, str(ck.path))
+                                state = fit_state_dict(load_state_dict(ck.path), self.model, str(ck.path),
+                                                       data_classes=self.data_classes)
                             group.append((ck, key, state))
                         except CheckpointError as exc:
                             rows[key] = self._error_row(ck, key, str(exc))

@@ -204,7 +204,7 @@ def _strip_prefix(state: dict[str, torch.Tensor], wanted: set[str], source: str)
 
 
 def fit_state_dict(
-    state: dict[str, torch.Tensor], model: nn.Module, source: str = "checkpoint"
+    state: dict[str, torch.Tensor], model: nn.Module, source: str = "checkpoint", data_classes: int | None = None
 ) -> dict[str, torch.Tensor]:
     """Match ``state`` to ``model.state_dict()``: strip a prefix, check names, shapes and finiteness.
 
@@ -213,6 +213,10 @@ def fit_state_dict(
     the model's value, as ``load_state_dict(strict=True)`` does: it never changes the loss.
     Raises :class:`CheckpointError` naming the missing, unexpected and mis-shaped keys, or the
     first tensor holding NaN/inf.
+
+    ``data_classes``: the classes the model was built for when they were counted from the data's
+    labels (default None: not); a mis-shaped key with that many rows in the model gets the error
+    to say so, since the data, not the checkpoint, then chose the output layer's size.
     """
     reference = model.state_dict()
     state = _strip_prefix(state, set(reference), source)
@@ -231,6 +235,11 @@ def fit_state_dict(
         problems.append(f"unexpected keys: {_listing(unexpected)}")
     if misshaped:
         problems.append(f"mis-shaped keys: {_listing(misshaped)}")
+        if data_classes is not None and any(
+            reference[k].shape[:1] == (data_classes,) != state[k].shape[:1]
+            for k in reference if k in state and state[k].shape != reference[k].shape
+        ):
+            problems.append(f"the model was built for {data_classes} classes found in the data's labels")
     if problems:
         raise CheckpointError(f"{source}: state dict does not fit the model; " + "; ".join(problems))
     fitted = {}

@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-__all__ = ["make_f1", "make_c1", "build_model", "parse_model_spec", "format_model_spec", "MODEL_NAMES"]
+__all__ = ["make_f1", "make_c1", "build_model", "sized_by_data", "parse_model_spec", "format_model_spec", "MODEL_NAMES"]
 
 MODEL_NAMES = ("f1", "c1")
 
@@ -208,6 +208,12 @@ def resolve_factory(spec: str) -> Callable[..., nn.Module]:
     if not callable(factory):
         raise ValueError(f"model spec {spec!r}: {mod_name!r} has no callable {attr!r}")
     return factory
+
+
+def sized_by_data(spec: str) -> bool:
+    """Whether :func:`build_model` sizes ``spec``'s model by the data: the built-in models, and a
+    ``module:factory`` taking ``(input_shape, num_classes)``."""
+    return parse_model_spec(spec)[0] in MODEL_NAMES or _takes_two(resolve_factory(spec))
 
 
 def build_model(
