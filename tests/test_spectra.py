@@ -425,3 +425,95 @@ def test_lanczos_near_exhaustion(matrix, p):
     # Too few steps for k = n: said so.
     short = sk.eigenvalues(A, k=n, block_size=p, max_steps=2)
     assert not short.converged and short.num_matvecs == 2 * p
+
+
+def _nan_problem():
+    """An MLP on data with one NaN input: its loss, and every product, is NaN."""
+    model = _wider_mlp()
+    x, y = uneven_batches("mlp", sizes=(16,), classes=4)[0]
+    x = x.clone()
+    x[3, 1] = float("nan")
+    return model, (x, y)
+
+
+@pytest.mark.parametrize("call", [
+    lambda H: sk.eigenvalues(H, k=1),
+    lambda H: sk.eigenvalues(H, k=2, block_size=2),
+    lambda H: sk.eigenvalues(H, k=1, method="power"),
+    lambda H: sk.eigenvalues(H, k=2, method="lobpcg"),
+    lambda H: sk.trace(H, num_matvecs=9),
+    lambda H: sk.trace(H, method="hutchinson", num_matvecs=4),
+    lambda H: sk.spectral_density(H, num_runs=2, lanczos_steps=5),
+], ids=["lanczos", "block-lanczos", "power", "lobpcg", "hutch++", "hutchinson", "density"])
+def test_non_finite_products_are_named(call):
+    # They used to end in linalg.eigh's or linalg.svd's LinAlgError, or in a NaN estimate.
+    model, data = _nan_problem()
+    for H, name in ((sk.hessian(model, CE, data, dtype=F64), "Hessian-vector product"),
+                    (sk.ggn(model, CE, data, dtype=F64), "GGN-vector product")):
+        with pytest.raises(ValueError, match=f"the {name} returned non-finite values"):
+            call(H)
+    A = _symmetric(30, seed=0)
+    A[4, 7] = A[7, 4] = float("inf")
+    with pytest.raises(ValueError, match="the operator's product returned non-finite values"):
+        call(A)
+
+
+@pytest.mark.parametrize("which", ["LA", "SA", "LM"])
+def test_power_iteration_values_are_sorted_even_unconverged(which):
+    # A cluster at the top: five steps leave the deflated values in no particular order.
+    d = torch.cat([torch.tensor([1.0, 0.99, 0.98, 0.97, 0.5]), torch.zeros(15)]).double()
+    Q, _ = torch.linalg.qr(torch.randn(20, 20, generator=torch.Generator().manual_seed(0), dtype=F64))
+    A = Q @ torch.diag(d) @ Q.t()
+    key = {"LA": lambda v: -v, "SA": lambda v: v, "LM": lambda v: -v.abs()}[which]
+    for seed in range(5):
+        r = sk.eigenvalues(A, k=3, method="power", max_steps=5, seed=seed, which=which)
+        assert torch.equal(r.values, r.values[torch.argsort(key(r.values), stable=True)]), (seed, r.values)
+        if which == "LM":  # one run, no shift: the pairs are the deflated run's, permuted together
+            raw = spectra._power(spectra._Counter(A), 20, 3, 1e-3, 5, None, spectra._generator(seed), A.device)
+            for i in range(3):
+                j = int(torch.nonzero(raw[0] == r.values[i])[0, 0])
+                assert torch.equal(raw[1][:, j], r.vectors[:, i])
+                assert torch.equal(raw[2][j], r.residuals[i]) or (raw[2][j].isnan() and r.residuals[i].isnan())
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e3, 1e6, -1e6])
+def test_spectral_density_integrates_to_one_when_the_nodes_coincide(scale):
+    # All nodes equal: the default width used to be 1e-12 absolute, below float64's spacing near
+    # 1e6, and the grid collapsed onto a few values (integral 0 or 1.45).
+    d = sk.spectral_density(scale * torch.eye(10, dtype=F64))
+    assert float(torch.trapezoid(d.density, d.grid)) == pytest.approx(1.0, rel=1e-5)
+    assert d.grid.unique().numel() == d.grid.numel()
+    A = scale * (torch.eye(30, dtype=F64) + 0.1 * _symmetric(30, seed=3) / 30)
+    for kw in (dict(num_runs=1), dict(lanczos_steps=1)):  # one node per run
+        d = sk.spectral_density(A, **kw)
+        assert float(torch.trapezoid(d.density, d.grid)) == pytest.approx(1.0, rel=1e-5), kw
+
+
+def test_numpy_integers_are_accepted_bools_are_not():
+    import numpy as np
+
+    A = _symmetric(30, seed=5)
+    ref = sk.eigenvalues(A, k=2)
+    assert torch.equal(sk.eigenvalues(A, k=np.int64(2)).values, ref.values)
+    assert torch.equal(sk.eigenvalues(A, k=np.int32(2), block_size=np.int64(2)).values,
+                       sk.eigenvalues(A, k=2, block_size=2).values)
+    assert sk.trace(A, num_matvecs=np.int64(9), block_size=np.int64(3)).value == sk.trace(A, num_matvecs=9,
+                                                                                           block_size=3).value
+    assert torch.equal(sk.spectral_density(A, num_runs=np.int64(2), lanczos_steps=np.int16(5)).density,
+                       sk.spectral_density(A, num_runs=2, lanczos_steps=5).density)
+    with pytest.raises(ValueError, match="k must"):
+        sk.eigenvalues(A, k=True)
+    with pytest.raises(ValueError, match="k must"):
+        sk.eigenvalues(A, k=2.0)
+
+
+def test_lobpcg_on_a_low_rank_operator_is_quiet():
+    import warnings
+
+    U = torch.randn(100, 2, generator=torch.Generator().manual_seed(0), dtype=F64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        r = sk.eigenvalues(U @ U.t(), k=3, method="lobpcg")
+    assert not caught, {type(w.message).__name__ for w in caught}
+    top = torch.linalg.eigvalsh(U @ U.t()).flip(0)[:2]
+    assert _rel(r.values[:2], top) < 1e-6

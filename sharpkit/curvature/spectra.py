@@ -91,8 +91,17 @@ def _device(op: Any) -> torch.device:
     return torch.device(dev) if dev is not None else torch.device("cpu")
 
 
+# What a product is called in errors, by the operator's ``kind`` (a CurvatureOperator's).
+_PRODUCT_NAMES = {"hessian": "the Hessian-vector product", "ggn": "the GGN-vector product"}
+
+
 class _Counter:
-    """``V (n, k) -> op @ V`` in ``dtype`` (float64 unless set), counting products."""
+    """``V (n, k) -> op @ V`` in ``dtype`` (float64 unless set), counting products.
+
+    A product with NaN/inf entries is a ``ValueError``: left in, it would come out as a NaN
+    estimate or as a ``LinAlgError`` from the eigensolver of the projected matrix, far from its
+    cause (NaN/inf in the data, buffers or parameters).
+    """
 
     def __init__(self, op: Any, dtype: torch.dtype = F64):
         self.op, self.n, self.count = op, _size(op), 0
@@ -108,6 +117,10 @@ class _Counter:
         out = torch.as_tensor(out).to(self.device, self.dtype)
         if out.shape != W.shape:
             raise ValueError(f"the operator returned shape {tuple(out.shape)} for input {tuple(W.shape)}")
+        if not bool(torch.isfinite(out).all()):
+            what = _PRODUCT_NAMES.get(getattr(self.op, "kind", None), "the operator's product")
+            raise ValueError(f"{what} returned non-finite values (NaN/inf): check the data, buffers and "
+                             "parameters for NaN/inf")
         return out[:, 0] if vec else out
 
 
@@ -119,9 +132,14 @@ def _work_dtype(op: Any) -> torch.dtype:
 
 
 def _generator(seed: int) -> torch.Generator:
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+    if not _is_int(seed):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
     return torch.Generator().manual_seed(int(seed))
+
+
+def _is_int(value: Any) -> bool:
+    """Whether ``value`` is an integer: Python's or numpy's (``np.int64`` from array arithmetic), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _rademacher(rows: int, cols: int, gen: torch.Generator, device: torch.device, dtype: torch.dtype = F64) -> torch.Tensor:
@@ -493,8 +511,9 @@ def eigenvalues(
             stops only when they find nothing beyond the k-th value (they hold the missing copies).
     """
     n = _size(H)
-    if not isinstance(k, int) or k < 1 or k > n:
+    if not _is_int(k) or k < 1 or k > n:
         raise ValueError(f"k must be an int in [1, n={n}], got {k!r}")
+    k = int(k)
     _check_which(which)
     if method not in ("lanczos", "lobpcg", "power"):
         raise ValueError(f"method must be 'lanczos', 'lobpcg' or 'power', got {method!r}")
@@ -525,7 +544,10 @@ def eigenvalues(
             # the run would start from rounding and stop on whatever its first steps produce.
             vals, vecs, res, ok2, it2 = _power(shifted, n, k, tol, iters, v0, gen, device)
             vals, ok, it = sign * (vals - shift), ok and ok2, it + it2
-        return EigenResult(vals, vecs, mv.count, res, ok, "power", it)
+        # Deflation finds the values in about the wanted order, exactly so only once converged
+        # (unconverged runs on a clustered spectrum stop anywhere in it): sort as promised.
+        idx = _select(vals, k, which)
+        return EigenResult(vals[idx], vecs[:, idx], mv.count, res[idx], ok, "power", it)
     if method == "lobpcg":
         mv = _Counter(H)
         return _lobpcg(H, mv, n, k, which, tol, max_steps or 200, v0, gen, device, block_size)
@@ -537,8 +559,9 @@ def eigenvalues(
     # trained networks (a linear layer under MSE with C outputs is the classic case): pass
     # block_size >= the multiplicity when copies matter.
     p = block_size if block_size is not None else 1
-    if not isinstance(p, int) or p < 1:
+    if not _is_int(p) or p < 1:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    p = int(p)
     storage = _work_dtype(H)  # the Lanczos basis (block Lanczos keeps its products in float64)
     if p == 1:
         mv = _Counter(H, storage)
@@ -558,6 +581,7 @@ def eigenvalues(
 
 
 def _lobpcg(H, mv, n, k, which, tol, max_iter, v0, gen, device, block_size) -> EigenResult:
+    from scipy.linalg import LinAlgWarning
     from scipy.sparse.linalg import LinearOperator, lobpcg
 
     if which == "LM":
@@ -575,8 +599,11 @@ def _lobpcg(H, mv, n, k, which, tol, max_iter, v0, gen, device, block_size) -> E
     A = LinearOperator((n, n), matvec=mm, matmat=mm, dtype=np.float64)
 
     def run(start: np.ndarray, iters: int, abs_tol: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        with warnings.catch_warnings():  # non-convergence is reported through EigenResult.converged
+        # Non-convergence is reported through EigenResult.converged; ill-conditioned Rayleigh-Ritz
+        # steps (LinAlgWarning, dozens per run on a low-rank operator) show up there too.
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
+            warnings.simplefilter("ignore", LinAlgWarning)
             vals, vecs = lobpcg(A, start, largest=which == "LA", tol=abs_tol, maxiter=iters)
         vals_t, vecs_t = torch.from_numpy(np.asarray(vals)), torch.from_numpy(np.asarray(vecs))
         idx = _select(vals_t, k, which)
@@ -711,12 +738,14 @@ def trace(
     n = _size(H)
     if method not in ("hutch++", "hutchinson"):
         raise ValueError(f"method must be 'hutch++' or 'hutchinson', got {method!r}")
-    if not isinstance(num_matvecs, int) or num_matvecs < (3 if method == "hutch++" else 2):
+    if not _is_int(num_matvecs) or num_matvecs < (3 if method == "hutch++" else 2):
         raise ValueError(f"num_matvecs must be an int >= {3 if method == 'hutch++' else 2}, got {num_matvecs!r}")
+    num_matvecs = int(num_matvecs)
     if block_size is None:
         block_size = int(getattr(H, "preferred_block_size", DEFAULT_BLOCK_SIZE))
-    if not isinstance(block_size, int) or block_size < 1:
+    if not _is_int(block_size) or block_size < 1:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    block_size = int(block_size)
     device = _device(H)
     gen = _generator(seed)
     mv = _Counter(H, _work_dtype(H) if method == "hutchinson" else F64)
@@ -792,6 +821,11 @@ def _hutchinson(mv, n, m, block, gen, device, Q, rtol) -> torch.Tensor:
 
 # ---- spectral density --------------------------------------------------------------------------------
 
+# The smallest default Gaussian width of the density relative to the largest |node|: far above
+# float64's resolution (2.2e-16), far below the spread of any spectrum that is not a single cluster.
+SIGMA_REL_FLOOR = 1e-8
+
+
 def spectral_density(
     H: Any,
     num_runs: int = 10,
@@ -812,14 +846,17 @@ def spectral_density(
     Args:
         grid: the evaluation points (a tensor) or their number (default 1000, spanning the nodes with
             a margin of 5 sigma).
-        sigma: Gaussian width (default: 1% of the node range, at least 1e-12).
+        sigma: Gaussian width (default: 1% of the node range, at least ``SIGMA_REL_FLOOR`` (1e-8)
+            times the largest |node| and 1e-12, so that the grid stays resolvable in float64 where
+            the nodes coincide, e.g. for a multiple of the identity).
         max_memory_bytes: bound on the Krylov bases kept at once (runs are processed in groups).
     """
     n = _size(H)
-    if not isinstance(num_runs, int) or num_runs < 1:
+    if not _is_int(num_runs) or num_runs < 1:
         raise ValueError(f"num_runs must be a positive int, got {num_runs!r}")
-    if not isinstance(lanczos_steps, int) or lanczos_steps < 1:
+    if not _is_int(lanczos_steps) or lanczos_steps < 1:
         raise ValueError(f"lanczos_steps must be a positive int, got {lanczos_steps!r}")
+    num_runs, lanczos_steps = int(num_runs), int(lanczos_steps)
     device = _device(H)
     gen = _generator(seed)
     mv = _Counter(H)
@@ -838,7 +875,9 @@ def spectral_density(
     valid = ~torch.isnan(nodes)
     lo, hi = float(nodes[valid].min()), float(nodes[valid].max())
     if sigma is None:
-        sigma = max(0.01 * (hi - lo), 1e-12)
+        # A floor relative to the nodes' magnitude: an absolute one falls below float64's spacing
+        # near large coinciding nodes (1e6 * I), and the grid then collapses to a few values.
+        sigma = max(0.01 * (hi - lo), SIGMA_REL_FLOOR * max(abs(lo), abs(hi)), 1e-12)
     if not sigma > 0:
         raise ValueError(f"sigma must be positive, got {sigma}")
     if isinstance(grid, int):
