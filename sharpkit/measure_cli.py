@@ -2,7 +2,8 @@
 
 Each loads a model (``--model f1|c1|f1(width=..)|module:factory``), optionally a checkpoint into it, and data
 (``--data mnist1d|digits|FILE|module:function``), runs one measurement from the Python API and writes
-its result as JSON (and, for ``landscape --plot``, a PNG).  Output files are written atomically.
+its result as JSON (and, for ``landscape --plot``, a PNG).  Output files are written atomically, as
+strict JSON: non-finite numbers (a NaN standard error, an overflowing loss) are written as ``null``.
 
 Bad input exits with status 2 and one line on stderr: options are checked by argparse, their
 combinations before anything is loaded, and the model is run once on one batch of the data before
@@ -24,6 +25,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .audit.store import json_safe
 from .inputs import LOSSES, check_model_runs, default_device, resolve_data, resolve_device, resolve_model
 from .distributed import PeerFailure, agree, is_main_process
 
@@ -82,6 +84,13 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    value = int(text)
+    if value < 0:  # the measurements refuse it too, but only after the data and model are loaded
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
+    return value
+
+
 def _trace_matvecs(text: str) -> int:
     value = int(text)
     if value != 0 and value < 3:  # Hutch++ splits its budget in three parts
@@ -135,7 +144,7 @@ def _common(p: argparse.ArgumentParser, checkpoint: bool = True, bn_default: str
     p.add_argument("--device", type=_device_arg, default=None,
                    help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--out", type=_output_path, help="write the result as JSON to this file (default: print it)")
 
 
@@ -195,7 +204,9 @@ def _say(message: str) -> None:
 def _emit(args: argparse.Namespace, result: dict[str, Any]) -> None:
     if not is_main_process():  # every rank holds the same result; rank 0 writes it
         return
-    text = json.dumps(result, indent=2, default=_jsonable)
+    # Strict JSON (jq, JSON.parse and most readers refuse NaN/Infinity): non-finite numbers as null,
+    # and allow_nan=False so that one slipping through fails here rather than in the reader.
+    text = json.dumps(json_safe(result), indent=2, default=_jsonable, allow_nan=False)
     if args.out:
         from .files import atomic_write_text
 
@@ -211,7 +222,7 @@ def _emit(args: argparse.Namespace, result: dict[str, Any]) -> None:
 
 def _jsonable(obj: Any) -> Any:
     if isinstance(obj, torch.Tensor):
-        return obj.tolist() if obj.numel() <= 64 else f"<tensor of shape {tuple(obj.shape)}>"
+        return json_safe(obj.tolist()) if obj.numel() <= 64 else f"<tensor of shape {tuple(obj.shape)}>"
     return str(obj)
 
 

@@ -19,6 +19,10 @@ def make_bn(input_shape, num_classes):
     return nn.Sequential(nn.Linear(input_shape[0], 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, num_classes))
 def make7():
     return nn.Sequential(nn.Linear(7, 3))
+def huge(input_shape, num_classes):  # outputs near 1e18: the loss overflows float32 inside a wide box
+    model = nn.Linear(input_shape[0], num_classes)
+    model.weight.data.fill_(1e17)
+    return model
 '''
 
 
@@ -316,3 +320,76 @@ def test_backends_into_a_closed_pipe_has_no_traceback():
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 1
     assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
+def _strict_json(text: str):
+    """``text`` parsed as strict JSON: NaN, Infinity and -Infinity are errors."""
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_outputs_are_strict_json_with_non_finite_numbers_as_null(setup, capsys):
+    tmp, *_ = setup
+    # Hutch++ with 3 products leaves one residual sample: no standard error.
+    out = tmp / "s.json"
+    assert main(["spectrum", "--model", "tiny_nets:make", "--data", str(tmp / "data.pt"), "--trace", "3",
+                 "--no-progress", "--out", str(out)]) == 0
+    trace = _strict_json(out.read_text())["trace"]
+    assert trace["stderr"] is None and trace["num_matvecs"] == 3
+    # The loss overflows inside the box: max_loss and value are inf.
+    g = torch.Generator().manual_seed(0)
+    torch.save({"x_train": torch.randn(20, 5, generator=g), "y_train": torch.randn(20, 3, generator=g)},
+               tmp / "targets.pt")
+    args = ["sharpness", "--model", "tiny_nets:huge", "--data", str(tmp / "targets.pt"), "--loss", "mse",
+            "--epsilon", "100"]
+    capsys.readouterr()
+    assert main(args) == 0  # to stdout
+    row = _strict_json(capsys.readouterr().out)["results"][0]
+    assert row["value"] is None and row["max_loss"] is None and row["loss"] > 0
+    assert main(args + ["--out", str(out)]) == 0
+    assert _strict_json(out.read_text())["results"][0]["max_loss"] is None
+
+
+def test_tensors_in_outputs_are_strict_json_too(capsys):
+    import argparse
+
+    from sharpkit.measure_cli import _emit
+
+    _emit(argparse.Namespace(out=None), {"small": torch.tensor([float("nan"), 1.0]),
+                                         "scalar": torch.tensor(float("inf")), "nested": {"x": [float("-inf"), 2.0]}})
+    assert _strict_json(capsys.readouterr().out) == {"small": [None, 1.0], "scalar": None, "nested": {"x": [None, 2.0]}}
+
+
+@pytest.mark.parametrize("operator, product", [("hessian", "Hessian"), ("ggn", "GGN")])
+def test_spectrum_of_non_finite_data_is_one_line_and_exit_2(setup, capsys, operator, product):
+    tmp, x, y, _ = setup
+    x = x.clone()
+    x[3, 1] = float("nan")
+    torch.save({"x_train": x, "y_train": y}, tmp / "nan.pt")
+    for options in (["--k", "2"], ["--trace", "6"], ["--density", "2"]):
+        rc = main(["spectrum", "--model", "tiny_nets:make", "--data", str(tmp / "nan.pt"), "--operator", operator,
+                   "--no-progress", "--out", str(tmp / "s.json"), *options])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.count("\n") == 1, err
+        assert err.startswith(f"sharpkit spectrum: error: the {product}-vector product returned non-finite values")
+        assert not (tmp / "s.json").exists()
+
+
+@pytest.mark.parametrize("command", ["sharpness", "spectrum", "landscape"])
+def test_negative_seed_stops_at_parsing(setup, capsys, monkeypatch, command):
+    tmp, _, _, ckpts = setup
+    import sharpkit.measure_cli as measure_cli
+
+    def never(*args, **kwargs):
+        raise AssertionError("the data were loaded before the seed was checked")
+
+    monkeypatch.setattr(measure_cli, "resolve_data", never)
+    args = [command, "--model", "tiny_nets:make", "--data", str(tmp / "data.pt"), "--seed", "-1"]
+    if command == "landscape":
+        args += ["--a", str(ckpts[0][0]), "--b", str(ckpts[1][0])]
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+    assert "argument --seed: must be a non-negative integer, got -1" in capsys.readouterr().err
