@@ -113,3 +113,30 @@ def test_bad_inputs():
         with pytest.raises(ValueError, match="unperturbed"):
             sk.adaptive_sharpness(model, ce, (x_nan, data[1]), rho=0.1, kind=kind)
     assert_same_state(model, before)
+
+
+def test_m_sharpness_perturbation_has_a_row_per_chunk_even_for_one_chunk():
+    model = mlp((6, 10, 3), seed=5)
+    x, y = blobs(70, seed=5)
+    n = sk.FlatParams(model).n
+    for m, chunks in ((16, 5), (128, 1)):  # 70 examples: 16 * 4 + 6, or all in one chunk
+        r = sk.adaptive_sharpness(model, nn.CrossEntropyLoss(), (x, y), rho=0.05, m=m, max_iter=3)
+        assert r.perturbation.shape == (chunks, n) and r.info["num_problems"] == chunks
+    one = sk.adaptive_sharpness(model, nn.CrossEntropyLoss(), (x, y), rho=0.05, max_iter=3)
+    assert one.perturbation.shape == (n,)  # without m: the one problem's perturbation
+    assert torch.equal(r.perturbation[0], one.perturbation)
+
+
+def test_adaptive_must_be_a_bool():
+    import numpy as np
+
+    model = mlp((4, 5, 2), seed=0)
+    data = blobs(10, dim=4, classes=2)
+    ce = nn.CrossEntropyLoss()
+    for bad in ("False", "True", 0, 1, None):  # "False" used to be taken as True
+        with pytest.raises(ValueError, match="adaptive must be True or False"):
+            sk.adaptive_sharpness(model, ce, data, rho=0.1, adaptive=bad)
+    for value in (False, True):
+        r = sk.adaptive_sharpness(model, ce, data, rho=0.1, adaptive=np.bool_(value), max_iter=3)
+        assert r.value == sk.adaptive_sharpness(model, ce, data, rho=0.1, adaptive=value, max_iter=3).value
+        assert r.info["adaptive"] is value

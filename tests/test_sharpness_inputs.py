@@ -204,3 +204,47 @@ def test_defaults_given_explicitly_are_the_defaults():
     k2 = sk.keskar_sharpness(model, nn.CrossEntropyLoss(), (x, y), solver="apgd", max_iter=3, step_size=2.0,
                              first_step="gradient")
     assert k.value == k2.value
+
+
+@pytest.mark.parametrize("measure", ["keskar", "adaptive"])
+@pytest.mark.parametrize("option, value, message", [
+    ("dtype", torch.int32, "dtype must be None or a floating-point torch.dtype"),
+    ("dtype", "float64", "dtype must be None or a floating-point torch.dtype"),  # as sk.hessian: no names
+    ("dtype", torch.complex64, "dtype must be None or a floating-point torch.dtype"),
+    ("device", "foo", "device 'foo' is not usable here"),
+    pytest.param("device", "cuda", "device 'cuda' is not usable here",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")),
+    ("device", "cuda:99", "device 'cuda:99' is not usable here"),
+])
+def test_dtype_and_device_are_checked_before_any_data_pass(measure, option, value, message):
+    class Untouchable:  # data that must not be read
+        def __iter__(self):
+            raise AssertionError("the data were read before the arguments were checked")
+
+    model = mlp((4, 6, 3), seed=0)
+    call = sk.keskar_sharpness if measure == "keskar" else lambda *a, **k: sk.adaptive_sharpness(*a, rho=0.1, **k)
+    with pytest.raises(ValueError, match=message):
+        call(model, nn.CrossEntropyLoss(), Untouchable(), **{option: value})
+    if value == "foo":  # also where the ascent's precision is checked against the device first
+        with pytest.raises(ValueError, match=message):
+            call(model.float(), nn.CrossEntropyLoss(), Untouchable(), solver="apgd", ascent_dtype="bfloat16",
+                 device=value)
+
+
+def test_dtype_and_device_given_explicitly():
+    model = mlp((4, 6, 3), seed=0)
+    data = blobs(30, dim=4, classes=3)
+    ce = nn.CrossEntropyLoss()
+    for call in (lambda **kw: sk.keskar_sharpness(model, ce, data, solver="apgd", max_iter=3, **kw),
+                 lambda **kw: sk.adaptive_sharpness(model, ce, data, rho=0.1, max_iter=3, **kw)):
+        ref = call()
+        assert call(device="cpu", dtype=torch.float64).value == ref.value
+        assert call(device=torch.device("cpu"), dtype=torch.float32).value == pytest.approx(ref.value, rel=1e-3)
+
+
+def test_a_model_without_trainable_parameters_is_named_first():
+    model = mlp((4, 6, 3), seed=0).requires_grad_(False)
+    data = blobs(30, dim=4, classes=3)
+    for subspace_dim in (None, 1):  # not "subspace_dim must be at most ... n=0"
+        with pytest.raises(ValueError, match="the model has no parameters with requires_grad=True"):
+            sk.keskar_sharpness(model, nn.CrossEntropyLoss(), data, subspace_dim=subspace_dim)

@@ -5,6 +5,7 @@ import math
 import numbers
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -41,6 +42,35 @@ def seed_int(value: Any) -> int:
     return int(value)
 
 
+def flag(name: str, value: Any) -> bool:
+    """``value`` as a bool; ``ValueError`` unless it is one (Python, numpy or one-element bool
+    tensor): a string such as ``"False"`` would otherwise be taken as True."""
+    value = _as_number(value)
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def dtype_arg(value: Any) -> torch.dtype | None:
+    """``value`` (``None``: the model's own) as the precision the model is evaluated in;
+    ``ValueError`` unless it is a floating-point ``torch.dtype`` (as :func:`sharpkit.hessian`
+    takes it; a name such as ``"float64"`` is refused there too)."""
+    if value is None or (isinstance(value, torch.dtype) and value.is_floating_point):
+        return value
+    raise ValueError(f"dtype must be None or a floating-point torch.dtype (e.g. torch.float64), got {value!r}")
+
+
+def device_arg(value: Any) -> torch.device | None:
+    """``value`` (``None``: the model's own) as the device the model is evaluated on, checked
+    before any data pass (:func:`sharpkit.inputs.resolve_device`): ``ValueError`` naming the
+    device for an unknown name or one this machine or torch build does not have."""
+    if value is None:
+        return None
+    from ..inputs import resolve_device  # (here: inputs imports the audit, which imports the solvers)
+
+    return resolve_device(value)
+
+
 def choice(name: str, value: Any, options: tuple[str, ...]) -> str:
     if value not in options:
         raise ValueError(f"{name} must be one of {options}, got {value!r}")
@@ -52,12 +82,20 @@ def ascent_dtype_arg(value: Any, solver: str, model: torch.nn.Module, device: An
     """``value`` (``None``, ``"bfloat16"``/``"float16"`` or that torch dtype) as the name of the
     ascent steps' precision, checked before any data pass: ``ValueError`` for another value, with
     ``solver="lbfgsb"``, or where autocast would not take effect for the model measured on
-    ``device`` in ``dtype`` (each ``None``: the model's own)."""
+    ``device`` in ``dtype`` (each ``None``: the model's own; ``dtype`` already checked by
+    :func:`dtype_arg`; ``device`` is checked for availability by :func:`device_arg` after this, so
+    that a device type without autocast, e.g. meta, is named as such)."""
     from ..params import FlatParams
     from .solvers import ascent_dtype_for, check_autocast
 
     name = ascent_dtype_for(value, solver)
     if name is not None:
         flat = FlatParams(model)
+        if device is not None:
+            try:
+                device = torch.device(device)
+            except (RuntimeError, TypeError):  # not a device name: the ValueError of the device check
+                device_arg(device)
+                raise
         check_autocast(name, device if device is not None else flat.device, dtype if dtype is not None else flat.dtype)
     return name

@@ -29,7 +29,7 @@ from ..data import as_batches
 from ..objective import LossFn, Objective
 from ..params import measurement_mode
 from . import solvers
-from ._checks import ascent_dtype_arg, choice, positive_float, positive_int, seed_int
+from ._checks import ascent_dtype_arg, choice, device_arg, dtype_arg, flag, positive_float, positive_int, seed_int
 from .result import SharpnessResult
 
 __all__ = ["adaptive_sharpness"]
@@ -81,7 +81,8 @@ def adaptive_sharpness(
         rho: radius ρ > 0 of ``‖δ ⊘ c‖ <= ρ`` (dimensionless when adaptive, parameter units otherwise).
         norm: ``"linf"`` (default) or ``"l2"``.
         kind: ``"worst"`` (default; maximised by ``solver``) or ``"average"`` (random draws).
-        adaptive: ``c = |w|`` when True (default), ``c = 1`` (standard sharpness) when False.
+        adaptive: ``c = |w|`` when True (default), ``c = 1`` (standard sharpness) when False (a
+            bool, Python's or numpy's).
         m: m-sharpness chunk size (e.g. 128), or ``None`` (default) for one problem over all of data.
         max_iter: solver steps (worst) or random draws (average); default 20.
         seed: seeds the random draws and restarts (default 0).
@@ -94,7 +95,8 @@ def adaptive_sharpness(
         first_step: the first step on the box, ``"gradient"`` (default None: this) or ``"sign"``,
             as in :func:`sharpkit.keskar_sharpness`; an error with ``norm="l2"``.  ``solver``,
             ``restarts``, ``step_size`` and ``first_step`` are errors with ``kind="average"``.
-        device, dtype: where and in what precision the model is evaluated (default: its own).
+        device, dtype: where and in what precision the model is evaluated (default None: its own);
+            ``dtype`` a floating-point ``torch.dtype``, ``device`` one this machine has.
         ascent_dtype: worst case only: ``"bfloat16"`` or ``"float16"`` for the ascent's steps, the
             reported losses still in ``dtype`` (as in :func:`sharpkit.keskar_sharpness`; default
             None: full precision); ``history`` then holds exact values only (at the start and after
@@ -102,12 +104,14 @@ def adaptive_sharpness(
 
     Returns:
         :class:`SharpnessResult`; ``value = max_loss - loss``.  ``perturbation`` is δ (``(n,)``, or
-        ``(num_chunks, n)`` with ``m``), ``None`` for the average case.
+        ``(num_chunks, n)`` with ``m``, also for a single chunk), ``None`` for the average case.
     """
     t0 = time.perf_counter()
     rho = positive_float("rho", rho)
     choice("norm", norm, solvers.NORMS)
     choice("kind", kind, KINDS)
+    adaptive = flag("adaptive", adaptive)
+    dtype = dtype_arg(dtype)
     ascent = (("solver", solver), ("restarts", restarts), ("step_size", step_size), ("first_step", first_step),
               ("ascent_dtype", ascent_dtype))
     if kind == "average":
@@ -122,6 +126,7 @@ def adaptive_sharpness(
     solver = "apgd" if solver is None else solver
     choice("solver", solver, ("apgd", "pga"))
     ascent_dtype = ascent_dtype_arg(ascent_dtype, solver, model, device, dtype)
+    device = device_arg(device)
     max_iter = positive_int("max_iter", max_iter)
     restarts = 1 if restarts is None else positive_int("restarts", restarts)
     step_size = 2.0 if step_size is None else positive_float("step_size", step_size)
@@ -160,7 +165,7 @@ def adaptive_sharpness(
             res = solvers.maximize(problem, scale, solver=solver, norm=norm, max_iter=max_iter, step_size=step_size,
                                    restarts=restarts, seed=seed, callback=record, first_step=first_step)
             loss0, max_loss, num_evals, info = res.loss0, res.max_loss, res.num_evals, res.info
-            perturbation = res.Y[0] if engine.num_problems == 1 else res.Y
+            perturbation = res.Y[0] if m is None else res.Y  # one row per chunk, however many
             used = solver
         else:
             loss0 = engine.loss(X)
