@@ -830,6 +830,9 @@ FOREIGN_FILES = {
     "complete-bad-last-line": b'{"key": "k1", "v": 1}\nnot json at all\n',
     "bad-line-in-the-middle": b'{"key": "k1"}\n<p>\n{"key": "k2"}\n',
     "binary": bytes(range(256)) + b"\n",
+    # One line of the user's beginning like a row, without a newline: not a torn row of the store's.
+    "json-like-one-line": b'{"model": "f1", "lr": 0.1, "note": "unfinished',
+    "json-like-after-blank-lines": b'\n\n{"epochs": 3, ',
 }
 
 
@@ -842,6 +845,18 @@ def test_store_refuses_foreign_file_and_leaves_it_intact(tmp_path, kind):
     assert path.read_bytes() == FOREIGN_FILES[kind]
 
 
+def test_store_repairs_a_torn_first_row(tmp_path):
+    # A crash in the file's first append: the torn line begins as an audit row does.
+    path = tmp_path / "a.jsonl"
+    rows = audit(save_checkpoints(tmp_path / "ck", count=1), make_mlp, toy_data(), out=path, max_iter=1)
+    line = path.read_bytes()
+    path.write_bytes(line[: len(line) // 2])
+    store = ResultStore(path)
+    assert store.repaired_bytes == len(line) // 2 and len(store) == 0 and path.read_bytes() == b""
+    store.append(rows[0])
+    assert path.read_bytes() == line
+
+
 def test_cli_refuses_foreign_out_file(tmp_path, nets, capsys):
     from sharpkit.cli import main
 
@@ -852,6 +867,13 @@ def test_cli_refuses_foreign_out_file(tmp_path, nets, capsys):
                  "--out", str(report), "--no-progress", "--max-iter", "1"])
     assert code == 2 and "not an audit results file" in capsys.readouterr().err
     assert report.read_bytes() == FOREIGN_FILES["html"]
+    # A one-line configuration file of the user's, no final newline: refused, left byte for byte.
+    cfg = tmp_path / "cfg.json"
+    cfg.write_bytes(FOREIGN_FILES["json-like-one-line"])
+    code = main(["audit", str(tmp_path / "ck"), "--model", "auditnets:make_mlp", "--data", "auditnets:data",
+                 "--out", str(cfg), "--no-progress", "--max-iter", "1"])
+    assert code == 2 and f"{cfg}:1: not a JSON line; not an audit results file" in capsys.readouterr().err
+    assert cfg.read_bytes() == FOREIGN_FILES["json-like-one-line"]
 
 
 def test_store_keeps_a_whole_row_missing_its_newline(tmp_path):

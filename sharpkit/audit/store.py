@@ -3,11 +3,13 @@
 Each row is written with a single ``os.write`` of the whole line on a descriptor opened with
 ``O_APPEND``, then ``fsync``: a crash leaves either the complete line or a torn tail with no
 newline.  Opening the store drops such a tail (at most one line, which must look like the start of
-a row), so a killed run never leaves a torn line behind; any other line that is not a row makes
-the store refuse the file instead of "repairing" it, so that a mistyped ``--out`` (an HTML report,
-a CSV) is never truncated.  Rows are keyed so that a re-run skips what is done and never appends a
+a row and follow a complete row, or begin as the audit's rows do), so a killed run never leaves a
+torn line behind; any other line that is not a row makes the store refuse the file instead of
+"repairing" it, so that a mistyped ``--out`` (an HTML report, a CSV, a one-line JSON-like file) is
+never truncated.  Rows are keyed so that a re-run skips what is done and never appends a
 duplicate.  Non-finite numbers (NaN, inf) are written as ``null``: strict JSON, which jq and other
 readers accept.
+
 """
 from __future__ import annotations
 
@@ -58,6 +60,11 @@ def check_output_file(path: str | os.PathLike, what: str) -> Path:
     return path
 
 
+# How an audit row begins (json.dumps with sorted keys; "checkpoint" sorts first): a torn tail
+# that begins so is the store's own even when no complete row precedes it.
+_ROW_PREFIX = b'{"checkpoint": '
+
+
 class ResultStore:
     """An append-only JSONL file of result rows keyed by ``row["key"]``.
 
@@ -66,7 +73,8 @@ class ResultStore:
 
     Raises:
         ValueError: ``path`` cannot be written (:func:`check_output_file`), or holds a complete
-            line that is not a result row (the file is left untouched).
+            line that is not a result row, or a torn last line that is not one of the store's (the
+            file is left untouched).
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -79,7 +87,8 @@ class ResultStore:
         """Read every row; drop a torn tail; return the bytes dropped.
 
         Every line is checked before anything is truncated: a file that is not a results file
-        raises and keeps every byte.
+        raises and keeps every byte.  A torn tail is dropped only where it is the store's: after
+        a complete row, or beginning as an audit row does (a crash in the file's first append).
         """
         if not self.path.exists():
             return 0
@@ -96,8 +105,9 @@ class ResultStore:
         try:
             json.loads(tail)
         except ValueError:
-            # A torn append is the start of one of our rows ('{"...'); anything else is foreign.
-            if not tail.startswith(b'{"'):
+            # A torn append is the start of one of our rows ('{"...'), after one of our rows or
+            # beginning as an audit row; anything else (a one-line file of the user's) is foreign.
+            if not (tail.startswith(b'{"') and (self._rows or tail.startswith(_ROW_PREFIX))):
                 raise ValueError(f"{self.path}:{tail_lineno}: not a JSON line; not an audit results file") from None
             with open(self.path, "rb+") as fh:
                 fh.truncate(len(data) - len(tail))
