@@ -808,9 +808,9 @@ def test_store_skips_done_and_never_duplicates(tmp_path):
 @pytest.mark.parametrize("tail", [b'{"key": "abc", "status": "o', b'{"key": "x"', b'{"'])
 def test_store_repairs_torn_last_line(tmp_path, tail):
     path = tmp_path / "s.jsonl"
-    store = ResultStore(path)
-    assert store.append({"key": "k1", "v": 1}) and not store.append({"key": "k1", "v": 2})
-    store.append({"key": "k2", "v": float("nan")})
+    with ResultStore(path) as store:  # (closed: an open store locks its file)
+        assert store.append({"key": "k1", "v": 1}) and not store.append({"key": "k1", "v": 2})
+        store.append({"key": "k2", "v": float("nan")})
     good = path.read_bytes()
     with open(path, "ab") as fh:
         fh.write(tail)
@@ -874,6 +874,69 @@ def test_cli_refuses_foreign_out_file(tmp_path, nets, capsys):
                  "--out", str(cfg), "--no-progress", "--max-iter", "1"])
     assert code == 2 and f"{cfg}:1: not a JSON line; not an audit results file" in capsys.readouterr().err
     assert cfg.read_bytes() == FOREIGN_FILES["json-like-one-line"]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no flock on Windows: the store works unlocked")
+def test_open_store_locks_its_file(tmp_path, nets, capsys):
+    from sharpkit.cli import main
+
+    path = tmp_path / "a.jsonl"
+    first = ResultStore(path)
+    first.append({"key": "k1"})
+    # flock locks belong to an open file: a second open in this process conflicts as another process's would.
+    with pytest.raises(ValueError, match=f"results file {path}: another audit is writing it"):
+        ResultStore(path)
+    paths = save_checkpoints(tmp_path / "ck", nets.make_mlp, count=1)
+    with pytest.raises(ValueError, match="another audit is writing it"):
+        audit(paths, make_mlp, toy_data(), out=path, max_iter=1)
+    code = main(["audit", str(tmp_path / "ck"), "--model", "auditnets:make_mlp", "--data", "auditnets:data",
+                 "--out", str(path), "--no-progress", "--max-iter", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{path}: another audit is writing it" in err and "Traceback" not in err, err
+    assert path.read_bytes() == b'{"key": "k1"}\n'  # nothing appended, nothing repaired
+    first.close()
+    with ResultStore(path) as again:
+        assert len(again) == 1
+    # The audit's lock is released however the audit ends (here: data it cannot use).
+    with pytest.raises(ValueError, match="data is empty"):
+        audit(paths, make_mlp, (torch.zeros(0, 6), torch.zeros(0, dtype=torch.long)), out=path)
+    assert len(audit(paths, make_mlp, toy_data(), out=path, max_iter=1)) == 1
+    assert len(path.read_text().splitlines()) == 2
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no flock on Windows: the store works unlocked")
+def test_second_audit_process_on_one_out_file_is_refused(tmp_path, nets, capsys):
+    from sharpkit.cli import main
+
+    out = tmp_path / "a.jsonl"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from sharpkit.audit.store import ResultStore; s = ResultStore(sys.argv[1]); "
+         "print('open', flush=True); sys.stdin.read()", str(out)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        save_checkpoints(tmp_path / "ck", nets.make_mlp, count=2)
+        args = ["audit", str(tmp_path / "ck"), "--model", "auditnets:make_mlp", "--data", "auditnets:data",
+                "--out", str(out), "--no-progress", "--max-iter", "1"]
+        assert main(args) == 2
+        assert f"results file {out}: another audit is writing it" in capsys.readouterr().err
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    assert main(args) == 0 and len(out.read_text().splitlines()) == 2
+
+
+def test_store_created_for_an_audit_that_stops_is_removed(tmp_path):
+    out = tmp_path / "runs" / "a.jsonl"
+    with pytest.raises(ValueError, match="data is empty"):
+        audit(save_checkpoints(tmp_path / "ck", count=1), make_mlp, (torch.zeros(0, 6), torch.zeros(0, dtype=torch.long)),
+              out=out)
+    assert not out.exists()  # an empty results file is not left behind
+    # A file that was there (even empty) is the user's: kept.
+    out.write_bytes(b"")
+    ResultStore(out).close()
+    assert out.exists()
 
 
 def test_store_keeps_a_whole_row_missing_its_newline(tmp_path):

@@ -94,8 +94,9 @@ def audit(
             ``top-eig``, ``trace``), a list or a comma-separated string.
         out: JSONL results file; rows already there (same checkpoint content, same
             configuration, data, model and loss) are reused, not recomputed.  A file that is not
-            an audit results file is refused (``ValueError``), never truncated.  ``None``:
-            nothing is written.
+            an audit results file is refused (``ValueError``), never truncated.  The file is
+            locked while the audit runs: another audit of it is refused (``ValueError``) at once.
+            ``None``: nothing is written.
         loss_fn: mean-reduced ``loss_fn(outputs, targets)`` or ``"cross_entropy"`` / ``"mse"``.
         epsilon, subspace_dim, rho, adaptive_scale, adaptive_norm, solver, max_iter, restarts, first_step,
             ascent_dtype, k, lanczos_steps, trace_samples, seed: metric options, see
@@ -157,26 +158,33 @@ def audit(
     with _dist.agree("opening the results file"):
         store = ResultStore(out) if out is not None and _dist.is_main_process() else None
 
-    batches, data_desc, num_classes = resolve_data(data, batch_size)
-    net, model_desc, data_classes = resolve_model_classes(model, batches, num_classes, seed)
-    if "keskar-subspace" in config.metrics:
-        # A = n x p needs p <= n: beyond, AᵀA is singular and the values meaningless.
-        n = FlatParams(net).n
-        if config.subspace_dim > n:
-            raise ValueError(f"subspace_dim must be at most the number of parameters n={n}, got {config.subspace_dim}")
-    if dtype is None:
-        dtype = next(iter(net.parameters())).dtype
-    if ascent_dtype is not None:
-        check_autocast(ascent_dtype, device, dtype)
-    check_model_runs(net, loss_fn, batches, device, dtype, bn)
-    # Everything that changes a row's values identifies it: the data's content, the architecture
-    # (repr included), the loss with its options.
-    key_config = {
-        **config.key(), "data": data_desc, "model": model_desc, "loss": identity(loss_fn, tensors=True), "bn": bn,
-        "dtype": str(dtype).replace("torch.", ""), "batch_size": batch_size,
-    }
-    runner = _Runner(net, loss_fn, batches, config, key_config, device, dtype, bn, store, data_classes)
-    return runner.run(paths, group_size, progress, memory_fraction)
+    # The store locks its file until the audit ends, however it ends: a second audit of the same
+    # file is refused at once instead of measuring and appending every row again.
+    try:
+        batches, data_desc, num_classes = resolve_data(data, batch_size)
+        net, model_desc, data_classes = resolve_model_classes(model, batches, num_classes, seed)
+        if "keskar-subspace" in config.metrics:
+            # A = n x p needs p <= n: beyond, AᵀA is singular and the values meaningless.
+            n = FlatParams(net).n
+            if config.subspace_dim > n:
+                raise ValueError(f"subspace_dim must be at most the number of parameters n={n}, "
+                                 f"got {config.subspace_dim}")
+        if dtype is None:
+            dtype = next(iter(net.parameters())).dtype
+        if ascent_dtype is not None:
+            check_autocast(ascent_dtype, device, dtype)
+        check_model_runs(net, loss_fn, batches, device, dtype, bn)
+        # Everything that changes a row's values identifies it: the data's content, the architecture
+        # (repr included), the loss with its options.
+        key_config = {
+            **config.key(), "data": data_desc, "model": model_desc, "loss": identity(loss_fn, tensors=True), "bn": bn,
+            "dtype": str(dtype).replace("torch.", ""), "batch_size": batch_size,
+        }
+        runner = _Runner(net, loss_fn, batches, config, key_config, device, dtype, bn, store, data_classes)
+        return runner.run(paths, group_size, progress, memory_fraction)
+    finally:
+        if store is not None:
+            store.close()
 
 
 # Rows (checkpoints x samples) of one evaluation pass where samples are independent (bn="eval"):

@@ -16,8 +16,8 @@ exit codes:
   1  at least one checkpoint has status "error" (missing, unreadable or corrupt file, state dict
      not fitting the model, NaN/inf weights, non-finite loss); the others were still measured
   2  bad arguments (unknown metric or device, unusable --model or --data, a model that does not
-     run on the data, --out or --report not writable, --out not an audit results file ...),
-     reported before anything is measured
+     run on the data, --out or --report not writable, --out not an audit results file or being
+     written by another audit ...), reported before anything is measured
   130 interrupted (rows already written stay valid; re-run the command to resume)
 
 A file, directory or pattern that yields no checkpoint file (missing, empty, matching nothing) gets

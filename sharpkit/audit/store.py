@@ -10,15 +10,24 @@ never truncated.  Rows are keyed so that a re-run skips what is done and never a
 duplicate.  Non-finite numbers (NaN, inf) are written as ``null``: strict JSON, which jq and other
 readers accept.
 
+An open store holds an exclusive advisory lock (``flock``) on its file, so that a second audit on
+the same file stops at once instead of measuring and appending every row again; where ``fcntl``
+is missing (Windows) or the file system has no such locks, the store works without it.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
 import os
 from pathlib import Path
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; concurrent audits of one file go undetected
+    fcntl = None
 
 __all__ = ["ResultStore", "row_key", "json_safe", "check_output_file"]
 
@@ -63,25 +72,96 @@ def check_output_file(path: str | os.PathLike, what: str) -> Path:
 # How an audit row begins (json.dumps with sorted keys; "checkpoint" sorts first): a torn tail
 # that begins so is the store's own even when no complete row precedes it.
 _ROW_PREFIX = b'{"checkpoint": '
+# Descriptor flags of the store's file: appends only, no newline translation (Windows).
+_APPEND_FLAGS = os.O_WRONLY | os.O_APPEND | getattr(os, "O_BINARY", 0)
 
 
 class ResultStore:
-    """An append-only JSONL file of result rows keyed by ``row["key"]``.
+    """An append-only JSONL file of result rows keyed by ``row["key"]``, locked while open.
 
     Args:
-        path: the ``.jsonl`` file (created with its parent folder when absent).
+        path: the ``.jsonl`` file (created with its parent folder when absent; a file created
+            here and left empty is removed again by :meth:`close`).
+
+    The store holds an exclusive ``flock`` on the file until :meth:`close` (also as a context
+    manager, or when garbage collected): a second store on the same file, in this process or
+    another, is refused at once.
 
     Raises:
-        ValueError: ``path`` cannot be written (:func:`check_output_file`), or holds a complete
-            line that is not a result row, or a torn last line that is not one of the store's (the
-            file is left untouched).
+        ValueError: ``path`` cannot be written (:func:`check_output_file`), another store (another
+            audit) holds it, or it holds a complete line that is not a result row, or a torn
+            last line that is not one of the store's (the file is left untouched).
     """
 
     def __init__(self, path: str | os.PathLike):
         self.path = check_output_file(path, "results file")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd: int | None = None
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd, self._created = self._open_locked()
+        except OSError as exc:
+            raise ValueError(f"results file {self.path}: cannot be written ({exc.strerror or exc})") from None
         self._rows: dict[str, dict[str, Any]] = {}
-        self.repaired_bytes = self._load()
+        try:
+            self.repaired_bytes = self._load()
+        except OSError as exc:
+            self.close()
+            raise ValueError(f"results file {self.path}: cannot be read ({exc.strerror or exc})") from None
+        except BaseException:
+            self.close()
+            raise
+
+    def _open_locked(self) -> tuple[int, bool]:
+        """``(descriptor, created)``: the file opened for appending, with its exclusive lock held."""
+        while True:
+            try:
+                fd, created = os.open(self.path, _APPEND_FLAGS | os.O_CREAT | os.O_EXCL, 0o644), True
+            except FileExistsError:
+                try:
+                    fd, created = os.open(self.path, _APPEND_FLAGS), False
+                except FileNotFoundError:  # removed in between: create it after all
+                    continue
+            if fcntl is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError as exc:
+                    if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                        os.close(fd)
+                        raise ValueError(
+                            f"results file {self.path}: another audit is writing it (the file is locked); "
+                            "wait for it to finish or write to another file"
+                        ) from None
+                    # Other errors (ENOLCK, EOPNOTSUPP): a file system without flock; go on unlocked.
+            try:
+                current = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                current = False
+            if current:
+                return fd, created
+            # The store that held the lock removed the file it had created empty: open the new one.
+            os.close(fd)
+
+    def close(self) -> None:
+        """Release the file and its lock; remove it if this store created it and it is still empty."""
+        fd, self._fd = getattr(self, "_fd", None), None
+        if fd is None:
+            return
+        try:
+            if self._created and os.fstat(fd).st_size == 0:
+                os.unlink(self.path)  # while still locked: no other store has opened it meanwhile
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+    def __enter__(self) -> "ResultStore":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
 
     def _load(self) -> int:
         """Read every row; drop a torn tail; return the bytes dropped.
@@ -90,8 +170,6 @@ class ResultStore:
         raises and keeps every byte.  A torn tail is dropped only where it is the store's: after
         a complete row, or beginning as an audit row does (a crash in the file's first append).
         """
-        if not self.path.exists():
-            return 0
         data = self.path.read_bytes()
         lines = data.split(b"\n")
         tail = lines.pop()  # b"" when the file ends with a newline
@@ -109,18 +187,14 @@ class ResultStore:
             # beginning as an audit row; anything else (a one-line file of the user's) is foreign.
             if not (tail.startswith(b'{"') and (self._rows or tail.startswith(_ROW_PREFIX))):
                 raise ValueError(f"{self.path}:{tail_lineno}: not a JSON line; not an audit results file") from None
-            with open(self.path, "rb+") as fh:
-                fh.truncate(len(data) - len(tail))
-                fh.flush()
-                os.fsync(fh.fileno())
+            os.ftruncate(self._fd, len(data) - len(tail))
+            os.fsync(self._fd)
             return len(tail)
         # A whole row cut just before its newline: keep it, and end the line so appends stay apart.
         row = self._parse(tail, tail_lineno)
         self._rows.setdefault(row["key"], row)
-        with open(self.path, "ab") as fh:
-            fh.write(b"\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        os.write(self._fd, b"\n")
+        os.fsync(self._fd)
         return 0
 
     def _parse(self, line: bytes, lineno: int) -> dict[str, Any]:
@@ -153,16 +227,14 @@ class ResultStore:
         key = row["key"]
         if key in self._rows:
             return False
+        if self._fd is None:
+            raise ValueError(f"results file {self.path}: the store is closed")
         row = json_safe(row)
         line = (json.dumps(row, sort_keys=True, allow_nan=False) + "\n").encode("utf-8")
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            written = os.write(fd, line)
-            if written != len(line):  # a short write on a full disk: undo what was written
-                os.ftruncate(fd, os.fstat(fd).st_size - written)
-                raise OSError(f"{self.path}: short write ({written} of {len(line)} bytes)")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        written = os.write(self._fd, line)
+        if written != len(line):  # a short write on a full disk: undo what was written
+            os.ftruncate(self._fd, os.fstat(self._fd).st_size - written)
+            raise OSError(f"{self.path}: short write ({written} of {len(line)} bytes)")
+        os.fsync(self._fd)
         self._rows[key] = row
         return True
