@@ -1,8 +1,10 @@
-"""Batches, sample-weighted means, and the embedded data sets.
+"""Batches, weighted means, and the embedded data sets.
 
-sharpkit's objective is always the *sample-weighted* mean loss over all of ``data``:
-``f = sum_b n_b * loss_fn(model(X_b), Y_b) / sum_b n_b`` with ``loss_fn`` mean-reduced, so an
-uneven last batch is weighted exactly.  ``data`` is a ``(inputs, targets)`` tuple of tensors or
+sharpkit's objective is always the mean loss over all of ``data``:
+``f = sum_b w_b * loss_fn(model(X_b), Y_b) / sum_b w_b`` with ``loss_fn`` mean-reduced and
+``w_b`` the batch's samples, so an uneven last batch is weighted exactly (for cross-entropy with
+class weights or ignored targets, ``w_b`` is the sum the batch's mean divides by:
+:class:`sharpkit.objective.DataWeights`).  ``data`` is a ``(inputs, targets)`` tuple of tensors or
 any re-iterable of such batches (a DataLoader, a list).
 """
 from __future__ import annotations
@@ -11,7 +13,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -181,15 +183,15 @@ class BatchSurvey:
         largest: the first of the batches with the most samples (None when there is none: an
             empty shard).
         input_shape: the shape of the first batch's inputs, samples first (None when no batch).
-        ignored_targets: integer target entries equal to the ``ignored_target`` the survey was
-            asked to count (a loss's ``ignore_index``); 0 when none was asked.
+        weights: each batch's weight in the objective, as the survey's ``weigh`` gave it (the
+            batch's samples where none was given; see :class:`sharpkit.objective.DataWeights`).
     """
 
     sizes: tuple[int, ...]
     layouts: tuple[int, ...]
     largest: Batch | None
     input_shape: tuple[int, ...] | None
-    ignored_targets: int = 0
+    weights: tuple[float, ...] = ()
 
     @property
     def num_batches(self) -> int:
@@ -212,11 +214,11 @@ class BatchSurvey:
         return regrouped_count(self.sizes, rows, self.layouts)
 
 
-def survey_batches(batches: Batches, ignored_target: int | None = None) -> BatchSurvey:
-    """Survey ``batches`` in one read: every batch's size and layout, the largest batch, the first
-    batch's input shape and, with ``ignored_target``, how many integer targets equal it.  Raises
-    like iteration does (empty data that are not a shard)."""
-    ignored = 0
+def survey_batches(batches: Batches, weigh: Callable[[Batch], float] | None = None) -> BatchSurvey:
+    """Survey ``batches`` in one read: every batch's size, layout and weight (``weigh(batch)``,
+    default its samples), the largest batch and the first batch's input shape.  Raises like
+    iteration does (empty data that are not a shard)."""
+    weights: list[float] = []
     sizes: list[int] = []
     layouts: list[int] = []
     seen: dict[tuple, int] = {}
@@ -225,13 +227,12 @@ def survey_batches(batches: Batches, ignored_target: int | None = None) -> Batch
     for x, y in batches:
         sizes.append(x.shape[0])
         layouts.append(seen.setdefault(_layout(x, y), len(seen)))
-        if ignored_target is not None and isinstance(y, torch.Tensor) and not y.is_floating_point():
-            ignored += int((y == ignored_target).sum())
+        weights.append(float(x.shape[0]) if weigh is None else weigh((x, y)))
         if largest is None:
             input_shape = tuple(x.shape)
         if largest is None or x.shape[0] > largest[0].shape[0]:
             largest = (x, y)
-    return BatchSurvey(tuple(sizes), tuple(layouts), largest, input_shape, ignored)
+    return BatchSurvey(tuple(sizes), tuple(layouts), largest, input_shape, tuple(weights))
 
 
 class _Regrouped:
@@ -299,8 +300,8 @@ def _concat(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> tuple[torch.Tenso
 def regroup_batches(batches: Batches, rows: int) -> Batches:
     """``batches`` as chunks of at most ``rows`` samples (small batches joined, large ones split).
 
-    Only for objectives whose samples do not interact (no BatchNorm batch statistics) and whose
-    loss is a per-sample mean: the sample-weighted sums are then the same (to float rounding) while
+    Only for objectives whose samples do not interact (no batch statistics) and whose loss is a
+    (weighted) per-sample mean: the weighted sums are then the same (to float rounding) while
     fewer, larger passes cost less per sample.  A rank's share stays marked as such.
     """
     if rows < 1:

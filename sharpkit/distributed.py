@@ -1,8 +1,8 @@
 """Scale-out under ``torch.distributed``: sharded data passes reduced with sample weights.
 
-Every sharpkit data pass has the same shape: iterate over the batches, accumulate *sample-weighted
-sums* (``sum_b n_b * loss_b``, ``sum_b n_b * grad_b``, ``sum_b n_b * HVP_b``) and divide once by the
-sample count.  Under a process group each rank iterates over its own share of the batches
+Every sharpkit data pass has the same shape: iterate over the batches, accumulate *weighted sums*
+(``sum_b w_b * loss_b``, ``sum_b w_b * grad_b``, ``sum_b w_b * HVP_b``, ``w_b`` the batch's samples
+or :class:`sharpkit.objective.DataWeights`' weight) and divide once by the total weight.  Under a process group each rank iterates over its own share of the batches
 (:func:`shard`) and the sums are added across ranks by one collective (:func:`sharded_pass`), so
 every rank ends the pass holding exactly the single-process result.  Everything downstream of a
 pass (Lanczos, Hutch++, scipy's L-BFGS-B, the sign-ascent solvers) then runs identically on every

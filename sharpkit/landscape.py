@@ -1,8 +1,8 @@
 """Loss-landscape curves: 1-D paths between two minimizers (Keskar et al. Fig. 2/3/7) and slices
 along filter-normalised random directions around one minimizer (Li et al. 2018).
 
-Every point is one pass over ``data`` accumulating sample-weighted sums (loss and correct
-predictions) and dividing once, as everywhere in sharpkit.  The user's models are never written:
+Every point is one pass over ``data`` accumulating weighted sums (loss and correct predictions)
+and dividing once, as everywhere in sharpkit.  The user's models are never written:
 points are evaluated on one private copy.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from torch import nn
 
 from . import distributed as _dist
 from .data import as_batches, to_device
-from .objective import check_mean_reduced, checked_loss
+from .objective import check_mean_reduced, checked_loss, loss_weigher
 from .params import FlatParams, check_finite_parameters, measurement_mode
 
 __all__ = ["Curve", "Surface", "interpolate", "evaluate", "random_direction", "slice_1d", "slice_2d"]
@@ -58,7 +58,8 @@ def evaluate(
     bn: str = "eval",
     device: torch.device | str | None = None,
 ) -> tuple[float, float]:
-    """``(mean loss, accuracy)`` of ``model`` over ``data`` (sample-weighted, exact with uneven batches).
+    """``(mean loss, accuracy)`` of ``model`` over ``data`` (the loss over all the data, exact with uneven
+    batches: weighted as :class:`sharpkit.objective.DataWeights` says).
 
     ``bn``: "eval" (running statistics) or "train" (each batch's statistics); dropout is off and
     the model is restored exactly.  Accuracy is the fraction of samples whose argmax output equals
@@ -69,27 +70,32 @@ def evaluate(
     dtype = _param_dtype(model)
     if dev != _param_device(model):
         model = copy.deepcopy(model).to(dev)  # evaluate on ``device`` without moving the user's model
-    # Sums [loss * n, correct, n, batches that are not classification]: reduced over ranks when
-    # the data are sharded under torch.distributed.
-    sums = torch.zeros(4, dtype=torch.float64)
+    # Sums [loss * w, correct, n, batches that are not classification, w] (w: the batch's weight
+    # in the mean loss, its samples or loss_weigher's sum): reduced over ranks when the data are
+    # sharded under torch.distributed.
+    weigh = loss_weigher(loss_fn) or (lambda batch: float(batch[0].shape[0]))
+    sums = torch.zeros(5, dtype=torch.float64)
     with measurement_mode(model, bn), torch.no_grad():
         batches = _dist.shard(data, keep_batches=_dist.uses_batch_statistics(model))
         with _dist.sharded_pass([sums], enabled=batches.is_sharded):
             for batch in batches:
                 inputs, targets = to_device(batch, dev, dtype)
                 out = model(inputs)
-                loss = checked_loss(loss_fn, out, targets)
-                n_b = inputs.shape[0]
-                sums[0] += float(loss) * n_b
-                sums[2] += n_b
+                w = weigh(batch)
+                if w > 0:  # (a batch whose every target is ignored has no mean loss)
+                    sums[0] += float(checked_loss(loss_fn, out, targets)) * w
+                    sums[4] += w
+                sums[2] += inputs.shape[0]
                 if out.dim() == 2 and not targets.is_floating_point() and targets.dim() == 1:
                     sums[1] += float((out.argmax(dim=1) == targets).sum())
                 else:
                     sums[3] += 1
-    loss_sum, correct, count, other = sums.tolist()
+    loss_sum, correct, count, other, weight = sums.tolist()
     if count == 0:
         raise ValueError("data is empty: it holds no samples")
-    return loss_sum / count, (correct / count if other == 0 else math.nan)
+    if not weight > 0:
+        raise ValueError("every target of the data equals the loss's ignore_index: the mean loss is undefined")
+    return loss_sum / weight, (correct / count if other == 0 else math.nan)
 
 
 def interpolate(

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -21,8 +22,8 @@ from .data import Batches, BatchSurvey, as_batches, regroup_batches, survey_batc
 from .params import FlatParams, check_finite_parameters, has_shared_modules, model_tensors, tensor_objects_kept
 
 __all__ = ["Objective", "LossFn", "activation_elements", "probe_largest_batch", "loss_on_device",
-           "regroup_rows", "check_mean_reduced", "ignored_target", "join_obstacle", "samples_interact",
-           "checked_loss"]
+           "regroup_rows", "check_mean_reduced", "loss_weigher", "DataWeights", "survey_weights", "join_obstacle",
+           "samples_interact", "checked_loss"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -36,7 +37,9 @@ REGROUP_BYTES = 256 << 20
 
 
 class Objective:
-    """``f(x) = sum_b n_b * loss_fn(model_x(X_b), Y_b) / sum_b n_b`` on the flat parameters x.
+    """``f(x) = sum_b w_b * loss_fn(model_x(X_b), Y_b) / sum_b w_b`` on the flat parameters x, with
+    ``w_b`` the batch's samples (or, for cross-entropy with ignored targets or class weights, the
+    sum its mean divides by: :func:`loss_weigher`), so that ``f`` is the loss over all the data.
 
     Args:
         model: the network; only read.  Call inside :func:`~sharpkit.params.measurement_mode`
@@ -63,6 +66,7 @@ class Objective:
 
     Attributes:
         num_samples: samples in all the data (over all ranks when distributed).
+        weights: the :class:`DataWeights` of the batches (over all ranks).
         survey: the :class:`~sharpkit.data.BatchSurvey` of this rank's batches as given (before
             any regrouping; it holds the largest batch).
     """
@@ -89,16 +93,12 @@ class Objective:
         self.batches: Batches = (
             _dist.shard(batches, keep_batches=_dist.uses_batch_statistics(model)) if self.distributed else batches
         )
-        # The one read of this rank's data; the total over all ranks divides every pass's reduced
-        # sums.  A failure on one rank (here, or in the forward that plans the passes below) stops
-        # every rank instead of leaving the others in the next collective.
-        count = torch.zeros(1, dtype=torch.float64)
-        with _dist.sharded_pass([count], enabled=self.distributed, what="reading the data"):
-            self.survey: BatchSurvey = survey_batches(self.batches, ignored_target(loss_fn))
-            count += self.survey.num_samples
-        self.num_samples = int(round(count.item()))
-        if self.num_samples == 0:
-            raise ValueError("data is empty: it holds no samples" + (" on any rank" if self.distributed else ""))
+        # The one read of this rank's data; the total weight over all ranks divides every pass's
+        # reduced sums.  A failure on one rank (here, or in the forward that plans the passes
+        # below) stops every rank instead of leaving the others in the next collective.
+        self.survey: BatchSurvey
+        self.survey, self.weights = survey_weights(self.batches, loss_fn, self.distributed)
+        self.num_samples = self.weights.num_samples
         if regroup is not False and not _dist.uses_batch_statistics(model):
             with _dist.agree("planning the data passes"):
                 rows = (regroup_rows(model, self.survey, self.device, self.dtype, loss_fn=self.loss_fn)
@@ -137,10 +137,10 @@ class Objective:
         """``f(x)`` as a 0-dim tensor (no graph)."""
         total = torch.zeros((), device=self.device, dtype=torch.float64)
         with torch.no_grad(), _dist.sharded_pass([total], enabled=self.distributed):
-            for batch in self.batches:
-                total += self.batch_loss(x, batch).double() * batch[0].shape[0]
+            for batch, w in self.weights.weighted(self.batches):
+                total += self.batch_loss(x, batch).double() * w
         self.num_evals += 1
-        return total / self.num_samples
+        return total / self.weights.total
 
     def loss_and_grad(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(f(x), grad f(x))``: the loss as a float64 0-dim tensor, the gradient shaped like ``x``.
@@ -153,15 +153,14 @@ class Objective:
         grad = torch.zeros_like(x)
         # enable_grad: callers may measure inside torch.no_grad().
         with torch.enable_grad(), _dist.sharded_pass([total, grad], enabled=self.distributed):
-            for batch in self.batches:
+            for batch, w in self.weights.weighted(self.batches):
                 xr = x.clone().requires_grad_(True)
-                n_b = batch[0].shape[0]
                 loss = self.batch_loss(xr, batch)
-                (g,) = torch.autograd.grad(loss * (n_b / self.num_samples), xr)
+                (g,) = torch.autograd.grad(loss * (w / self.weights.total), xr)
                 grad += g
-                total += loss.detach().double() * n_b
+                total += loss.detach().double() * w
         self.num_evals += 1
-        return total / self.num_samples, grad
+        return total / self.weights.total, grad
 
 
 def loss_on_device(loss_fn: LossFn, device: torch.device, dtype: torch.dtype) -> LossFn:
@@ -277,51 +276,127 @@ def check_mean_reduced(loss_fn: Any) -> None:
                          "loss (reduction='mean'); the objective is the sample-weighted mean of the batches' losses")
 
 
-def ignored_target(loss_fn: Any) -> int | None:
-    """The class index ``loss_fn`` leaves out of its mean (cross-entropy/NLL ``ignore_index``), else None."""
+def loss_weigher(loss_fn: Any) -> Callable[[Any], float] | None:
+    """The weight a batch's mean loss carries in the objective, as a function of the batch, for
+    losses whose mean does not divide by the batch's samples; None for the others (a batch then
+    weighs its samples).
+
+    Cross-entropy/NLL with class-index targets divide by the sum of the class weights of the
+    target entries not equal to ``ignore_index`` (their count without class weights; each entry
+    counts, so a sequence of L tokens weighs L): weighing each batch by that sum makes the
+    objective the loss over all the data at once, however they are batched.  Probability targets
+    are averaged over samples.  ValueError for class-index targets outside the class weights."""
     if isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)):
-        return int(loss_fn.ignore_index)
-    if loss_fn is F.cross_entropy or loss_fn is F.nll_loss:
-        return -100
-    return None
+        ignore, class_weights = int(loss_fn.ignore_index), loss_fn.weight
+    elif loss_fn is F.cross_entropy or loss_fn is F.nll_loss:
+        ignore, class_weights = -100, None
+    else:
+        return None
+
+    def weigh(batch) -> float:
+        targets = batch[1]
+        if not isinstance(targets, torch.Tensor) or targets.is_floating_point():
+            return float(batch[0].shape[0])
+        kept = targets[targets != ignore]
+        if class_weights is None:
+            return float(kept.numel())
+        c = class_weights.shape[0]
+        if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= c):
+            raise ValueError(f"class-index targets must lie in [0, {c}) for the loss's {c} class weights (or equal "
+                             f"ignore_index={ignore}); found {int(kept.min())}..{int(kept.max())}")
+        return float(class_weights.to(kept.device, torch.float64)[kept].sum())
+
+    return weigh
+
+
+@dataclass(frozen=True)
+class DataWeights:
+    """How the batches' mean losses combine into the objective:
+    ``f = sum_b w_b * loss_b / total`` over all the data (all ranks).
+
+    Attributes:
+        weigh: ``w_b`` of a batch (:func:`loss_weigher`), or None where each batch weighs its
+            samples (also where the loss's weights are proportional to the samples everywhere:
+            the same objective without a per-batch count).
+        num_samples: samples in all the data.
+        total: the sum of ``w_b`` over all the data (``num_samples`` when ``weigh`` is None).
+    """
+
+    weigh: Callable[[Any], float] | None
+    num_samples: int
+    total: float
+
+    def of(self, batch) -> float:
+        """``w_b`` of ``batch``."""
+        return float(batch[0].shape[0]) if self.weigh is None else self.weigh(batch)
+
+    def weighted(self, batches: Iterable) -> Iterator[tuple[Any, float]]:
+        """``(batch, w_b)`` for the batches that carry weight (a batch whose every target is
+        ignored has no mean loss: it is skipped)."""
+        for batch in batches:
+            w = self.of(batch)
+            if w > 0:
+                yield batch, w
+
+
+def survey_weights(batches: Batches, loss_fn: Any, distributed: bool,
+                   what: str = "reading the data") -> tuple[BatchSurvey, DataWeights]:
+    """One read of this rank's ``batches`` (:func:`sharpkit.data.survey_batches`) and the
+    objective's :class:`DataWeights` for ``loss_fn`` over all ranks (one collective when
+    ``distributed``; a failure on one rank stops every rank).  ValueError for data without
+    samples, or whose every target is ignored."""
+    weigh = loss_weigher(loss_fn)
+    sums = torch.zeros(3, dtype=torch.float64)  # samples, sum of w_b, sum of w_b^2 / n_b
+    with _dist.sharded_pass([sums], enabled=distributed, what=what):
+        survey = survey_batches(batches, weigh)
+        n = torch.tensor(survey.sizes, dtype=torch.float64)
+        w = torch.tensor(survey.weights, dtype=torch.float64)
+        sums += torch.stack([n.sum(), w.sum(), (w * w / n).sum()])
+    samples, total, squares = sums.tolist()
+    num_samples = int(round(samples))
+    if num_samples == 0:
+        raise ValueError("data is empty: it holds no samples" + (" on any rank" if distributed else ""))
+    if not total > 0:
+        raise ValueError("every target of the data equals the loss's ignore_index or has class weight 0: "
+                         "the mean loss is undefined")
+    # Cauchy-Schwarz: squares * samples >= total^2, with equality exactly where w_b / n_b is the
+    # same for every batch: then weighing by samples is the same objective.
+    if weigh is None or squares * samples - total * total <= 1e-12 * squares * samples:
+        return survey, DataWeights(None, num_samples, float(num_samples))
+    return survey, DataWeights(weigh, num_samples, total)
 
 
 def join_obstacle(loss_fn: LossFn, survey: BatchSurvey, outputs: Any = None) -> str | None:
     """Why joining the surveyed batches into larger passes would change the objective, or None.
 
-    Joining keeps ``sum_b n_b * loss_b / N`` only when each batch's loss is the mean of per-sample
-    terms.  Not so for cross-entropy/NLL with class weights and class-index targets (a batch's mean
-    divides by its own sum of weights) or with targets equal to ``ignore_index`` (by its own count
-    of the others; the survey counts them, see :func:`ignored_target`).  Any other loss is probed
-    on ``outputs``, the model's outputs on the survey's largest batch: its loss must equal the
-    sample-weighted mean of the losses of its two halves (to rounding).
+    Joining keeps ``sum_b w_b * loss_b / total`` only when each batch's loss is the weighted mean
+    of per-sample terms, with the weights of :func:`loss_weigher` (the samples for most losses).
+    The loss is probed on ``outputs``, the model's outputs on the survey's largest batch: its loss
+    must equal the weighted mean of the losses of its two halves (to rounding).
     """
     largest = survey.largest
-    if largest is None:
-        return None
-    targets = largest[1]
-    index_targets = isinstance(targets, torch.Tensor) and not targets.is_floating_point()
-    if isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)) and loss_fn.weight is not None and index_targets:
-        return "class weights with class-index targets: each batch's mean divides by its own sum of weights"
-    if survey.ignored_targets:
-        return (f"{survey.ignored_targets} targets equal ignore_index={ignored_target(loss_fn)}: each batch's mean "
-                "divides by its own count of the other targets")
     m = survey.largest_size
-    if outputs is None or m < 2 or not isinstance(outputs, torch.Tensor) or outputs.shape[:1] != (m,):
+    if largest is None or outputs is None or m < 2 or not isinstance(outputs, torch.Tensor) \
+            or outputs.shape[:1] != (m,):
         return None
     _, y = to_device(largest, outputs.device, outputs.dtype)
     k = m // 2
+    weigh = loss_weigher(loss_fn) or (lambda batch: float(batch[0].shape[0]))
+    parts = [(outputs, y), (outputs[:k], y[:k]), (outputs[k:], y[k:])]
+    weights = [weigh(part) for part in parts]
+    if not all(w > 0 for w in weights):
+        return None  # (a half without weight: nothing to compare)
     with torch.no_grad():
-        losses = [loss_fn(outputs, y), loss_fn(outputs[:k], y[:k]), loss_fn(outputs[k:], y[k:])]
+        losses = [loss_fn(out, t) for out, t in parts]
     if not all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in losses):
         return None  # not a scalar: the measurement's first pass says so
     whole, first, second = (float(v) for v in losses)
-    halves = (k * first + (m - k) * second) / m
+    halves = (weights[1] * first + weights[2] * second) / (weights[1] + weights[2])
     if not (math.isfinite(whole) and math.isfinite(halves)):
         return None  # a non-finite loss is reported by the measurement itself
     rtol = max(1e-6, 1000 * torch.finfo(outputs.dtype).eps)
     if abs(whole - halves) > rtol * max(abs(whole), abs(halves), 1e-12):
-        return (f"loss_fn is not a per-sample mean: on {m} samples it gives {whole:.6g}, the sample-weighted mean "
+        return (f"loss_fn is not a per-sample mean: on {m} samples it gives {whole:.6g}, the weighted mean "
                 f"of its halves {halves:.6g}")
     return None
 
@@ -355,12 +430,12 @@ def regroup_rows(
     directions a pass carries, never fewer than the largest batch.  None when there is nothing
     to join (one batch) or when joining would change the objective (the model's samples interact,
     or given ``loss_fn`` the loss is not a per-sample mean: :func:`probe_largest_batch`).
-    ``batches`` may be given as their survey (then not read again; survey them with the loss's
-    :func:`ignored_target`); forwards of the largest batch and of its halves run either way."""
+    ``batches`` may be given as their survey (then not read again); forwards of the largest batch
+    and of its halves run either way."""
     if isinstance(batches, BatchSurvey):
         survey = batches
     else:
-        survey = survey_batches(batches, None if loss_fn is None else ignored_target(loss_fn))
+        survey = survey_batches(batches)
     if survey.num_batches < 2:
         return None
     rows = survey.largest_size

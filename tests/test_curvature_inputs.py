@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import sharpkit as sk
+from sharpkit.landscape import evaluate
 from sharpkit.objective import Objective
 
 F64 = torch.float64
@@ -278,21 +279,12 @@ def _weighted_mse(out, target):
 
 
 @pytest.mark.parametrize("engine", ["auto", "generic"])
-@pytest.mark.parametrize("case", ["class_weights", "ignore_index_in_one_batch", "per_batch_normalised_callable"])
-def test_batches_stay_apart_where_joining_would_change_the_objective(engine, case):
+def test_batches_stay_apart_where_joining_would_change_the_objective(engine):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 6), nn.SiLU(), nn.Linear(6, 3)).double()
     g = torch.Generator().manual_seed(2)
     X = torch.randn(20, 5, generator=g, dtype=F64)
-    if case == "per_batch_normalised_callable":
-        loss, Y = _weighted_mse, torch.randn(20, 3, generator=g, dtype=F64)
-    else:
-        Y = torch.randint(0, 3, (20,), generator=g)
-        if case == "class_weights":
-            loss = nn.CrossEntropyLoss(weight=torch.tensor([0.3, 2.0, 1.1], dtype=F64))
-        else:  # the ignored class occurs only outside the largest batch
-            loss = nn.CrossEntropyLoss(ignore_index=-100)
-            Y[:3] = torch.tensor([-100, 0, -100])
+    loss, Y = _weighted_mse, torch.randn(20, 3, generator=g, dtype=F64)
     batches = [(X[:3], Y[:3]), (X[3:15], Y[3:15]), (X[15:], Y[15:])]
     expected = _per_batch_explicit(model, loss, batches)
     H = sk.hessian(model, loss, batches, engine=engine)
@@ -302,6 +294,72 @@ def test_batches_stay_apart_where_joining_would_change_the_objective(engine, cas
     with torch.no_grad():
         documented = sum(x.shape[0] * float(loss(model(x), y)) for x, y in batches) / 20
     assert float(obj.loss(obj.x0())) == pytest.approx(documented, rel=1e-12)
+
+
+def _ce_case(case):
+    """(model, loss, X, Y, batches): cross-entropy whose batch means do not divide by the samples."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(2)
+    if case == "sequence":  # (N, C, L) logits of L tokens, padding ignored, class weights
+        model = nn.Sequential(nn.Linear(5, 12), nn.Tanh(), nn.Linear(12, 12), nn.Unflatten(1, (3, 4))).double()
+        X = torch.randn(20, 5, generator=g, dtype=F64)
+        Y = torch.randint(0, 3, (20, 4), generator=g)
+        Y[::3, 2:] = -100
+        loss = nn.CrossEntropyLoss(weight=torch.tensor([0.3, 2.0, 1.1], dtype=F64))
+    else:
+        model = nn.Sequential(nn.Linear(5, 6), nn.SiLU(), nn.Linear(6, 3)).double()
+        X = torch.randn(20, 5, generator=g, dtype=F64)
+        Y = torch.randint(0, 3, (20,), generator=g)
+        if case == "class_weights":
+            loss = nn.CrossEntropyLoss(weight=torch.tensor([0.3, 2.0, 1.1], dtype=F64), label_smoothing=0.1)
+        elif case == "ignore_index":
+            loss = nn.CrossEntropyLoss(ignore_index=-1)
+            Y[:3] = torch.tensor([-1, 0, -1])
+            Y[7:10] = -1
+        else:  # a batch of ignored targets only: it carries no weight
+            loss = nn.CrossEntropyLoss()
+            Y[:3] = -100
+    batches = [(X[:3], Y[:3]), (X[3:15], Y[3:15]), (X[15:], Y[15:])]
+    return model, loss, X, Y, batches
+
+
+@pytest.mark.parametrize("case", ["class_weights", "ignore_index", "ignored_batch", "sequence"])
+def test_cross_entropy_with_class_weights_or_ignored_targets_is_the_loss_over_all_data(case, tmp_path):
+    """Each batch weighs the sum its mean divides by: every measurement is the loss over all the
+    data at once, however they are batched (and batches may be joined)."""
+    model, loss, X, Y, batches = _ce_case(case)
+    with torch.no_grad():
+        whole = float(loss(model(X), Y))
+    expected = _explicit(model, loss, X, Y)
+    for regroup in (True, False):
+        for engine in ("auto", "generic"):
+            H = sk.hessian(model, loss, batches, engine=engine, regroup=regroup)
+            assert _rel(H.dense(), expected) < 1e-12, (regroup, engine)
+        G = sk.ggn(model, loss, batches, regroup=regroup)
+        assert _rel(G.dense(), sk.ggn(model, loss, (X, Y)).dense()) < 1e-12
+        obj = Objective(model, loss, batches, regroup=regroup)
+        assert float(obj.loss(obj.x0())) == pytest.approx(whole, rel=1e-12)
+    for batch_size in (1, 7, 20):
+        res = sk.keskar_sharpness(model, loss, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, Y),
+                                                                            batch_size=batch_size),
+                                  epsilon=1e-3, max_iter=2)
+        assert res.loss == pytest.approx(whole, rel=1e-12), batch_size
+    assert evaluate(model, loss, batches)[0] == pytest.approx(whole, rel=1e-12)
+    torch.save(model.state_dict(), tmp_path / "ck.pt")
+    rows = sk.audit([tmp_path / "ck.pt"], lambda: copy.deepcopy(model), batches, loss_fn=loss, metrics="trace",
+                    trace_samples=2, dtype="float64", progress=False)
+    assert rows[0]["status"] == "ok" and rows[0]["loss"] == pytest.approx(whole, rel=1e-12)
+
+
+def test_data_whose_every_target_is_ignored_is_refused():
+    model = nn.Sequential(nn.Linear(4, 3)).double()
+    X, Y = torch.randn(6, 4, dtype=F64), torch.full((6,), -100)
+    with pytest.raises(ValueError, match="ignore_index"):
+        sk.hessian(model, nn.CrossEntropyLoss(), (X, Y))
+    with pytest.raises(ValueError, match="ignore_index"):
+        sk.keskar_sharpness(model, nn.CrossEntropyLoss(), (X, Y))
+    with pytest.raises(ValueError, match=r"lie in \[0, 3\)"):
+        sk.hessian(model, nn.CrossEntropyLoss(weight=torch.ones(3, dtype=F64)), (X, torch.full((6,), 5)))
 
 
 def test_per_sample_mean_losses_are_still_joined():

@@ -47,14 +47,20 @@ def make_data(n: int = 37) -> tuple[torch.Tensor, torch.Tensor]:
 
 def data_variants() -> dict[str, object]:
     """Uneven shards: 4 uneven batches (ranks get 2 each, of different sizes), one (X, Y) pair
-    split by rows (18 / 19), and 5 samples in one batch of 8 (rank 1 holds nothing)."""
+    split by rows (18 / 19), 5 samples in one batch of 8 (rank 1 holds nothing), and 4 batches
+    with ignored targets in one of them."""
     from sharpkit.data import as_batches
 
     x, y = make_data()
+    ignored = y.clone()
+    ignored[12:15] = -100
     return {
         "batches": [(x[0:10], y[0:10]), (x[10:20], y[10:20]), (x[20:30], y[20:30]), (x[30:], y[30:])],
         "pair": (x, y),
         "empty_rank": as_batches((x[:5], y[:5]), batch_size=8),
+        # Ignored targets in one rank's batch only: each batch weighs its other targets, and the
+        # ranks must agree on that weighting although rank 0's batches alone weigh their samples.
+        "ignored": [(x[0:10], y[0:10]), (x[10:20], ignored[10:20]), (x[20:30], y[20:30]), (x[30:], y[30:])],
     }
 
 
@@ -212,7 +218,7 @@ def _engine_hvps() -> dict[str, torch.Tensor]:
     """Hessian-vector products of the audit's engines (one at a time and stacked, graphs kept
     or recomputed) on every data variant."""
     from sharpkit.audit.batched import SingleObjective, StackedObjective
-    from sharpkit.distributed import count_samples, shard
+    from sharpkit.distributed import shard
     from sharpkit.objective import Objective
     from sharpkit.params import measurement_mode
 
@@ -229,7 +235,7 @@ def _engine_hvps() -> dict[str, torch.Tensor]:
                 res[f"{name}/single_hvp2/{keep}"] = eng.hvp(V[1:])[0]  # kept graph reused
             local = shard(data)
             X = torch.stack([obj.x0(), obj.x0() + 0.1])
-            stacked = StackedObjective(model, loss_fn, local, X, {}, count_samples(local), max_rows=3)
+            stacked = StackedObjective(model, loss_fn, local, X, {}, max_rows=3)
             res[f"{name}/stacked_hvp"] = stacked.hvp(V)
             f, g = stacked.loss_and_grad(X)
             res[f"{name}/stacked_loss"], res[f"{name}/stacked_grad"] = f, g

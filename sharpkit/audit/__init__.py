@@ -6,9 +6,9 @@ gradients for the ascent of ε-sharpness, Hessian-vector products for Lanczos an
 How many are stacked follows from free memory; on a CPU, where stacking measured slower than
 compute-bound single passes, the plan measures one checkpoint at a time once the passes are large.
 Where samples are independent (``bn="eval"``) the data are regrouped into passes of up to
-``STACKED_ROWS`` samples, small batches joined, except where that would change a batch's loss (class-weighted or
-``ignore_index`` cross-entropy, any loss that is not a per-sample mean:
-:func:`sharpkit.objective.join_obstacle`).  Each finished checkpoint's row is appended durably to a JSONL store keyed by
+``STACKED_ROWS`` samples, small batches joined, except where that would change the objective (a
+model whose samples interact, a loss that is not a per-sample mean:
+:func:`sharpkit.objective.probe_largest_batch`).  Each finished checkpoint's row is appended durably to a JSONL store keyed by
 the checkpoint's content hash and everything that changes its values (metric options, the data's
 content, the model's architecture, the loss and its options), so an interrupted audit resumes
 where it stopped and a changed setting is never served old rows.
@@ -33,7 +33,7 @@ from ..inputs import (
     resolve_model,
     resolve_model_classes,
 )
-from ..objective import REGROUP_MAX_ROWS
+from ..objective import REGROUP_MAX_ROWS, survey_weights
 from ..params import FlatParams, measurement_mode
 from ..sharpness.solvers import check_autocast
 from .checkpoints import (
@@ -209,7 +209,7 @@ class _Runner:
         # Samples of a batch interact where BatchNorm uses batch statistics: batches stay as given.
         self.batch_statistics = _dist.uses_batch_statistics(model, bn)
         self.local_batches = _dist.shard(batches, keep_batches=self.batch_statistics)
-        self.num_samples = _dist.count_samples(self.local_batches)
+        self.weights = survey_weights(self.local_batches, loss_fn, self.local_batches.is_sharded)[1]
         self.keep_graphs = True
         # Samples per checkpoint in one pass when the data may be regrouped (GroupPlan.pass_rows).
         self.pass_rows: int | None = None
@@ -328,7 +328,7 @@ class _Runner:
             # activations are kept near cache size by regrouping the data.
             max_rows = None if self.pass_rows is None else max(64, min(STACKED_ROWS // len(group), self.pass_rows))
             engine = StackedObjective(
-                self.model, self.loss_fn, self.local_batches, X, frozen, self.num_samples,
+                self.model, self.loss_fn, self.local_batches, X, frozen, self.weights,
                 keep_graphs=self.keep_graphs, max_rows=max_rows,
             )
         # A checkpoint whose loss is not finite (finite weights that overflow) has no sharpness:

@@ -27,7 +27,7 @@ from torch.func import functional_call, vmap
 
 from .. import distributed as _dist
 from ..data import Batches, regroup_batches, survey_batches, to_device
-from ..objective import Objective, check_mean_reduced, checked_loss, ignored_target, probe_largest_batch
+from ..objective import DataWeights, Objective, check_mean_reduced, checked_loss, probe_largest_batch, survey_weights
 from ..params import FlatParams
 
 __all__ = ["StackedObjective", "SingleObjective", "stack_checkpoints", "estimate_group_size", "GroupPlan"]
@@ -69,12 +69,13 @@ class _HvpCache:
         self.graphs: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def hvp(self, batches, make_graph, V: torch.Tensor, reduce: bool = False) -> torch.Tensor:
-        """Sum over batches of ``d(g_b . V)/dx`` with ``(x, g_b) = make_graph(batch)`` (g_b already
-        carries the batch's sample weight); with ``reduce``, also over the ranks holding shards."""
+        """Sum over the ``(batch, weight)`` items of ``batches`` of ``d(g_b . V)/dx`` with
+        ``(x, g_b) = make_graph(item)`` (g_b already carries the batch's weight); with ``reduce``,
+        also over the ranks holding shards."""
         out = torch.zeros_like(V)
         with _dist.sharded_pass([out], enabled=reduce):
             if self.keep and self.graphs is None:
-                self.graphs = [make_graph(batch) for batch in batches]
+                self.graphs = [make_graph(item) for item in batches]
             for item in self.graphs if self.keep else batches:
                 xr, g = item if self.keep else make_graph(item)
                 (hv,) = torch.autograd.grad(g, xr, V, retain_graph=self.keep)
@@ -92,7 +93,8 @@ class StackedObjective:
         batches: the data (:class:`~sharpkit.data.Batches`).
         X: ``(B, n)`` reference parameter vectors (their device and dtype are the evaluation's).
         frozen: ``{name: (B, ...)}`` buffers and frozen parameters.
-        num_samples: the data's sample count when already known.
+        weights: the data's :class:`~sharpkit.objective.DataWeights` for ``loss_fn`` when already
+            known (None: from a read of ``batches``, reduced over the ranks of sharded data).
         keep_graphs: keep each batch's first-order graph across HVPs (default True; memory
             about four times the activations of all data for B checkpoints).
         max_rows: regroup the data into chunks of at most this many samples (None: keep the
@@ -108,7 +110,7 @@ class StackedObjective:
         batches: Batches,
         X: torch.Tensor,
         frozen: dict[str, torch.Tensor],
-        num_samples: int | None = None,
+        weights: DataWeights | None = None,
         keep_graphs: bool = True,
         max_rows: int | None = None,
     ):
@@ -125,7 +127,8 @@ class StackedObjective:
         self.X = X.detach()
         self.frozen = frozen
         self.device, self.dtype = X.device, X.dtype
-        self.num_samples = num_samples if num_samples is not None else batches.num_samples()
+        self.weights = weights if weights is not None else survey_weights(batches, loss_fn, batches.is_sharded)[1]
+        self.num_samples = self.weights.num_samples
         self.num_problems, self.dim = X.shape
         self.num_evals = 0
         self.num_hvps = 0
@@ -153,20 +156,19 @@ class StackedObjective:
         total = torch.zeros(self.num_problems, device=self.device, dtype=torch.float64)
         grad = torch.zeros_like(W) if with_grad else None
         with _dist.sharded_pass([total] + ([grad] if with_grad else []), enabled=self.sharded):
-            for batch in self.batches:
-                n_b = batch[0].shape[0]
+            for batch, w in self.weights.weighted(self.batches):
                 if with_grad:
                     Wr = W.clone().requires_grad_(True)
                     losses = self.batch_losses(Wr, batch)
                     # Rows are independent, so the gradient of the sum is each row's own gradient.
-                    (g,) = torch.autograd.grad((losses * (n_b / self.num_samples)).sum(), Wr)
+                    (g,) = torch.autograd.grad((losses * (w / self.weights.total)).sum(), Wr)
                     grad += g
                 else:
                     with torch.no_grad():
                         losses = self.batch_losses(W, batch)
-                total += losses.detach().double() * n_b
+                total += losses.detach().double() * w
         self.num_evals += 1
-        return total / self.num_samples, grad
+        return total / self.weights.total, grad
 
     def loss(self, W: torch.Tensor) -> torch.Tensor:
         """``(B,)`` float64 losses at the rows of ``W``."""
@@ -182,14 +184,14 @@ class StackedObjective:
         V = self._check(V)
         self.num_hvps += 1
 
-        def graph(batch):
+        def graph(item):
+            batch, w = item
             Xr = self.X.clone().requires_grad_(True)
             losses = self.batch_losses(Xr, batch)
-            n_b = batch[0].shape[0]
-            (g,) = torch.autograd.grad((losses * (n_b / self.num_samples)).sum(), Xr, create_graph=True)
+            (g,) = torch.autograd.grad((losses * (w / self.weights.total)).sum(), Xr, create_graph=True)
             return Xr, g
 
-        return self._cache.hvp(self.batches, graph, V, reduce=self.sharded).detach()
+        return self._cache.hvp(self.weights.weighted(self.batches), graph, V, reduce=self.sharded).detach()
 
 
 class SingleObjective:
@@ -205,7 +207,6 @@ class SingleObjective:
         self.X = objective.x0().unsqueeze(0)
         self.device, self.dtype = self.X.device, self.X.dtype
         self.num_problems, self.dim = self.X.shape
-        self.num_samples = objective.num_samples
         self.num_hvps = 0
         self._cache = _HvpCache(keep_graphs)
 
@@ -230,13 +231,15 @@ class SingleObjective:
         obj = self.objective
         self.num_hvps += 1
 
-        def graph(batch):
+        def graph(item):
+            batch, w = item
             xr = self.X[0].clone().requires_grad_(True)
-            loss = obj.batch_loss(xr, batch) * (batch[0].shape[0] / self.num_samples)
+            loss = obj.batch_loss(xr, batch) * (w / obj.weights.total)
             (g,) = torch.autograd.grad(loss, xr, create_graph=True)
             return xr, g
 
-        return self._cache.hvp(obj.batches, graph, self._check(V)[0], reduce=obj.distributed).detach().unsqueeze(0)
+        return self._cache.hvp(obj.weights.weighted(obj.batches), graph, self._check(V)[0],
+                               reduce=obj.distributed).detach().unsqueeze(0)
 
 
 def _available_bytes(device: torch.device) -> int:
@@ -312,7 +315,7 @@ def estimate_group_size(
     """
     itemsize = torch.empty((), dtype=dtype).element_size()
     n = FlatParams(model).n
-    survey = survey_batches(batches, None if loss_fn is None else ignored_target(loss_fn))
+    survey = survey_batches(batches)
     num_batches, rows, total = survey.num_batches, survey.largest_size, survey.num_samples
     per_sample, obstacle = probe_largest_batch(model, survey, device, dtype, loss_fn)
     if obstacle is not None:

@@ -52,7 +52,9 @@ def _curvature_mode(model: nn.Module, bn: str, copy_tensors: bool = True, restor
 
 
 class CurvatureOperator:
-    """``H`` (or ``G``) of ``f(x) = sum_b n_b loss_b(x) / sum_b n_b`` at the model's current parameters.
+    """``H`` (or ``G``) of ``f(x) = sum_b w_b loss_b(x) / sum_b w_b`` at the model's current parameters
+    (``w_b`` the batch's samples, or its weight for cross-entropy with ignored targets or class
+    weights: :class:`~sharpkit.objective.DataWeights`).
 
     Use :func:`hessian` / :func:`ggn` to build one.  ``op @ V`` takes ``V`` of shape ``(n,)`` or
     ``(n, k)`` and returns the same shape (in ``V``'s dtype; computed in the operator's
@@ -129,7 +131,7 @@ class CurvatureOperator:
         # Products skip putting the model's tensor objects back unless a module is registered twice
         # (functional_call leaves plain tensors behind only then): decided once, not per product.
         self._restore_objects = self.objective._shared_modules
-        self._batch_sizes: list[int] | None = None  # samples per batch, after the first pass
+        self._batch_weights: list[float] | None = None  # each batch's weight, after the first pass
         self.num_matvecs = 0
         self.num_passes = 0
 
@@ -193,24 +195,25 @@ class CurvatureOperator:
 
     __matmul__ = matmat
 
-    def _batches(self) -> Iterator[tuple[int, torch.Tensor | None, torch.Tensor | None, int]]:
-        """``(index, inputs, targets, samples)`` of each batch.  Once every batch's primal pass is
-        kept by the engine, the data are not read again (inputs and targets are None): a
-        DataLoader would collate every batch anew for each product, and a shuffling one would pair
-        the kept passes with other samples."""
-        sizes, cached = self._batch_sizes, getattr(self.engine, "is_cached", None)
-        if sizes is not None and cached is not None and all(cached(b) for b in range(len(sizes))):
-            for b, n_b in enumerate(sizes):
-                yield b, None, None, n_b
+    def _batches(self) -> Iterator[tuple[int, torch.Tensor | None, torch.Tensor | None, float]]:
+        """``(index, inputs, targets, weight)`` of each batch that carries weight in the objective
+        (:class:`~sharpkit.objective.DataWeights`).  Once every batch's primal pass is kept by the
+        engine, the data are not read again (inputs and targets are None): a DataLoader would
+        collate every batch anew for each product, and a shuffling one would pair the kept passes
+        with other samples."""
+        weights, cached = self._batch_weights, getattr(self.engine, "is_cached", None)
+        if weights is not None and cached is not None and all(cached(b) for b in range(len(weights))):
+            for b, w in enumerate(weights):
+                yield b, None, None, w
             return
         seen = []
-        for b, (inputs, targets) in enumerate(self.objective.batches):
-            seen.append(inputs.shape[0])
-            yield b, inputs, targets, inputs.shape[0]
-        self._batch_sizes = seen
+        for b, ((inputs, targets), w) in enumerate(self.objective.weights.weighted(self.objective.batches)):
+            seen.append(w)
+            yield b, inputs, targets, w
+        self._batch_weights = seen
 
     def _accumulate(self, W: torch.Tensor) -> torch.Tensor:
-        """The one data pass: ``sum_b n_b * engine(b) @ W`` (reduced across ranks) ``/ N``."""
+        """The one data pass: ``sum_b w_b * engine(b) @ W`` (reduced across ranks) ``/ sum_b w_b``."""
         k = W.shape[1]
         step = self.chunk_size or k
         if self.num_batches == 1 and step >= k and not self.objective.distributed:
@@ -223,11 +226,11 @@ class CurvatureOperator:
         total = torch.zeros(self.n, k, device=self.device, dtype=self.dtype)
         with _curvature_mode(self.model, self.bn, copy_tensors=False, restore_objects=self._restore_objects), \
                 _dist.sharded_pass([total], enabled=self.objective.distributed):
-            for b, inputs, targets, n_b in self._batches():
+            for b, inputs, targets, w in self._batches():
                 for s in range(0, k, step):
-                    total[:, s:s + step].add_(self.engine.batch_matmat(b, inputs, targets, W[:, s:s + step]), alpha=n_b)
+                    total[:, s:s + step].add_(self.engine.batch_matmat(b, inputs, targets, W[:, s:s + step]), alpha=w)
         self.num_passes += 1
-        return total.div_(self.num_samples)
+        return total.div_(self.objective.weights.total)
 
     def to_scipy(self):
         """A :class:`scipy.sparse.linalg.LinearOperator` (float64 numpy in and out; ``matmat`` batched)."""
@@ -279,8 +282,8 @@ def hessian(
         regroup: join consecutive small batches into passes of up to ``CURVATURE_PASS_ROWS`` (1024)
             samples, within a memory bound for the directions a pass carries (default True; the
             same operator, fewer calls).  Not done where BatchNorm uses batch statistics, nor where
-            joining would change a batch's loss (class-weighted or ``ignore_index`` cross-entropy,
-            a loss that is not a per-sample mean: :func:`sharpkit.objective.join_obstacle`).
+            joining would change the objective (a model whose samples interact, a loss that is not
+            a per-sample mean: :func:`sharpkit.objective.probe_largest_batch`).
     """
     return CurvatureOperator("hessian", model, loss_fn, data, bn=bn, engine=engine, dtype=dtype, device=device,
                              cache=cache, chunk_size=chunk_size, ad=ad, regroup=regroup)
@@ -300,7 +303,7 @@ def ggn(
     ad: str = "auto",
     regroup: bool = True,
 ) -> CurvatureOperator:
-    """The generalized Gauss-Newton matrix ``sum_b n_b J_b^T H_loss,b J_b / N`` (J the Jacobian of
+    """The generalized Gauss-Newton matrix ``sum_b w_b J_b^T H_loss,b J_b / sum_b w_b`` (J the Jacobian of
     the model output in the parameters); arguments as for :func:`hessian`."""
     return CurvatureOperator("ggn", model, loss_fn, data, bn=bn, engine=engine, dtype=dtype, device=device,
                              cache=cache, chunk_size=chunk_size, ad=ad, regroup=regroup)
