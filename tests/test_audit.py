@@ -1327,7 +1327,7 @@ def test_builtin_model_names_resolve_through_study_registry():
         (dict(solver="newton"), "unknown solver"),
         (dict(adaptive_norm="l1", metrics="adaptive"), "adaptive_norm"),
         (dict(solver="lbfgsb", adaptive_norm="l2", metrics="adaptive"), "boxes only"),
-        (dict(k=5, lanczos_steps=3, metrics="top-eig"), "lanczos_steps >= k"),
+        (dict(k=5, lanczos_steps=3, metrics="top-eig"), "lanczos_steps >= 5"),
         (dict(first_step="corner"), "first_step"),
         (dict(restarts=0), "restarts"),
         (dict(group_size=0), "group_size"),
@@ -1390,11 +1390,23 @@ def _usage_error_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         "out-is-a-directory": (["--out", str(tmp_path / "folder")], "is a directory"),
         "report-is-a-directory": (["--report", str(tmp_path / "folder")], "is a directory"),
         "report-under-a-file": (["--report", str(tmp_path / "data.pt" / "r.html")], "is not a directory"),
+        # Messages name the flags typed, not sk.audit's arguments.
+        "group-size-zero": (["--group-size", "0"], "--group-size must be a positive integer"),
+        "max-iter-zero": (["--max-iter", "0"], "--max-iter must be a positive integer, got 0"),
+        "p-above-n": (["--metrics", "keskar-subspace", "--p", "84"],
+                      "--p must be at most the number of parameters n=83, got 84"),
+        "k-above-lanczos-steps": (["--metrics", "top-eig", "--k", "5", "--lanczos-steps", "3"],
+                                  "--k 5 eigenvalues need --lanczos-steps >= 5, got 3"),
+        "lbfgsb-l2": (["--metrics", "adaptive", "--solver", "lbfgsb", "--adaptive-norm", "l2"],
+                      "--solver lbfgsb handles boxes only: use --adaptive-norm linf or --solver apgd"),
+        # A folder nothing can be written in, whatever the permission bits say (root passes them).
+        "out-unwritable": (["--out", "/proc/sharpkit-audit-test/a.jsonl"], "--out /proc/sharpkit-audit-test/a.jsonl: "),
     }
 
 
 USAGE_ERRORS = ["model-data-mismatch", "unknown-device", "absent-cuda", "garbage-data", "truncated-data-pt",
-                "truncated-data-npz", "out-is-a-directory", "report-is-a-directory", "report-under-a-file"]
+                "truncated-data-npz", "out-is-a-directory", "report-is-a-directory", "report-under-a-file",
+                "group-size-zero", "max-iter-zero", "p-above-n", "k-above-lanczos-steps", "lbfgsb-l2", "out-unwritable"]
 
 
 @pytest.mark.parametrize("case", USAGE_ERRORS)
@@ -1411,9 +1423,13 @@ def test_cli_usage_errors_exit_2_before_measuring(tmp_path, nets, capsys, monkey
     monkeypatch.setattr(batched, "estimate_group_size", no_measuring)
     args = ["audit", str(tmp_path / "ck"), "--model", "auditnets:make_mlp", "--data", str(tmp_path / "data.pt"),
             "--out", str(tmp_path / "a.jsonl"), "--no-progress", "--max-iter", "1"]
+    if case == "out-unwritable" and not os.path.isdir("/proc"):
+        pytest.skip("no /proc here")
     assert main(args + extra) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err, err
+    for name in ("group_size", "max_iter", "subspace_dim", "lanczos_steps", "adaptive_norm", "[Errno"):
+        assert name not in err, err
 
 
 def test_raising_model_factory_is_a_usage_error(tmp_path, nets, capsys, monkeypatch):
@@ -1437,6 +1453,19 @@ def test_raising_model_factory_is_a_usage_error(tmp_path, nets, capsys, monkeypa
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err and err.count("\n") == 1, err
     assert "'auditnets:make_raising': make_raising((6,), 3) raised RuntimeError: factory boom" in err
+
+
+def test_cli_messages_spell_arguments_as_flags():
+    from sharpkit.audit.cli import as_flags
+
+    assert as_flags("subspace_dim must be at most the number of parameters n=83, got 84") == (
+        "--p must be at most the number of parameters n=83, got 84")
+    assert as_flags("ascent_dtype='bfloat16' needs the model measured in float32") == (
+        "--ascent-dtype bfloat16 needs the model measured in float32")
+    # Names inside paths, words and other names are left alone.
+    for text in ("results file /runs/max_iter_3/k=1/a.jsonl: is a directory", "the ascent solver's k-th step",
+                 "data spec 'nets:group_size_data': boom"):
+        assert as_flags(text) == text
 
 
 def test_bad_data_and_loss(tmp_path):

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
-__all__ = ["add_parser", "main", "EXIT_OK", "EXIT_FAILED_CHECKPOINTS", "EXIT_USAGE"]
+__all__ = ["add_parser", "main", "as_flags", "EXIT_OK", "EXIT_FAILED_CHECKPOINTS", "EXIT_USAGE"]
 
 EXIT_OK = 0
 EXIT_FAILED_CHECKPOINTS = 1
@@ -35,6 +36,32 @@ examples:
   sharpkit audit 'ckpts/epoch=*.ckpt' --model mypkg.nets:make_net --data mypkg.data:train_loader \\
       --metrics keskar,keskar-subspace,adaptive,top-eig,trace --out audit.jsonl --report audit.html
 """
+
+
+# sk.audit's argument names as this command spells them, for the messages of its ValueErrors.
+FLAGS = {
+    "subspace_dim": "--p", "group_size": "--group-size", "max_iter": "--max-iter", "batch_size": "--batch-size",
+    "lanczos_steps": "--lanczos-steps", "trace_samples": "--trace-samples", "first_step": "--first-step",
+    "adaptive_norm": "--adaptive-norm", "ascent_dtype": "--ascent-dtype", "restarts": "--restarts",
+    "epsilon": "--epsilon", "rho": "--rho", "k": "--k", "solver": "--solver",
+}
+# An argument name where it names the argument: "max_iter must ...", "k=5 ...", "solver 'lbfgsb'",
+# "lanczos_steps >= 5", not inside a word, a path or another name ("the ascent solver", "k-th").
+_FLAG_RE = re.compile(
+    r"(?<![\w./-])(" + "|".join(sorted(map(re.escape, FLAGS), key=len, reverse=True)) + r")"
+    r"(?:=(['\"]?)([^\s,;:'\"]*)\2|(?= must\b| >=| <=)| '([^']*)'(?![/\w]))"
+)
+
+
+def as_flags(message: str) -> str:
+    """``message`` with sk.audit's argument names written as this command's flags:
+    ``subspace_dim must be at most ...`` -> ``--p must be at most ...``, ``k=5`` -> ``--k 5``."""
+
+    def flag(m: re.Match) -> str:
+        value = m.group(3) if m.group(3) is not None else m.group(4)
+        return FLAGS[m.group(1)] + ("" if value is None else f" {value}")
+
+    return _FLAG_RE.sub(flag, message)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -111,7 +138,11 @@ def main(args: argparse.Namespace) -> int:
 
     try:
         metrics = MetricConfig(metrics=args.metrics).metrics
-        if args.report:  # checked now: a report that cannot be written must not wait for the measuring
+        # Checked now: results or a report that cannot be written must not wait for the measuring
+        # (only rank 0 writes --out under torchrun).
+        if is_main_process():
+            check_output_file(args.out, "--out")
+        if args.report:
             check_output_file(args.report, "--report")
         rows = audit(
             args.checkpoints, model=args.model, data=args.data, metrics=metrics, out=args.out,
@@ -124,7 +155,7 @@ def main(args: argparse.Namespace) -> int:
             progress=args.progress,
         )
     except (ValueError, TypeError, FileNotFoundError) as exc:
-        print(f"sharpkit audit: error: {exc}", file=sys.stderr)
+        print(f"sharpkit audit: error: {as_flags(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     failed = sum(r["status"] == "error" for r in rows)
     if not is_main_process():  # under torchrun every rank holds the same rows; rank 0 reports them

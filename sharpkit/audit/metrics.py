@@ -112,7 +112,7 @@ class MetricConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if "top-eig" in self.metrics and self.k > self.lanczos_steps:  # k and lanczos_steps serve top-eig only
-            raise ValueError(f"k={self.k} eigenvalues need lanczos_steps >= k, got {self.lanczos_steps}")
+            raise ValueError(f"k={self.k} eigenvalues need lanczos_steps >= {self.k}, got {self.lanczos_steps}")
 
     def key(self) -> dict[str, Any]:
         """The options that matter to the metrics asked for (other options do not change rows)."""

@@ -21,6 +21,7 @@ import hashlib
 import json
 import math
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +54,10 @@ def check_output_file(path: str | os.PathLike, what: str) -> Path:
     """``path`` as a file the audit can write, checked before any measuring starts.
 
     Raises ``ValueError`` (naming ``what``, e.g. ``"--report"``) when ``path`` is a directory, lies
-    under a file, or its nearest existing folder is not writable: found after hours of measuring,
-    such a mistake would lose the report.
+    under a file, or cannot be written: the file is opened for appending (nothing written), or a
+    file is made and removed in its nearest existing folder (permission bits alone do not tell:
+    root passes them even in ``/proc`` or on a read-only file system).  Found after hours of
+    measuring, such a mistake would lose the results.
     """
     path = Path(path)
     if path.is_dir():
@@ -66,6 +69,14 @@ def check_output_file(path: str | os.PathLike, what: str) -> Path:
         raise ValueError(f"{what} {path}: {folder} is not a directory")
     if not os.access(path if path.exists() else folder, os.W_OK):
         raise ValueError(f"{what} {path}: not writable (permission denied)")
+    try:
+        if path.exists():
+            os.close(os.open(path, os.O_WRONLY | os.O_APPEND | getattr(os, "O_NONBLOCK", 0)))  # (a FIFO: no wait)
+        else:
+            tempfile.TemporaryFile(dir=folder).close()
+    except OSError as exc:
+        where = "" if path.exists() else f" in {folder}"
+        raise ValueError(f"{what} {path}: cannot be written{where} ({exc.strerror or exc})") from None
     return path
 
 

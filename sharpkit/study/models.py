@@ -248,7 +248,9 @@ def build_model(
                 from ..audit.checkpoints import error_summary
 
                 call = f"{spec.partition(':')[2]}({', '.join(map(repr, args))})"
-                raise ValueError(f"model spec {spec!r}: {call} raised {type(exc).__name__}: {error_summary(exc)}") from exc
+                raise ValueError(
+                    f"model spec {spec!r}: {call} raised {type(exc).__name__}: {error_summary(exc)}"
+                ) from exc
     if not isinstance(model, nn.Module):
         raise TypeError(f"model factory {spec!r} returned {type(model).__name__}, expected torch.nn.Module")
     return model
