@@ -217,7 +217,8 @@ class BatchSurvey:
 def survey_batches(batches: Batches, weigh: Callable[[Batch], float] | None = None) -> BatchSurvey:
     """Survey ``batches`` in one read: every batch's size, layout and weight (``weigh(batch)``,
     default its samples), the largest batch and the first batch's input shape.  Raises like
-    iteration does (empty data that are not a shard)."""
+    iteration does (empty data that are not a shard), and ValueError for floating inputs or
+    targets holding NaN or inf."""
     weights: list[float] = []
     sizes: list[int] = []
     layouts: list[int] = []
@@ -225,6 +226,11 @@ def survey_batches(batches: Batches, weigh: Callable[[Batch], float] | None = No
     largest: Batch | None = None
     input_shape: tuple[int, ...] | None = None
     for x, y in batches:
+        for what, t in (("inputs", x), ("targets", y)):
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                bad = "NaN" if bool(torch.isnan(t).any()) else "inf"
+                raise ValueError(f"the data's {what} hold {bad} (batch {len(sizes)}, counting from 0): every loss "
+                                 "and product over them would be non-finite")
         sizes.append(x.shape[0])
         layouts.append(seen.setdefault(_layout(x, y), len(seen)))
         weights.append(float(x.shape[0]) if weigh is None else weigh((x, y)))

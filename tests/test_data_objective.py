@@ -139,6 +139,45 @@ def test_objective_rejects_nonscalar_loss_and_nan_params():
         Objective(model, nn.CrossEntropyLoss(), data)
 
 
+def test_non_finite_frozen_parameters_buffers_and_data_are_named_before_any_pass(tmp_path):
+    import sharpkit as sk
+
+    x, y = _data()
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3)).double().eval()
+    model[0].weight.requires_grad_(False)
+    with torch.no_grad():
+        model[0].weight[2, 1] = float("nan")
+    with pytest.raises(ValueError, match="frozen parameter '0.weight' contains NaN"):
+        sk.hessian(model, nn.CrossEntropyLoss(), (x, y))
+    with torch.no_grad():
+        model[0].weight[2, 1] = 0.5
+        model[1].running_var[3] = float("nan")
+    for measure in (lambda: sk.hessian(model, nn.CrossEntropyLoss(), (x, y)),
+                    lambda: sk.keskar_sharpness(model, nn.CrossEntropyLoss(), (x, y))):
+        with pytest.raises(ValueError, match="buffer '1.running_var' contains NaN"):
+            measure()
+    # An infinite buffer can be meant (a -inf attention mask): only NaN buffers are refused.
+    with torch.no_grad():
+        model[1].running_var[3] = 1.0
+    model.register_buffer("mask", torch.tensor([0.0, float("-inf")], dtype=torch.float64))
+    assert sk.hessian(model, nn.CrossEntropyLoss(), (x, y)).n == FlatParams(model).n
+    # Data: named by what holds it and where, for every measurement (the audit: a usage error,
+    # not an error row for each checkpoint).
+    bad = x.clone()
+    bad[9, 2] = float("inf")
+    batches = [(x[:8], y[:8]), (bad[8:], y[8:])]
+    for measure in (lambda: sk.hessian(model, nn.CrossEntropyLoss(), batches),
+                    lambda: sk.keskar_sharpness(model, nn.CrossEntropyLoss(), batches),
+                    lambda: Objective(model, nn.MSELoss(), [(x, torch.full((23, 3), float("nan"), dtype=x.dtype))])):
+        with pytest.raises(ValueError, match=r"the data's (inputs hold inf \(batch 1|targets hold NaN \(batch 0)"):
+            measure()
+    mlp = _mlp()
+    torch.save(mlp.state_dict(), tmp_path / "ck.pt")
+    with pytest.raises(ValueError, match="inputs hold inf"):
+        sk.audit([tmp_path / "ck.pt"], _mlp, batches, metrics="trace", out=tmp_path / "a.jsonl", progress=False)
+    assert not (tmp_path / "a.jsonl").exists() or (tmp_path / "a.jsonl").read_text() == ""
+
+
 def test_tensor_file_roundtrip(tmp_path):
     x, y = _data(12)
     path = tmp_path / "d.npz"

@@ -362,8 +362,8 @@ def test_tensors_in_outputs_are_strict_json_too(capsys):
     assert _strict_json(capsys.readouterr().out) == {"small": [None, 1.0], "scalar": None, "nested": {"x": [None, 2.0]}}
 
 
-@pytest.mark.parametrize("operator, product", [("hessian", "Hessian"), ("ggn", "GGN")])
-def test_spectrum_of_non_finite_data_is_one_line_and_exit_2(setup, capsys, operator, product):
+@pytest.mark.parametrize("operator", ["hessian", "ggn"])
+def test_spectrum_of_non_finite_data_is_one_line_and_exit_2(setup, capsys, operator):
     tmp, x, y, _ = setup
     x = x.clone()
     x[3, 1] = float("nan")
@@ -373,7 +373,7 @@ def test_spectrum_of_non_finite_data_is_one_line_and_exit_2(setup, capsys, opera
                    "--no-progress", "--out", str(tmp / "s.json"), *options])
         err = capsys.readouterr().err
         assert rc == 2 and err.count("\n") == 1, err
-        assert err.startswith(f"sharpkit spectrum: error: the {product}-vector product returned non-finite values")
+        assert err.startswith("sharpkit spectrum: error: the data's inputs hold NaN (batch 0"), err
         assert not (tmp / "s.json").exists()
 
 

@@ -246,8 +246,14 @@ def test_model_left_as_found_after_an_exception():
     assert_same_state(model, before)
     x_nan = x.clone()
     x_nan[0, 0] = float("nan")
-    with pytest.raises(ValueError, match="loss at the unperturbed parameters is nan"):
+    with pytest.raises(ValueError, match="inputs hold NaN"):
         sk.keskar_sharpness(model, nn.CrossEntropyLoss(), (x_nan, y))
+
+    def nan_loss(out, target):
+        return nn.functional.cross_entropy(out, target) * float("nan")
+
+    with pytest.raises(ValueError, match="loss at the unperturbed parameters is nan"):
+        sk.keskar_sharpness(model, nan_loss, (x, y))
     assert_same_state(model, before)
 
 
