@@ -172,7 +172,10 @@ class ResultStore:
         self.close()
 
     def __del__(self) -> None:
-        self.close()
+        try:
+            self.close()
+        except Exception:  # at interpreter exit the os module may be gone; the OS drops the lock anyway
+            pass
 
     def _load(self) -> int:
         """Read every row; drop a torn tail; return the bytes dropped.
