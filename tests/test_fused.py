@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, hessian, jacrev
 
+import sharpkit as sk
 from sharpkit.curvature.fused import FusedEngine, fused_support
 from sharpkit.params import FlatParams
 
@@ -302,6 +303,17 @@ def test_supported_models_and_bn_policy_argument():
     assert fused_support(model, nn.MSELoss(), bn="eval") is None
     with pytest.raises(ValueError, match="bn"):
         fused_support(model, nn.MSELoss(), bn="batch")
+
+
+def test_hessian_with_bn_train_names_batch_statistics_as_the_reason():
+    # The measurement turns BatchNorm's tracking off under bn="train": the reason must still be
+    # bn="train", not "no running statistics".
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.GELU(), nn.Linear(8, 3))
+    batch = (torch.randn(10, 6), torch.randint(0, 3, (10,)))
+    with pytest.raises(ValueError, match=re.escape("uses batch statistics (bn='train')")):
+        sk.hessian(model, nn.CrossEntropyLoss(), batch, bn="train", engine="fused")
+    why = sk.hessian(model, nn.CrossEntropyLoss(), batch, bn="train", engine="auto").engine_info["why_not_fused"]
+    assert "bn='train'" in why and "no running statistics" not in why
 
 
 def test_bad_inputs_raise_clear_errors():

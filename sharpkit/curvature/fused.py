@@ -114,15 +114,17 @@ def _parse_model(model: nn.Module, bn_train: bool | None) -> list[_Layer]:
             elif is_batchnorm(m):
                 if not isinstance(m, nn.BatchNorm1d):
                     raise _Unsupported(f"{_describe(name, m)} is not supported by the fused engine (BatchNorm1d only)")
-                if not m.track_running_stats or m.running_mean is None:
-                    raise _Unsupported(
-                        f"{_describe(name, m)} has no running statistics, so it normalises with batch statistics;"
-                        " the fused engine supports BatchNorm in eval mode (running statistics) only"
-                    )
+                # bn='train' first: the measurement then turns off tracking, which would read as
+                # "no running statistics".
                 if (m.training if bn_train is None else bn_train):
                     raise _Unsupported(
                         f"{_describe(name, m)} uses batch statistics (bn='train'); the fused engine supports"
                         " BatchNorm in eval mode (bn='eval') only"
+                    )
+                if not m.track_running_stats or m.running_mean is None:
+                    raise _Unsupported(
+                        f"{_describe(name, m)} has no running statistics, so it normalises with batch statistics;"
+                        " the fused engine supports BatchNorm in eval mode (running statistics) only"
                     )
                 layers.append(_Layer(name, "bn", m))
             elif _activation(m) is not None:
