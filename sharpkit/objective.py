@@ -249,7 +249,8 @@ _ELEMENTWISE_FUNCTIONS = (F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss)
 
 def checked_loss(loss_fn: LossFn, outputs: Any, targets: Any) -> torch.Tensor:
     """``loss_fn(outputs, targets)``, which must be a scalar tensor; an element-wise regression loss
-    (MSE, L1, smooth L1, Huber) must get targets shaped like the outputs.  ValueError otherwise.
+    (MSE, L1, smooth L1, Huber) must get targets shaped like the outputs, and class-index targets
+    must index the outputs' classes.  ValueError otherwise.
     Runs in every pass; the loss's reduction is checked once, where a measurement is set up
     (:func:`check_mean_reduced`)."""
     elementwise = isinstance(loss_fn, _ELEMENTWISE_LOSSES) or any(loss_fn is f for f in _ELEMENTWISE_FUNCTIONS)
@@ -259,11 +260,26 @@ def checked_loss(loss_fn: LossFn, outputs: Any, targets: Any) -> torch.Tensor:
         raise ValueError(f"{what} compares outputs of shape {tuple(outputs.shape)} with targets of shape "
                          f"{tuple(targets.shape)}: they must match (torch would broadcast them into a loss over "
                          "every output-target pair)")
-    loss = loss_fn(outputs, targets)
+    loss = _call_loss(loss_fn, outputs, targets)
     if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
         shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
         raise ValueError(f"loss_fn must return a scalar (mean-reduced) tensor, got {shape}")
     return loss
+
+
+def _call_loss(loss_fn: LossFn, outputs: Any, targets: Any) -> Any:
+    """``loss_fn(outputs, targets)``; class-index targets outside the outputs' classes are a
+    ValueError naming both (cross-entropy's "Target 10 is out of bounds" does not say whose)."""
+    try:
+        return loss_fn(outputs, targets)
+    except IndexError as exc:
+        if isinstance(outputs, torch.Tensor) and outputs.dim() >= 2 and isinstance(targets, torch.Tensor) \
+                and not targets.is_floating_point() and targets.numel():
+            c = outputs.shape[1]
+            raise ValueError(f"class-index targets must lie in [0, {c}) for the model's {c} outputs (or equal the "
+                             f"loss's ignore_index); this batch's lie in {int(targets.min())}..{int(targets.max())}"
+                             ) from exc
+        raise
 
 
 def check_mean_reduced(loss_fn: Any) -> None:
@@ -387,7 +403,7 @@ def join_obstacle(loss_fn: LossFn, survey: BatchSurvey, outputs: Any = None) -> 
     if not all(w > 0 for w in weights):
         return None  # (a half without weight: nothing to compare)
     with torch.no_grad():
-        losses = [loss_fn(out, t) for out, t in parts]
+        losses = [_call_loss(loss_fn, out, t) for out, t in parts]
     if not all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in losses):
         return None  # not a scalar: the measurement's first pass says so
     whole, first, second = (float(v) for v in losses)

@@ -178,6 +178,25 @@ def test_non_finite_frozen_parameters_buffers_and_data_are_named_before_any_pass
     assert not (tmp_path / "a.jsonl").exists() or (tmp_path / "a.jsonl").read_text() == ""
 
 
+def test_targets_outside_the_models_classes_are_named(tmp_path):
+    import sharpkit as sk
+
+    x, y = _data()
+    y = y.clone()
+    y[17] = 7  # the model has 3 outputs
+    batches = [(x[:8], y[:8]), (x[8:16], y[8:16]), (x[16:], y[16:])]
+    message = r"class-index targets must lie in \[0, 3\) for the model.s 3 outputs .* lie in \d\.\.7"
+    obj = Objective(_mlp(), nn.CrossEntropyLoss(), batches)
+    for measure in (lambda: obj.loss(obj.x0()),
+                    lambda: sk.keskar_sharpness(_mlp(), nn.CrossEntropyLoss(), batches),
+                    lambda: sk.hessian(_mlp(), nn.CrossEntropyLoss(), batches, engine="generic").dense()):
+        with pytest.raises(ValueError, match=message):
+            measure()
+    torch.save(_mlp().state_dict(), tmp_path / "ck.pt")
+    with pytest.raises(ValueError, match=message):  # (was an IndexError from planning the passes)
+        sk.audit([tmp_path / "ck.pt"], _mlp, batches, metrics="trace", progress=False)
+
+
 def test_tensor_file_roundtrip(tmp_path):
     x, y = _data(12)
     path = tmp_path / "d.npz"
