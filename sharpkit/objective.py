@@ -84,7 +84,12 @@ class Objective:
         check_finite_parameters(model)
         self.model = model
         self.flat = FlatParams(model)
-        self.device = torch.device(device) if device is not None else self.flat.device
+        if device is not None:
+            from .inputs import resolve_device  # (inputs imports this module)
+
+            self.device = resolve_device(device)  # an unusable device named here, not mid-pass
+        else:
+            self.device = self.flat.device
         self.dtype = dtype or self.flat.dtype
         check_mean_reduced(loss_fn)
         self.loss_fn = loss_on_device(loss_fn, self.device, self.dtype)

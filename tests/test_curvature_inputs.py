@@ -402,3 +402,11 @@ def test_regression_targets_that_would_broadcast_are_refused(loss):
         with pytest.raises(ValueError, match=r"outputs of shape \(16, 1\) with targets of shape \(16,\)"):
             call()
     sk.keskar_sharpness(model, loss, (x, y[:, None]), solver="pga", max_iter=2)  # matching shapes: fine
+
+
+@pytest.mark.parametrize("device", ["foo", "cuda:7"] + ([] if torch.cuda.is_available() else ["cuda"]))
+def test_unusable_device_is_named(device):
+    model, (X, Y) = nn.Sequential(nn.Linear(4, 3)).double(), _data()
+    for build in (sk.hessian, sk.ggn):
+        with pytest.raises(ValueError, match=f"device '{device}' is not usable here"):
+            build(model, nn.CrossEntropyLoss(), (X, Y), device=device)
