@@ -14,11 +14,12 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import distributed as _dist
 from .data import as_batches, to_device
-from .objective import check_mean_reduced, checked_loss, loss_weigher
+from .objective import batch_weigher, check_mean_reduced, checked_loss
 from .params import FlatParams, check_finite_parameters, measurement_mode
 
 __all__ = ["Curve", "Surface", "interpolate", "evaluate", "random_direction", "slice_1d", "slice_2d"]
@@ -63,18 +64,20 @@ def evaluate(
 
     ``bn``: "eval" (running statistics) or "train" (each batch's statistics); dropout is off and
     the model is restored exactly.  Accuracy is the fraction of samples whose argmax output equals
-    an integer target, NaN when outputs are not ``(N, C)`` class scores.
+    an integer target (targets equal to the loss's ``ignore_index`` left out, as the loss leaves
+    them), NaN when outputs are not ``(N, C)`` class scores.
     """
     check_mean_reduced(loss_fn)
     dev = torch.device(device) if device is not None else _param_device(model)
     dtype = _param_dtype(model)
     if dev != _param_device(model):
         model = copy.deepcopy(model).to(dev)  # evaluate on ``device`` without moving the user's model
-    # Sums [loss * w, correct, n, batches that are not classification, w] (w: the batch's weight
-    # in the mean loss, its samples or loss_weigher's sum): reduced over ranks when the data are
-    # sharded under torch.distributed.
-    weigh = loss_weigher(loss_fn) or (lambda batch: float(batch[0].shape[0]))
-    sums = torch.zeros(5, dtype=torch.float64)
+    # Sums [loss * w, correct, n, batches that are not classification, w, targets scored] (w: the
+    # batch's weight in the mean loss, its samples or batch_weigher's sum): reduced over ranks when
+    # the data are sharded under torch.distributed.
+    weigh = batch_weigher(loss_fn)
+    ignore = getattr(loss_fn, "ignore_index", -100 if loss_fn in (F.cross_entropy, F.nll_loss) else None)
+    sums = torch.zeros(6, dtype=torch.float64)
     with measurement_mode(model, bn), torch.no_grad():
         batches = _dist.shard(data, keep_batches=_dist.uses_batch_statistics(model))
         with _dist.sharded_pass([sums], enabled=batches.is_sharded):
@@ -87,15 +90,17 @@ def evaluate(
                     sums[4] += w
                 sums[2] += inputs.shape[0]
                 if out.dim() == 2 and not targets.is_floating_point() and targets.dim() == 1:
-                    sums[1] += float((out.argmax(dim=1) == targets).sum())
+                    scored = targets != ignore if ignore is not None else torch.ones_like(targets, dtype=torch.bool)
+                    sums[1] += float(((out.argmax(dim=1) == targets) & scored).sum())
+                    sums[5] += float(scored.sum())
                 else:
                     sums[3] += 1
-    loss_sum, correct, count, other, weight = sums.tolist()
+    loss_sum, correct, count, other, weight, scored_total = sums.tolist()
     if count == 0:
         raise ValueError("data is empty: it holds no samples")
     if not weight > 0:
         raise ValueError("every target of the data equals the loss's ignore_index: the mean loss is undefined")
-    return loss_sum / weight, (correct / count if other == 0 else math.nan)
+    return loss_sum / weight, (correct / scored_total if other == 0 else math.nan)
 
 
 def interpolate(

@@ -22,8 +22,8 @@ from .data import Batches, BatchSurvey, as_batches, regroup_batches, survey_batc
 from .params import FlatParams, check_finite_parameters, has_shared_modules, model_tensors, tensor_objects_kept
 
 __all__ = ["Objective", "LossFn", "activation_elements", "probe_largest_batch", "loss_on_device",
-           "regroup_rows", "check_mean_reduced", "loss_weigher", "DataWeights", "survey_weights", "join_obstacle",
-           "samples_interact", "checked_loss"]
+           "regroup_rows", "check_mean_reduced", "sample_weigher", "batch_weigher", "DataWeights", "survey_weights",
+           "join_obstacle", "samples_interact", "checked_loss"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -39,7 +39,7 @@ REGROUP_BYTES = 256 << 20
 class Objective:
     """``f(x) = sum_b w_b * loss_fn(model_x(X_b), Y_b) / sum_b w_b`` on the flat parameters x, with
     ``w_b`` the batch's samples (or, for cross-entropy with ignored targets or class weights, the
-    sum its mean divides by: :func:`loss_weigher`), so that ``f`` is the loss over all the data.
+    sum its mean divides by: :func:`batch_weigher`), so that ``f`` is the loss over all the data.
 
     Args:
         model: the network; only read.  Call inside :func:`~sharpkit.params.measurement_mode`
@@ -209,6 +209,27 @@ def _forward(model: nn.Module, inputs: torch.Tensor, device: torch.device, dtype
         return functional_call(model, model_tensors(model, device, dtype), (inputs,))
 
 
+def _same_outputs(whole: torch.Tensor, joined: torch.Tensor) -> bool:
+    """Whether ``whole`` (outputs on a batch) equals ``joined`` (its halves' outputs stacked) up to
+    rounding: exactly for integer outputs; for floating ones the same non-finite entries (a -inf
+    mask) and the finite ones within a tolerance for the other GEMM blockings and algorithms that
+    half batches take (float32 on CUDA: TF32 convolutions round to about 1e-3).  Capped, so that
+    low precision does not wave interaction through (a false "interact" only keeps the batches)."""
+    if not whole.is_floating_point():
+        return torch.equal(whole, joined)
+    finite = torch.isfinite(whole)
+    if not torch.equal(finite, torch.isfinite(joined)) or not torch.equal(whole[~finite].nan_to_num(),
+                                                                         joined[~finite].nan_to_num()):
+        return False
+    if not bool(finite.any()):
+        return True
+    rtol = min(5e-2, max(1e-6, 1000 * torch.finfo(whole.dtype).eps))
+    if whole.is_cuda and whole.dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
+        rtol = max(rtol, 1e-2)
+    w, j = whole[finite], joined[finite]
+    return float((w - j).abs().max()) <= rtol * max(float(w.abs().max()), 1e-30)
+
+
 def samples_interact(model: nn.Module, batch, outputs: Any, device: torch.device, dtype: torch.dtype) -> str | None:
     """Why the samples of a batch interact in ``model`` (so that batches must not be joined), or None.
 
@@ -216,7 +237,8 @@ def samples_interact(model: nn.Module, batch, outputs: Any, device: torch.device
     each output tensor must equal the halves' outputs stacked (to rounding).  Batch statistics
     outside BatchNorm modules (``F.batch_norm(training=True)``, a layer subtracting the batch mean)
     fail this, as do outputs that are not per-sample.  A batch of one sample cannot be split: its
-    model is then taken to mix samples (a caller may still join batches by asking for it)."""
+    model is then taken to mix samples (:func:`probe_largest_batch` probes one-sample batches on
+    the first two joined)."""
     inputs = to_device(batch, device, dtype)[0]
     m = inputs.shape[0]
     if m < 2:
@@ -231,16 +253,7 @@ def samples_interact(model: nn.Module, batch, outputs: Any, device: torch.device
         if not all(isinstance(t, torch.Tensor) and t.dim() > 0 for t in (w, a, b)) \
                 or (w.shape[0], a.shape[0], b.shape[0]) != (m, k, m - k) or a.shape[1:] != w.shape[1:]:
             return "the model's outputs are not per-sample tensors"
-        joined = torch.cat([a, b])
-        if not w.is_floating_point():
-            same = torch.equal(w, joined)
-        else:
-            # Half batches take other GEMM blockings: rounding, not interaction, up to this.
-            rtol = max(1e-6, 1000 * torch.finfo(w.dtype).eps)
-            scale = float(w.abs().max()) if w.numel() else 0.0
-            diff = (w - joined).abs().max() if w.numel() else torch.zeros(())
-            same = (bool(torch.isfinite(diff)) and float(diff) <= rtol * max(scale, 1e-30)) or torch.equal(w, joined)
-        if not same:
+        if not _same_outputs(w, torch.cat([a, b])):
             return (f"the model's outputs on a batch of {m} samples differ from its outputs on the batch's halves: "
                     "its samples interact (batch statistics?)")
     return None
@@ -281,9 +294,11 @@ def _call_loss(loss_fn: LossFn, outputs: Any, targets: Any) -> Any:
         if isinstance(outputs, torch.Tensor) and outputs.dim() >= 2 and isinstance(targets, torch.Tensor) \
                 and not targets.is_floating_point() and targets.numel():
             c = outputs.shape[1]
-            raise ValueError(f"class-index targets must lie in [0, {c}) for the model's {c} outputs (or equal the "
-                             f"loss's ignore_index); this batch's lie in {int(targets.min())}..{int(targets.max())}"
-                             ) from exc
+            ignore = getattr(loss_fn, "ignore_index", -100)
+            outside = (targets >= c) | ((targets < 0) & (targets != ignore))
+            if bool(outside.any()):  # (else the loss failed for a reason of its own)
+                raise ValueError(f"class-index targets must lie in [0, {c}) for the model's {c} outputs (or equal the "
+                                 f"loss's ignore_index); this batch holds {int(targets[outside][0])}") from exc
         raise
 
 
@@ -297,16 +312,18 @@ def check_mean_reduced(loss_fn: Any) -> None:
                          "loss (reduction='mean'); the objective is the sample-weighted mean of the batches' losses")
 
 
-def loss_weigher(loss_fn: Any) -> Callable[[Any], float] | None:
-    """The weight a batch's mean loss carries in the objective, as a function of the batch, for
-    losses whose mean does not divide by the batch's samples; None for the others (a batch then
-    weighs its samples).
+def sample_weigher(loss_fn: Any) -> Callable[[Any], torch.Tensor] | None:
+    """Each sample's weight in a batch's mean loss, as a function of the batch (a float64 tensor
+    of one weight per sample), for losses whose mean is not over samples; None for the others
+    (every sample weighs 1).
 
     Cross-entropy/NLL with class-index targets divide by the sum of the class weights of the
     target entries not equal to ``ignore_index`` (their count without class weights; each entry
-    counts, so a sequence of L tokens weighs L): weighing each batch by that sum makes the
-    objective the loss over all the data at once, however they are batched.  Probability targets
-    are averaged over samples.  ValueError for class-index targets outside the class weights."""
+    counts, so a sequence of L tokens weighs L): a sample weighs its entries' share of that sum,
+    and weighing each batch by its samples' sum makes the objective the loss over all the data at
+    once, however they are batched or split.  Probability targets are averaged over samples.
+    Only these modules and functions are recognised: a wrapper (a ``partial``, a lambda) is taken
+    as a per-sample mean.  ValueError for class-index targets outside the class weights."""
     if isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)):
         ignore, class_weights = int(loss_fn.ignore_index), loss_fn.weight
     elif loss_fn is F.cross_entropy or loss_fn is F.nll_loss:
@@ -314,20 +331,33 @@ def loss_weigher(loss_fn: Any) -> Callable[[Any], float] | None:
     else:
         return None
 
-    def weigh(batch) -> float:
+    def weigh(batch) -> torch.Tensor:
         targets = batch[1]
+        n = batch[0].shape[0]
         if not isinstance(targets, torch.Tensor) or targets.is_floating_point():
-            return float(batch[0].shape[0])
-        kept = targets[targets != ignore]
+            return torch.ones(n, dtype=torch.float64)
+        entries = targets.reshape(n, -1)
+        kept = entries != ignore
         if class_weights is None:
-            return float(kept.numel())
+            return kept.sum(1).to("cpu", torch.float64)
         c = class_weights.shape[0]
-        if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= c):
+        valid = entries[kept]
+        if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= c):
             raise ValueError(f"class-index targets must lie in [0, {c}) for the loss's {c} class weights (or equal "
-                             f"ignore_index={ignore}); found {int(kept.min())}..{int(kept.max())}")
-        return float(class_weights.to(kept.device, torch.float64)[kept].sum())
+                             f"ignore_index={ignore}); found {int(valid.min())}..{int(valid.max())}")
+        w = class_weights.to(entries.device, torch.float64)[entries.clamp(0, c - 1)] * kept
+        return w.sum(1).cpu()
 
     return weigh
+
+
+def batch_weigher(loss_fn: Any) -> Callable[[Any], float]:
+    """A batch's weight in the objective: its samples' :func:`sample_weigher` weights summed
+    (its sample count for a per-sample mean loss)."""
+    per_sample = sample_weigher(loss_fn)
+    if per_sample is None:
+        return lambda batch: float(batch[0].shape[0])
+    return lambda batch: float(per_sample(batch).sum())
 
 
 @dataclass(frozen=True)
@@ -336,20 +366,22 @@ class DataWeights:
     ``f = sum_b w_b * loss_b / total`` over all the data (all ranks).
 
     Attributes:
-        weigh: ``w_b`` of a batch (:func:`loss_weigher`), or None where each batch weighs its
-            samples (also where the loss's weights are proportional to the samples everywhere:
-            the same objective without a per-batch count).
+        weigh: ``w_b`` of a batch (the sum of :func:`sample_weigher`'s weights), or None where
+            every sample weighs ``per_sample`` (no per-batch count needed).
         num_samples: samples in all the data.
-        total: the sum of ``w_b`` over all the data (``num_samples`` when ``weigh`` is None).
+        total: the sum of ``w_b`` over all the data (the loss's own total weight, so that
+            objectives over parts of the data combine: m-sharpness's chunks).
+        per_sample: each sample's weight where ``weigh`` is None (1 for a per-sample mean loss).
     """
 
     weigh: Callable[[Any], float] | None
     num_samples: int
     total: float
+    per_sample: float = 1.0
 
     def of(self, batch) -> float:
         """``w_b`` of ``batch``."""
-        return float(batch[0].shape[0]) if self.weigh is None else self.weigh(batch)
+        return batch[0].shape[0] * self.per_sample if self.weigh is None else self.weigh(batch)
 
     def weighted(self, batches: Iterable) -> Iterator[tuple[Any, float]]:
         """``(batch, w_b)`` for the batches that carry weight (a batch whose every target is
@@ -366,32 +398,40 @@ def survey_weights(batches: Batches, loss_fn: Any, distributed: bool,
     objective's :class:`DataWeights` for ``loss_fn`` over all ranks (one collective when
     ``distributed``; a failure on one rank stops every rank).  ValueError for data without
     samples, or whose every target is ignored."""
-    weigh = loss_weigher(loss_fn)
-    sums = torch.zeros(3, dtype=torch.float64)  # samples, sum of w_b, sum of w_b^2 / n_b
+    per_sample = sample_weigher(loss_fn)
+    sums = torch.zeros(3, dtype=torch.float64)  # samples, sum of their weights, sum of squares
+
+    def weigh(batch) -> float:
+        s = per_sample(batch)
+        sums[2] += (s * s).sum()
+        return float(s.sum())
+
     with _dist.sharded_pass([sums], enabled=distributed, what=what):
-        survey = survey_batches(batches, weigh)
-        n = torch.tensor(survey.sizes, dtype=torch.float64)
-        w = torch.tensor(survey.weights, dtype=torch.float64)
-        sums += torch.stack([n.sum(), w.sum(), (w * w / n).sum()])
+        survey = survey_batches(batches, None if per_sample is None else weigh)
+        sums[0] += survey.num_samples
+        sums[1] += sum(survey.weights)
     samples, total, squares = sums.tolist()
     num_samples = int(round(samples))
     if num_samples == 0:
         raise ValueError("data is empty: it holds no samples" + (" on any rank" if distributed else ""))
+    if per_sample is None:
+        return survey, DataWeights(None, num_samples, float(num_samples))
     if not total > 0:
         raise ValueError("every target of the data equals the loss's ignore_index or has class weight 0: "
                          "the mean loss is undefined")
-    # Cauchy-Schwarz: squares * samples >= total^2, with equality exactly where w_b / n_b is the
-    # same for every batch: then weighing by samples is the same objective.
-    if weigh is None or squares * samples - total * total <= 1e-12 * squares * samples:
-        return survey, DataWeights(None, num_samples, float(num_samples))
-    return survey, DataWeights(weigh, num_samples, total)
+    # Cauchy-Schwarz: squares * samples >= total^2, with equality exactly where every sample
+    # weighs the same: then weighing by samples is the same objective, however the batches are
+    # later joined or split.
+    if squares * samples - total * total <= 1e-12 * squares * samples:
+        return survey, DataWeights(None, num_samples, total, total / samples)
+    return survey, DataWeights(batch_weigher(loss_fn), num_samples, total)
 
 
 def join_obstacle(loss_fn: LossFn, survey: BatchSurvey, outputs: Any = None) -> str | None:
     """Why joining the surveyed batches into larger passes would change the objective, or None.
 
     Joining keeps ``sum_b w_b * loss_b / total`` only when each batch's loss is the weighted mean
-    of per-sample terms, with the weights of :func:`loss_weigher` (the samples for most losses).
+    of per-sample terms, with the weights of :func:`batch_weigher` (the samples for most losses).
     The loss is probed on ``outputs``, the model's outputs on the survey's largest batch: its loss
     must equal the weighted mean of the losses of its two halves (to rounding).
     """
@@ -402,7 +442,7 @@ def join_obstacle(loss_fn: LossFn, survey: BatchSurvey, outputs: Any = None) -> 
         return None
     _, y = to_device(largest, outputs.device, outputs.dtype)
     k = m // 2
-    weigh = loss_weigher(loss_fn) or (lambda batch: float(batch[0].shape[0]))
+    weigh = batch_weigher(loss_fn)
     parts = [(outputs, y), (outputs[:k], y[:k]), (outputs[k:], y[k:])]
     weights = [weigh(part) for part in parts]
     if not all(w > 0 for w in weights):
@@ -433,7 +473,12 @@ def probe_largest_batch(model: nn.Module, survey: BatchSurvey, device: torch.dev
     elements, outputs = _probe_forward(model, survey.largest, device, dtype)
     obstacle = join_obstacle(loss_on_device(loss_fn, device, dtype), survey, outputs) if loss_fn is not None else None
     if obstacle is None and survey.num_batches > 1:
-        obstacle = samples_interact(model, survey.largest, outputs, device, dtype)
+        probe = survey.largest
+        if survey.largest_size < 2 and len(survey.head) == 2 and survey.layouts[0] == survey.layouts[1]:
+            # Batches of one sample: the join itself is the probe (the first two batches).
+            probe = tuple(torch.cat(parts) for parts in zip(*survey.head))
+            outputs = _forward(model, to_device(probe, device, dtype)[0], device, dtype)
+        obstacle = samples_interact(model, probe, outputs, device, dtype)
     return elements / survey.largest_size, obstacle
 
 

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 
 import sharpkit as sk
+from sharpkit.audit.batched import StackedObjective
+from sharpkit.data import as_batches
 from sharpkit.landscape import evaluate
 from sharpkit.objective import Objective
 
@@ -339,16 +341,38 @@ def test_cross_entropy_with_class_weights_or_ignored_targets_is_the_loss_over_al
         assert _rel(G.dense(), sk.ggn(model, loss, (X, Y)).dense()) < 1e-12
         obj = Objective(model, loss, batches, regroup=regroup)
         assert float(obj.loss(obj.x0())) == pytest.approx(whole, rel=1e-12)
+    # Passes that split the batches (one pair in passes of 5: pieces with other shares of the
+    # ignored targets, one of them all ignored) weigh their own sums too.
+    for data in (batches, (X, Y)):
+        obj = Objective(model, loss, data, regroup=5)
+        assert float(obj.loss(obj.x0())) == pytest.approx(whole, rel=1e-12)
+        X2 = torch.stack([obj.x0(), obj.x0()])
+        stacked = StackedObjective(model, loss, as_batches(data), X2, {}, max_rows=5)
+        assert stacked.loss(X2).tolist() == pytest.approx([whole, whole], rel=1e-12)
     for batch_size in (1, 7, 20):
         res = sk.keskar_sharpness(model, loss, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, Y),
                                                                             batch_size=batch_size),
                                   epsilon=1e-3, max_iter=2)
         assert res.loss == pytest.approx(whole, rel=1e-12), batch_size
     assert evaluate(model, loss, batches)[0] == pytest.approx(whole, rel=1e-12)
+    # m-sharpness: the chunks weigh their shares (a chunk of ignored targets only is left out).
+    chunked = sk.adaptive_sharpness(model, loss, (X, Y), rho=0.05, m=3, max_iter=2)
+    assert chunked.loss == pytest.approx(whole, rel=1e-12)
     torch.save(model.state_dict(), tmp_path / "ck.pt")
-    rows = sk.audit([tmp_path / "ck.pt"], lambda: copy.deepcopy(model), batches, loss_fn=loss, metrics="trace",
-                    trace_samples=2, dtype="float64", progress=False)
-    assert rows[0]["status"] == "ok" and rows[0]["loss"] == pytest.approx(whole, rel=1e-12)
+    torch.save({k: v + 0.01 for k, v in model.state_dict().items()}, tmp_path / "ck2.pt")
+    for group_size in (1, 2):
+        rows = sk.audit([tmp_path / "ck.pt", tmp_path / "ck2.pt"], lambda: copy.deepcopy(model), (X, Y), loss_fn=loss,
+                        metrics="trace", trace_samples=2, dtype="float64", progress=False, group_size=group_size)
+        assert rows[0]["status"] == "ok" and rows[0]["loss"] == pytest.approx(whole, rel=1e-12)
+
+
+def test_accuracy_leaves_ignored_targets_out():
+    model, loss, X, Y, batches = _ce_case("ignore_index")
+    with torch.no_grad():
+        out = model(X)
+    kept = Y != -1
+    accuracy = float((out.argmax(1)[kept] == Y[kept]).double().mean())
+    assert evaluate(model, loss, batches)[1] == pytest.approx(accuracy, rel=1e-12)
 
 
 def test_data_whose_every_target_is_ignored_is_refused():

@@ -9,7 +9,9 @@ With ``c = |w|`` (adaptive) or ``c = 1`` (standard) and the perturbation set
   Gaussian (ℓ2, i.e. ``δ ~ N(0, ρ² diag(c²))``), estimated from ``max_iter`` seeded draws.
 * m-sharpness (``m`` given): the first ``num_examples`` examples (default 1024) are cut into
   consecutive chunks of ``m``; each chunk's sharpness is measured separately (the chunks are the
-  B independent problems of the batched solver) and the results are averaged with sample weights.
+  B independent problems of the batched solver) and the results are averaged with sample weights
+  (for cross-entropy with ignored targets or class weights, the weights of the loss's mean; a
+  chunk whose every target is ignored is left out).
 
 Because the solver iterates in the normalised coordinates ``δ ⊘ (ρ c)``, the adaptive measures
 (c = |w|) are invariant to rescaling a ReLU layer by α and the next by 1/α (Dinh et al. 2017), to
@@ -26,7 +28,7 @@ import torch
 from torch import nn
 
 from ..data import as_batches
-from ..objective import LossFn, Objective
+from ..objective import LossFn, Objective, batch_weigher
 from ..params import measurement_mode
 from . import solvers
 from ._checks import ascent_dtype_arg, choice, device_arg, dtype_arg, flag, positive_float, positive_int, seed_int
@@ -143,9 +145,15 @@ def adaptive_sharpness(
         if m is None:
             objectives = [Objective(model, loss_fn, data, device=device, dtype=dtype, regroup=True)]
         else:
-            objectives = [Objective(model, loss_fn, chunk, device=device, dtype=dtype)
-                          for chunk in _chunks(data, m, num_examples)]
-        weights = torch.tensor([o.num_samples for o in objectives], dtype=torch.float64)
+            # A chunk whose every target is ignored has no loss: it is left out, as a batch is.
+            weigh = batch_weigher(loss_fn)
+            chunks = [chunk for chunk in _chunks(data, m, num_examples) if weigh(chunk) > 0]
+            if not chunks:
+                raise ValueError("every target of the examples measured equals the loss's ignore_index or has class "
+                                 "weight 0: the mean loss is undefined")
+            objectives = [Objective(model, loss_fn, chunk, device=device, dtype=dtype) for chunk in chunks]
+        # Each problem weighs its share of the objective (its samples, or batch_weigher's sum).
+        weights = torch.tensor([o.weights.total for o in objectives], dtype=torch.float64)
         weights = weights / weights.sum()
         engine = solvers.ObjectiveEngine(objectives)
         x = objectives[0].x0()
