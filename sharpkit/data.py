@@ -185,6 +185,7 @@ class BatchSurvey:
         input_shape: the shape of the first batch's inputs, samples first (None when no batch).
         weights: each batch's weight in the objective, as the survey's ``weigh`` gave it (the
             batch's samples where none was given; see :class:`sharpkit.objective.DataWeights`).
+        head: the first two batches (fewer when there are fewer).
     """
 
     sizes: tuple[int, ...]
@@ -192,6 +193,7 @@ class BatchSurvey:
     largest: Batch | None
     input_shape: tuple[int, ...] | None
     weights: tuple[float, ...] = ()
+    head: tuple[Batch, ...] = ()
 
     @property
     def num_batches(self) -> int:
@@ -217,28 +219,31 @@ class BatchSurvey:
 def survey_batches(batches: Batches, weigh: Callable[[Batch], float] | None = None) -> BatchSurvey:
     """Survey ``batches`` in one read: every batch's size, layout and weight (``weigh(batch)``,
     default its samples), the largest batch and the first batch's input shape.  Raises like
-    iteration does (empty data that are not a shard), and ValueError for floating inputs or
-    targets holding NaN or inf."""
+    iteration does (empty data that are not a shard), and ValueError for floating inputs holding
+    NaN or inf."""
     weights: list[float] = []
     sizes: list[int] = []
+    head: list[Batch] = []
     layouts: list[int] = []
     seen: dict[tuple, int] = {}
     largest: Batch | None = None
     input_shape: tuple[int, ...] | None = None
     for x, y in batches:
-        for what, t in (("inputs", x), ("targets", y)):
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                bad = "NaN" if bool(torch.isnan(t).any()) else "inf"
-                raise ValueError(f"the data's {what} hold {bad} (batch {len(sizes)}, counting from 0): every loss "
-                                 "and product over them would be non-finite")
+        # (Targets may hold NaN: a loss can mask missing labels.)
+        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            bad = "NaN" if bool(torch.isnan(x).any()) else "inf"
+            raise ValueError(f"the data's inputs hold {bad} (batch {len(sizes)}, counting from 0): every loss and "
+                             "product over them would be non-finite")
         sizes.append(x.shape[0])
+        if len(head) < 2:
+            head.append((x, y))
         layouts.append(seen.setdefault(_layout(x, y), len(seen)))
         weights.append(float(x.shape[0]) if weigh is None else weigh((x, y)))
         if largest is None:
             input_shape = tuple(x.shape)
         if largest is None or x.shape[0] > largest[0].shape[0]:
             largest = (x, y)
-    return BatchSurvey(tuple(sizes), tuple(layouts), largest, input_shape, tuple(weights))
+    return BatchSurvey(tuple(sizes), tuple(layouts), largest, input_shape, tuple(weights), tuple(head))
 
 
 class _Regrouped:

@@ -205,14 +205,17 @@ def measurement_mode(
 
 
 def check_finite_parameters(model: nn.Module) -> None:
-    """Raise ``ValueError`` naming the first parameter (trainable or frozen) that holds NaN or inf,
-    or the first floating buffer that holds NaN (BatchNorm statistics; an infinite buffer can be
-    meant, as a -inf attention mask is)."""
+    """Raise ``ValueError`` naming the first trainable parameter that holds NaN or inf, or the first
+    frozen parameter or floating buffer that holds NaN (BatchNorm statistics; an infinite one can
+    be meant, as a -inf attention mask is)."""
     for name, p in model.named_parameters():
-        if p.is_floating_point() and not bool(torch.isfinite(p.detach()).all()):
+        if not p.is_floating_point():
+            continue
+        if p.requires_grad and not bool(torch.isfinite(p.detach()).all()):
             bad = "NaN" if bool(torch.isnan(p.detach()).any()) else "inf"
-            kind = "parameter" if p.requires_grad else "frozen parameter"
-            raise ValueError(f"{kind} {name!r} contains {bad}; sharpness of a non-finite model is undefined")
+            raise ValueError(f"parameter {name!r} contains {bad}; sharpness of a non-finite model is undefined")
+        if not p.requires_grad and bool(torch.isnan(p.detach()).any()):
+            raise ValueError(f"frozen parameter {name!r} contains NaN; the model's outputs would be NaN")
     for name, b in model.named_buffers():
         if b.is_floating_point() and bool(torch.isnan(b).any()):
             raise ValueError(f"buffer {name!r} contains NaN; the model's outputs would be NaN")

@@ -202,7 +202,7 @@ def test_samples_interacting_outside_batchnorm_keep_their_batches(kind, tmp_path
     assert rows[0]["status"] == "ok" and rows[0]["loss"] == pytest.approx(float(f(x0)), rel=1e-12)
 
 
-def test_independent_samples_are_still_joined_and_one_sample_batches_are_not():
+def test_independent_samples_are_still_joined_and_one_sample_batches_are_probed_joined():
     cpu = torch.device("cpu")
     for dtype in (torch.float32, F64):
         torch.manual_seed(0)
@@ -211,10 +211,27 @@ def test_independent_samples_are_still_joined_and_one_sample_batches_are_not():
         survey = survey_batches(as_batches(batches))
         assert probe_largest_batch(conv, survey, cpu, dtype, nn.CrossEntropyLoss())[1] is None
         assert regroup_rows(conv, survey, cpu, dtype) >= 64
+    # Batches of one sample: the first two joined are the probe.
     mlp = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2))
     singles = survey_batches(as_batches(_batches_of([1, 1, 1])))
-    assert "one sample" in probe_largest_batch(mlp, singles, cpu, torch.float32)[1]
-    assert regroup_rows(mlp, singles, cpu, torch.float32) is None
+    assert probe_largest_batch(mlp, singles, cpu, torch.float32)[1] is None
+    assert regroup_rows(mlp, singles, cpu, torch.float32) >= 1
+    mixing = nn.Sequential(nn.Linear(3, 8), _Center(), nn.Tanh(), nn.Linear(8, 2))
+    assert "interact" in probe_largest_batch(mixing, singles, cpu, torch.float32)[1]
+    assert regroup_rows(mixing, singles, cpu, torch.float32) is None
+    # Outputs with a -inf mask (log-probabilities of a masked class) compare where finite.
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(64, 10)
+            self.register_buffer("mask", torch.tensor([0.0] * 9 + [float("-inf")]))
+
+        def forward(self, x):
+            return torch.log_softmax(self.lin(x) + self.mask, 1)
+
+    torch.manual_seed(1)
+    masked = survey_batches(as_batches([(torch.randn(3, 64), torch.randint(0, 9, (3,))) for _ in range(4)]))
+    assert probe_largest_batch(Masked(), masked, cpu, torch.float32, nn.NLLLoss())[1] is None
 
 
 def test_per_sample_tuple_outputs_are_compared_leaf_by_leaf():
