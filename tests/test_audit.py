@@ -845,10 +845,13 @@ def test_store_refuses_foreign_file_and_leaves_it_intact(tmp_path, kind):
     assert path.read_bytes() == FOREIGN_FILES[kind]
 
 
-def test_store_repairs_a_torn_first_row(tmp_path):
-    # A crash in the file's first append: the torn line begins as an audit row does.
+@pytest.mark.parametrize("metrics", ["keskar", "keskar,adaptive", "trace"])
+def test_store_repairs_a_torn_first_row(tmp_path, metrics):
+    # A crash in the file's first append: the torn line begins as an audit row does (its first
+    # key sorted: "checkpoint", or "adaptive" where the row has it).
     path = tmp_path / "a.jsonl"
-    rows = audit(save_checkpoints(tmp_path / "ck", count=1), make_mlp, toy_data(), out=path, max_iter=1)
+    rows = audit(save_checkpoints(tmp_path / "ck", count=1), make_mlp, toy_data(), out=path, max_iter=1,
+                 metrics=metrics, trace_samples=2)
     line = path.read_bytes()
     path.write_bytes(line[: len(line) // 2])
     store = ResultStore(path)
@@ -1465,6 +1468,10 @@ def test_cli_messages_spell_arguments_as_flags():
     # Names inside paths, words and other names are left alone.
     for text in ("results file /runs/max_iter_3/k=1/a.jsonl: is a directory", "the ascent solver's k-th step",
                  "data spec 'nets:group_size_data': boom"):
+        assert as_flags(text) == text
+    # The user's own words: about a --model/--data spec, or what their code raised.
+    for text in ("model spec 'f1': k must be positive", "data spec 'nets:data': k must be positive",
+                 "the model's factory make() raised ValueError: k must be positive"):
         assert as_flags(text) == text
 
 

@@ -55,13 +55,18 @@ _FLAG_RE = re.compile(
 
 def as_flags(message: str) -> str:
     """``message`` with sk.audit's argument names written as this command's flags:
-    ``subspace_dim must be at most ...`` -> ``--p must be at most ...``, ``k=5`` -> ``--k 5``."""
+    ``subspace_dim must be at most ...`` -> ``--p must be at most ...``, ``k=5`` -> ``--k 5``.
+    Messages about the ``--model``/``--data`` specs, and what the user's own code raised (after
+    "raised"), are the user's words: left as they are."""
 
     def flag(m: re.Match) -> str:
         value = m.group(3) if m.group(3) is not None else m.group(4)
         return FLAGS[m.group(1)] + ("" if value is None else f" {value}")
 
-    return _FLAG_RE.sub(flag, message)
+    if message.startswith(("model spec ", "data spec ")):
+        return message
+    head, raised, tail = message.partition(" raised ")
+    return _FLAG_RE.sub(flag, head) + raised + tail
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

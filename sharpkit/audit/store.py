@@ -80,9 +80,10 @@ def check_output_file(path: str | os.PathLike, what: str) -> Path:
     return path
 
 
-# How an audit row begins (json.dumps with sorted keys; "checkpoint" sorts first): a torn tail
-# that begins so is the store's own even when no complete row precedes it.
-_ROW_PREFIX = b'{"checkpoint": '
+# How an audit row begins (json.dumps with sorted keys: "checkpoint" sorts first, or the metric
+# "adaptive" where a row has it): a torn tail that begins so is the store's own even when no
+# complete row precedes it.
+_ROW_PREFIXES = (b'{"adaptive": ', b'{"checkpoint": ')
 # Descriptor flags of the store's file: appends only, no newline translation (Windows).
 _APPEND_FLAGS = os.O_WRONLY | os.O_APPEND | getattr(os, "O_BINARY", 0)
 
@@ -199,7 +200,7 @@ class ResultStore:
         except ValueError:
             # A torn append is the start of one of our rows ('{"...'), after one of our rows or
             # beginning as an audit row; anything else (a one-line file of the user's) is foreign.
-            if not (tail.startswith(b'{"') and (self._rows or tail.startswith(_ROW_PREFIX))):
+            if not (tail.startswith(b'{"') and (self._rows or tail.startswith(_ROW_PREFIXES))):
                 raise ValueError(f"{self.path}:{tail_lineno}: not a JSON line; not an audit results file") from None
             os.ftruncate(self._fd, len(data) - len(tail))
             os.fsync(self._fd)
