@@ -79,6 +79,14 @@ class Batches:
                 f"data must be an (inputs, targets) tuple of tensors or an iterable of batches, got {type(data).__name__}"
             )
 
+    def single_pair(self) -> Batch | None:
+        """The one ``(X, Y)`` pair these batches are, given without ``batch_size`` (sharding splits
+        its rows across ranks, see :meth:`shard`), else None."""
+        if self._split is None and isinstance(self._source, list) and len(self._source) == 1 \
+                and _is_tensor_pair(self._source[0]):
+            return self._source[0]
+        return None
+
     @property
     def is_sharded(self) -> bool:
         """True when iteration yields only this rank's share of the data (see :meth:`shard`);
@@ -91,8 +99,9 @@ class Batches:
 
         Batch ``j`` of the full sequence (after ``batch_size`` splitting, empty batches skipped)
         goes to rank ``j % world_size``, whole; a single ``(X, Y)`` pair without ``batch_size`` is
-        split by rows into ``world_size`` contiguous parts instead, unless ``keep_batches`` (for
-        BatchNorm with batch statistics, where splitting a batch would change the objective).  No
+        split by rows into ``world_size`` contiguous parts instead, unless ``keep_batches`` (where
+        the samples of a batch interact, as with BatchNorm's batch statistics: splitting a batch
+        would change the objective).  No
         sample is repeated or dropped; a shard may be empty (iterating it then yields nothing
         rather than raising).  ``presharded=True`` declares the source to be this rank's part
         already (iterated as is).
@@ -112,7 +121,7 @@ class Batches:
             yield from self._iter_all(allow_empty=self._presharded)
             return
         rank, world = self._shard
-        if not self._keep_batches and self._split is None and isinstance(self._source, list) and len(self._source) == 1 and _is_tensor_pair(self._source[0]):
+        if not self._keep_batches and self.single_pair() is not None:
             # One (X, Y) pair: split its rows, so that every rank gets work.
             for x, y in self._iter_all(allow_empty=True):
                 n = x.shape[0]

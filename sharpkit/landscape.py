@@ -19,7 +19,7 @@ from torch import nn
 
 from . import distributed as _dist
 from .data import as_batches, to_device
-from .objective import batch_weigher, check_mean_reduced, checked_loss
+from .objective import batch_weigher, batches_stay_whole, check_mean_reduced, checked_loss
 from .params import FlatParams, check_finite_parameters, measurement_mode
 
 __all__ = ["Curve", "Surface", "interpolate", "evaluate", "random_direction", "slice_1d", "slice_2d"]
@@ -79,7 +79,7 @@ def evaluate(
     ignore = getattr(loss_fn, "ignore_index", -100 if loss_fn in (F.cross_entropy, F.nll_loss) else None)
     sums = torch.zeros(6, dtype=torch.float64)
     with measurement_mode(model, bn), torch.no_grad():
-        batches = _dist.shard(data, keep_batches=_dist.uses_batch_statistics(model))
+        batches = _dist.shard(data, keep_batches=_dist.is_distributed() and batches_stay_whole(model, data, dev, dtype))
         with _dist.sharded_pass([sums], enabled=batches.is_sharded):
             for batch in batches:
                 inputs, targets = to_device(batch, dev, dtype)

@@ -19,11 +19,18 @@ from torch.func import functional_call
 
 from . import distributed as _dist
 from .data import Batches, BatchSurvey, as_batches, regroup_batches, survey_batches, to_device
-from .params import FlatParams, check_finite_parameters, has_shared_modules, model_tensors, tensor_objects_kept
+from .params import (
+    FlatParams,
+    check_finite_parameters,
+    has_shared_modules,
+    measurement_mode,
+    model_tensors,
+    tensor_objects_kept,
+)
 
 __all__ = ["Objective", "LossFn", "activation_elements", "probe_largest_batch", "loss_on_device",
            "regroup_rows", "check_mean_reduced", "sample_weigher", "batch_weigher", "DataWeights", "survey_weights",
-           "join_obstacle", "samples_interact", "checked_loss"]
+           "join_obstacle", "samples_interact", "batches_stay_whole", "checked_loss"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -96,7 +103,8 @@ class Objective:
         batches = as_batches(data)
         self.distributed: bool = _dist.resolve(distributed) or batches.is_sharded
         self.batches: Batches = (
-            _dist.shard(batches, keep_batches=_dist.uses_batch_statistics(model)) if self.distributed else batches
+            _dist.shard(batches, keep_batches=batches_stay_whole(model, batches, self.device, self.dtype))
+            if self.distributed else batches
         )
         # The one read of this rank's data; the total weight over all ranks divides every pass's
         # reduced sums.  A failure on one rank (here, or in the forward that plans the passes
@@ -460,6 +468,34 @@ def join_obstacle(loss_fn: LossFn, survey: BatchSurvey, outputs: Any = None) -> 
         return (f"loss_fn is not a per-sample mean: on {m} samples it gives {whole:.6g}, the weighted mean "
                 f"of its halves {halves:.6g}")
     return None
+
+
+def batches_stay_whole(model: nn.Module, data: Any, device: torch.device | None = None,
+                       dtype: torch.dtype | None = None, bn: str | None = None) -> bool:
+    """Whether sharding must keep each batch whole on one rank (:func:`sharpkit.distributed.shard`):
+    BatchNorm uses batch statistics (judged as ``bn`` will set it, or as the modules are), or
+    ``data`` is one ``(X, Y)`` pair, which sharding would split by rows, and the model's samples
+    interact (:func:`samples_interact`, probed on its first 64 rows, in ``device``/``dtype``:
+    default the parameters').  Call inside :func:`~sharpkit.params.measurement_mode` or give
+    ``bn`` (dropout must be off for the probe)."""
+    if _dist.uses_batch_statistics(model, bn):
+        return True
+    pair = as_batches(data).single_pair()
+    if pair is None or pair[0].shape[0] < 2:
+        return False
+    flat = FlatParams(model)
+    device = flat.device if device is None else device
+    dtype = flat.dtype if dtype is None else dtype
+    probe = (pair[0][:64], pair[1][:64])
+
+    def interact() -> bool:
+        outputs = _forward(model, to_device(probe, device, dtype)[0], device, dtype)
+        return samples_interact(model, probe, outputs, device, dtype) is not None
+
+    if bn is None:
+        return interact()
+    with measurement_mode(model, bn):
+        return interact()
 
 
 def probe_largest_batch(model: nn.Module, survey: BatchSurvey, device: torch.device, dtype: torch.dtype,

@@ -30,11 +30,20 @@ TIMEOUT = 120  # seconds for a whole 2-process scenario; a hang fails the test i
 # --------------------------------------------------------------------------- shared problem
 
 
-def make_model(bn: bool = False, seed: int = 1) -> nn.Module:
+class Centered(nn.Module):
+    """Subtracts the batch mean: the samples of a batch interact without a BatchNorm module."""
+
+    def forward(self, h):
+        return h - h.mean(0, keepdim=True)
+
+
+def make_model(bn: bool = False, seed: int = 1, centered: bool = False) -> nn.Module:
     torch.manual_seed(seed)
     layers = [nn.Linear(10, 8), nn.Tanh(), nn.Linear(8, 3)]
     if bn:
         layers.insert(1, nn.BatchNorm1d(8))
+    if centered:
+        layers.insert(1, Centered())
     return nn.Sequential(*layers).double()
 
 
@@ -83,6 +92,15 @@ def measure_all(tmp: Path) -> dict[str, torch.Tensor]:
             out[f"{name}/loss"] = obj.loss(x0 + dx)
             f, g = obj.loss_and_grad(x0 + dx)
             out[f"{name}/lg_loss"], out[f"{name}/grad"] = f, g
+    # A model whose samples interact outside BatchNorm, on one pair: the pair is not split by rows.
+    mixing = make_model(centered=True)
+    with measurement_mode(mixing):
+        obj = Objective(mixing, loss_fn, data_variants()["pair"])
+        f, g = obj.loss_and_grad(obj.x0())
+        out["mixing_pair/loss"], out["mixing_pair/grad"] = f, g
+    from sharpkit.landscape import evaluate
+
+    out["mixing_pair/evaluate"] = torch.tensor(evaluate(mixing, loss_fn, data_variants()["pair"]), dtype=torch.float64)
     # Work rank 0 does alone (its measurement unsharded), result handed to every rank.
     from sharpkit.distributed import main_process_computes, suspended
 

@@ -33,7 +33,7 @@ from ..inputs import (
     resolve_model,
     resolve_model_classes,
 )
-from ..objective import REGROUP_MAX_ROWS, survey_weights
+from ..objective import REGROUP_MAX_ROWS, batches_stay_whole, survey_weights
 from ..params import FlatParams, measurement_mode
 from ..sharpness.solvers import check_autocast
 from .checkpoints import (
@@ -206,9 +206,11 @@ class _Runner:
         # Classes the model was built for, counted from the data's labels (None: not from the data).
         self.data_classes = data_classes
         # Each rank measures on its share of the data; every pass sums over ranks (sharpkit.distributed).
-        # Samples of a batch interact where BatchNorm uses batch statistics: batches stay as given.
+        # Samples of a batch interact where BatchNorm uses batch statistics, or (one pair that sharding
+        # would split by rows) where the model mixes them otherwise: batches stay as given.
         self.batch_statistics = _dist.uses_batch_statistics(model, bn)
-        self.local_batches = _dist.shard(batches, keep_batches=self.batch_statistics)
+        keep = self.batch_statistics or (_dist.is_distributed() and batches_stay_whole(model, batches, device, dtype, bn))
+        self.local_batches = _dist.shard(batches, keep_batches=keep)
         self.weights = survey_weights(self.local_batches, loss_fn, self.local_batches.is_sharded)[1]
         self.keep_graphs = True
         # Samples per checkpoint in one pass when the data may be regrouped (GroupPlan.pass_rows).
