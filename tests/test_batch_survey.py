@@ -248,3 +248,16 @@ def test_per_sample_tuple_outputs_are_compared_leaf_by_leaf():
     survey = survey_batches(as_batches(_batches_of([6, 6])))
     assert probe_largest_batch(Two(False), survey, cpu, torch.float32)[1] is None
     assert "interact" in probe_largest_batch(Two(True), survey, cpu, torch.float32)[1]
+
+
+@pytest.mark.gpu
+def test_float32_conv_net_on_cuda_is_still_joined():
+    """TF32 convolutions round differently on a batch and on its halves: that is not interaction."""
+    cuda = torch.device("cuda")
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 32, 3), nn.BatchNorm2d(32), nn.ReLU(), nn.Conv2d(32, 32, 3), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(32 * 12 * 12, 10)).to(cuda).eval()
+    batches = [(torch.randn(256, 3, 16, 16, device=cuda), torch.randint(0, 10, (256,), device=cuda)) for _ in range(3)]
+    survey = survey_batches(as_batches(batches))
+    assert probe_largest_batch(net, survey, cuda, torch.float32, nn.CrossEntropyLoss())[1] is None
+    assert regroup_rows(net, survey, cuda, torch.float32) >= 256
