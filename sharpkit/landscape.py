@@ -79,6 +79,7 @@ def evaluate(
     ignore = getattr(loss_fn, "ignore_index", -100 if loss_fn in (F.cross_entropy, F.nll_loss) else None)
     sums = torch.zeros(6, dtype=torch.float64)
     with measurement_mode(model, bn), torch.no_grad():
+        data = as_batches(data)  # once: a one-shot iterator is read into memory here
         batches = _dist.shard(data, keep_batches=_dist.is_distributed() and batches_stay_whole(model, data, dev, dtype))
         with _dist.sharded_pass([sums], enabled=batches.is_sharded):
             for batch in batches:
@@ -100,7 +101,7 @@ def evaluate(
         raise ValueError("data is empty: it holds no samples")
     if not weight > 0:
         raise ValueError("every target of the data equals the loss's ignore_index: the mean loss is undefined")
-    return loss_sum / weight, (correct / scored_total if other == 0 else math.nan)
+    return loss_sum / weight, (correct / scored_total if other == 0 and scored_total > 0 else math.nan)
 
 
 def interpolate(

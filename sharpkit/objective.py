@@ -303,7 +303,7 @@ def _call_loss(loss_fn: LossFn, outputs: Any, targets: Any) -> Any:
                 and not targets.is_floating_point() and targets.numel():
             c = outputs.shape[1]
             ignore = getattr(loss_fn, "ignore_index", -100)
-            outside = (targets >= c) | ((targets < 0) & (targets != ignore))
+            outside = ((targets >= c) | (targets < 0)) & (targets != ignore)
             if bool(outside.any()):  # (else the loss failed for a reason of its own)
                 raise ValueError(f"class-index targets must lie in [0, {c}) for the model's {c} outputs (or equal the "
                                  f"loss's ignore_index); this batch holds {int(targets[outside][0])}") from exc
@@ -435,20 +435,18 @@ def survey_weights(batches: Batches, loss_fn: Any, distributed: bool,
     return survey, DataWeights(batch_weigher(loss_fn), num_samples, total)
 
 
-def join_obstacle(loss_fn: LossFn, survey: BatchSurvey, outputs: Any = None) -> str | None:
-    """Why joining the surveyed batches into larger passes would change the objective, or None.
+def join_obstacle(loss_fn: LossFn, batch: Any, outputs: Any = None) -> str | None:
+    """Why joining batches into larger passes would change the objective, or None.
 
     Joining keeps ``sum_b w_b * loss_b / total`` only when each batch's loss is the weighted mean
     of per-sample terms, with the weights of :func:`batch_weigher` (the samples for most losses).
-    The loss is probed on ``outputs``, the model's outputs on the survey's largest batch: its loss
-    must equal the weighted mean of the losses of its two halves (to rounding).
+    The loss is probed on ``outputs``, the model's outputs on ``batch`` (of at least 2 samples):
+    its loss must equal the weighted mean of the losses of its two halves (to rounding).
     """
-    largest = survey.largest
-    m = survey.largest_size
-    if largest is None or outputs is None or m < 2 or not isinstance(outputs, torch.Tensor) \
-            or outputs.shape[:1] != (m,):
+    m = batch[0].shape[0] if batch is not None else 0
+    if outputs is None or m < 2 or not isinstance(outputs, torch.Tensor) or outputs.shape[:1] != (m,):
         return None
-    _, y = to_device(largest, outputs.device, outputs.dtype)
+    _, y = to_device(batch, outputs.device, outputs.dtype)
     k = m // 2
     weigh = batch_weigher(loss_fn)
     parts = [(outputs, y), (outputs[:k], y[:k]), (outputs[k:], y[k:])]
@@ -507,15 +505,18 @@ def probe_largest_batch(model: nn.Module, survey: BatchSurvey, device: torch.dev
     if survey.largest is None:
         return 0.0, None
     elements, outputs = _probe_forward(model, survey.largest, device, dtype)
-    obstacle = join_obstacle(loss_on_device(loss_fn, device, dtype), survey, outputs) if loss_fn is not None else None
-    if obstacle is None and survey.num_batches > 1:
-        probe = survey.largest
-        if survey.largest_size < 2 and len(survey.head) == 2 and survey.layouts[0] == survey.layouts[1]:
-            # Batches of one sample: the join itself is the probe (the first two batches).
-            probe = tuple(torch.cat(parts) for parts in zip(*survey.head))
-            outputs = _forward(model, to_device(probe, device, dtype)[0], device, dtype)
+    per_sample = elements / survey.largest_size
+    if survey.num_batches < 2:
+        return per_sample, None  # (nothing to join)
+    probe = survey.largest
+    if survey.largest_size < 2 and len(survey.head) == 2 and survey.layouts[0] == survey.layouts[1]:
+        # Batches of one sample: the join itself is the probe (the first two batches).
+        probe = tuple(torch.cat(parts) for parts in zip(*survey.head))
+        outputs = _forward(model, to_device(probe, device, dtype)[0], device, dtype)
+    obstacle = join_obstacle(loss_on_device(loss_fn, device, dtype), probe, outputs) if loss_fn is not None else None
+    if obstacle is None:
         obstacle = samples_interact(model, probe, outputs, device, dtype)
-    return elements / survey.largest_size, obstacle
+    return per_sample, obstacle
 
 
 def regroup_rows(

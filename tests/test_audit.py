@@ -845,17 +845,19 @@ def test_store_refuses_foreign_file_and_leaves_it_intact(tmp_path, kind):
     assert path.read_bytes() == FOREIGN_FILES[kind]
 
 
-@pytest.mark.parametrize("metrics", ["keskar", "keskar,adaptive", "trace"])
-def test_store_repairs_a_torn_first_row(tmp_path, metrics):
+@pytest.mark.parametrize("metrics, cut", [("keskar", None), ("keskar,adaptive", None), ("trace", None),
+                                          ("keskar,adaptive", 8), ("keskar", 5)])
+def test_store_repairs_a_torn_first_row(tmp_path, metrics, cut):
     # A crash in the file's first append: the torn line begins as an audit row does (its first
     # key sorted: "checkpoint", or "adaptive" where the row has it).
     path = tmp_path / "a.jsonl"
     rows = audit(save_checkpoints(tmp_path / "ck", count=1), make_mlp, toy_data(), out=path, max_iter=1,
                  metrics=metrics, trace_samples=2)
     line = path.read_bytes()
-    path.write_bytes(line[: len(line) // 2])
+    cut = len(line) // 2 if cut is None else cut  # (also inside the row's first key)
+    path.write_bytes(line[:cut])
     store = ResultStore(path)
-    assert store.repaired_bytes == len(line) // 2 and len(store) == 0 and path.read_bytes() == b""
+    assert store.repaired_bytes == cut and len(store) == 0 and path.read_bytes() == b""
     store.append(rows[0])
     assert path.read_bytes() == line
 

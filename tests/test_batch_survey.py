@@ -219,6 +219,20 @@ def test_independent_samples_are_still_joined_and_one_sample_batches_are_probed_
     mixing = nn.Sequential(nn.Linear(3, 8), _Center(), nn.Tanh(), nn.Linear(8, 2))
     assert "interact" in probe_largest_batch(mixing, singles, cpu, torch.float32)[1]
     assert regroup_rows(mixing, singles, cpu, torch.float32) is None
+
+    # ... and the loss on them: a root-mean-square error is not a per-sample mean.
+    def rmse(out, target):
+        return torch.sqrt(nn.functional.mse_loss(out, target))
+
+    regression = [(torch.randn(1, 3), torch.randn(1, 2)) for _ in range(8)]
+    assert "not a per-sample mean" in probe_largest_batch(mlp, survey_batches(as_batches(regression)), cpu,
+                                                          torch.float32, rmse)[1]
+    from sharpkit.objective import Objective
+
+    obj = Objective(mlp.double(), rmse, [(x.double(), y.double()) for x, y in regression], regroup=True)
+    with torch.no_grad():
+        per_batch = sum(float(rmse(mlp(x.double()), y.double())) for x, y in regression) / 8
+    assert float(obj.loss(obj.x0())) == pytest.approx(per_batch, rel=1e-12)
     # Outputs with a -inf mask (log-probabilities of a masked class) compare where finite.
     class Masked(nn.Module):
         def __init__(self):

@@ -206,6 +206,19 @@ def test_targets_outside_the_models_classes_are_named(tmp_path):
 
     with pytest.raises(IndexError, match="list index out of range"):
         Objective(_mlp(), buggy, _data()).loss(FlatParams(_mlp()).get())
+    # An ignore_index at or above the class count (255 in segmentation) is not "outside".
+    x, y255 = _data()
+    y255 = y255.clone()
+    y255[:4] = 255
+    def buggy255(out, target):
+        return nn.functional.cross_entropy(out, target, ignore_index=255) + [0.0][1]
+
+    buggy255.ignore_index = 255
+    with pytest.raises(IndexError, match="list index out of range"):
+        Objective(_mlp(), buggy255, (x, y255)).loss(FlatParams(_mlp()).get())
+    y255[6] = 30
+    with pytest.raises(ValueError, match="this batch holds 30"):
+        Objective(_mlp(), nn.CrossEntropyLoss(ignore_index=255), (x, y255)).loss(FlatParams(_mlp()).get())
     obj = Objective(_mlp(), nn.CrossEntropyLoss(), batches)
     for measure in (lambda: obj.loss(obj.x0()),
                     lambda: sk.keskar_sharpness(_mlp(), nn.CrossEntropyLoss(), batches),

@@ -101,6 +101,9 @@ def measure_all(tmp: Path) -> dict[str, torch.Tensor]:
     from sharpkit.landscape import evaluate
 
     out["mixing_pair/evaluate"] = torch.tensor(evaluate(mixing, loss_fn, data_variants()["pair"]), dtype=torch.float64)
+    # A one-shot iterator is read once (into memory) and sharded.
+    out["generator/evaluate"] = torch.tensor(evaluate(model, loss_fn, (b for b in data_variants()["batches"])),
+                                             dtype=torch.float64)
     # Work rank 0 does alone (its measurement unsharded), result handed to every rank.
     from sharpkit.distributed import main_process_computes, suspended
 

@@ -84,6 +84,11 @@ def check_output_file(path: str | os.PathLike, what: str) -> Path:
 # "adaptive" where a row has it): a torn tail that begins so is the store's own even when no
 # complete row precedes it.
 _ROW_PREFIXES = (b'{"adaptive": ', b'{"checkpoint": ')
+
+
+def _row_start(tail: bytes) -> bool:
+    """Whether ``tail`` begins as an audit row does (or is cut inside that beginning)."""
+    return any(tail.startswith(p) or p.startswith(tail) for p in _ROW_PREFIXES)
 # Descriptor flags of the store's file: appends only, no newline translation (Windows).
 _APPEND_FLAGS = os.O_WRONLY | os.O_APPEND | getattr(os, "O_BINARY", 0)
 
@@ -200,7 +205,7 @@ class ResultStore:
         except ValueError:
             # A torn append is the start of one of our rows ('{"...'), after one of our rows or
             # beginning as an audit row; anything else (a one-line file of the user's) is foreign.
-            if not (tail.startswith(b'{"') and (self._rows or tail.startswith(_ROW_PREFIXES))):
+            if not (tail.startswith(b'{"') and (self._rows or _row_start(tail))):
                 raise ValueError(f"{self.path}:{tail_lineno}: not a JSON line; not an audit results file") from None
             os.ftruncate(self._fd, len(data) - len(tail))
             os.fsync(self._fd)
