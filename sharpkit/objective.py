@@ -252,7 +252,7 @@ def samples_interact(model: nn.Module, batch, outputs: Any, device: torch.device
     if m < 2:
         return "the batches hold one sample each, so whether the model's samples interact cannot be checked"
     k = m // 2
-    whole, treespec = torch.utils._pytree.tree_flatten(outputs)
+    whole = torch.utils._pytree.tree_flatten(outputs)[0]
     first = torch.utils._pytree.tree_flatten(_forward(model, inputs[:k], device, dtype))[0]
     second = torch.utils._pytree.tree_flatten(_forward(model, inputs[k:], device, dtype))[0]
     if not whole or len(first) != len(whole) or len(second) != len(whole):
@@ -312,8 +312,8 @@ def _call_loss(loss_fn: LossFn, outputs: Any, targets: Any) -> Any:
 
 def check_mean_reduced(loss_fn: Any) -> None:
     """ValueError for a loss module whose ``reduction`` is not ``"mean"``: the objective is the
-    sample-weighted mean of batch means, and a summed (or unreduced) loss would make it depend on
-    how the data are batched."""
+    weighted mean of batch means (:class:`DataWeights`), and a summed (or unreduced) loss would make
+    it depend on how the data are batched."""
     reduction = getattr(loss_fn, "reduction", "mean")
     if reduction != "mean":
         raise ValueError(f"loss_fn {type(loss_fn).__name__}(reduction={reduction!r}): sharpkit needs a mean-reduced "
