@@ -14,12 +14,11 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import distributed as _dist
 from .data import as_batches, to_device
-from .objective import batch_weigher, batches_stay_whole, check_mean_reduced, checked_loss
+from .objective import batch_weigher, batches_stay_whole, check_mean_reduced, checked_loss, ignore_index_of
 from .params import FlatParams, check_finite_parameters, measurement_mode
 
 __all__ = ["Curve", "Surface", "interpolate", "evaluate", "random_direction", "slice_1d", "slice_2d"]
@@ -76,7 +75,7 @@ def evaluate(
     # batch's weight in the mean loss, its samples or batch_weigher's sum): reduced over ranks when
     # the data are sharded under torch.distributed.
     weigh = batch_weigher(loss_fn)
-    ignore = getattr(loss_fn, "ignore_index", -100 if loss_fn in (F.cross_entropy, F.nll_loss) else None)
+    ignore = ignore_index_of(loss_fn)
     sums = torch.zeros(6, dtype=torch.float64)
     with measurement_mode(model, bn), torch.no_grad():
         data = as_batches(data)  # once: a one-shot iterator is read into memory here

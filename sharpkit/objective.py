@@ -29,8 +29,8 @@ from .params import (
 )
 
 __all__ = ["Objective", "LossFn", "activation_elements", "probe_largest_batch", "loss_on_device",
-           "regroup_rows", "check_mean_reduced", "sample_weigher", "batch_weigher", "DataWeights", "survey_weights",
-           "join_obstacle", "samples_interact", "batches_stay_whole", "checked_loss"]
+           "regroup_rows", "check_mean_reduced", "ignore_index_of", "sample_weigher", "batch_weigher", "DataWeights",
+           "survey_weights", "join_obstacle", "samples_interact", "batches_stay_whole", "checked_loss"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -302,7 +302,8 @@ def _call_loss(loss_fn: LossFn, outputs: Any, targets: Any) -> Any:
         if isinstance(outputs, torch.Tensor) and outputs.dim() >= 2 and isinstance(targets, torch.Tensor) \
                 and not targets.is_floating_point() and targets.numel():
             c = outputs.shape[1]
-            ignore = getattr(loss_fn, "ignore_index", -100)
+            ignore = ignore_index_of(loss_fn)
+            ignore = -100 if ignore is None else ignore  # (a wrapper of cross-entropy: its default)
             outside = ((targets >= c) | (targets < 0)) & (targets != ignore)
             if bool(outside.any()):  # (else the loss failed for a reason of its own)
                 raise ValueError(f"class-index targets must lie in [0, {c}) for the model's {c} outputs (or equal the "
@@ -320,6 +321,14 @@ def check_mean_reduced(loss_fn: Any) -> None:
                          "loss (reduction='mean'); the objective is the sample-weighted mean of the batches' losses")
 
 
+def ignore_index_of(loss_fn: Any) -> Any:
+    """The target value ``loss_fn`` leaves out of its mean: a loss module's ``ignore_index``, -100
+    for ``F.cross_entropy``/``F.nll_loss`` (their default), None for a loss without one."""
+    if loss_fn is F.cross_entropy or loss_fn is F.nll_loss:
+        return -100
+    return getattr(loss_fn, "ignore_index", None)
+
+
 def sample_weigher(loss_fn: Any) -> Callable[[Any], torch.Tensor] | None:
     """Each sample's weight in a batch's mean loss, as a function of the batch (a float64 tensor
     of one weight per sample), for losses whose mean is not over samples; None for the others
@@ -333,11 +342,12 @@ def sample_weigher(loss_fn: Any) -> Callable[[Any], torch.Tensor] | None:
     Only these modules and functions are recognised: a wrapper (a ``partial``, a lambda) is taken
     as a per-sample mean.  ValueError for class-index targets outside the class weights."""
     if isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)):
-        ignore, class_weights = int(loss_fn.ignore_index), loss_fn.weight
+        class_weights = loss_fn.weight
     elif loss_fn is F.cross_entropy or loss_fn is F.nll_loss:
-        ignore, class_weights = -100, None
+        class_weights = None
     else:
         return None
+    ignore = ignore_index_of(loss_fn)
 
     def weigh(batch) -> torch.Tensor:
         targets = batch[1]

@@ -211,7 +211,7 @@ class _Runner:
         self.batch_statistics = _dist.uses_batch_statistics(model, bn)
         keep = self.batch_statistics or (_dist.is_distributed() and batches_stay_whole(model, batches, device, dtype, bn))
         self.local_batches = _dist.shard(batches, keep_batches=keep)
-        self.weights = survey_weights(self.local_batches, loss_fn, self.local_batches.is_sharded)[1]
+        self.survey, self.weights = survey_weights(self.local_batches, loss_fn, self.local_batches.is_sharded)
         self.keep_graphs = True
         # Samples per checkpoint in one pass when the data may be regrouped (GroupPlan.pass_rows).
         self.pass_rows: int | None = None
@@ -270,8 +270,10 @@ class _Runner:
             if pending:
                 from .batched import estimate_group_size
 
+                # Unsharded, the survey of the weights serves the plan too (no second read).
                 plan = estimate_group_size(
-                    self.model, self.batches, self.device, self.dtype,
+                    self.model, self.survey if not self.local_batches.is_sharded else self.batches,
+                    self.device, self.dtype,
                     self.config.vectors_per_checkpoint(), memory_fraction=memory_fraction,
                     regroup_rows=None if self.batch_statistics else STACKED_ROWS, loss_fn=self.loss_fn,
                 )

@@ -26,7 +26,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from .. import distributed as _dist
-from ..data import Batches, regroup_batches, survey_batches, to_device
+from ..data import Batches, BatchSurvey, regroup_batches, survey_batches, to_device
 from ..objective import DataWeights, Objective, check_mean_reduced, checked_loss, probe_largest_batch, survey_weights
 from ..params import FlatParams
 
@@ -285,7 +285,7 @@ class GroupPlan:
 
 def estimate_group_size(
     model: nn.Module,
-    batches: Batches,
+    batches: Batches | BatchSurvey,
     device: torch.device,
     dtype: torch.dtype,
     vectors_per_checkpoint: int,
@@ -311,11 +311,12 @@ def estimate_group_size(
     interact, or given ``loss_fn`` the loss is not a per-sample mean:
     :func:`sharpkit.objective.probe_largest_batch`).  On a CPU with mean batches (after
     regrouping) above ``CPU_STACK_MAX_BATCH`` samples the group is 1 (stacking measured slower
-    there).  Reads the data once and runs forwards of the largest batch and of its halves.
+    there).  Reads the data once (not when ``batches`` is given as their survey) and runs
+    forwards of the largest batch and of its halves.
     """
     itemsize = torch.empty((), dtype=dtype).element_size()
     n = FlatParams(model).n
-    survey = survey_batches(batches)
+    survey = batches if isinstance(batches, BatchSurvey) else survey_batches(batches)
     num_batches, rows, total = survey.num_batches, survey.largest_size, survey.num_samples
     per_sample, obstacle = probe_largest_batch(model, survey, device, dtype, loss_fn)
     if obstacle is not None:

@@ -89,6 +89,8 @@ _ROW_PREFIXES = (b'{"adaptive": ', b'{"checkpoint": ')
 def _row_start(tail: bytes) -> bool:
     """Whether ``tail`` begins as an audit row does (or is cut inside that beginning)."""
     return any(tail.startswith(p) or p.startswith(tail) for p in _ROW_PREFIXES)
+
+
 # Descriptor flags of the store's file: appends only, no newline translation (Windows).
 _APPEND_FLAGS = os.O_WRONLY | os.O_APPEND | getattr(os, "O_BINARY", 0)
 
