@@ -262,19 +262,20 @@ def _lanczos(matvec: _Counter, n: int, k: int, which: str, tol: float, max_steps
         idx = _select(theta, min(k, m), which)
         res = (b * S[-1, idx]).abs()
         scale = theta[idx].abs().clamp_min(1e-30)
-        invariant = b <= 1e-12 * max(1.0, float(theta.abs().max()))
-        if m >= k and (bool((res <= tol * scale).all()) or m == n):
-            # For k > 1 an invariant subspace may lack copies of repeated eigenvalues (one Krylov
-            # vector holds one direction per eigenspace): a probe follows it (k = 1 needs one copy).
-            if m == n or k == 1 or (probe is None and not invariant):
-                converged = True
-                break
-            if probe is not None:
-                th_p, S_p = _eigh(tridiagonal(alphas[probe:], betas[probe:]))
-                floor = 1e-12 * max(1.0, float(theta.abs().max()))
-                if _probe_clear(th_p, (b * S_p[-1]).abs(), which, tol, ref, floor):
-                    converged = True
-                    break
+        floor = 1e-12 * max(1.0, float(theta.abs().max()))
+        invariant = b <= floor
+
+        def probe_pairs():
+            th_p, S_p = _eigh(tridiagonal(alphas[probe:], betas[probe:]))
+            return th_p, (b * S_p[-1]).abs()
+
+        # For k > 1 an invariant subspace may lack copies of repeated eigenvalues (one Krylov
+        # vector holds one direction per eigenspace): a probe follows it (k = 1 needs one copy).
+        if _may_stop(bool((res <= tol * scale).all()), m == n,
+                     m >= k and (k == 1 or (probe is None and not invariant)),
+                     probe_pairs if probe is not None else None, which, tol, ref, floor):
+            converged = True
+            break
         if invariant:
             # An invariant subspace: its Ritz pairs are exact; continue in a fresh direction (a
             # probe: the rest of the space holds only the missing copies of its eigenvalues).
@@ -340,6 +341,25 @@ def _next_block(basis: _Basis, W: torch.Tensor, a_scale: float, w_scale: float, 
         cols.append(w / nrm)
     Qn = torch.cat(cols, 1) if cols else W[:, :0]
     return Qn, W.new_zeros(Qn.shape[1], p), True
+
+
+def _may_stop(met: bool, exhausted: bool, trusted: bool, probe_pairs, which: str, tol: float,
+              ref: float | None, floor: float) -> bool:
+    """Whether a (block) Lanczos run may stop: the space is ``exhausted``, or every wanted Ritz
+    residual ``met`` tol and either no copy of a repeated eigenvalue can be missing (``trusted``:
+    k = 1, or no probe runs and the Krylov space did not become invariant short of k values or its
+    blocks hold >= k columns) or the running probe (``probe_pairs() -> (Ritz values, residuals)``,
+    None when none runs) shows that nothing is missing (:func:`_probe_clear`)."""
+    if exhausted:
+        return True
+    if not met:
+        return False
+    if trusted:
+        return True
+    if probe_pairs is None:
+        return False
+    theta, res = probe_pairs()
+    return _probe_clear(theta, res, which, tol, ref, floor)
 
 
 def _probe_clear(theta: torch.Tensor, res: torch.Tensor, which: str, tol: float, ref: float | None,
@@ -412,16 +432,17 @@ def _block_lanczos(matmat: _Counter, n: int, k: int, which: str, tol: float, max
         res = torch.linalg.vector_norm(B_blocks[-1] @ S[-A.shape[0]:, idx], dim=0)
         # (_next_block never takes the basis past n: Qn.shape[1] <= n - m.)
         exhausted = m >= n or Qn.shape[1] == 0
-        if m >= k and (bool((res <= tol * theta[idx].abs().clamp_min(1e-30)).all()) or exhausted):
-            if exhausted or k == 1 or (probe is None and (not fresh or p >= k)):
-                converged = True
-                break
-            if probe is not None:
-                th_p, S_p = _eigh(T[probe:, probe:])
-                res_p = torch.linalg.vector_norm(B_blocks[-1] @ S_p[-A.shape[0]:], dim=0)
-                if _probe_clear(th_p, res_p, which, tol, ref, 1e-12 * max(1.0, float(theta.abs().max()))):
-                    converged = True
-                    break
+
+        def probe_pairs():
+            th_p, S_p = _eigh(T[probe:, probe:])
+            return th_p, torch.linalg.vector_norm(B_blocks[-1] @ S_p[-A.shape[0]:], dim=0)
+
+        met = bool((res <= tol * theta[idx].abs().clamp_min(1e-30)).all())
+        if _may_stop(met, exhausted and m >= k, m >= k and (k == 1 or (probe is None and (not fresh or p >= k))),
+                     probe_pairs if probe is not None else None, which, tol, ref,
+                     1e-12 * max(1.0, float(theta.abs().max()))):
+            converged = True
+            break
         if exhausted:  # (m < k: fewer dimensions than wanted eigenpairs cannot happen, k <= n)
             break
         if fresh:
