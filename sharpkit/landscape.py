@@ -64,24 +64,28 @@ def evaluate(
     ``bn``: "eval" (running statistics) or "train" (each batch's statistics); dropout is off and
     the model is restored exactly.  Accuracy is the fraction of samples whose argmax output equals
     an integer target (targets equal to the loss's ``ignore_index`` left out, as the loss leaves
-    them), NaN when outputs are not ``(N, C)`` class scores.
+    them), NaN when outputs are not ``(N, C)`` class scores or some output is NaN (a diverged
+    model's loss and accuracy are both NaN: an argmax over NaN is no prediction).
+
+    Raises ``ValueError`` for inputs holding NaN or inf (naming the batch) and for empty data.
     """
     check_mean_reduced(loss_fn)
     dev = torch.device(device) if device is not None else _param_device(model)
     dtype = _param_dtype(model)
-    if dev != _param_device(model):
+    if not _same_device(dev, _param_device(model)):
         model = copy.deepcopy(model).to(dev)  # evaluate on ``device`` without moving the user's model
-    # Sums [loss * w, correct, n, batches that are not classification, w, targets scored] (w: the
-    # batch's weight in the mean loss, its samples or batch_weigher's sum): reduced over ranks when
-    # the data are sharded under torch.distributed.
+    # Sums [loss * w, correct, n, batches that are not classification, w, targets scored, batches
+    # with NaN outputs] (w: the batch's weight in the mean loss, its samples or batch_weigher's
+    # sum): reduced over ranks when the data are sharded under torch.distributed.
     weigh = batch_weigher(loss_fn)
     ignore = ignore_index_of(loss_fn)
-    sums = torch.zeros(6, dtype=torch.float64)
+    sums = torch.zeros(7, dtype=torch.float64)
     with measurement_mode(model, bn), torch.no_grad():
         data = as_batches(data)  # once: a one-shot iterator is read into memory here
         batches = _dist.shard(data, keep_batches=_dist.is_distributed() and batches_stay_whole(model, data, dev, dtype))
         with _dist.sharded_pass([sums], enabled=batches.is_sharded):
-            for batch in batches:
+            for index, batch in enumerate(batches):
+                _check_finite_inputs(batch[0], index)
                 inputs, targets = to_device(batch, dev, dtype)
                 out = model(inputs)
                 w = weigh(batch)
@@ -90,17 +94,42 @@ def evaluate(
                     sums[4] += w
                 sums[2] += inputs.shape[0]
                 if out.dim() == 2 and not targets.is_floating_point() and targets.dim() == 1:
+                    if out.is_floating_point() and bool(torch.isnan(out).any()):
+                        sums[6] += 1  # argmax of a NaN row is the NaN's index: no prediction
                     scored = targets != ignore if ignore is not None else torch.ones_like(targets, dtype=torch.bool)
                     sums[1] += float(((out.argmax(dim=1) == targets) & scored).sum())
                     sums[5] += float(scored.sum())
                 else:
                     sums[3] += 1
-    loss_sum, correct, count, other, weight, scored_total = sums.tolist()
+    loss_sum, correct, count, other, weight, scored_total, nan_outputs = sums.tolist()
     if count == 0:
         raise ValueError("data is empty: it holds no samples")
     if not weight > 0:
         raise ValueError("every target of the data equals the loss's ignore_index: the mean loss is undefined")
-    return loss_sum / weight, (correct / scored_total if other == 0 and scored_total > 0 else math.nan)
+    defined = other == 0 and nan_outputs == 0 and scored_total > 0
+    return loss_sum / weight, (correct / scored_total if defined else math.nan)
+
+
+def _check_finite_inputs(inputs: torch.Tensor, index: int) -> None:
+    """``ValueError`` for floating inputs holding NaN or inf (as :func:`sharpkit.data.survey_batches`
+    says it for the other measurements): every loss over them would be NaN, and the accuracy too."""
+    if isinstance(inputs, torch.Tensor) and inputs.is_floating_point() and not bool(torch.isfinite(inputs).all()):
+        bad = "NaN" if bool(torch.isnan(inputs).any()) else "inf"
+        raise ValueError(f"the data's inputs hold {bad} (batch {index}, counting from 0): every loss over them "
+                         "would be non-finite")
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether two device names are one device ("cpu" and "cpu:0"; "cuda" and the current CUDA device)."""
+    return _canonical_device(a) == _canonical_device(b)
+
+
+def _canonical_device(dev: torch.device) -> torch.device:
+    if dev.type == "cpu":
+        return torch.device("cpu")
+    if dev.index is None and dev.type == "cuda" and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return dev
 
 
 def interpolate(
@@ -130,11 +159,7 @@ def interpolate(
     """
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
-    alphas_np = np.asarray(torch.as_tensor(alphas, dtype=torch.float64).cpu().numpy(), dtype=np.float64).reshape(-1)
-    if alphas_np.size == 0:
-        raise ValueError("alphas is empty")
-    if not np.all(np.isfinite(alphas_np)):
-        raise ValueError("alphas must be finite")
+    alphas_np = _coordinates(alphas, "alphas")
     check_finite_parameters(model_a)
     check_finite_parameters(model_b)
     data = as_batches(data)  # read a one-shot iterator once, replay it at every alpha
@@ -143,7 +168,7 @@ def interpolate(
     _check_same_parameters(pa, pb)
     work = copy.deepcopy(model_a)  # one private copy; the user's models are only read
     if device is not None:
-        work.to(device)
+        work.to(device)  # (then evaluated where it is: no copy of the model per point)
     pw = _floating_parameters(work)
     ends = {k: (pa[k].detach().to(pw[k]), pb[k].detach().to(pw[k])) for k in pw}
     losses, accs = [], []
@@ -156,7 +181,7 @@ def interpolate(
             for k, p in pw.items():
                 xa, xb = ends[k]
                 p.copy_(ca * xa + cb * xb)
-        loss, acc = evaluate(work, loss_fn, data, bn=bn, device=device)
+        loss, acc = evaluate(work, loss_fn, data, bn=bn)
         losses.append(loss)
         accs.append(acc)
     return Curve(alphas_np, np.asarray(losses), np.asarray(accs), {"path": path, "bn": bn})
@@ -210,7 +235,7 @@ def slice_1d(
     bn: str = "eval",
 ) -> Curve:
     """Loss and accuracy at ``x + alpha d`` (``d``: ``direction`` or :func:`random_direction` (seed))."""
-    surf = _grid(model, loss_fn, data, alphas, [0.0], direction, None, seed, bn)
+    surf = _grid(model, loss_fn, data, alphas, [0.0], direction, None, seed, bn, names=("direction", "direction"))
     return Curve(surf.alphas, surf.loss[:, 0], surf.accuracy[:, 0], {"path": "direction", "bn": bn})
 
 
@@ -226,30 +251,67 @@ def slice_2d(
 ) -> Surface:
     """Loss and accuracy at ``x + alpha d1 + beta d2`` on a grid (two filter-normalised directions
     drawn from ``seed`` and ``seed + 1`` unless ``directions`` are given)."""
-    d1, d2 = directions if directions is not None else (None, None)
+    if directions is None:
+        d1 = d2 = None
+    elif isinstance(directions, (tuple, list)) and len(directions) == 2:
+        d1, d2 = directions
+    else:
+        count = f" of {len(directions)}" if isinstance(directions, (tuple, list)) else ""
+        raise ValueError(f"directions must be a pair (d1, d2) of parameter-space vectors, got "
+                         f"{type(directions).__name__}{count}")
     return _grid(model, loss_fn, data, alphas, betas, d1, d2, seed, bn)
 
 
-def _grid(model, loss_fn, data, alphas, betas, d1, d2, seed, bn) -> Surface:
+def _grid(model, loss_fn, data, alphas, betas, d1, d2, seed, bn,
+          names: tuple[str, str] = ("first direction", "second direction")) -> Surface:
+    a_np, b_np = _coordinates(alphas, "alphas"), _coordinates(betas, "betas")
     check_finite_parameters(model)
     flat = FlatParams(model)
-    d1 = random_direction(model, seed) if d1 is None else d1
-    d2 = random_direction(model, seed + 1) if d2 is None else d2
-    for d in (d1, d2):
-        if d.shape != (flat.n,):
-            raise ValueError(f"a direction must have shape ({flat.n},), got {tuple(d.shape)}")
+    d1 = random_direction(model, seed) if d1 is None else _direction(d1, flat, names[0])
+    d2 = random_direction(model, seed + 1) if d2 is None else _direction(d2, flat, names[1])
     data = as_batches(data)  # read a one-shot iterator once, replay it at every point
     x = flat.get()
     work = copy.deepcopy(model)
     fw = FlatParams(work)
-    a_np, b_np = np.asarray(alphas, dtype=np.float64), np.asarray(betas, dtype=np.float64)
     loss = np.empty((a_np.size, b_np.size))
     acc = np.empty_like(loss)
     for i, a in enumerate(a_np):
         for j, b in enumerate(b_np):
-            fw.set_(x + a * d1.to(x) + b * d2.to(x))
+            fw.set_(x + float(a) * d1 + float(b) * d2)
             loss[i, j], acc[i, j] = evaluate(work, loss_fn, data, bn=bn)
     return Surface(a_np, b_np, loss, acc)
+
+
+def _coordinates(values: Any, name: str) -> np.ndarray:
+    """``values`` (a number, a sequence, an array or a tensor) as a flat float64 array: ``ValueError``
+    naming ``name`` when it is empty or holds NaN or inf (a point there has no loss)."""
+    try:
+        out = np.asarray(torch.as_tensor(values, dtype=torch.float64).cpu().numpy(), dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"{name} must be numbers (a sequence, an array or a tensor): {exc}") from None
+    if out.size == 0:
+        raise ValueError(f"{name} is empty")
+    if not np.all(np.isfinite(out)):
+        raise ValueError(f"{name} must be finite, got {out[~np.isfinite(out)][0]}")
+    return out
+
+
+def _direction(d: Any, flat: FlatParams, name: str) -> torch.Tensor:
+    """A direction given by the user as a finite vector of ``flat``'s length, on its device and dtype."""
+    if not isinstance(d, torch.Tensor):
+        try:
+            d = torch.as_tensor(np.asarray(d, dtype=np.float64))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"a {name} must be a tensor of shape ({flat.n},): {exc}") from None
+    if tuple(d.shape) != (flat.n,):
+        raise ValueError(f"a {name} must have shape ({flat.n},) (the model's trainable parameters), "
+                         f"got {tuple(d.shape)}")
+    if not d.is_floating_point():
+        d = d.double()
+    if not bool(torch.isfinite(d).all()):
+        bad = "NaN" if bool(torch.isnan(d).any()) else "inf"
+        raise ValueError(f"the {name} holds {bad}: every point along it would be non-finite")
+    return d.detach().to(flat.device, flat.dtype)
 
 
 def _param_device(model: nn.Module) -> torch.device:

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -132,19 +133,28 @@ def _device(spec: str | None) -> torch.device:
 
 
 def _common(p: argparse.ArgumentParser, checkpoint: bool = True, bn_default: str = "eval",
-            bn_help: str = "BatchNorm: running statistics (eval, default) or each batch's statistics (train)") -> None:
+            bn_help: str = "BatchNorm: running statistics (eval, default) or each batch's statistics (train)",
+            seed_help: str = "seed of the model's initialisation and of the measurement's random draws "
+                             "(default 0)") -> None:
     p.add_argument("--model", required=True, help="f1, c1 (the paper's sizes), f1(width=W,depth=D), c1(channels=C,hidden=H1xH2) "
                    "or module:factory (built with the data's input shape)")
     if checkpoint:
         p.add_argument("--checkpoint", help="state dict to load (torch.save, safetensors or Lightning .ckpt)")
-    p.add_argument("--data", default="mnist1d", help="mnist1d (default), digits, a .npz/.pt file or module:function")
-    p.add_argument("--batch-size", type=_positive_int, default=None, help="split tensor data into batches of this size")
-    p.add_argument("--loss", choices=sorted(LOSSES), default="cross_entropy")
+    p.add_argument("--data", default="mnist1d",
+                   help="mnist1d (default), digits (scikit-learn's 8x8 digits), a .npz/.pt/.pth file (keys x_train, "
+                   "y_train) or module:function returning (inputs, targets) or a DataLoader; files and built-in sets "
+                   "give their training split")
+    p.add_argument("--batch-size", type=_positive_int, default=None,
+                   help="split the data into batches of at most this many samples (default: tensor data in one "
+                   "batch, a DataLoader's batches as it makes them)")
+    p.add_argument("--loss", choices=sorted(LOSSES), default="cross_entropy",
+                   help="mean-reduced loss (default cross_entropy)")
     p.add_argument("--bn", choices=("eval", "train"), default=bn_default, help=bn_help)
     p.add_argument("--device", type=_device_arg, default=None,
                    help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                   help="precision of the model and the data (default float32)")
+    p.add_argument("--seed", type=_seed, default=0, help=seed_help)
     p.add_argument("--out", type=_output_path, help="write the result as JSON to this file (default: print it)")
 
 
@@ -316,6 +326,8 @@ def _spectrum(args: argparse.Namespace) -> int:
     op = make(model, LOSSES[args.loss](), data, bn=args.bn)
     result: dict[str, Any] = {"operator": args.operator, "model": args.model, "checkpoint": args.checkpoint,
                               "data": args.data, "bn": args.bn, "seed": args.seed}
+    if args.k > op.shape[0]:  # before a progress bar opens: the error is then the only line
+        raise UsageError(f"--k {args.k}: the model has only {op.shape[0]} trainable parameters (eigenvalues)")
     shown = _ProductProgress(op, enabled=args.progress and is_main_process())
     with shown.stage("eigenvalues", None):
         eig = sk.eigenvalues(shown, k=args.k, which=args.which, tol=args.tol, seed=args.seed)
@@ -372,11 +384,14 @@ def _landscape(args: argparse.Namespace) -> int:
     data, num_classes = _load_data(args)  # once, for both end points
     model_a = _load_model(args, data, num_classes, args.a, "--a")
     model_b = _load_model(args, data, num_classes, args.b, "--b")
-    alphas = torch.linspace(args.alpha_min, args.alpha_max, args.points).tolist()
+    # float64: the recorded alphas are the decimal ones asked for (0.1, not float32's 0.10000000149)
+    alphas = np.linspace(args.alpha_min, args.alpha_max, args.points, dtype=np.float64).tolist()
     curve = sk.interpolate(model_a, model_b, LOSSES[args.loss](), data, alphas, path=args.path, bn=args.bn)
+    # Accuracy is null where it is undefined at every point (a regression loss), else one value a point.
+    accuracy = None if bool(np.all(np.isnan(curve.accuracy))) else [float(v) for v in curve.accuracy]
     result = {"path": args.path, "model": args.model, "a": args.a, "b": args.b, "data": args.data, "bn": args.bn,
               "alphas": [float(a) for a in curve.alphas], "loss": [float(v) for v in curve.loss],
-              "accuracy": None if curve.accuracy is None else [float(v) for v in curve.accuracy]}
+              "accuracy": accuracy}
     if args.plot and is_main_process():
         try:
             _plot_curve(result, Path(args.plot))
@@ -465,10 +480,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("spectrum", help="top eigenvalues, trace and spectral density of the Hessian or GGN")
     _common(p)
-    p.add_argument("--operator", choices=("hessian", "ggn"), default="hessian")
+    p.add_argument("--operator", choices=("hessian", "ggn"), default="hessian",
+                   help="the Hessian (default) or the generalized Gauss-Newton matrix")
     p.add_argument("--k", type=_positive_int, default=1, help="number of eigenvalues (default 1)")
-    p.add_argument("--which", choices=("LA", "SA", "LM"), default="LA")
-    p.add_argument("--tol", type=_positive, default=1e-3)
+    p.add_argument("--which", choices=("LA", "SA", "LM"), default="LA",
+                   help="largest (LA, default), smallest (SA) or largest in magnitude (LM) eigenvalues")
+    p.add_argument("--tol", type=_positive, default=1e-3,
+                   help="relative residual at which an eigenpair counts as converged (default 1e-3)")
     p.add_argument("--trace", type=_trace_matvecs, default=0, metavar="MATVECS",
                    help="also estimate the trace (Hutch++, at least 3 matvecs; default 0: off)")
     p.add_argument("--density", type=_non_negative_int, default=0, metavar="RUNS",
@@ -482,12 +500,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     # combine along a path, and "eval" would use A's buffers at every alpha (even at B).
     _common(p, checkpoint=False, bn_default="train",
             bn_help="BatchNorm: each batch's statistics at every point (train, default, as in Keskar et al.; "
-            "whole data in one batch unless --batch-size) or A's running statistics at every point (eval)")
-    p.add_argument("--a", required=True, help="checkpoint at alpha = 0")
-    p.add_argument("--b", required=True, help="checkpoint at alpha = 1")
-    p.add_argument("--path", choices=("linear", "sin"), default="linear")
-    p.add_argument("--alpha-min", type=_finite, default=-1.0)
-    p.add_argument("--alpha-max", type=_finite, default=2.0)
-    p.add_argument("--points", type=_positive_int, default=25, help="points on the path (default 25)")
+            "tensor data in one batch unless --batch-size) or A's running statistics at every point (eval)",
+            seed_help="seed of the model's initialisation, which the checkpoints then replace (default 0)")
+    p.add_argument("--a", required=True, help="checkpoint at alpha = 0 (x_a; Keskar et al.: the small-batch minimizer)")
+    p.add_argument("--b", required=True, help="checkpoint at alpha = 1 (x_b; Keskar et al.: the large-batch minimizer)")
+    p.add_argument("--path", choices=("linear", "sin"), default="linear",
+                   help="linear (default): (1 - alpha) x_a + alpha x_b; sin: cos(alpha pi/2) x_a + sin(alpha pi/2) x_b")
+    p.add_argument("--alpha-min", type=_finite, default=-1.0, help="first alpha (default -1)")
+    p.add_argument("--alpha-max", type=_finite, default=2.0, help="last alpha (default 2)")
+    p.add_argument("--points", type=_positive_int, default=25,
+                   help="evenly spaced points from --alpha-min to --alpha-max (default 25; 1: --alpha-min alone)")
     p.add_argument("--plot", type=_output_path, help="also write the curve as a PNG")
     p.set_defaults(func=_reported("landscape", _landscape))

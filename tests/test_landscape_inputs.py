@@ -1,0 +1,126 @@
+"""Bad inputs to the landscape functions give a clear error (never a silent NaN or empty curve), and
+an undefined accuracy is NaN, not a number."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import sharpkit as sk
+from sharpkit import landscape
+from sharpkit.landscape import evaluate, random_direction, slice_1d, slice_2d
+
+
+def _net(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3)).double()
+
+
+def _data(n=23):
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(n, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
+
+
+CE = nn.CrossEntropyLoss()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_inputs_are_refused_naming_the_batch(bad):
+    x, y = _data()
+    x[17, 2] = bad
+    batches = [(x[i:i + 10], y[i:i + 10]) for i in range(0, 23, 10)]
+    what = "NaN" if bad != bad else "inf"
+    with pytest.raises(ValueError, match=rf"inputs hold {what} \(batch 1"):
+        evaluate(_net(), CE, batches)
+    with pytest.raises(ValueError, match=rf"inputs hold {what}"):
+        sk.interpolate(_net(0), _net(1), CE, batches, [0.0, 1.0])
+    with pytest.raises(ValueError, match=rf"inputs hold {what}"):
+        slice_1d(_net(), CE, batches, [0.0, 1.0])
+
+
+def test_accuracy_of_nan_outputs_is_nan_not_a_number():
+    # A model whose outputs are NaN on some samples (a NaN-producing op, not NaN weights).
+    class HalfNaN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(5, 3).double()
+
+        def forward(self, x):
+            out = self.lin(x)
+            return torch.where(x[:, :1] > 0, out, torch.full_like(out, float("nan")))
+
+    x, y = _data()
+    loss, acc = evaluate(HalfNaN(), CE, (x, y))
+    assert np.isnan(loss) and np.isnan(acc)
+
+
+def test_a_diverged_model_has_nan_loss_and_nan_accuracy():
+    # (evaluate tracks training, where a diverged run is a result to record, not an error.)
+    m = _net()
+    with torch.no_grad():
+        m[0].weight[1, 1] = float("nan")
+    loss, acc = evaluate(m, CE, _data())
+    assert np.isnan(loss) and np.isnan(acc)
+
+
+@pytest.mark.parametrize("alphas, said", [
+    ([], "alphas is empty"),
+    ([0.0, float("nan")], "alphas must be finite"),
+    ([float("inf")], "alphas must be finite"),
+])
+def test_slice_alphas_must_be_finite_and_not_empty(alphas, said):
+    m, xy = _net(), _data()
+    with pytest.raises(ValueError, match=said):
+        slice_1d(m, CE, xy, alphas)
+    with pytest.raises(ValueError, match=said):
+        slice_2d(m, CE, xy, alphas, [0.0])
+    with pytest.raises(ValueError, match=said.replace("alphas", "betas")):
+        slice_2d(m, CE, xy, [0.0], alphas)
+
+
+def test_slice_takes_nested_coordinates_as_a_flat_list():
+    m, xy = _net(), _data()
+    d = random_direction(m, seed=2)
+    flat = slice_1d(m, CE, xy, [0.0, 0.5], direction=d)
+    nested = slice_1d(m, CE, xy, [[0.0, 0.5]], direction=d)
+    np.testing.assert_array_equal(nested.alphas, [0.0, 0.5])
+    np.testing.assert_array_equal(nested.loss, flat.loss)
+
+
+def test_directions_are_checked():
+    m, xy = _net(), _data()
+    d = random_direction(m, seed=1)
+    bad = d.clone()
+    bad[4] = float("nan")
+    with pytest.raises(ValueError, match="direction holds NaN"):
+        slice_1d(m, CE, xy, [0.0, 0.5], direction=bad)
+    with pytest.raises(ValueError, match="second direction holds NaN"):
+        slice_2d(m, CE, xy, [0.0], [0.0], directions=(d, bad))
+    with pytest.raises(ValueError, match=rf"must have shape \({d.numel()},\) .*got \({d.numel() - 1},\)"):
+        slice_1d(m, CE, xy, [0.0], direction=d[:-1])
+    with pytest.raises(ValueError, match="directions must be a pair"):
+        slice_2d(m, CE, xy, [0.0], [0.0], directions=(d, d, d))
+    # Array-likes are taken as tensors (the same curve), not an AttributeError.
+    ref = slice_1d(m, CE, xy, [0.0, 0.5], direction=d)
+    np.testing.assert_array_equal(slice_1d(m, CE, xy, [0.0, 0.5], direction=d.numpy()).loss, ref.loss)
+    np.testing.assert_array_equal(slice_1d(m, CE, xy, [0.0, 0.5], direction=d.tolist()).loss, ref.loss)
+
+
+def test_interpolate_on_a_device_spelled_differently_copies_the_model_once(monkeypatch):
+    # "cpu:0" is the CPU the parameters are on: no copy of the model per point.
+    copies = []
+    real = copy.deepcopy
+
+    def counting(obj, *args, **kwargs):
+        if isinstance(obj, nn.Module):
+            copies.append(type(obj).__name__)
+        return real(obj, *args, **kwargs)
+
+    monkeypatch.setattr(landscape.copy, "deepcopy", counting)
+    a, b = _net(0), _net(1)
+    xy = _data()
+    curve = sk.interpolate(a, b, CE, xy, [0.0, 0.5, 1.0], device="cpu:0")
+    assert len(copies) == 1, copies
+    ref = sk.interpolate(a, b, CE, xy, [0.0, 0.5, 1.0])
+    np.testing.assert_array_equal(curve.loss, ref.loss)
