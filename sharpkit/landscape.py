@@ -64,7 +64,8 @@ def evaluate(
     ``bn``: "eval" (running statistics) or "train" (each batch's statistics); dropout is off and
     the model is restored exactly.  Accuracy is the fraction of samples whose argmax output equals
     an integer target (targets equal to the loss's ``ignore_index`` left out, as the loss leaves
-    them), NaN when outputs are not ``(N, C)`` class scores or some output is NaN (a diverged
+    them).  It is NaN when the outputs are not an ``(N, C)`` tensor of class scores (a dict or tuple
+    of outputs, which ``loss_fn`` reads, has no accuracy), and when some output is NaN (a diverged
     model's loss and accuracy are both NaN: an argmax over NaN is no prediction).
 
     Raises ``ValueError`` for inputs holding NaN or inf (naming the batch) and for empty data.
@@ -87,13 +88,21 @@ def evaluate(
             for index, batch in enumerate(batches):
                 _check_finite_inputs(batch[0], index)
                 inputs, targets = to_device(batch, dev, dtype)
-                out = model(inputs)
+                try:
+                    out = model(inputs)
+                except ValueError as exc:
+                    if bn == "train" and "more than 1 value per channel" in str(exc):
+                        raise ValueError(f"batch {index} holds {inputs.shape[0]} sample(s): BatchNorm with batch "
+                                         "statistics (bn='train') needs more than one value per channel; batch the "
+                                         "data otherwise or use bn='eval'") from exc
+                    raise
                 w = weigh(batch)
                 if w > 0:  # (a batch whose every target is ignored has no mean loss)
                     sums[0] += float(checked_loss(loss_fn, out, targets)) * w
                     sums[4] += w
                 sums[2] += inputs.shape[0]
-                if out.dim() == 2 and not targets.is_floating_point() and targets.dim() == 1:
+                if isinstance(out, torch.Tensor) and isinstance(targets, torch.Tensor) and out.dim() == 2 \
+                        and not targets.is_floating_point() and targets.dim() == 1:
                     if out.is_floating_point() and bool(torch.isnan(out).any()):
                         sums[6] += 1  # argmax of a NaN row is the NaN's index: no prediction
                     scored = targets != ignore if ignore is not None else torch.ones_like(targets, dtype=torch.bool)

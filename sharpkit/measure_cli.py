@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .audit.store import json_safe
-from .inputs import LOSSES, check_model_runs, default_device, resolve_data, resolve_device, resolve_model
+from .inputs import LOSSES, check_model_runs, default_device, resolve_data, resolve_device, resolve_model_classes
 from .distributed import PeerFailure, agree, is_main_process
 
 EXIT_USAGE = 2
@@ -176,19 +176,24 @@ def _load_model(args: argparse.Namespace, batches: Any, num_classes: int | None,
     from .audit.checkpoints import fit_state_dict, load_state_dict
 
     try:
-        model, _ = resolve_model(args.model, batches, num_classes, seed=args.seed)
+        # (data_classes: the classes counted from the data's labels where they sized the model, so that a
+        # checkpoint with another output width is told why it does not fit)
+        model, _, data_classes = resolve_model_classes(args.model, batches, num_classes, seed=args.seed)
     except Exception as exc:  # the user's factory may raise anything
         raise _input_error("--model", args.model, exc) from exc
+    # In the requested dtype before the checkpoint is loaded: a float64 checkpoint measured in float64
+    # must not pass through the factory's float32 on the way.
+    model = model.to(device=_device(args.device), dtype=getattr(torch, args.dtype))
     if checkpoint:
         try:
             # Under torchrun a checkpoint one rank cannot read stops every rank, reported once.
             with agree(f"loading {checkpoint}"):
-                model.load_state_dict(fit_state_dict(load_state_dict(checkpoint), model, source=checkpoint))
+                model.load_state_dict(fit_state_dict(load_state_dict(checkpoint), model, source=checkpoint,
+                                                     data_classes=data_classes))
         except PeerFailure:
             raise  # another rank could not read it: that rank says why, this one stops quietly
         except Exception as exc:  # unreadable or not fitting the model
             raise _input_error(option, checkpoint, exc) from exc
-    model = model.to(device=_device(args.device), dtype=getattr(torch, args.dtype))
     _probe(model, LOSSES[args.loss](), batches, args)
     return model
 

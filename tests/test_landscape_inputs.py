@@ -124,3 +124,41 @@ def test_interpolate_on_a_device_spelled_differently_copies_the_model_once(monke
     assert len(copies) == 1, copies
     ref = sk.interpolate(a, b, CE, xy, [0.0, 0.5, 1.0])
     np.testing.assert_array_equal(curve.loss, ref.loss)
+
+
+def test_models_returning_a_dict_have_a_loss_and_no_accuracy():
+    # keskar_sharpness accepts such models (the loss reads the dict): the curves must too.
+    class DictOut(nn.Module):
+        def __init__(self, seed):
+            super().__init__()
+            torch.manual_seed(seed)
+            self.lin = nn.Linear(5, 3).double()
+
+        def forward(self, x):
+            return {"logits": self.lin(x)}
+
+    def loss(out, y):
+        return nn.functional.cross_entropy(out["logits"], y)
+
+    x, y = _data()
+    a, b = DictOut(0), DictOut(1)
+    value, acc = evaluate(a, loss, (x, y))
+    with torch.no_grad():
+        assert value == pytest.approx(float(nn.functional.cross_entropy(a.lin(x), y)), rel=1e-14, abs=0)
+    assert np.isnan(acc)
+    curve = sk.interpolate(a, b, loss, (x, y), [0.0, 1.0])
+    with torch.no_grad():
+        assert curve.loss[1] == pytest.approx(float(nn.functional.cross_entropy(b.lin(x), y)), rel=1e-14, abs=0)
+    assert np.isnan(curve.accuracy).all()
+
+
+def test_a_one_sample_batch_under_batch_statistics_is_named():
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)).double()
+    b = copy.deepcopy(a)
+    x, y = _data(21)
+    batches = [(x[:10], y[:10]), (x[10:20], y[10:20]), (x[20:], y[20:])]  # the last holds one sample
+    with pytest.raises(ValueError, match=r"batch 2 holds 1 sample\(s\): BatchNorm with batch statistics"):
+        sk.interpolate(a, b, CE, batches, [0.5], bn="train")
+    # With running statistics the same data are fine, and weighted by samples.
+    assert np.isfinite(sk.interpolate(a, b, CE, batches, [0.5], bn="eval").loss).all()
