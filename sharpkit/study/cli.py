@@ -70,6 +70,9 @@ def config_from_args(args: argparse.Namespace):
     if args.num_samples is not None:
         if args.num_samples < 100:
             parser.error(f"--num-samples must be >= 100, got {args.num_samples}")
+        if args.data != "mnist1d":  # was ignored without a word
+            parser.error(f"--num-samples applies to --data mnist1d only (it generates that many samples), "
+                         f"not to --data {args.data}")
         over["num_samples"] = args.num_samples
     if args.model is not None:
         # Commas inside parentheses separate a spec's sizes, not models: f1(width=64,depth=3),c1

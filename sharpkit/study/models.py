@@ -11,6 +11,7 @@ measurement commands rebuild them); ``package.module:factory`` is the user's own
 """
 from __future__ import annotations
 
+import copy
 import importlib
 import inspect
 import math
@@ -225,7 +226,9 @@ def build_model(
     (``width``, ``depth`` for f1; ``channels``, ``hidden``, ``dropout`` for c1; a size given both
     ways must agree); plain ``f1``/``c1`` without kwargs are the paper's sizes.  A
     ``module:factory`` is called as ``factory(input_shape, num_classes)`` when it accepts two
-    arguments, else with none; it must return an ``nn.Module``.  The global RNG is left as it was.
+    arguments, else with none; it must return an ``nn.Module``, and what is returned is a copy of it
+    (a factory that returns a module it keeps never sees that module changed).  The global RNG is
+    left as it was.
 
     Raises ``ValueError`` in one line naming the spec: for an unusable spec, and for any exception
     the user's factory raises (chained as its cause), e.g. ``model spec 'nets:make': make((40,),
@@ -253,6 +256,17 @@ def build_model(
                 ) from exc
     if not isinstance(model, nn.Module):
         raise TypeError(f"model factory {spec!r} returned {type(model).__name__}, expected torch.nn.Module")
+    if name not in MODEL_NAMES:
+        # A factory may hand out a module it keeps (a global network, a cached instance): the
+        # caller trains what it gets in place, so it gets its own copy.  Without it the user's
+        # module was trained, and the study's SB and LB models of every seed were one object.
+        try:
+            model = copy.deepcopy(model)
+        except Exception as exc:
+            from ..audit.checkpoints import error_summary
+
+            raise ValueError(f"model spec {spec!r}: the model it returns cannot be copied "
+                             f"({type(exc).__name__}: {error_summary(exc)})") from exc
     return model
 
 

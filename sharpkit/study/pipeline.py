@@ -22,7 +22,9 @@ import os
 import platform
 import shlex
 import sys
+import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -136,6 +138,69 @@ def quick_config(**overrides: Any) -> StudyConfig:
     return dataclasses.replace(base, **overrides)
 
 
+STUDY_SOLVERS = ("lbfgsb", "pga", "apgd")
+
+
+def check_config(c: StudyConfig) -> None:
+    """Raise ValueError naming the setting unless ``c`` describes a study that can run: checked
+    before any data are read or any model trained (a bad solver or ε used to surface only after
+    every training, an empty seed list as an IndexError).  Settings that need the data (batch sizes
+    against the training set) are checked when the data are loaded."""
+
+    def whole(name: str, v: Any, low: int) -> None:
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
+            raise ValueError(f"study setting {name} must be an integer >= {low}, got {v!r}")
+
+    def positive(name: str, v: Any) -> None:
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.number)) or not (0 < float(v) < math.inf):
+            raise ValueError(f"study setting {name} must be a positive finite number, got {v!r}")
+
+    if not c.models:
+        raise ValueError("study setting models is empty")
+    if not c.seeds:
+        raise ValueError("study setting seeds is empty")
+    for v in c.seeds:
+        whole("seeds", v, 0)
+    if len(set(c.seeds)) != len(c.seeds):
+        raise ValueError(f"study setting seeds must be distinct, got {tuple(c.seeds)}")
+    for name in ("sb", "lb"):
+        if getattr(c, name) is not None:
+            whole(name, getattr(c, name), 1)
+    for name, low in (("num_samples", 1), ("max_epochs", 1), ("patience", 1), ("subspace_dim", 1),
+                      ("sharpness_iters", 1), ("trace_matvecs", 1), ("track_every", 1), ("curve_points", 2),
+                      ("f1_width", 1), ("f1_depth", 1), ("c1_channels", 1)):
+        whole(name, getattr(c, name), low)
+    for name in ("sharpness_samples", "curvature_samples"):
+        if getattr(c, name) is not None:
+            whole(name, getattr(c, name), 1)
+    for name in ("lr", "eig_tol", "lb_epochs_factor"):
+        positive(name, getattr(c, name))
+    if not (isinstance(c.min_rel_improvement, (int, float)) and 0 <= c.min_rel_improvement < 1):
+        raise ValueError(f"study setting min_rel_improvement must be in [0, 1), got {c.min_rel_improvement!r}")
+    if not c.eps:
+        raise ValueError("study setting eps is empty")
+    for v in c.eps:
+        positive("eps", v)
+    if not c.solvers or any(v not in STUDY_SOLVERS for v in c.solvers):
+        raise ValueError(f"study setting solvers must be chosen from {', '.join(STUDY_SOLVERS)}, got {tuple(c.solvers)}")
+    if c.bn not in ("eval", "train"):
+        raise ValueError(f"study setting bn must be 'eval' or 'train', got {c.bn!r}")
+    for v in c.c1_hidden:
+        whole("c1_hidden", v, 1)
+    for v in c.warm_epochs:
+        whole("warm_epochs", v, 0)
+    if c.sweep is not None:
+        if not c.sweep:
+            raise ValueError("study setting sweep is empty (None: the default sweep)")
+        for v in c.sweep:
+            whole("sweep", v, 1)
+    if c.sweep_models is not None:
+        unknown = [m for m in c.sweep_models if m not in c.models]
+        if unknown:
+            raise ValueError(f"study setting sweep_models names {unknown[0]!r}, which is not one of the models "
+                             f"{tuple(c.models)}")
+
+
 def _device(spec: str) -> torch.device:
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -177,6 +242,7 @@ class Study:
     :mod:`sharpkit.study.report` turns them into tables, figures, verdicts and HTML."""
 
     def __init__(self, config: StudyConfig, out_dir: str | os.PathLike, progress: bool = True, log=None):
+        check_config(config)
         self.config = config
         self.out = Path(out_dir)
         self.progress = progress
@@ -185,8 +251,10 @@ class Study:
             self.progress, self.log = False, (lambda msg: None)
         self.device = _device(config.device)
         self.loss_fn = nn.CrossEntropyLoss()
+        _check_output_dir(self.out)
         self.cache = StepCache(self.out / "cache")
         self.stats = {"trainings_run": 0, "trainings_reused": 0, "unavailable": []}
+        self._epochs_trained: dict[str, int] = {}  # run key id -> epochs its training ran
         self._load_data()
         # Every model is built and run once before any training: a factory that fails or does not
         # fit the data is a usage error now, not a traceback after the first training.
@@ -221,6 +289,9 @@ class Study:
                 raise ValueError(f"--{name} {b} must be between 1 and the {n} training samples")
         if self.sb >= self.lb:
             raise ValueError(f"the small batch ({self.sb}) must be smaller than the large batch ({self.lb})")
+        too_big = [b for b in c.sweep or () if b > n]
+        if too_big:  # such a batch is the whole training set: the sweep would mislabel full-batch training
+            raise ValueError(f"--sweep batch size {too_big[0]} exceeds the {n} training samples")
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(12345)).to(self.device)
 
         def subset(k):
@@ -340,6 +411,17 @@ class Study:
         if n_params < self.config.subspace_dim:
             raise ValueError(f"model {spec!r} has {n_params} trainable parameters, fewer than the random subspace's "
                              f"dimension p = {self.config.subspace_dim}")
+        smallest = min((self.sb, *(self.config.sweep or ())))
+        if smallest < 2 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            raise ValueError(f"model {spec!r} has BatchNorm, which cannot train on batches of {smallest} sample: "
+                             "use batch sizes >= 2")
+        seeds = self.config.seeds
+        if spec not in MODEL_NAMES and len(seeds) >= 2:
+            other = self.new_model(spec, seeds[1]).state_dict()
+            if all(torch.equal(v, other[k]) for k, v in model.state_dict().items()):
+                warnings.warn(f"model {spec!r} has the same initial weights for seeds {seeds[0]} and {seeds[1]} (its "
+                              "factory does not draw them from torch's global RNG, which the study seeds): the seeds "
+                              "differ only in the order of the training samples", RuntimeWarning, stacklevel=2)
         return None if spec in MODEL_NAMES else identity(model)
 
     # ------------------------------------------------------------------ trainings
@@ -443,6 +525,32 @@ class Study:
             return out
 
         return hook
+
+    def snapshots(self, sb_key: dict, epochs_trained: int) -> dict[int, Path]:
+        """The weight snapshots (epoch -> path) of the SB run ``sb_key``, which trained
+        ``epochs_trained`` epochs: one per snapshot epoch it reached.  Each is checked readable; a
+        missing or damaged one is redone by training the SB run again (a warning says so), as a
+        damaged final.pt is (it was a traceback, or a missing one dropped that warm start)."""
+        paths = {e: self.out / self.snapshot_path(sb_key, e) for e in sb_key["snapshots"] if e <= epochs_trained}
+
+        def unreadable() -> list[str]:
+            if not _dist.is_main_process():
+                return []
+            template = self.new_model(sb_key["model"], sb_key["seed"]).state_dict()
+            return [str(p) for p in paths.values() if not _fits(p, template)]
+
+        bad = _dist.broadcast_object(unreadable())
+        if bad:
+            warnings.warn(f"{bad[0]}{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}: missing or cannot be read; "
+                          "the SB run is trained again to redo its snapshots", RuntimeWarning, stacklevel=2)
+            if _dist.is_main_process():
+                for name in ("final.pt", "checkpoint.pt"):
+                    (self.run_dir(sb_key) / name).unlink(missing_ok=True)
+            self.trained(sb_key)
+            bad = _dist.broadcast_object(unreadable())
+            if bad:
+                raise RuntimeError(f"training the SB run again did not write its snapshot {bad[0]}")
+        return paths
 
     def snapshot_path(self, sb_key: dict, epoch: int) -> str:
         """Where the SB run ``sb_key`` keeps its weights after ``epoch`` epochs, relative to DIR."""
@@ -572,6 +680,7 @@ class Study:
                     run["tracking"] = [h for h in rec["history"] if "eval_loss" in h]
                 out["runs"].append(run)
                 models[(role, seed)] = (model, tkey)
+                self._epochs_trained[key_id(tkey)] = rec["epochs"]
         bar = _bar(total=len(seeds) * 2, desc=f"measure {spec}", unit="model", enabled=self.progress)
         for seed in seeds:
             for role in ("sb", "lb"):
@@ -623,11 +732,12 @@ class Study:
                 model, _ = self.trained(tkey)
             rows.append({"batch": batch, **self._point(model, tkey, sharp_eps, sharp_solver, seed)})
         sb_key = models[("sb", seed)][1]
+        snaps = self.snapshots(sb_key, self._epochs_trained[key_id(sb_key)])
         warm = []
         for k in sorted(set((0,) + ks)):
             if k == 0:
                 model, tkey = models[("lb", seed)]  # k = 0 is plain LB training from the same start
-            elif not (self.out / self.snapshot_path(sb_key, k)).exists():
+            elif k not in snaps:
                 continue  # the SB run converged before epoch k: there is no such iterate
             else:
                 start = {"from": key_id(sb_key), "epoch": k, "snapshot": str(self.snapshot_path(sb_key, k))}
@@ -642,11 +752,10 @@ class Study:
             elif epoch == 0:
                 model, label = self.new_model(spec, seed), 0
             else:
-                path = self.out / self.snapshot_path(sb_key, epoch)
-                if not path.exists():
+                if epoch not in snaps:
                     continue
                 model = self.new_model(spec, seed)
-                model.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
+                model.load_state_dict(torch.load(snaps[epoch], map_location=self.device, weights_only=True))
                 label = epoch
             key = {"kind": "noise", "run": key_id(sb_key), "epoch": label, "b_small": self.sb, "b_big": self.lb}
             r = self.cached(key, lambda model=model: gradient_noise_scale(
@@ -661,6 +770,31 @@ class Study:
         cur = self.measure_curvature(model, tkey, seed)
         return {**ev, "sharpness": None if s is None else s["value"],
                 "lambda_max": None if cur["lambda_max"] is None else cur["lambda_max"]["value"]}
+
+
+def _fits(path: Path, template: dict) -> bool:
+    """Whether ``path`` holds a state dict with ``template``'s names and shapes."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # missing, truncated, not a torch file: all mean "redo"
+        return False
+    return isinstance(state, dict) and {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)} == {
+        k: tuple(v.shape) for k, v in template.items()}
+
+
+def _check_output_dir(out: Path) -> None:
+    """Create ``out`` and check that files can be written in it, before any work: ValueError naming
+    the directory otherwise (an existing file of that name was a NotADirectoryError traceback from
+    deep inside the cache)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output directory {str(out)!r} is an existing file, not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ValueError(f"output directory {str(out)!r} cannot be written ({exc.strerror or exc})") from exc
 
 
 def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:

@@ -390,9 +390,10 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
-def _write_csv(path: Path, rows: list[dict]) -> None:
+def _write_csv(path: Path, rows: list[dict]) -> list[str]:
+    """Write ``rows`` as CSV at ``path`` (nothing for no rows); the names of the files written."""
     if not rows:
-        return
+        return []
     fields: list[str] = []
     for r in rows:
         fields += [k for k in r if k not in fields]
@@ -402,22 +403,52 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
     for r in rows:
         w.writerow({k: ("" if v is None else v) for k, v in r.items()})
     atomic_write_text(path, buf.getvalue())
+    return [path.name]
 
 
 def write_outputs(results: dict, out: Path) -> dict:
-    """Add the summary to ``results`` and write results.json, *.csv, fig_*.png and report.html."""
+    """Add the summary to ``results`` and write results.json, *.csv, fig_*.png and report.html.
+
+    Tables and figures that the previous results.json in ``out`` lists and this study did not write
+    (a model dropped, or no longer the one swept, in a re-run with other settings) are removed, so
+    that every table and figure in ``out`` shows the numbers of results.json.
+    """
     out.mkdir(parents=True, exist_ok=True)
+    before = _previous_outputs(out)
     results["summary"] = summarize(results)
     figures = make_figures(results, out)
     results["figures"] = [f.name for f in figures]
-    _write_tables(results, out)
+    results["tables"] = _write_tables(results, out)
+    # Before results.json is replaced: an interrupted write leaves the stale names listed there.
+    for name in sorted(before - set(results["figures"]) - set(results["tables"])):
+        try:
+            (out / name).unlink()
+        except FileNotFoundError:
+            pass
     atomic_write_text(out / "results.json", json.dumps(_clean(results), indent=1))
     atomic_write_text(out / "report.html", render_html(results, figures))
     return results
 
 
-def _write_tables(results: dict, out: Path) -> None:
+def _previous_outputs(out: Path) -> set[str]:
+    """The tables and figures the results.json in ``out`` lists (an unreadable one: none), as plain
+    file names.  Results from before the ``tables`` list name their per-model tables in their summary."""
+    try:
+        prev = json.loads((out / "results.json").read_text())
+        names = set(prev.get("figures") or []) | set(prev.get("tables") or [])
+        if "tables" not in prev:
+            for spec, s in prev.get("summary", {}).get("models", {}).items():
+                names |= {f"{tname}_{spec}.csv" for tname in s.get("tables", {})}
+    except (OSError, ValueError, TypeError, AttributeError):
+        return set()
+    return {n for n in names if isinstance(n, str) and n == Path(n).name and n.endswith((".png", ".csv"))
+            and n not in (".png", ".csv")}
+
+
+def _write_tables(results: dict, out: Path) -> list[str]:
+    """Write the CSV tables; returns the names of the files written."""
     runs, sharp, curv, verdicts, sweep, warm, noise, track = [], [], [], [], [], [], [], []
+    written: list[str] = []
     for spec, m in results["models"].items():
         for r in m["runs"]:
             runs.append({"model": spec, **{k: v for k, v in r.items() if k not in ("tracking", "loss_history")}})
@@ -435,10 +466,11 @@ def _write_tables(results: dict, out: Path) -> None:
         s = results["summary"]["models"][spec]
         verdicts += [{"model": spec, **v} for v in s["verdicts"]]
         for tname, rows in s["tables"].items():
-            _write_csv(out / f"{tname}_{spec}.csv", rows)
+            written += _write_csv(out / f"{tname}_{spec}.csv", rows)
     for name, rows in (("runs", runs), ("sharpness", sharp), ("curvature", curv), ("verdicts", verdicts),
                        ("sweep", sweep), ("warm_start", warm), ("noise_scale", noise), ("tracking", track)):
-        _write_csv(out / f"{name}.csv", rows)
+        written += _write_csv(out / f"{name}.csv", rows)
+    return written
 
 
 # ---------------------------------------------------------------------- figures

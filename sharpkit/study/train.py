@@ -65,7 +65,8 @@ def train(
 
     Each epoch visits the training set once in a fresh random order drawn from ``seed``.  The
     epoch loss is the sample-weighted mean of the minibatch losses seen during the epoch (train
-    mode).  With ``checkpoint`` the state after each epoch is saved there and a later call with the
+    mode; a last batch of one sample, which BatchNorm cannot train on, is skipped and not counted).
+    With ``checkpoint`` the state after each epoch is saved there and a later call with the
     same path resumes from it (a checkpoint that cannot be read or does not fit ``model`` is
     ignored with a warning and training starts afresh).  ``on_epoch(epoch, model, entry)`` is
     called after epoch 0 (before any step) and after each epoch; a dict it returns is merged into
@@ -77,6 +78,9 @@ def train(
         raise ValueError("the training set is empty")
     if config.batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {config.batch_size}")
+    if (config.batch_size == 1 or n == 1) and _has_batchnorm(model):
+        raise ValueError(f"batch_size {config.batch_size} on {n} training samples: a model with BatchNorm cannot "
+                         "train on one-sample batches (need batch_size >= 2 and 2 or more samples)")
     device = torch.device(device)
     model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
@@ -124,7 +128,7 @@ def train(
             break
         model.train()
         perm = torch.randperm(n, generator=gen)
-        total = 0.0
+        total, seen = 0.0, 0
         for s in range(0, n, config.batch_size):
             idx = perm[s : s + config.batch_size]
             if idx.numel() == 1 and _has_batchnorm(model):
@@ -137,8 +141,10 @@ def train(
             loss.backward()
             opt.step()
             total += float(loss.detach()) * idx.numel()
+            seen += idx.numel()
         result.epochs += 1
-        entry = {"epoch": result.epochs, "train_loss": total / n}
+        # The mean over the samples trained on: a skipped one-sample batch has no loss to weigh.
+        entry = {"epoch": result.epochs, "train_loss": total / seen}
         if on_epoch is not None:
             entry.update(on_epoch(result.epochs, model, entry) or {})
         result.history.append(entry)
