@@ -8,9 +8,10 @@ points are evaluated on one private copy.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -51,6 +52,23 @@ class Surface:
     accuracy: np.ndarray
 
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _outside_inference_mode(fn: _F) -> _F:
+    """Run ``fn`` with inference mode off, as every sharpkit measurement does: under a caller's
+    ``torch.inference_mode()`` the private copy of a model and the sums would be inference tensors,
+    which can be neither restored (no version counter) nor added to outside it."""
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with torch.inference_mode(False):
+            return fn(*args, **kwargs)
+
+    return run  # type: ignore[return-value]
+
+
+@_outside_inference_mode
 def evaluate(
     model: nn.Module,
     loss_fn,
@@ -141,6 +159,7 @@ def _canonical_device(dev: torch.device) -> torch.device:
     return dev
 
 
+@_outside_inference_mode
 def interpolate(
     model_a: nn.Module,
     model_b: nn.Module,
@@ -234,6 +253,7 @@ def random_direction(model: nn.Module, seed: int = 0, filter_normalize: bool = T
     return d
 
 
+@_outside_inference_mode
 def slice_1d(
     model: nn.Module,
     loss_fn,
@@ -248,6 +268,7 @@ def slice_1d(
     return Curve(surf.alphas, surf.loss[:, 0], surf.accuracy[:, 0], {"path": "direction", "bn": bn})
 
 
+@_outside_inference_mode
 def slice_2d(
     model: nn.Module,
     loss_fn,

@@ -383,9 +383,29 @@ class _ProductProgress:
             self._bar = None
 
 
+def _plot_format(path: str) -> str:
+    """The image format ``--plot`` asks for by its suffix (png without one): a UsageError, before
+    anything is measured, for a suffix matplotlib cannot write (rather than PNG bytes in a .pdf)."""
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if not suffix:
+        return "png"
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    formats = FigureCanvasAgg(Figure()).get_supported_filetypes()
+    if suffix not in formats:
+        raise UsageError(f"--plot {path}: cannot write .{suffix} images; use one of "
+                         + ", ".join(f".{f}" for f in sorted(formats)))
+    return suffix
+
+
 def _landscape(args: argparse.Namespace) -> int:
     import sharpkit as sk
 
+    plot_format = _plot_format(args.plot) if args.plot else None  # before loading anything
     data, num_classes = _load_data(args)  # once, for both end points
     model_a = _load_model(args, data, num_classes, args.a, "--a")
     model_b = _load_model(args, data, num_classes, args.b, "--b")
@@ -399,7 +419,7 @@ def _landscape(args: argparse.Namespace) -> int:
               "accuracy": accuracy}
     if args.plot and is_main_process():
         try:
-            _plot_curve(result, Path(args.plot))
+            _plot_curve(result, Path(args.plot), plot_format)
         except OSError as exc:
             _emit(args, result)  # keep the curve: only the plot was lost
             raise UsageError(f"cannot write --plot {args.plot}: {_one_line(exc)}") from exc
@@ -407,7 +427,7 @@ def _landscape(args: argparse.Namespace) -> int:
     return 0
 
 
-def _plot_curve(result: dict[str, Any], path: Path) -> None:
+def _plot_curve(result: dict[str, Any], path: Path, fmt: str = "png") -> None:
     import io
 
     import matplotlib
@@ -428,7 +448,7 @@ def _plot_curve(result: dict[str, Any], path: Path) -> None:
     ax.set_title(f"{result['path']} path between {Path(result['a']).name} and {Path(result['b']).name}")
     fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
+    fig.savefig(buf, format=fmt, dpi=120)
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
 
@@ -515,5 +535,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--alpha-max", type=_finite, default=2.0, help="last alpha (default 2)")
     p.add_argument("--points", type=_positive_int, default=25,
                    help="evenly spaced points from --alpha-min to --alpha-max (default 25; 1: --alpha-min alone)")
-    p.add_argument("--plot", type=_output_path, help="also write the curve as a PNG")
+    p.add_argument("--plot", type=_output_path,
+                   help="also plot the curve to this image file (format by suffix: .png, .pdf, .svg ...; png without)")
     p.set_defaults(func=_reported("landscape", _landscape))

@@ -162,3 +162,17 @@ def test_a_one_sample_batch_under_batch_statistics_is_named():
         sk.interpolate(a, b, CE, batches, [0.5], bn="train")
     # With running statistics the same data are fine, and weighted by samples.
     assert np.isfinite(sk.interpolate(a, b, CE, batches, [0.5], bn="eval").loss).all()
+
+
+def test_curves_under_the_callers_inference_mode():
+    a, b = _net(0), _net(1)
+    x, y = _data()
+    ref_curve = sk.interpolate(a, b, CE, (x, y), [0.0, 0.5])
+    ref_slice = slice_1d(a, CE, (x, y), [0.0, 0.5])
+    ref_eval = evaluate(a, CE, (x, y))
+    with torch.inference_mode():
+        xi, yi = x.clone(), y.clone()  # inference tensors
+        np.testing.assert_array_equal(sk.interpolate(a, b, CE, (xi, yi), [0.0, 0.5]).loss, ref_curve.loss)
+        np.testing.assert_array_equal(slice_1d(a, CE, (xi, yi), [0.0, 0.5]).loss, ref_slice.loss)
+        np.testing.assert_array_equal(slice_2d(a, CE, (xi, yi), [0.0], [0.0]).loss, [[ref_eval[0]]])
+        assert evaluate(a, CE, (xi, yi)) == ref_eval

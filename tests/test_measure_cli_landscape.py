@@ -165,3 +165,18 @@ def test_help_describes_every_option(command, phrases, capsys):
     for phrase in phrases:
         assert phrase in text, phrase
     assert ".pt/.pth file (keys x_train, y_train)" in text
+
+
+def test_plot_format_follows_the_suffix(setup, capsys):
+    tmp, *_ = setup
+    base = ["--model", "landscape_nets:make", "--points", "2"]
+    rc, _ = _landscape(tmp, *base, "--plot", str(tmp / "curve.pdf"))
+    assert rc == 0 and (tmp / "curve.pdf").read_bytes()[:5] == b"%PDF-"  # not PNG bytes in a .pdf
+    rc, _ = _landscape(tmp, *base, "--plot", str(tmp / "curve"))
+    assert rc == 0 and (tmp / "curve").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (tmp / "curve.json").unlink()
+    capsys.readouterr()
+    rc, out = _landscape(tmp, *base, "--plot", str(tmp / "curve.xyz"))
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith(f"sharpkit landscape: error: --plot {tmp / 'curve.xyz'}: cannot write .xyz"), err
+    assert not out.exists() and not (tmp / "curve.xyz").exists()
