@@ -378,6 +378,9 @@ class _ProductProgress:
         self._bar = tqdm(total=total, desc=name, unit="product", dynamic_ncols=True, file=sys.stderr)
         try:
             yield
+        except BaseException:
+            self._bar.leave = False  # the error, not a half bar, is what stays on the terminal
+            raise
         finally:
             self._bar.close()
             self._bar = None
@@ -411,12 +414,33 @@ def _landscape(args: argparse.Namespace) -> int:
     model_b = _load_model(args, data, num_classes, args.b, "--b")
     # float64: the recorded alphas are the decimal ones asked for (0.1, not float32's 0.10000000149)
     alphas = np.linspace(args.alpha_min, args.alpha_max, args.points, dtype=np.float64).tolist()
-    curve = sk.interpolate(model_a, model_b, LOSSES[args.loss](), data, alphas, path=args.path, bn=args.bn)
+    loss_fn = LOSSES[args.loss]()
+    losses: list[float] = []
+    accuracies: list[float] = []
+    # One point at a time (each is one pass over the data, independent of the others), with progress.
+    bar = None
+    if args.progress and is_main_process():
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(alphas), desc="landscape", unit="point", dynamic_ncols=True, file=sys.stderr)
+    try:
+        for alpha in alphas:
+            curve = sk.interpolate(model_a, model_b, loss_fn, data, [alpha], path=args.path, bn=args.bn)
+            losses.append(float(curve.loss[0]))
+            accuracies.append(float(curve.accuracy[0]))
+            if bar is not None:
+                bar.update(1)
+    except BaseException:
+        if bar is not None:
+            bar.leave = False  # the error, not a half bar, is what stays on the terminal
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
     # Accuracy is null where it is undefined at every point (a regression loss), else one value a point.
-    accuracy = None if bool(np.all(np.isnan(curve.accuracy))) else [float(v) for v in curve.accuracy]
+    accuracy = None if all(math.isnan(v) for v in accuracies) else accuracies
     result = {"path": args.path, "model": args.model, "a": args.a, "b": args.b, "data": args.data, "bn": args.bn,
-              "alphas": [float(a) for a in curve.alphas], "loss": [float(v) for v in curve.loss],
-              "accuracy": accuracy}
+              "alphas": alphas, "loss": losses, "accuracy": accuracy}
     if args.plot and is_main_process():
         try:
             _plot_curve(result, Path(args.plot), plot_format)
@@ -537,4 +561,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="evenly spaced points from --alpha-min to --alpha-max (default 25; 1: --alpha-min alone)")
     p.add_argument("--plot", type=_output_path,
                    help="also plot the curve to this image file (format by suffix: .png, .pdf, .svg ...; png without)")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar of the points on stderr")
     p.set_defaults(func=_reported("landscape", _landscape))

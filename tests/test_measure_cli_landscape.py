@@ -114,7 +114,8 @@ def test_non_finite_inputs_are_one_line_and_exit_2(setup, capsys):
     torch.save({"x_train": x, "y_train": y}, tmp / "nan.pt")
     out = tmp / "curve.json"
     rc = main(["landscape", "--model", "landscape_nets:make", "--a", str(tmp / "m1.pt"), "--b", str(tmp / "m2.pt"),
-               "--data", str(tmp / "nan.pt"), "--batch-size", "20", "--points", "3", "--out", str(out)])
+               "--data", str(tmp / "nan.pt"), "--batch-size", "20", "--points", "3", "--no-progress",
+               "--out", str(out)])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1, err
     assert err.startswith("sharpkit landscape: error: the data's inputs hold NaN (batch 2"), err
@@ -180,3 +181,13 @@ def test_plot_format_follows_the_suffix(setup, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith(f"sharpkit landscape: error: --plot {tmp / 'curve.xyz'}: cannot write .xyz"), err
     assert not out.exists() and not (tmp / "curve.xyz").exists()
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_landscape_shows_its_points_on_stderr(setup, capsys, progress):
+    tmp, *_ = setup
+    rc, out = _landscape(tmp, "--model", "landscape_nets:make", "--points", "5",
+                         *([] if progress else ["--no-progress"]))
+    err = capsys.readouterr().err
+    assert rc == 0 and len(json.loads(out.read_text())["loss"]) == 5
+    assert ("5/5" in err) == progress and ("point/s" in err) == progress, err
