@@ -121,7 +121,7 @@ def test_quick_pipeline_end_to_end(tmp_path, npz, api):
     assert sb_run.startswith("f1-b8-s0-") and (out / "runs" / sb_run / "epoch1.pt").exists()
     assert "sweep" not in data["models"]["c1"]  # extras only for the first model by default
     assert {n["epoch"] for n in f1["noise_scale"]} >= {0, "final"}
-    assert len(f1["curves"]["sin"]["test"]["alphas"]) == 5
+    assert f1["curves"]["sin"]["test"]["alphas"] == [-1.0, -0.25, 0.0, 0.5, 1.0, 1.25, 2.0]  # 5 points, 0 and 1
     track = [r for r in f1["runs"] if r["seed"] == 0 and r["role"] == "lb"][0]["tracking"]
     epochs = [h["epoch"] for h in track]
     assert epochs[0] == 0 and epochs == sorted(set(epochs)) and len(epochs) >= 3 and track[-1]["lambda_max"] > 0

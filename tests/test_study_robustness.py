@@ -6,6 +6,7 @@ import json
 import math
 import sys
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -168,3 +169,73 @@ def test_damaged_or_missing_warm_start_snapshot_is_redone(tmp_path, npz, api):
     m = again["models"]["f1"]
     assert m["warm_start"] == first["warm_start"] and m["noise_scale"] == first["noise_scale"]
     assert again["stats"]["trainings_run"] == 3  # the SB run and the two warm starts
+
+
+def _straight_and_resumed(device: str, tmp_path, old_format: bool = False):
+    """c1 (dropout) trained 4 epochs straight, and 2 epochs then resumed from its checkpoint to 4."""
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(40, 12, generator=g), torch.randint(0, 3, (40,), generator=g)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def net():
+        return build_model("c1", (12,), 3, seed=0, channels=4, hidden=(8,)).to(device)
+
+    straight = net()
+    train(straight, loss_fn, (x, y), TrainConfig(8, max_epochs=4, patience=10), seed=0, device=device)
+    ckpt = tmp_path / f"{device}.pt"
+    train(net(), loss_fn, (x, y), TrainConfig(8, max_epochs=2, patience=10), seed=0, device=device, checkpoint=ckpt)
+    if old_format:  # checkpoints written before the RNG states were bytes held tensors
+        state = torch.load(ckpt, weights_only=False)
+        state["generator"], state["torch_rng"] = (torch.frombuffer(bytearray(state[k]), dtype=torch.uint8)
+                                                  for k in ("generator", "torch_rng"))
+        del state["cuda_rng"]
+        torch.save(state, ckpt)
+    resumed = net()
+    r = train(resumed, loss_fn, (x, y), TrainConfig(8, max_epochs=4, patience=10), seed=0, device=device, checkpoint=ckpt)
+    assert r.resumed_from == 2 and r.epochs == 4
+    return straight, resumed
+
+
+def test_resume_reads_checkpoints_with_tensor_rng_states(tmp_path):
+    straight, resumed = _straight_and_resumed("cpu", tmp_path, old_format=True)
+    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_resume_on_gpu_is_exact(tmp_path):
+    """On CUDA the checkpoint's RNG states were loaded onto the GPU (torch.load's map_location), where
+    torch.set_rng_state refuses them (TypeError: RNG state must be a torch.ByteTensor), and the GPU's
+    own RNG, which draws the dropout masks there, was not saved."""
+    straight, resumed = _straight_and_resumed("cuda", tmp_path)
+    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_curves_pass_through_both_minimizers(tmp_path, npz, api):
+    """With 5 points the SB-LB grid was -1, -0.25, 0.5, 1.25, 2: the report's 'loss next to SB' and
+    'next to LB' were read at α = -0.25 and 1.25, and neither curve went through a minimizer."""
+    out = tmp_path / "study"
+    cfg = _tiny(npz, models=("f1",), seeds=(0,), eps=(1e-3,), solvers=("pga",), curve_points=5)
+    results = run_study(cfg, out, progress=False, threads=1)
+    m = results["models"]["f1"]
+    curve = m["curves"]["linear"]["train"]
+    a = curve["alphas"]
+    assert 0.0 in a and 1.0 in a and len(a) == 7
+    # The loss at α = 0 and 1 is the SB and LB model's own (float64 reference; BatchNorm on batch
+    # statistics of the whole training split, one chunk, as the curves are computed).
+    data = np.load(out / "train.npz")
+    x, y = torch.tensor(data["x_train"]).double(), torch.tensor(data["y_train"]).long()
+    for role, alpha in (("sb", 0.0), ("lb", 1.0)):
+        run = next(r for r in m["runs"] if r["role"] == role)
+        net = build_model("f1", (12,), 3, seed=0, width=16, depth=2)
+        net.load_state_dict(torch.load(out / run["checkpoint"], weights_only=False)["model"])
+        with torch.no_grad():
+            ref = float(nn.functional.cross_entropy(net.double().train()(x), y))
+        assert curve["loss"][a.index(alpha)] == pytest.approx(ref, rel=1e-5)
+    assert 0.0 in m["slices"]["sb"]["alphas"]
+    # The default grids already hold 0 and 1: they are unchanged.
+    from sharpkit.study.pipeline import _grid_with
+
+    grid = np.linspace(-1.0, 2.0, 25)
+    assert _grid_with(grid, (0.0, 1.0)) is grid

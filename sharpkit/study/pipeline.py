@@ -698,22 +698,25 @@ class Study:
         bar.close()
         # Fig. 2/3 and 7: paths between the first seed's SB and LB minimizers.
         (m_sb, k_sb), (m_lb, k_lb) = models[("sb", seeds[0])], models[("lb", seeds[0])]
-        alphas = np.linspace(-1.0, 2.0, c.curve_points)
+        # The minimizers themselves (α = 0 and 1) are points of the curve whatever the count: the
+        # report reads the loss there (5 points were -1, -0.25, 0.5, 1.25, 2).
+        alphas = _grid_with(np.linspace(-1.0, 2.0, c.curve_points), (0.0, 1.0))
         out["curves"] = {}
         for path in ("linear", "sin"):
             out["curves"][path] = {}
             for split, xy in (("train", self.train_eval), ("test", self.test_eval)):
                 key = {"kind": "curve", "a": key_id(k_sb), "b": key_id(k_lb), "path": path, "split": split,
-                       "points": c.curve_points}
+                       "points": len(alphas)}
                 out["curves"][path][split] = self.cached(key, lambda xy=xy, path=path: _curve_dict(
                     interpolate(m_sb, m_lb, self.loss_fn, xy, alphas, path=path, bn="train")))
         # Li et al. (2018): filter-normalised random-direction slices around each minimizer.
         out["slices"] = {}
+        steps = _grid_with(np.linspace(-1.0, 1.0, c.curve_points), (0.0,))  # the minimizer (α = 0) included
         for role, (m, k) in (("sb", (m_sb, k_sb)), ("lb", (m_lb, k_lb))):
-            key = {"kind": "slice", "run": key_id(k), "points": c.curve_points, "samples": self.curv_n, "bn": c.bn,
+            key = {"kind": "slice", "run": key_id(k), "points": len(steps), "samples": self.curv_n, "bn": c.bn,
                    "seed": seeds[0]}
             out["slices"][role] = self.cached(key, lambda m=m: _curve_dict(slice_1d(
-                m, self.loss_fn, self.curv_xy, np.linspace(-1.0, 1.0, c.curve_points), seed=seeds[0], bn=c.bn)))
+                m, self.loss_fn, self.curv_xy, steps, seed=seeds[0], bn=c.bn)))
         if extras:
             out.update(self.run_extras(spec, seeds[0], models, ks))
         return out
@@ -770,6 +773,13 @@ class Study:
         cur = self.measure_curvature(model, tkey, seed)
         return {**ev, "sharpness": None if s is None else s["value"],
                 "lambda_max": None if cur["lambda_max"] is None else cur["lambda_max"]["value"]}
+
+
+def _grid_with(grid: np.ndarray, points: tuple[float, ...]) -> np.ndarray:
+    """``grid`` with each of ``points`` that it lacks inserted in order (the default 25-point grids
+    hold them already and stay as they are)."""
+    missing = [p for p in points if not np.any(np.abs(grid - p) <= 1e-12)]
+    return np.sort(np.concatenate([grid, missing])) if missing else grid
 
 
 def _fits(path: Path, template: dict) -> bool:

@@ -639,6 +639,15 @@ def _measure_section(results: dict) -> str:
             "warm starts):</p><pre>" + html.escape("\n".join(commands)) + "</pre>")
 
 
+def _curve_points(results: dict) -> int:
+    """How many α the SB-LB curves have (the configured count, plus α = 0 and 1 where it lacked them)."""
+    for m in results["models"].values():
+        train = m.get("curves", {}).get("linear", {}).get("train")
+        if train:
+            return len(train["alphas"])
+    return results["config"]["curve_points"]
+
+
 def render_html(results: dict, figures: list[Path]) -> str:
     cfg, res, env = results["config"], results["resolved"], results["environment"]
     imgs = {p.name: base64.b64encode(p.read_bytes()).decode() for p in figures}
@@ -670,7 +679,7 @@ def render_html(results: dict, figures: list[Path]) -> str:
         {"setting": "seeds", "value": ", ".join(map(str, cfg["seeds"]))},
         {"setting": "ε-sharpness", "value": f"ε ∈ {cfg['eps']}, solvers {cfg['solvers']}, {cfg['sharpness_iters']} iterations, subspace p = {cfg['subspace_dim']} (Gaussian, Philox-seeded), on {res['sharpness_samples']} training samples, BN {cfg['bn']}"},
         {"setting": "Hessian", "value": f"λ_max by Lanczos (tol {cfg['eig_tol']}), trace by Hutch++ ({cfg['trace_matvecs']} matvecs), on {res['curvature_samples']} training samples"},
-        {"setting": "curves", "value": f"{cfg['curve_points']} points, α ∈ [−1, 2], between the first seed's SB and LB minimizers; BatchNorm with batch statistics (chunks of up to 4096 samples), as in the authors' code; random-direction slices on {res['curvature_samples']} training samples, BN {cfg['bn']}"},
+        {"setting": "curves", "value": f"{_curve_points(results)} points, α ∈ [−1, 2] (α = 0 and 1 among them), between the first seed's SB and LB minimizers; BatchNorm with batch statistics (chunks of up to 4096 samples), as in the authors' code; random-direction slices on {res['curvature_samples']} training samples, BN {cfg['bn']}"},
         {"setting": "environment", "value": f"sharpkit {env['sharpkit']}, torch {env['torch']}, device {env['device']} ({env['device_name']}), {env['threads']} threads"},
         {"setting": "wall time", "value": f"{results.get('wall_seconds', 0):.0f} s this invocation; trainings run {stats.get('trainings_run')}, reused {stats.get('trainings_reused')}; measurements run {stats.get('measurements_run')}, reused {stats.get('measurements_reused')}"},
     ]))

@@ -92,8 +92,10 @@ def train(
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
-        gen.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
+        gen.set_state(_rng_tensor(state["generator"]))
+        torch.set_rng_state(_rng_tensor(state["torch_rng"]))
+        if device.type == "cuda" and state.get("cuda_rng") is not None:  # dropout masks drawn on the GPU
+            torch.cuda.set_rng_state(_rng_tensor(state["cuda_rng"]), device)
         result.history = state["history"]
         result.resumed_from = result.epochs = len(result.history) - 1
     else:
@@ -111,8 +113,11 @@ def train(
                 {
                     "model": model.state_dict(),
                     "optimizer": opt.state_dict(),
-                    "generator": gen.get_state(),
-                    "torch_rng": torch.get_rng_state(),
+                    # RNG states as bytes: torch.load's map_location (the training device) moved
+                    # tensors to the GPU, where set_rng_state refuses them.
+                    "generator": _rng_bytes(gen.get_state()),
+                    "torch_rng": _rng_bytes(torch.get_rng_state()),
+                    "cuda_rng": _rng_bytes(torch.cuda.get_rng_state(device)) if device.type == "cuda" else None,
                     "history": result.history,
                     "stopped": result.stopped,
                 },
@@ -155,6 +160,18 @@ def train(
     _save()
     model.eval()
     return result
+
+
+def _rng_bytes(state: torch.Tensor) -> bytes:
+    return state.cpu().numpy().tobytes()
+
+
+def _rng_tensor(state: bytes | torch.Tensor) -> torch.Tensor:
+    """An RNG state for ``set_state``/``set_rng_state`` (a CPU uint8 tensor) from a checkpoint's
+    bytes, or from the tensor of a checkpoint written before they were bytes (wherever it was loaded)."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", torch.uint8)
+    return torch.frombuffer(bytearray(state), dtype=torch.uint8)
 
 
 def _converged(history: list[dict], config: TrainConfig) -> bool:
