@@ -20,7 +20,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -158,22 +158,39 @@ def _common(p: argparse.ArgumentParser, checkpoint: bool = True, bn_default: str
     p.add_argument("--out", type=_output_path, help="write the result as JSON to this file (default: print it)")
 
 
-def _load_data(args: argparse.Namespace) -> tuple[Any, int | None]:
-    """``(batches, num_classes)`` of ``--data``; an unusable spec or file is a :class:`UsageError`."""
+class _Data(NamedTuple):
+    """``--data`` loaded: its batches, the class count a file or built-in set declares, and the first
+    two samples of the first batch of each sample layout (the model is probed on each: batches
+    padded to their own length are fine, a batch the model cannot take is a usage error up front)."""
+
+    batches: Any
+    num_classes: int | None
+    layouts: list[tuple[int, tuple[torch.Tensor, torch.Tensor]]]
+
+
+def _load_data(args: argparse.Namespace) -> _Data:
+    """``--data`` as :class:`_Data`; an unusable spec or file is a :class:`UsageError`."""
     try:
         batches, _, num_classes = resolve_data(args.data, args.batch_size)
+        layouts: dict[tuple, tuple[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+        for index, (x, y) in enumerate(batches):
+            key = (tuple(x.shape[1:]), x.dtype, tuple(y.shape[1:]), y.dtype)
+            if key not in layouts:
+                layouts[key] = (index, (x[:2], y[:2]))
     except Exception as exc:  # corrupt files fail in zip, pickle, numpy or torch; a user's loader in anything
         raise _input_error("--data", args.data, exc) from exc
-    if batches.num_samples() == 0:
+    if not layouts:
         raise UsageError(f"--data {args.data}: holds no samples")
-    return batches, num_classes
+    return _Data(batches, num_classes, list(layouts.values()))
 
 
-def _load_model(args: argparse.Namespace, batches: Any, num_classes: int | None, checkpoint: str | None,
+def _load_model(args: argparse.Namespace, data: _Data, checkpoint: str | None,
                 option: str = "--checkpoint") -> nn.Module:
     """The model (with ``checkpoint``, given as ``option``, loaded when given) on the requested
-    device/dtype, checked to run on the data with the loss."""
+    device/dtype, checked to run on every layout of the data with the loss."""
     from .audit.checkpoints import fit_state_dict, load_state_dict
+
+    batches, num_classes = data.batches, data.num_classes
 
     try:
         # (data_classes: the classes counted from the data's labels where they sized the model, so that a
@@ -194,16 +211,19 @@ def _load_model(args: argparse.Namespace, batches: Any, num_classes: int | None,
             raise  # another rank could not read it: that rank says why, this one stops quietly
         except Exception as exc:  # unreadable or not fitting the model
             raise _input_error(option, checkpoint, exc) from exc
-    _probe(model, LOSSES[args.loss](), batches, args)
+    _probe(model, LOSSES[args.loss](), data, args)
     return model
 
 
-def _probe(model: nn.Module, loss_fn: nn.Module, batches: Any, args: argparse.Namespace) -> None:
-    """The model and the loss run on the data (:func:`sharpkit.inputs.check_model_runs`)."""
-    try:
-        check_model_runs(model, loss_fn, batches, _device(args.device), getattr(torch, args.dtype), args.bn)
-    except ValueError as exc:
-        raise UsageError(f"model and data do not fit: {_one_line(exc)}") from exc
+def _probe(model: nn.Module, loss_fn: nn.Module, data: _Data, args: argparse.Namespace) -> None:
+    """The model and the loss run on the first batch of each sample layout of the data
+    (:func:`sharpkit.inputs.check_model_runs`)."""
+    for index, batch in data.layouts:
+        try:
+            check_model_runs(model, loss_fn, [batch], _device(args.device), getattr(torch, args.dtype), args.bn)
+        except ValueError as exc:
+            where = f" at batch {index} (the first with these sample shapes)" if index else ""
+            raise UsageError(f"model and data do not fit{where}: {_one_line(exc)}") from exc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,8 +315,9 @@ def _sharpness(args: argparse.Namespace) -> int:
     options = _sharpness_options(args)  # before loading anything: a bad combination fails fast
     if args.max_iter is None:
         args.max_iter = 10 if args.kind == "keskar" else 20
-    data, num_classes = _load_data(args)
-    model = _load_model(args, data, num_classes, args.checkpoint)
+    loaded = _load_data(args)
+    data = loaded.batches
+    model = _load_model(args, loaded, args.checkpoint)
     loss_fn = LOSSES[args.loss]()
     rows = []
     for eps in args.epsilon:
@@ -325,8 +346,9 @@ def _sharpness(args: argparse.Namespace) -> int:
 def _spectrum(args: argparse.Namespace) -> int:
     import sharpkit as sk
 
-    data, num_classes = _load_data(args)
-    model = _load_model(args, data, num_classes, args.checkpoint)
+    loaded = _load_data(args)
+    data = loaded.batches
+    model = _load_model(args, loaded, args.checkpoint)
     make = sk.ggn if args.operator == "ggn" else sk.hessian
     op = make(model, LOSSES[args.loss](), data, bn=args.bn)
     result: dict[str, Any] = {"operator": args.operator, "model": args.model, "checkpoint": args.checkpoint,
@@ -409,9 +431,10 @@ def _landscape(args: argparse.Namespace) -> int:
     import sharpkit as sk
 
     plot_format = _plot_format(args.plot) if args.plot else None  # before loading anything
-    data, num_classes = _load_data(args)  # once, for both end points
-    model_a = _load_model(args, data, num_classes, args.a, "--a")
-    model_b = _load_model(args, data, num_classes, args.b, "--b")
+    loaded = _load_data(args)  # once, for both end points
+    data = loaded.batches
+    model_a = _load_model(args, loaded, args.a, "--a")
+    model_b = _load_model(args, loaded, args.b, "--b")
     # float64: the recorded alphas are the decimal ones asked for (0.1, not float32's 0.10000000149)
     alphas = np.linspace(args.alpha_min, args.alpha_max, args.points, dtype=np.float64).tolist()
     loss_fn = LOSSES[args.loss]()
