@@ -48,15 +48,17 @@ __device__ __forceinline__ void sk_subspace_matvec_impl(const S* z, S* out, long
 }
 
 // partial[blockIdx.x * p + j] = sum over this block's rows of A[row, j] g[row], for the
-// SK_RMV_PAIRS column pairs of blockIdx.y; the host sums the partials over blockIdx.x.
+// SK_RMV_PAIRS column pairs pair0 + blockIdx.y * SK_RMV_PAIRS ..; the host sums the partials over
+// blockIdx.x, and launches the column pairs in slices of at most 65535 blocks (gridDim.y's limit).
+// Needs blockDim.x == SK_RMV_THREADS (the shared-memory reduction assumes it).
 template <typename S>
 __device__ __forceinline__ void sk_subspace_rmatvec_impl(const S* g, typename SkTraits<S>::compute* partial,
                                                          long long row0, long long rows, long long p,
-                                                         unsigned key0, unsigned key1) {
+                                                         long long pair0, unsigned key0, unsigned key1) {
   typedef typename SkTraits<S>::compute C;
   __shared__ C sh[2 * SK_RMV_PAIRS][SK_RMV_THREADS];
   const long long pairs = (p + 1) / 2;
-  const long long k0 = (long long)blockIdx.y * SK_RMV_PAIRS;
+  const long long k0 = pair0 + (long long)blockIdx.y * SK_RMV_PAIRS;
   C acc[2 * SK_RMV_PAIRS];
 #pragma unroll
   for (int c = 0; c < 2 * SK_RMV_PAIRS; ++c) acc[c] = C(0);
@@ -101,8 +103,8 @@ __device__ __forceinline__ void sk_subspace_rmatvec_impl(const S* g, typename Sk
   }                                                                                                              \
   extern "C" __global__ void __launch_bounds__(SK_RMV_THREADS)                                                  \
       sk_subspace_rmatvec_##suffix(const S* g, SkTraits<S>::compute* partial, long long row0, long long rows,   \
-                                   long long p, unsigned key0, unsigned key1) {                                 \
-    sk_subspace_rmatvec_impl<S>(g, partial, row0, rows, p, key0, key1);                                         \
+                                   long long p, long long pair0, unsigned key0, unsigned key1) {                \
+    sk_subspace_rmatvec_impl<S>(g, partial, row0, rows, p, pair0, key0, key1);                                  \
   }
 SK_FOR_EACH_DTYPE(SK_SUBSPACE_ENTRIES)
 

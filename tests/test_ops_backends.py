@@ -14,7 +14,7 @@ import torch
 import sharpkit as sk
 from sharpkit.kernels import _backend
 
-CUDA_SOURCES = ["box_ascent.cu", "subspace.cu"]
+CUDA_SOURCES = ["box_ascent.cu", "subspace.cu", "ce_hvp.cu"]
 
 
 def test_backends_lists_every_backend_with_a_reason():
@@ -78,7 +78,8 @@ def test_kernel_sources_are_found_and_register_their_kernels():
         names = _macro_kernel_names(folder / source)
         suffixes = {"f32", "f64", "f16", "bf16"}
         stem = {"box_ascent.cu": ["sk_box_ascent"], "subspace.cu": ["sk_subspace_fill", "sk_subspace_matvec",
-                                                                     "sk_subspace_rmatvec"]}[source]
+                                                                     "sk_subspace_rmatvec"],
+                "ce_hvp.cu": ["sk_ce_hvp"]}[source]
         for base in stem:
             assert {f"{base}_{s}" for s in suffixes} <= names, (source, names)
 

@@ -205,6 +205,44 @@ def for_autograd(backend: str, tensors, op: str) -> str:
     return "torch"
 
 
+def partially_overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` share memory without being the same elements in the same order.
+
+    The fused kernels read every element before writing the element at the same index, so an
+    output may *be* an input (same storage offset, shape and strides); any other overlap (a
+    shifted view, a transposed view of the same storage) lets a write land on an element that is
+    still to be read.  Conservative: byte ranges that intersect count as overlapping.
+    """
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device or a.device.type == "meta":
+        return False
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    if (a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.shape == b.shape
+            and a.stride() == b.stride()):
+        return False
+
+    def span(t: torch.Tensor) -> tuple[int, int]:  # torch strides are never negative
+        extent = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+        return t.data_ptr(), t.data_ptr() + (extent + 1) * t.element_size()
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
+
+
+def check_same_device(op: str, reference: str, tensors: dict[str, torch.Tensor | None]) -> None:
+    """Raise a ValueError naming the first tensor not on the device of ``tensors[reference]``.
+
+    The native and Triton kernels receive raw pointers: a tensor on another device would be read
+    through a pointer the kernel cannot use (a crash, or an illegal-address error that poisons the
+    CUDA context), so a device mismatch is refused before any launch.
+    """
+    device = tensors[reference].device
+    for name, t in tensors.items():
+        if t is not None and t.device != device:
+            raise ValueError(f"{op}: {name} is on {t.device}, {reference} is on {device}; "
+                             "move them to one device")
+
+
 def _supports(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
     """None if backend ``name`` can take tensors of this device/dtype, else why not."""
     if name == "torch":

@@ -17,6 +17,9 @@ from triton.language.extra import libdevice
 BOX_BLOCK = 1024
 SUBSPACE_ROWS = 32
 SUBSPACE_PAIRS = 16
+# CUDA caps grid dimensions 1 and 2 at 65535 programs: the column-pair axis of the subspace kernels
+# is launched in slices of at most this many programs (p above ~2 million columns otherwise fails).
+MAX_GRID_Y = 65535
 
 
 @triton.jit
@@ -148,10 +151,10 @@ def box_ascent(x, y, g, y_prev, y_out, w_out, epsilon: float, step: float, sign_
 
 
 @triton.jit
-def _subspace_fill_kernel(out_ptr, row0, rows, p, keys_ptr, F64: tl.constexpr, LIBDEVICE: tl.constexpr,
+def _subspace_fill_kernel(out_ptr, row0, rows, p, pair0, keys_ptr, F64: tl.constexpr, LIBDEVICE: tl.constexpr,
                           BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-    k = tl.program_id(1).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
+    k = pair0 + tl.program_id(1).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
     a, b = _gauss_pair((row0 + r)[:, None], k[None, :], keys_ptr, F64, LIBDEVICE)
     rmask = (r < rows)[:, None]
     base = out_ptr + r[:, None] * p + 2 * k[None, :]
@@ -179,13 +182,13 @@ def _subspace_matvec_kernel(z_ptr, out_ptr, row0, rows, p, keys_ptr, F64: tl.con
 
 
 @triton.jit
-def _subspace_rmatvec_kernel(g_ptr, partial_ptr, row0, rows, p, keys_ptr, F64: tl.constexpr,
+def _subspace_rmatvec_kernel(g_ptr, partial_ptr, row0, rows, p, pair0, keys_ptr, F64: tl.constexpr,
                              LIBDEVICE: tl.constexpr,
                              BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    # Program (i, j): rows i*BLOCK_R.., column pairs j*BLOCK_K..; partial[i, :] gets its sums and
-    # the host adds the partials over i (deterministic, no atomics).
+    # Program (i, j): rows i*BLOCK_R.., column pairs pair0 + j*BLOCK_K..; partial[i, :] gets its
+    # sums and the host adds the partials over i (deterministic, no atomics).
     r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-    k = tl.program_id(1).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
+    k = pair0 + tl.program_id(1).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
     a, b = _gauss_pair((row0 + r)[:, None], k[None, :], keys_ptr, F64, LIBDEVICE)
     gr = tl.load(g_ptr + r, mask=r < rows, other=0.0).to(a.dtype)
     se = tl.sum(a * gr[:, None], axis=0)
@@ -193,6 +196,13 @@ def _subspace_rmatvec_kernel(g_ptr, partial_ptr, row0, rows, p, keys_ptr, F64: t
     base = partial_ptr + tl.program_id(0).to(tl.int64) * p + 2 * k
     tl.store(base, se, mask=2 * k < p)
     tl.store(base + 1, so, mask=2 * k + 1 < p)
+
+
+def _pair_slices(p: int, block_pairs: int) -> list[tuple[int, int]]:
+    """``(first column pair, programs)`` of each launch over the (p + 1) // 2 column pairs, at most
+    ``MAX_GRID_Y`` programs (of ``block_pairs`` pairs) each."""
+    programs = triton.cdiv((p + 1) // 2, block_pairs)
+    return [(j * block_pairs, min(MAX_GRID_Y, programs - j)) for j in range(0, programs, MAX_GRID_Y)]
 
 
 def _keys(seed: int, device: torch.device) -> torch.Tensor:
@@ -208,9 +218,10 @@ def subspace_fill(seed: int, row0: int, out: torch.Tensor, block_rows: int = SUB
     if rows == 0 or p == 0:
         return
     keys = _keys(seed, out.device)
-    grid = (triton.cdiv(rows, block_rows), triton.cdiv((p + 1) // 2, block_pairs))
-    _subspace_fill_kernel[grid](out, row0, rows, p, keys, F64=out.dtype == torch.float64, LIBDEVICE=out.is_cuda,
-                                BLOCK_R=block_rows, BLOCK_K=block_pairs)
+    for pair0, programs in _pair_slices(p, block_pairs):
+        _subspace_fill_kernel[(triton.cdiv(rows, block_rows), programs)](
+            out, row0, rows, p, pair0, keys, F64=out.dtype == torch.float64, LIBDEVICE=out.is_cuda,
+            BLOCK_R=block_rows, BLOCK_K=block_pairs)
 
 
 def subspace_matvec(seed: int, row0: int, z: torch.Tensor, out: torch.Tensor, block_rows: int = SUBSPACE_ROWS,
@@ -233,10 +244,11 @@ def subspace_rmatvec(seed: int, row0: int, g: torch.Tensor, p: int, block_rows: 
     if rows == 0 or p == 0:
         return torch.zeros(p, dtype=work, device=g.device)
     keys = _keys(seed, g.device)
-    grid = (triton.cdiv(rows, block_rows), triton.cdiv((p + 1) // 2, block_pairs))
-    partial = torch.empty(grid[0], p, dtype=work, device=g.device)
-    _subspace_rmatvec_kernel[grid](g, partial, row0, rows, p, keys, F64=work == torch.float64, LIBDEVICE=g.is_cuda,
-                                   BLOCK_R=block_rows, BLOCK_K=block_pairs)
+    gx = triton.cdiv(rows, block_rows)
+    partial = torch.empty(gx, p, dtype=work, device=g.device)
+    for pair0, programs in _pair_slices(p, block_pairs):  # each slice writes its own columns
+        _subspace_rmatvec_kernel[(gx, programs)](g, partial, row0, rows, p, pair0, keys, F64=work == torch.float64,
+                                                 LIBDEVICE=g.is_cuda, BLOCK_R=block_rows, BLOCK_K=block_pairs)
     return partial.sum(0)
 
 
@@ -264,10 +276,11 @@ def compile_all(capability: int = 90) -> list[str]:
                    "scal_ptr": "*fp64" if dt == "fp64" else "*fp32", "n": "i64"},
                   {"SIGN": sign, "MOMENTUM": mom, "F64": dt == "fp64", "BLOCK": BOX_BLOCK})
         common = {"row0": "i64", "rows": "i64", "p": "i64", "keys_ptr": "*i32"}
+        sliced = {"row0": "i64", "rows": "i64", "p": "i64", "pair0": "i64", "keys_ptr": "*i32"}
         tiles = {"F64": dt == "fp64", "LIBDEVICE": True, "BLOCK_R": SUBSPACE_ROWS, "BLOCK_K": SUBSPACE_PAIRS}
         work = "*fp64" if dt == "fp64" else "*fp32"
-        build(_subspace_fill_kernel, {"out_ptr": p, **common}, tiles)
+        build(_subspace_fill_kernel, {"out_ptr": p, **sliced}, tiles)
         build(_subspace_matvec_kernel, {"z_ptr": p, "out_ptr": p, **common}, tiles)
-        build(_subspace_rmatvec_kernel, {"g_ptr": p, "partial_ptr": work, **common}, tiles)
+        build(_subspace_rmatvec_kernel, {"g_ptr": p, "partial_ptr": work, **sliced}, tiles)
     build(_philox_kernel, {"ctr_ptr": "*i32", "key_ptr": "*i32", "out_ptr": "*i32", "count": "i32"}, {"BLOCK": 64})
     return done

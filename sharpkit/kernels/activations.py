@@ -260,22 +260,53 @@ def _resolve(backend: str, t: torch.Tensor, op: str) -> str:
     return name
 
 
+def _check_operands(op: str, main: str, tensors: dict[str, torch.Tensor], out: torch.Tensor | None) -> None:
+    """One floating dtype and one device for every operand, and an ``out`` shaped like the result.
+
+    The kernels write ``main``'s dtype; mixed dtypes would make the result's dtype depend on the
+    backend (torch promotes), so they are refused by name instead."""
+    ref = tensors[main]
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{op}: {name} must have a floating dtype, got {t.dtype}")
+        if t.dtype != ref.dtype:
+            raise TypeError(f"{op}: {name} has dtype {t.dtype}, {main} has {ref.dtype}")
+    _backend.check_same_device(op, main, tensors)
+    if out is not None and (not isinstance(out, torch.Tensor) or out.shape != ref.shape or out.dtype != ref.dtype
+                            or out.device != ref.device):
+        got = (tuple(out.shape), out.dtype, out.device) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"{op}: out must match {main} (shape {tuple(ref.shape)}, {ref.dtype}, {ref.device}), "
+                         f"got {got}")
+
+
+def _kernel_output(out: torch.Tensor | None, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The buffer the kernel writes: ``out`` itself when it is contiguous and overlaps no input
+    other than element for element (in place on Rz/Rgh is fine), else a fresh one (copied to
+    ``out`` afterwards): the kernels write linear offsets."""
+    if out is not None and out.is_contiguous() and not any(_backend.partially_overlaps(out, t) for t in inputs):
+        return out
+    return torch.empty(inputs[1].shape, dtype=inputs[1].dtype, device=inputs[1].device)
+
+
 def rforward(kind: str, z: torch.Tensor, rz: torch.Tensor, alpha: float = 0.01, backend: str = "auto",
              out: torch.Tensor | None = None) -> torch.Tensor:
     """``sigma'(z) * Rz`` over k stacked directions; ``out`` may alias ``rz`` (in place)."""
     _check_kind(kind)
     _check_stack(z, rz, "Rz")
+    _check_operands("activation rforward", "Rz", {"z": z, "Rz": rz}, out)
     if _resolve(backend, rz, "activation rforward") == "torch":
         res = rforward_reference(kind, z, rz, alpha)
         return res if out is None else out.copy_(res)
     z, rz = z.contiguous(), rz.contiguous()
-    out = torch.empty_like(rz) if out is None else out
+    dst = _kernel_output(out, (z, rz))
     total = rz.numel()
     if total:
         _act_rforward_kernel[(triton.cdiv(total, BLOCK),)](
-            z, rz, out, _alpha_tensor(alpha, rz.dtype, rz.device), total, rz.shape[1] * rz.shape[2],
+            z, rz, dst, _alpha_tensor(alpha, rz.dtype, rz.device), total, rz.shape[1] * rz.shape[2],
             rz.shape[2], KIND=ACTIVATIONS[kind], BLOCK=BLOCK)
-    return out
+    return dst if out is None or dst is out else out.copy_(dst)
 
 
 def rbackward(kind: str, z: torch.Tensor, gh: torch.Tensor | None, rz: torch.Tensor | None, rgh: torch.Tensor,
@@ -287,21 +318,24 @@ def rbackward(kind: str, z: torch.Tensor, gh: torch.Tensor | None, rz: torch.Ten
     exact = exact and kind not in PIECEWISE_LINEAR
     if exact and (gh is None or rz is None):
         raise ValueError("the exact R-backward needs gh and Rz")
+    if exact and (rz.shape != rgh.shape or gh.shape != z.shape):
+        raise ValueError(f"gh must match z {tuple(z.shape)} and Rz match Rgh {tuple(rgh.shape)}; got gh "
+                         f"{tuple(gh.shape)}, Rz {tuple(rz.shape)}")
+    _check_operands("activation rbackward", "Rgh",
+                    {"z": z, "Rgh": rgh, **({"gh": gh, "Rz": rz} if exact else {})}, out)
     if _resolve(backend, rgh, "activation rbackward") == "torch":
         res = rbackward_reference(kind, z, gh, rz, rgh, alpha, exact)
         return res if out is None else out.copy_(res)
     z, rgh = z.contiguous(), rgh.contiguous()
     if exact:
         gh, rz = gh.contiguous(), rz.contiguous()
-        if rz.shape != rgh.shape or gh.shape != z.shape:
-            raise ValueError(f"gh must match z {tuple(z.shape)} and Rz match Rgh {tuple(rgh.shape)}")
-    out = torch.empty_like(rgh) if out is None else out
+    dst = _kernel_output(out, (z, rgh) + ((gh, rz) if exact else ()))
     total = rgh.numel()
     if total:
         _act_rbackward_kernel[(triton.cdiv(total, BLOCK),)](
-            z, gh if exact else z, rz if exact else rgh, rgh, out, _alpha_tensor(alpha, rgh.dtype, rgh.device),
+            z, gh if exact else z, rz if exact else rgh, rgh, dst, _alpha_tensor(alpha, rgh.dtype, rgh.device),
             total, rgh.shape[1] * rgh.shape[2], rgh.shape[2], KIND=ACTIVATIONS[kind], EXACT=exact, BLOCK=BLOCK)
-    return out
+    return dst if out is None or dst is out else out.copy_(dst)
 
 
 class ActivationTerms:

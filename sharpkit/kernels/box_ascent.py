@@ -16,7 +16,8 @@ import math
 
 import torch
 
-from ._backend import DTYPE_CODES, DTYPE_SUFFIX, cpp_module, for_autograd, launch, multiprocessor_count, ptr, resolve
+from ._backend import (DTYPE_CODES, DTYPE_SUFFIX, cpp_module, for_autograd, launch, multiprocessor_count,
+                       partially_overlaps, ptr, resolve)
 
 MODES = ("sign", "grad")
 
@@ -65,13 +66,14 @@ def _check_inputs(x, y, g, epsilon, step, mode, y_prev, momentum, out):
     if mode not in MODES:
         raise ValueError(f"box_ascent_step: mode must be one of {MODES}, got {mode!r}")
     for name, v in (("epsilon", epsilon), ("step", step)):
-        if isinstance(v, torch.Tensor) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        if isinstance(v, (torch.Tensor, bool)) or not isinstance(v, (int, float)) or not math.isfinite(v):
             raise ValueError(f"box_ascent_step: {name} must be a finite number, got {v!r}")
     if epsilon < 0:
         raise ValueError(f"box_ascent_step: epsilon must be >= 0, got {epsilon}")
     if (y_prev is None) != (momentum is None):
         raise ValueError("box_ascent_step: the momentum variant needs both y_prev and momentum")
-    if momentum is not None and (not isinstance(momentum, (int, float)) or not math.isfinite(momentum)):
+    if momentum is not None and (isinstance(momentum, bool) or not isinstance(momentum, (int, float))
+                                 or not math.isfinite(momentum)):
         raise ValueError(f"box_ascent_step: momentum must be a finite number, got {momentum!r}")
     if out is not None:
         if not (isinstance(out, (tuple, list)) and len(out) == 2):
@@ -84,8 +86,8 @@ def _check_inputs(x, y, g, epsilon, step, mode, y_prev, momentum, out):
                                  f"(got {tuple(t.shape)}, {t.dtype}, {t.device})")
             if not t.is_contiguous():
                 raise ValueError(f"box_ascent_step: {name} must be contiguous (it is written in place)")
-        if out[0].data_ptr() == out[1].data_ptr() and x.numel() > 0:
-            raise ValueError("box_ascent_step: out[0] and out[1] must be different tensors")
+        if x.numel() > 0 and (out[0].data_ptr() == out[1].data_ptr() or partially_overlaps(out[0], out[1])):
+            raise ValueError("box_ascent_step: out[0] and out[1] share memory; they must be separate buffers")
 
 
 def box_ascent_step(
@@ -113,7 +115,9 @@ def box_ascent_step(
         backend: ``"auto"`` (fastest usable for x's device), ``"torch"``, ``"cpp"``, ``"triton"``,
             ``"cuda"`` or ``"cupy"`` (see :func:`sharpkit.ops.backends`).
         out: optional contiguous ``(y_new, w)`` buffers written in place (no allocation); they may
-            alias y (or x) since every element is read before it is written.
+            alias y (or x) since every element is read before it is written.  They must not share
+            memory with each other; a buffer that overlaps an input other than element for element
+            (a shifted view of the same storage) is handled through temporaries.
 
     Returns:
         ``(y_new, w)`` with ``w = x + y_new``, contiguous, of x's shape.  NaN or inf in any input
@@ -133,6 +137,13 @@ def box_ascent_step(
     x, y, g = x.contiguous(), y.contiguous(), g.contiguous()
     y_prev = y_prev.contiguous() if y_prev is not None else None
     y_new, w = out if out is not None else (torch.empty_like(x), torch.empty_like(x))
+    if out is not None and any(partially_overlaps(o, t) for o in out for t in (x, y, g, y_prev) if t is not None):
+        # An out buffer that overlaps an input other than element for element (e.g. a shifted view
+        # of the same storage) would overwrite elements still to be read: work in fresh buffers.
+        y_new, w = box_ascent_step(x, y, g, epsilon, step, mode, y_prev, momentum, backend=name)
+        out[0].copy_(y_new)
+        out[1].copy_(w)
+        return out[0], out[1]
     n = x.numel()
     mu = float(momentum) if momentum is not None else 0.0
     if n == 0:

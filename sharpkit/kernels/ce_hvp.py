@@ -53,6 +53,7 @@ def _check(logits: torch.Tensor, r: torch.Tensor, scale: torch.Tensor, lse: torc
         raise ValueError(f"lse must have shape ({n},), got {tuple(lse.shape)}")
     if not (logits.is_floating_point() and r.is_floating_point()):
         raise TypeError(f"logits and R must be floating point, got {logits.dtype} and {r.dtype}")
+    _backend.check_same_device("ce_hvp", "R", {"R": r, "logits": logits, "scale": scale, "lse": lse})
 
 
 def ce_hvp_reference(logits: torch.Tensor, r: torch.Tensor, scale: torch.Tensor,
@@ -164,17 +165,28 @@ def ce_hvp(logits: torch.Tensor, r: torch.Tensor, scale: torch.Tensor, lse: torc
         raise RuntimeError("ce_hvp: backend 'triton' is unusable here: cannot import triton")
     if out is not None and (out.shape != r.shape or out.dtype != r.dtype or out.device != r.device):
         raise ValueError(f"out must match R: shape {tuple(r.shape)}, {r.dtype}, {r.device}")
+    if block_c is not None and (isinstance(block_c, bool) or not isinstance(block_c, int) or block_c < 1
+                                or block_c & (block_c - 1)):
+        raise ValueError(f"ce_hvp: block_c must be a positive power of two (or None), got {block_c!r}")
     if name == "torch":
         res = ce_hvp_reference(logits, r, scale, lse)
         return res if out is None else out.copy_(res)
     work = compute_dtype(r.dtype)
-    z = logits.to(r.dtype).contiguous()
+    # The definition reads the logits in the compute dtype.  Triton converts whatever it loads, so
+    # it takes the logits as they are (rounding float32 logits to a 16-bit R's dtype first would
+    # shift p by up to |z| * 2**-11 relative for float16, 2**-8 for bfloat16); the CUDA kernels
+    # read them in R's storage dtype.
+    z = (logits if name == "triton" else logits.to(r.dtype)).contiguous()
     lse = (torch.logsumexp(z.to(work), dim=-1) if lse is None else lse.to(work)).contiguous()
     s = scale.to(work).contiguous()
     n, c = logits.shape
     k = r.shape[1] if r.dim() == 3 else 1
     src = r.contiguous()
-    dst = out if out is not None and out.is_contiguous() else torch.empty_like(src)
+    # out may be r itself (each row is read before it is written); any other sharing of memory
+    # with an input, or a non-contiguous out, goes through a fresh buffer.
+    direct = out is not None and out.is_contiguous() and not any(
+        _backend.partially_overlaps(out, t) for t in (src, z, lse, s))
+    dst = out if direct else torch.empty_like(src)
     if n * k * c:
         r2, o2 = src.view(n * k, c), dst.view(n * k, c)
         if name == "triton":

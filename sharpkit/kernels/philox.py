@@ -13,6 +13,7 @@ nothing overflows int64.
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 
@@ -51,9 +52,26 @@ def gaussian_block(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """Rows ``row_start : row_start + num_rows`` of A (shape ``(num_rows, p)``), computed from scratch."""
+    """Rows ``row_start : row_start + num_rows`` of A (shape ``(num_rows, p)``), computed from scratch.
+
+    ``seed`` in [0, 2**64); ``row_start``, ``num_rows`` and ``p`` non-negative integers (rows are
+    held in int64, so ``row_start + num_rows <= 2**63``).
+    """
+    values = []
+    for name, value in (("seed", seed), ("row_start", row_start), ("num_rows", num_rows), ("p", p)):
+        try:
+            if isinstance(value, bool):
+                raise TypeError
+            values.append(operator.index(value))  # int, numpy integers, 0-d integer tensors
+        except TypeError:
+            raise TypeError(f"gaussian_block: {name} must be an int, got {type(value).__name__}") from None
+    seed, row_start, num_rows, p = values
     if seed < 0 or seed >= 2**64:
         raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+    if row_start < 0 or num_rows < 0 or p < 0:
+        raise ValueError(f"gaussian_block: row_start, num_rows and p must be >= 0, got {row_start}, {num_rows}, {p}")
+    if row_start + num_rows > 2**63:
+        raise ValueError(f"gaussian_block: rows {row_start}..{row_start + num_rows} exceed 2**63")
     rows = torch.arange(row_start, row_start + num_rows, device=device, dtype=torch.int64)
     pairs = torch.arange((p + 1) // 2, device=device, dtype=torch.int64)
     c0 = (rows & MASK32)[:, None].expand(num_rows, pairs.numel())
@@ -89,6 +107,15 @@ def philox4x32_batch(counters: torch.Tensor, keys: torch.Tensor, backend: str = 
     if counters.ndim != 2 or counters.shape[1] != 4 or keys.shape != (counters.shape[0], 2):
         raise ValueError(f"philox4x32_batch: need counters (m, 4) and keys (m, 2), got "
                          f"{tuple(counters.shape)} and {tuple(keys.shape)}")
+    for name, t in (("counters", counters), ("keys", keys)):
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise TypeError(f"philox4x32_batch: {name} must be an integer tensor of uint32 values, got {t.dtype}")
+        # int32 tensors may hold uint32 values as bit patterns; wider ones must hold them as values.
+        if t.dtype != torch.int32 and t.numel() and (int(t.min()) < 0 or int(t.max()) > MASK32):
+            raise ValueError(f"philox4x32_batch: {name} must hold uint32 values in [0, 2**32), got "
+                             f"[{int(t.min())}, {int(t.max())}]")
+    if keys.device != counters.device:
+        raise ValueError(f"philox4x32_batch: keys are on {keys.device}, counters on {counters.device}")
     name = resolve(backend, counters.device, torch.float32, "philox4x32_batch")
     m = counters.shape[0]
     if name == "torch":

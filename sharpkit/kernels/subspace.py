@@ -18,6 +18,7 @@ DEFAULT_BLOCK_ROWS = 1 << 14
 # CUDA launch shapes (csrc/subspace.cu: SK_RMV_THREADS threads, SK_RMV_PAIRS column pairs per block).
 _CUDA_THREADS = 256
 _CUDA_RMV_PAIRS = 8
+_CUDA_MAX_GRID_Y = 65535
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -189,9 +190,12 @@ class GaussianSubspace:
                 gx = min(_cdiv(count, _CUDA_THREADS), multiprocessor_count(self.device.index) * 4)
                 gy = _cdiv((self.p + 1) // 2, _CUDA_RMV_PAIRS)
                 partial = torch.empty(gx, self.p, dtype=self._work, device=self.device)
-                launch(backend, "subspace.cu", f"sk_subspace_rmatvec_{DTYPE_SUFFIX[self.dtype]}", (gx, gy),
-                       (_CUDA_THREADS,), [ptr(part), ptr(partial), ("q", start), ("q", count), ("q", self.p),
-                                          *self._key_args()], self.device)
+                # gridDim.y is at most 65535: slices of column pairs, each writing its own columns.
+                for y0 in range(0, gy, _CUDA_MAX_GRID_Y):
+                    launch(backend, "subspace.cu", f"sk_subspace_rmatvec_{DTYPE_SUFFIX[self.dtype]}",
+                           (gx, min(_CUDA_MAX_GRID_Y, gy - y0)), (_CUDA_THREADS,),
+                           [ptr(part), ptr(partial), ("q", start), ("q", count), ("q", self.p),
+                            ("q", y0 * _CUDA_RMV_PAIRS), *self._key_args()], self.device)
                 total += partial.sum(0)
         return total.to(self.dtype)
 
