@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -65,6 +66,9 @@ class Batches:
             return
         if _is_tensor_pair(data):
             x, y = data
+            if x.dim() == 0 or y.dim() == 0:
+                raise ValueError(f"inputs and targets need a first (sample) dimension, got shapes {tuple(x.shape)} "
+                                 f"and {tuple(y.shape)}")
             if x.shape[0] != y.shape[0]:
                 raise ValueError(
                     f"inputs and targets disagree on the number of samples: {x.shape[0]} vs {y.shape[0]}"
@@ -141,6 +145,9 @@ class Batches:
                     f"batch {i} is not an (inputs, targets) pair of tensors (got {type(batch).__name__})"
                 )
             x, y = batch
+            if x.dim() == 0 or y.dim() == 0:
+                raise ValueError(f"batch {i}: inputs and targets need a first (sample) dimension, got shapes "
+                                 f"{tuple(x.shape)} and {tuple(y.shape)}")
             if x.shape[0] != y.shape[0]:
                 raise ValueError(f"batch {i}: inputs have {x.shape[0]} samples but targets {y.shape[0]}")
             if x.shape[0] == 0:
@@ -385,6 +392,20 @@ def _cache_dir() -> Path:
     return path
 
 
+def _read_cached_mnist1d(path: Path) -> dict[str, np.ndarray] | None:
+    """The cached arrays at ``path``, or None where there are none or the file is unreadable or
+    incomplete (a damaged cache is generated again, not a reason to stop)."""
+    if not path.exists():
+        return None
+    try:
+        with open(path, "rb") as fh, np.load(fh) as npz:
+            arrays = {k: npz[k] for k in ("x", "y", "x_test", "y_test")}
+    except Exception as exc:  # zip, pickle or key errors of a damaged file
+        warnings.warn(f"the cached MNIST-1D file {path} is unreadable ({type(exc).__name__}); generating it again")
+        return None
+    return arrays
+
+
 def load_mnist1d(num_samples: int = 5000, seed: int = 42, cache: bool = True) -> TensorDataset:
     """MNIST-1D (Greydanus 2020), generated offline by the ``mnist1d`` package.
 
@@ -397,9 +418,8 @@ def load_mnist1d(num_samples: int = 5000, seed: int = 42, cache: bool = True) ->
         raise ValueError(f"num_samples must be >= 10, got {num_samples}")
     key = hashlib.sha1(f"mnist1d-v1-{num_samples}-{seed}".encode()).hexdigest()[:12]
     path = _cache_dir() / f"mnist1d-{num_samples}-{seed}-{key}.npz"
-    if cache and path.exists():
-        arrays = dict(np.load(path))
-    else:
+    arrays = _read_cached_mnist1d(path) if cache else None
+    if arrays is None:
         from mnist1d.data import get_dataset_args, make_dataset
 
         args = get_dataset_args()
@@ -437,7 +457,9 @@ def load_tensor_file(path: str | os.PathLike) -> TensorDataset:
 
     Expected keys: ``x_train``, ``y_train`` and optionally ``x_test``, ``y_test`` (``x``/``y`` are
     accepted for the training split).  Without a test split the training data double as test data
-    and the name says so.  ``.pt`` files are read with ``weights_only=True``.
+    and the name says so.  ``.pt`` files are read with ``weights_only=True``.  Floating inputs keep
+    their dtype, others become float32; integer targets are class labels (int64), floating targets
+    regression targets (kept in their dtype).
     """
     path = Path(path)
     if not path.exists():
@@ -458,12 +480,22 @@ def load_tensor_file(path: str | os.PathLike) -> TensorDataset:
     name = path.stem
     if x_test is None or y_test is None:
         x_test, y_test, name = x, y, f"{path.stem} (no test split)"
-    x, x_test = x.float(), x_test.float()
+    # Floating inputs keep their precision (a float64 measurement must not see them rounded through
+    # float32; the passes cast them to the measurement's dtype); others (uint8 images) become float32.
+    x, x_test = (t if t.is_floating_point() else t.float() for t in (torch.as_tensor(x), torch.as_tensor(x_test)))
     y, y_test = torch.as_tensor(y), torch.as_tensor(y_test)
+    for split, xs, ys in (("train", x, y), ("test", x_test, y_test)):
+        if xs.dim() == 0 or ys.dim() == 0:
+            raise ValueError(f"{path}: x_{split} and y_{split} need a first (sample) dimension, got shapes "
+                             f"{tuple(xs.shape)} and {tuple(ys.shape)}")
     if len(x) == 0:
         raise ValueError(f"{path}: the training split is empty")
     num_classes = int(max(y.max(), y_test.max()).item()) + 1 if not y.is_floating_point() else 0
-    return TensorDataset(name, x, y.long() if num_classes else y.float(), x_test, y_test.long() if num_classes else y_test.float(), num_classes)
+    if num_classes:
+        y, y_test = y.long(), y_test.long()
+    elif not y_test.is_floating_point():  # (floating training targets: regression, in either split)
+        y_test = y_test.to(y.dtype)
+    return TensorDataset(name, x, y, x_test, y_test, num_classes)
 
 
 def load_dataset(spec: str, **kwargs: Any) -> TensorDataset:

@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.func import functional_call
 
 from .audit.checkpoints import error_summary, file_sha256
@@ -24,7 +25,7 @@ from .objective import check_mean_reduced, checked_loss, loss_on_device
 from .params import measurement_mode, model_tensors
 
 __all__ = ["LOSSES", "resolve_data", "resolve_model", "resolve_model_classes", "resolve_device", "default_device",
-           "check_model_runs", "identity"]
+           "check_class_targets", "check_model_runs", "identity"]
 
 
 LOSSES: dict[str, Callable[[], nn.Module]] = {
@@ -65,6 +66,8 @@ def resolve_data(spec: Any, batch_size: int | None = None) -> tuple[Batches, str
             try:
                 ds = load_dataset(spec)
             except Exception as exc:  # corrupt, truncated, not a data file (zip, pickle, torch errors)
+                if isinstance(exc, ValueError) and spec in str(exc):
+                    raise  # sharpkit's own message, naming the data already
                 raise ValueError(f"data {spec!r}: cannot load ({type(exc).__name__}: {error_summary(exc)})") from exc
             data, num_classes, fingerprint = ds.train, ds.num_classes or None, False
             # A file's bytes alone identify it: rewritten data must not meet old rows, and a renamed
@@ -219,6 +222,17 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
+def check_class_targets(loss_fn: Callable, targets: torch.Tensor) -> None:
+    """ValueError where a cross-entropy/NLL loss meets floating targets of one value per sample
+    (class labels saved as floats): the loss takes integer labels or ``(N, C)`` probabilities, and
+    a model sized by such targets, or a checkpoint for it, would be blamed instead."""
+    if (isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)) or loss_fn in (F.cross_entropy, F.nll_loss)) \
+            and targets.is_floating_point() and targets.dim() == 1:
+        raise ValueError(f"the targets are {str(targets.dtype).replace('torch.', '')} with one value per sample: "
+                         "cross-entropy takes class labels as integers (save them as int64) or class "
+                         "probabilities of shape (N, C); for regression targets use an MSE loss")
+
+
 def check_model_runs(model: nn.Module, loss_fn: Callable, batches: Batches, device: torch.device,
                       dtype: torch.dtype, bn: str) -> None:
     """Run the model and the loss on two samples of the first batch (model left as found).
@@ -228,6 +242,7 @@ def check_model_runs(model: nn.Module, loss_fn: Callable, batches: Batches, devi
     """
     check_mean_reduced(loss_fn)
     x, y = next(iter(batches))
+    check_class_targets(loss_fn, y)
     inputs, targets = to_device((x[:2], y[:2]), device, dtype)
     # Warnings stay quiet here: the measurement itself raises them again.
     with measurement_mode(model, bn), torch.no_grad(), warnings.catch_warnings():

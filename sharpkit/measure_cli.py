@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .audit.store import json_safe
-from .inputs import LOSSES, check_model_runs, default_device, resolve_data, resolve_device, resolve_model_classes
+from .inputs import LOSSES, check_class_targets, check_model_runs, default_device, resolve_data, resolve_device, resolve_model_classes
 from .distributed import PeerFailure, agree, is_main_process
 
 EXIT_USAGE = 2
@@ -181,6 +181,11 @@ def _load_data(args: argparse.Namespace) -> _Data:
         raise _input_error("--data", args.data, exc) from exc
     if not layouts:
         raise UsageError(f"--data {args.data}: holds no samples")
+    try:  # before a model sized by the targets, or a checkpoint for it, is blamed
+        for _, (_, y) in layouts.values():
+            check_class_targets(LOSSES[args.loss](), y)
+    except ValueError as exc:
+        raise UsageError(f"--data {args.data} with --loss {args.loss}: {exc}") from exc
     return _Data(batches, num_classes, list(layouts.values()))
 
 

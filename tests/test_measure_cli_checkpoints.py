@@ -19,7 +19,7 @@ def setup(tmp_path, monkeypatch):
     (tmp_path / "ckpt_nets.py").write_text(FACTORY)
     monkeypatch.syspath_prepend(str(tmp_path))
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(40, 5, generator=g)  # float32 inputs: the data files are read as float32
+    x = torch.randn(40, 5, generator=g)  # float32 inputs (a data file keeps its inputs' dtype)
     y = torch.randint(0, 3, (40,), generator=g)
     torch.save({"x_train": x, "y_train": y}, tmp_path / "data.pt")
     models = []

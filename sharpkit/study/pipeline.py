@@ -273,6 +273,8 @@ class Study:
                 raise  # sharpkit's own message, naming the data already
             raise ValueError(f"data {c.data!r}: cannot load ({type(exc).__name__}: {error_summary(exc)})") from exc
         _check_data(ds, c.data)
+        # The study trains and measures in float32: a file's wider inputs are rounded once, here.
+        ds.x_train, ds.x_test = ds.x_train.float(), ds.x_test.float()
         self.ds = ds
         self.data_key = {"data": c.data, **kwargs}
         if c.data not in BUILTIN_DATA:  # rewritten data must not reuse trainings of the old data
