@@ -13,7 +13,7 @@ from .. import distributed as _dist
 from ..data import regroup_batches
 from ..objective import Objective, regroup_rows
 from ..params import is_batchnorm, measurement_mode
-from .engines import DEFAULT_BLOCK_SIZE, KINDS, HVPEngine, make_engine
+from .engines import DEFAULT_BLOCK_SIZE, ENGINES, KINDS, HVPEngine, make_engine
 
 __all__ = ["CurvatureOperator", "hessian", "ggn"]
 
@@ -304,6 +304,16 @@ def ggn(
     regroup: bool = True,
 ) -> CurvatureOperator:
     """The generalized Gauss-Newton matrix ``sum_b w_b J_b^T H_loss,b J_b / sum_b w_b`` (J the Jacobian of
-    the model output in the parameters); arguments as for :func:`hessian`."""
+    the model output in the parameters); arguments as for :func:`hessian`.
+
+    The documented short form is ``ggn(model, loss_fn, data, engine="auto")``: a fourth positional
+    argument that names an engine ("auto", "generic", "fused") is taken as ``engine`` (no BatchNorm
+    policy has those names), so ``ggn(model, loss_fn, data, "fused")`` means ``engine="fused"``.
+    """
+    if isinstance(bn, str) and bn in ENGINES:
+        if engine != "auto":
+            raise ValueError(f"ggn: got engine={engine!r} and a fourth positional argument {bn!r} that names an engine; "
+                             "pass the BatchNorm policy as bn='eval' or bn='train'")
+        bn, engine = "eval", bn
     return CurvatureOperator("ggn", model, loss_fn, data, bn=bn, engine=engine, dtype=dtype, device=device,
                              cache=cache, chunk_size=chunk_size, ad=ad, regroup=regroup)
