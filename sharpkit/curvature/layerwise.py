@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from .spectra import F64, Estimate, _Counter, _device, _eigh, _generator, _rademacher, _select, _size, lanczos_runs, tridiagonal
+from .spectra import (F64, Estimate, _Counter, _device, _eigh, _generator, _is_int, _rademacher, _select, _size,
+                      lanczos_runs, tridiagonal)
 
 __all__ = ["LayerCurvature", "layerwise", "parameter_groups"]
 
@@ -79,6 +80,18 @@ def layerwise(
     Returns ``{layer name: LayerCurvature}`` in parameter order.
     """
     groups = parameter_groups(H, group)
+    if trace and (not _is_int(num_matvecs) or num_matvecs < 2):
+        raise ValueError(f"num_matvecs must be an int >= 2, got {num_matvecs!r}")
+    if trace and (not _is_int(block_size) or block_size < 1):
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    if eigenvalue and (not _is_int(max_steps) or max_steps < 1):
+        raise ValueError(f"max_steps must be a positive int, got {max_steps!r}")
+    if eigenvalue and not (tol > 0):
+        raise ValueError(f"tol must be positive, got {tol}")
+    if trace:
+        num_matvecs, block_size = int(num_matvecs), int(block_size)
+    if eigenvalue:
+        max_steps = int(max_steps)
     n = _size(H)
     device = _device(H)
     gen = _generator(seed)
@@ -86,8 +99,6 @@ def layerwise(
     names = list(groups)
     traces: dict[str, Estimate | None] = {k: None for k in names}
     if trace:
-        if not isinstance(num_matvecs, int) or num_matvecs < 2:
-            raise ValueError(f"num_matvecs must be an int >= 2, got {num_matvecs!r}")
         samples = torch.zeros(len(names), num_matvecs, dtype=F64)
         done = 0
         while done < num_matvecs:

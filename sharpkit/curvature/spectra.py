@@ -234,9 +234,15 @@ def _fresh_direction(basis: _Basis, n: int, gen: torch.Generator, device: torch.
 # ---- Lanczos ---------------------------------------------------------------------------------------
 
 def _lanczos(matvec: _Counter, n: int, k: int, which: str, tol: float, max_steps: int,
-             v0: torch.Tensor, gen: torch.Generator, device: torch.device):
+             v0: torch.Tensor, gen: torch.Generator, device: torch.device, warm: bool = False):
     """Single-vector Lanczos with full reorthogonalisation and Ritz-residual stopping; the vectors
-    and the basis live in ``matvec.dtype``."""
+    and the basis live in ``matvec.dtype``.
+
+    ``warm``: ``v0`` is the caller's, not random.  A random start has a component along every
+    eigenvector, so a Krylov space grown from it that becomes invariant holds (one copy of) every
+    wanted eigenvalue; a warm start may span an invariant subspace without them (an exact
+    eigenvector of another eigenvalue).  There the run goes on from a random direction orthogonal
+    to it, as a fresh run: it stops once its extreme Ritz values have converged too."""
     storage = matvec.dtype
     basis = _Basis(n, device, capacity=min(max_steps + 1, 64), dtype=storage)
     q = (v0 / torch.linalg.vector_norm(v0)).to(storage)
@@ -247,6 +253,7 @@ def _lanczos(matvec: _Counter, n: int, k: int, which: str, tol: float, max_steps
     res = None
     converged = False
     probe = ref = None  # first column of the running probe; the k-th wanted value when it started
+    fresh = False  # the probe follows a warm start's invariant space: a fresh run, not a check
     for j in range(max_steps):
         basis.append(q)
         w = matvec(q)
@@ -262,27 +269,38 @@ def _lanczos(matvec: _Counter, n: int, k: int, which: str, tol: float, max_steps
         idx = _select(theta, min(k, m), which)
         res = (b * S[-1, idx]).abs()
         scale = theta[idx].abs().clamp_min(1e-30)
-        floor = 1e-12 * max(1.0, float(theta.abs().max()))
+        floor = 1e-12 * float(theta.abs().max())  # (relative: an operator ~1e-12 is not all rounding)
         invariant = b <= floor
 
         def probe_pairs():
             th_p, S_p = _eigh(tridiagonal(alphas[probe:], betas[probe:]))
             return th_p, (b * S_p[-1]).abs()
 
+        met = bool((res <= tol * scale).all())
         # For k > 1 an invariant subspace may lack copies of repeated eigenvalues (one Krylov
-        # vector holds one direction per eigenspace): a probe follows it (k = 1 needs one copy).
-        if _may_stop(bool((res <= tol * scale).all()), m == n,
-                     m >= k and (k == 1 or (probe is None and not invariant)),
-                     probe_pairs if probe is not None else None, which, tol, ref, floor):
+        # vector holds one direction per eigenspace): a probe follows it (k = 1 needs one copy,
+        # which a random start has; a warm start's invariant space may hold none).
+        if fresh:
+            # The run from a random direction after a warm start's invariant space: trusted like
+            # a cold run once its own extreme Ritz values have converged (before, the wanted value
+            # may still be the warm space's exact one, an eigenvalue but not the extreme).
+            stop = m == n or (met and m >= k and not invariant and _probe_clear(*probe_pairs(), which, tol, None, floor))
+        else:
+            stop = _may_stop(met, m == n, m >= k and (k == 1 or (probe is None and not invariant))
+                             and not (warm and probe is None and invariant),
+                             probe_pairs if probe is not None else None, which, tol, ref, floor)
+        if stop:
             converged = True
             break
         if invariant:
             # An invariant subspace: its Ritz pairs are exact; continue in a fresh direction (a
-            # probe: the rest of the space holds only the missing copies of its eigenvalues).
+            # probe: the rest of the space holds only the missing copies of its eigenvalues, or
+            # anything where the space grew from a warm start).
             nxt = _fresh_direction(basis, n, gen, device)
             if nxt is None:
                 converged = True
                 break
+            fresh = warm and probe is None
             probe, ref = m, (float(theta[idx[-1]]) if m >= k else None)
             betas.append(0.0)
             q_prev, beta_prev, q = q, 0.0, nxt.to(storage)
@@ -320,7 +338,7 @@ def _next_block(basis: _Basis, W: torch.Tensor, a_scale: float, w_scale: float, 
 
     Qn, B = torch.linalg.qr(W)
     sv = torch.linalg.svdvals(B)
-    thr = 1e-12 * max(1.0, a_scale)
+    thr = 1e-12 * max(a_scale, w_scale)
     if p <= room and float(sv[-1]) > thr:
         return live_block(Qn, B, float(sv[-1]))
     U, sv, Vh = torch.linalg.svd(B)
@@ -356,7 +374,7 @@ def _may_stop(met: bool, exhausted: bool, trusted: bool, probe_pairs, which: str
         return False
     if trusted:
         return True
-    if probe_pairs is None:
+    if probe_pairs is None or ref is None:  # (fewer than k values before it: whatever it finds is wanted)
         return False
     theta, res = probe_pairs()
     return _probe_clear(theta, res, which, tol, ref, floor)
@@ -373,11 +391,11 @@ def _probe_clear(theta: torch.Tensor, res: torch.Tensor, which: str, tol: float,
     A Krylov space grown from p random vectors holds min(m, p) directions of an eigenvalue of
     multiplicity m, so where it becomes invariant the rest of the space holds the missing copies
     only; random directions there find (one copy of) each of them."""
-    if ref is None:  # (fewer than k values before it: whatever it finds is wanted)
-        return False
     score = {"LA": lambda x: x, "SA": lambda x: -x, "LM": abs}[which]
     ends = {"LA": [int(theta.argmax())], "SA": [int(theta.argmin())],
             "LM": [int(theta.argmax()), int(theta.argmin())]}[which]
+    if ref is None:  # (a fresh run's probe: only whether its extremes converged; see _lanczos)
+        return all(float(res[i]) <= tol * abs(float(theta[i])) + floor for i in ends)
     for i in ends:
         t = float(theta[i])
         if float(res[i]) > tol * max(abs(t), abs(ref)) + floor or score(t) > score(ref) + tol * abs(ref) + floor:
@@ -440,7 +458,7 @@ def _block_lanczos(matmat: _Counter, n: int, k: int, which: str, tol: float, max
         met = bool((res <= tol * theta[idx].abs().clamp_min(1e-30)).all())
         if _may_stop(met, exhausted and m >= k, m >= k and (k == 1 or (probe is None and (not fresh or p >= k))),
                      probe_pairs if probe is not None else None, which, tol, ref,
-                     1e-12 * max(1.0, float(theta.abs().max()))):
+                     1e-12 * float(theta.abs().max())):
             converged = True
             break
         if exhausted:  # (m < k: fewer dimensions than wanted eigenpairs cannot happen, k <= n)
@@ -455,10 +473,11 @@ def _block_lanczos(matmat: _Counter, n: int, k: int, which: str, tol: float, max
 
 def _power(matvec: _Counter, n: int, k: int, tol: float, max_iter: int, v0, gen, device):
     """Deflated power iteration as in PyHessian: each eigenvalue by power iteration orthogonal to the
-    ones found, stopped when the Rayleigh quotient's relative change is below ``tol``."""
+    ones found, stopped when the Rayleigh quotient's relative change is at most ``tol``."""
     values, vectors, residuals = [], [], []
     all_converged = True
     iters = 0
+    scale = 0.0  # |first eigenvalue|: the operator's scale
     for i in range(k):
         v = v0.clone() if (i == 0 and v0 is not None) else _gaussian(n, 1, gen, device)[:, 0]
         v = v / torch.linalg.vector_norm(v)
@@ -474,7 +493,10 @@ def _power(matvec: _Counter, n: int, k: int, tol: float, max_iter: int, v0, gen,
             new = float(v @ Hv)
             iters += 1
             nrm = torch.linalg.vector_norm(Hv)
-            if lam is not None and abs(new - lam) / (abs(lam) + 1e-6) < tol:
+            # Relative whatever the scale (PyHessian's ``/ (|lam| + 1e-6)`` accepts any value once
+            # the eigenvalues are ~1e-6 and below); after the first value, changes at the rounding
+            # level of the operator's scale (a zero eigenvalue under deflation) count as none.
+            if lam is not None and abs(new - lam) <= tol * max(abs(lam), 1e-12 * scale):
                 lam, ok = new, True
                 residuals.append(float(torch.linalg.vector_norm(Hv - new * v)))
                 v = Hv / nrm if nrm > 0 else v
@@ -484,6 +506,8 @@ def _power(matvec: _Counter, n: int, k: int, tol: float, max_iter: int, v0, gen,
         if not ok:
             residuals.append(float("nan"))
             all_converged = False
+        if i == 0:
+            scale = abs(lam)
         values.append(lam)
         vectors.append(v)
     return (torch.tensor(values, dtype=F64), torch.stack(vectors, 1), torch.tensor(residuals, dtype=F64),
@@ -518,7 +542,10 @@ def eigenvalues(
             gap``); power iteration when the eigenvalue changes by less than ``tol`` relatively.
         seed: seed of the random start vectors.
         v0: warm start ``(n,)`` (e.g. the previous top eigenvector along training); the first start
-            vector for Lanczos/power, the first column for block methods.
+            vector for Lanczos/power, the first column for block methods.  Where it is an exact
+            eigenvector (it spans an invariant subspace), single-vector Lanczos goes on from a
+            random direction until that run converges too; power iteration, LOBPCG and block
+            Lanczos may return its eigenvalue when it is the most extreme found so far.
         max_steps: Lanczos steps (default ``min(n, max(300, 20 k))``; block Lanczos with block p:
             ``min(n, max(300, 20 k) // p + 1)``, each one product of up to p vectors), power iterations per
             eigenvalue (default 100, PyHessian's), LOBPCG iterations (default 200).
@@ -540,6 +567,8 @@ def eigenvalues(
         raise ValueError(f"method must be 'lanczos', 'lobpcg' or 'power', got {method!r}")
     if not (tol > 0):
         raise ValueError(f"tol must be positive, got {tol}")
+    if max_steps is not None and (not _is_int(max_steps) or max_steps < 1):
+        raise ValueError(f"max_steps must be a positive int or None, got {max_steps!r}")
     device = _device(H)
     gen = _generator(seed)
     if v0 is not None:
@@ -588,7 +617,7 @@ def eigenvalues(
         mv = _Counter(H, storage)
         start = v0 if v0 is not None else _gaussian(n, 1, gen, device)[:, 0]
         steps = max_steps or min(n, max(300, 20 * k))
-        vals, vecs, res, ok, it = _lanczos(mv, n, k, which, tol, steps, start, gen, device)
+        vals, vecs, res, ok, it = _lanczos(mv, n, k, which, tol, steps, start, gen, device, warm=v0 is not None)
     else:
         mv = _Counter(H)
         p = min(p, n)
@@ -702,7 +731,7 @@ def lanczos_runs(
             b = float(torch.linalg.vector_norm(w))
             alphas[r].append(a)
             m = len(alphas[r])
-            done = m >= bases[r].rows.shape[1] or b <= 1e-12 * max(1.0, max(abs(x) for x in alphas[r]))
+            done = m >= bases[r].rows.shape[1] or b <= 1e-12 * max(abs(x) for x in alphas[r] + betas[r] + [b])
             if tol is not None and not done:
                 T = tridiagonal(alphas[r], betas[r])
                 theta, S = _eigh(T)
@@ -762,6 +791,11 @@ def trace(
     if not _is_int(num_matvecs) or num_matvecs < (3 if method == "hutch++" else 2):
         raise ValueError(f"num_matvecs must be an int >= {3 if method == 'hutch++' else 2}, got {num_matvecs!r}")
     num_matvecs = int(num_matvecs)
+    if rtol is not None:
+        if method != "hutchinson":
+            raise ValueError("rtol (early stopping) is for method='hutchinson'; hutch++ spends num_matvecs")
+        if not (rtol > 0):
+            raise ValueError(f"rtol must be positive, got {rtol}")
     if block_size is None:
         block_size = int(getattr(H, "preferred_block_size", DEFAULT_BLOCK_SIZE))
     if not _is_int(block_size) or block_size < 1:
@@ -865,8 +899,8 @@ def spectral_density(
     ``sum_j w_j N(t; node_j, sigma^2)`` averaged over runs.
 
     Args:
-        grid: the evaluation points (a tensor) or their number (default 1000, spanning the nodes with
-            a margin of 5 sigma).
+        grid: the evaluation points (a tensor) or their number (an int >= 2; default 1000, spanning
+            the nodes with a margin of 5 sigma).
         sigma: Gaussian width (default: 1% of the node range, at least ``SIGMA_REL_FLOOR`` (1e-8)
             times the largest |node| and 1e-12, so that the grid stays resolvable in float64 where
             the nodes coincide, e.g. for a multiple of the identity).
@@ -878,6 +912,14 @@ def spectral_density(
     if not _is_int(lanczos_steps) or lanczos_steps < 1:
         raise ValueError(f"lanczos_steps must be a positive int, got {lanczos_steps!r}")
     num_runs, lanczos_steps = int(num_runs), int(lanczos_steps)
+    if sigma is not None and not sigma > 0:
+        raise ValueError(f"sigma must be positive, got {sigma}")
+    if isinstance(grid, bool) or (_is_int(grid) and grid < 2):
+        raise ValueError(f"grid must be a number of points >= 2 or a tensor of points, got {grid!r}")
+    if not _is_int(grid):
+        grid = torch.as_tensor(grid, dtype=F64).reshape(-1)
+        if grid.numel() == 0 or not bool(torch.isfinite(grid).all()):
+            raise ValueError("grid must hold finite points (at least one)")
     device = _device(H)
     gen = _generator(seed)
     mv = _Counter(H)
@@ -899,12 +941,10 @@ def spectral_density(
         # A floor relative to the nodes' magnitude: an absolute one falls below float64's spacing
         # near large coinciding nodes (1e6 * I), and the grid then collapses to a few values.
         sigma = max(0.01 * (hi - lo), SIGMA_REL_FLOOR * max(abs(lo), abs(hi)), 1e-12)
-    if not sigma > 0:
-        raise ValueError(f"sigma must be positive, got {sigma}")
-    if isinstance(grid, int):
-        t = torch.linspace(lo - 5 * sigma, hi + 5 * sigma, grid, dtype=F64)
+    if _is_int(grid):  # (numpy's too: an np.int64 count is not one grid point)
+        t = torch.linspace(lo - 5 * sigma, hi + 5 * sigma, int(grid), dtype=F64)
     else:
-        t = torch.as_tensor(grid, dtype=F64).reshape(-1)
+        t = grid
     nd = torch.where(valid, nodes, torch.zeros_like(nodes))
     z = (t[:, None, None] - nd[None]) / sigma
     dens = (weights[None] * torch.exp(-0.5 * z * z)).sum((1, 2)) / (num_runs * sigma * math.sqrt(2 * math.pi))
