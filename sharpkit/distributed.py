@@ -29,6 +29,7 @@ import contextlib
 import datetime
 import os
 import pickle
+import zlib
 from typing import Any, Callable, Sequence, TypeVar
 
 import torch
@@ -200,22 +201,46 @@ def shard(
     return batches.shard(r, world, keep_batches=keep_batches)
 
 
+def _samplers(loader: Any) -> list:
+    """The samplers that order a DataLoader's samples (its sampler, its batch sampler and the
+    sampler inside that)."""
+    found, todo = [], [getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)]
+    while todo:
+        s = todo.pop()
+        if s is None or any(s is f for f in found):
+            continue
+        found.append(s)
+        todo.append(getattr(s, "sampler", None))
+    return found
+
+
 def _check_same_order(data: Any) -> None:
     """Sharding deals batch j to rank j % world, so every rank must iterate the same sequence.  A
     DataLoader that shuffles from the global random state draws another order on each rank (DDP
-    scripts seed ranks apart): samples would be counted twice or missed with the right total."""
+    scripts seed ranks apart): samples would be counted twice or missed with the right total.  So
+    would one whose sampler already hands each rank its own part (``DistributedSampler``)."""
     from .data import Batches
 
     while isinstance(data, Batches):
         data = data._source
-    sampler = getattr(data, "sampler", None)
-    if isinstance(sampler, torch.utils.data.RandomSampler) and sampler.generator is None:
-        raise ValueError(
-            "a DataLoader with shuffle=True draws its order from each process's global random state, so the "
-            "ranks would see different sequences: pass shuffle=False, a generator seeded alike on every rank "
-            "(DataLoader(..., generator=torch.Generator().manual_seed(0))), or this rank's own part "
-            "through sharpkit.distributed.local_data"
-        )
+    for sampler in _samplers(data):
+        if isinstance(sampler, torch.utils.data.DistributedSampler):
+            raise ValueError(
+                "a DataLoader with a DistributedSampler yields only this rank's part, which sharding would split "
+                "again: pass the DataLoader without it (sharpkit shards the full data exactly, nothing padded or "
+                "dropped), or mark this rank's part with sharpkit.distributed.local_data (a DistributedSampler "
+                "pads its last part with repeated samples unless drop_last=True, which drops samples instead)"
+            )
+        if isinstance(sampler, torch.utils.data.Sampler) and hasattr(sampler, "generator") \
+                and sampler.generator is None:
+            kind = "shuffle=True" if isinstance(sampler, torch.utils.data.RandomSampler) \
+                and sampler is getattr(data, "sampler", None) else f"a {type(sampler).__name__}"
+            raise ValueError(
+                f"a DataLoader with {kind} draws its order from each process's global random state, so the "
+                "ranks would see different sequences: pass shuffle=False, a generator seeded alike on every rank "
+                "(DataLoader(..., generator=torch.Generator().manual_seed(0)), or the sampler's generator=), or "
+                "this rank's own part through sharpkit.distributed.local_data"
+            )
 
 
 def uses_batch_statistics(model: torch.nn.Module, bn: str | None = None) -> bool:
@@ -322,11 +347,15 @@ class sharded_pass(contextlib.AbstractContextManager):
                 ...  # total += n_b * loss_b; grad += n_b / N * g_b
         # here total and grad hold the sums over all ranks
 
-    The accumulators must exist (with the same shapes on every rank) before the pass starts.  An
-    exception inside the block does not skip the collective: the rank joins it with an error flag
-    (packed into the same buffer, so a pass costs one collective), then every rank raises — the
-    failing rank its own exception, the others :class:`PeerFailure`.  With ``enabled=False`` or
-    without a process group it does nothing.
+    The accumulators must exist (with the same shapes on every rank) before the pass starts.  On
+    exit the ranks first exchange a small header (one collective): whether the block raised on
+    each rank, and the shapes of the accumulators.  An exception inside the block does not skip
+    that step: then every rank raises — the failing rank its own exception, the others
+    :class:`PeerFailure` — and the sums are not exchanged.  Ranks whose accumulators differ (they
+    took different code paths: a collective mismatch, which the backends report by aborting the
+    process or not at all) raise a ``RuntimeError`` naming the shapes on every rank.  Otherwise
+    the sums are added (a second collective).  With ``enabled=False`` or without a process group
+    it does nothing.
     """
 
     def __init__(self, accumulators: Sequence[torch.Tensor] = (), enabled: bool = True, what: str = "a data pass"):
@@ -343,21 +372,44 @@ class sharded_pass(contextlib.AbstractContextManager):
         if exc is not None and not isinstance(exc, Exception):
             return False  # KeyboardInterrupt, SystemExit: the process is going away anyway
         world, rank = get_world_size(), get_rank()
-        flags = torch.zeros(world, dtype=torch.float64)
+        layout = _layout(self.accumulators)
+        # [numel, -numel, signature, -signature, failed on rank 0, 1, ...] reduced with MAX: the
+        # ranks agree on the layout exactly when the maximum of each equals minus that of its negation.
+        header = torch.zeros(4 + world, dtype=torch.float64, device=_comm_device(torch.device("cpu")))
+        header[:4] = torch.tensor([layout[0], -layout[0], layout[1], -layout[1]], dtype=torch.float64)
         if exc is not None:
-            flags[rank] = 1.0
-        # On a failed rank the accumulators may be half-filled; the result is discarded anyway.
-        all_reduce_sum_(self.accumulators, _extra=flags)
-        failed = [r for r in range(world) if flags[r].item() > 0]
-        if not failed:
-            return False
-        if exc is not None:
-            exc.add_note(f"(raised on rank {rank} of {world} during {self.what})")
-            return False
-        who = ", ".join(str(r) for r in failed)
-        raise PeerFailure(
-            f"rank {who} failed during {self.what}; its error is reported by that process (this is rank {rank})"
-        )
+            header[4 + rank] = 1.0
+        dist.all_reduce(header, op=dist.ReduceOp.MAX)
+        header = header.cpu()
+        failed = [r for r in range(world) if header[4 + r].item() > 0]
+        if failed:
+            if exc is not None:
+                exc.add_note(f"(raised on rank {rank} of {world} during {self.what})")
+                return False
+            who = ", ".join(str(r) for r in failed)
+            raise PeerFailure(
+                f"rank {who} failed during {self.what}; its error is reported by that process (this is rank {rank})"
+            )
+        if header[0].item() != -header[1].item() or header[2].item() != -header[3].item():
+            shapes = [tuple(t.shape) for t in self.accumulators]
+            most, least = int(header[0].item()), int(-header[1].item())
+            other = most if most != layout[0] else least
+            raise RuntimeError(
+                f"the ranks disagree on the sums of {self.what}: rank {rank} of {world} adds {layout[0]} values "
+                f"shaped {shapes}, another rank {other if other != layout[0] else 'as many, shaped otherwise'} (they "
+                "took different code paths, so the sums would not give the single-process result; nothing was "
+                "exchanged)"
+            )
+        if self.accumulators:
+            all_reduce_sum_(self.accumulators)
+        return False
+
+
+def _layout(tensors: Sequence[torch.Tensor]) -> tuple[int, int]:
+    """``(total elements, a 31-bit signature of the shapes)`` of ``tensors``: equal on two ranks
+    when they are about to add the same sums."""
+    shapes = repr([tuple(t.shape) for t in tensors]).encode()
+    return sum(t.numel() for t in tensors), zlib.crc32(shapes) & 0x7FFFFFFF
 
 
 def agree(what: str = "this step") -> sharded_pass:
