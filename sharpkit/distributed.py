@@ -441,6 +441,16 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def gather_objects(obj: Any) -> list:
+    """Every rank's picklable ``obj``, in rank order, on every rank (``[obj]`` without a process
+    group): for decisions that must be the same on all ranks but depend on each rank's data."""
+    if not is_distributed():
+        return [obj]
+    out: list = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 # A side group for waiting while rank 0 works alone (it may take longer than the default
 # group's timeout, which guards ordinary collectives).
 _waiting_group = None

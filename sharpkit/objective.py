@@ -488,7 +488,10 @@ def batches_stay_whole(model: nn.Module, data: Any, device: torch.device | None 
     ``bn`` (dropout must be off for the probe)."""
     if _dist.uses_batch_statistics(model, bn):
         return True
-    pair = as_batches(data).single_pair()
+    batches = as_batches(data)
+    if batches.is_sharded:  # each rank's own data: nothing left to split
+        return False
+    pair = batches.single_pair()
     if pair is None or pair[0].shape[0] < 2:
         return False
     flat = FlatParams(model)
@@ -500,10 +503,14 @@ def batches_stay_whole(model: nn.Module, data: Any, device: torch.device | None 
         outputs = _forward(model, to_device(probe, device, dtype)[0], device, dtype)
         return samples_interact(model, probe, outputs, device, dtype) is not None
 
-    if bn is None:
-        return interact()
-    with measurement_mode(model, bn):
-        return interact()
+    # (A model that fails on the data fails here on every rank: each raises, none waits.)
+    with _dist.agree("probing the model on the data"):
+        if bn is None:
+            whole = interact()
+        else:
+            with measurement_mode(model, bn):
+                whole = interact()
+    return whole
 
 
 def probe_largest_batch(model: nn.Module, survey: BatchSurvey, device: torch.device, dtype: torch.dtype,

@@ -241,9 +241,36 @@ def commands(tmp: Path) -> dict[str, torch.Tensor]:
     return res
 
 
+def shared_decisions(tmp: Path) -> dict[str, torch.Tensor]:
+    """Decisions every rank must take alike although they depend on its data: the HVP engine
+    where a rank holds no samples (no sample shape to judge the model by), and the primal-pass
+    cache where the ranks hold different numbers of batches of a seeded shuffling loader (a rank
+    that caches stops reading it, and its order falls out of step with the others')."""
+    import sharpkit as sk
+    from sharpkit.data import as_batches
+
+    res = {}
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Flatten(), nn.Linear(10, 3)).double()
+    g = torch.Generator().manual_seed(7)
+    x, y = torch.randn(5, 2, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (5,), generator=g)
+    res["engine/trace"] = _t(sk.trace(sk.hessian(model, nn.CrossEntropyLoss(), as_batches((x, y), batch_size=8)),
+                                      num_matvecs=9, seed=0).value)
+    x, y = torch.randn(8200, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (8200,), generator=g)
+    dataset = torch.utils.data.TensorDataset(x, y)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=3000, shuffle=True,
+                                         generator=torch.Generator().manual_seed(0))
+    model = make_model()
+    H = sk.hessian(model, nn.CrossEntropyLoss(), loader, engine="generic")
+    v = torch.ones(H.shape[0], dtype=torch.float64)
+    res["cache/products"] = torch.cat([H @ v for _ in range(3)])
+    return res
+
+
 def measure_all(tmp: Path) -> dict[str, torch.Tensor]:
     tmp.mkdir(parents=True, exist_ok=True)
     res = matrix(tmp)
+    res.update(shared_decisions(tmp))
     res.update(audit_rows(tmp))
     res.update(commands(tmp))
     return res
@@ -254,7 +281,7 @@ def failures(tmp: Path) -> dict[str, str]:
     one batch it holds) in every kind of measurement: what each rank raised, and whether the model
     was left as found.  The group must still work afterwards."""
     import sharpkit as sk
-    from sharpkit.distributed import PeerFailure, all_reduce_sum_, get_rank, get_world_size
+    from sharpkit.distributed import PeerFailure, all_reduce_sum_, get_rank, get_world_size, local_data
     from sharpkit.landscape import evaluate
 
     rank, world = get_rank(), get_world_size()
@@ -284,6 +311,9 @@ def failures(tmp: Path) -> dict[str, str]:
             "interpolate": lambda: sk.interpolate(model, make_model(seed=3), ce, batches, alphas=[0.0, 1.0]),
             "audit": lambda: sk.audit(tmp / "ck.pt", model, batches, metrics="keskar,top-eig", max_iter=2,
                                       lanczos_steps=3),
+            # Each rank's own pair (already sharded): the bad one fails in the model's first forward.
+            "local_pair": lambda: sk.keskar_sharpness(model, ce, local_data(batches[rank]), max_iter=2),
+            "local_pair_evaluate": lambda: evaluate(model, ce, local_data(batches[rank])),
         }
         if rank == 0:
             torch.save(make_model(seed=4).state_dict(), tmp / "ck.pt")

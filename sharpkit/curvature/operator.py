@@ -110,14 +110,21 @@ class CurvatureOperator:
             # collective.
             survey = self.objective.survey
             num_batches = survey.num_batches
+            # Decisions every rank must share (each pass's sums have the engine's shape; a rank
+            # that caches stops reading a loader the others still read in step), taken from all
+            # ranks' data: the most batches any rank holds, the first sample shape (a rank may
+            # hold none).
+            shared = _dist.gather_objects((num_batches, survey.input_shape))
+            most_batches = max(count for count, _ in shared)
+            input_shape = next((shape for _, shape in shared if shape is not None), None)
             with _dist.agree("planning the data passes"):
                 if cache is None:
-                    cache = num_batches == 1 or self.objective.num_samples <= CACHE_MAX_SAMPLES
+                    cache = most_batches == 1 or self.objective.num_samples <= CACHE_MAX_SAMPLES
                 self.cache = bool(cache)
                 self.engine: HVPEngine = make_engine(
                     kind, model, self.objective.loss_fn, self.flat, self.x, engine=engine, dtype=self.objective.dtype,
                     device=self.objective.device, cache=self.cache, objective=self.objective, ad=ad, bn=bn,
-                    input_shape=survey.input_shape,
+                    input_shape=input_shape,
                 )
                 if regroup and num_batches > 1 and not _dist.uses_batch_statistics(model):
                     # After the engine: its preference says how many directions one pass carries.
