@@ -51,31 +51,35 @@ def paired_test(sb: Sequence[float], lb: Sequence[float], lb_greater: bool = Tru
 
     The per-seed difference ``d = lb - sb`` (``log(lb / sb)`` with ``log=True``, for quantities
     that differ by factors) gives the paired t statistic ``mean(d) / (std(d) / sqrt(n))`` and a
-    one-sided p-value for the claimed direction (``lb_greater``).  When every difference is the
-    same the t statistic is undefined: the p-value is then the exact one-sided sign test's
-    (``0.5 ** n`` when all differences lie in the claimed direction, 1 otherwise), and ``test``
-    says so.  The verdict: "reproduced" (right direction, p < 0.05, n >= 3), "same direction, not
+    one-sided p-value for the claimed direction (``lb_greater``).  With ``log=True`` and a value
+    <= 0 among the pairs (an ascent that found no higher loss, a negative trace estimate) there is
+    no log ratio: the test is then on the plain differences of every pair, without a geometric
+    ratio, and ``scale`` says so (dropping such a seed dropped the strongest evidence).  When every
+    difference is the same (up to rounding: a spread within 1e-12 of the values' scale) the t
+    statistic is undefined: the p-value is then the exact one-sided sign test's (``0.5 ** n`` when
+    all differences lie in the claimed direction, 1 otherwise), and ``test`` says so.  The verdict: "reproduced" (right direction, p < 0.05, n >= 3), "same direction, not
     significant", "same direction (too few seeds to test)" (n < 3, every seed agrees) or
     "not reproduced".
     """
     from scipy import stats
 
     pairs = [(a, b) for a, b in zip(sb, lb) if a is not None and b is not None and np.isfinite(a) and np.isfinite(b)]
-    if log:
-        pairs = [(a, b) for a, b in pairs if a > 0 and b > 0]
     n = len(pairs)
     if n == 0:
-        return {"n": 0, "verdict": "not measured", "t": math.nan, "p": math.nan, "mean_diff": math.nan,
-                "test": "none"}
-    a = np.array([p[0] for p in pairs])
-    b = np.array([p[1] for p in pairs])
-    d = np.log(b / a) if log else b - a
+        out = {"n": 0, "verdict": "not measured", "t": math.nan, "p": math.nan, "mean_diff": math.nan, "test": "none"}
+        return {**out, "ratio_geomean": math.nan, "scale": "log ratio"} if log else out
+    a = np.array([p[0] for p in pairs], dtype=np.float64)
+    b = np.array([p[1] for p in pairs], dtype=np.float64)
+    log_scale = log and bool(np.all(a > 0) and np.all(b > 0))
+    d = np.log(b / a) if log_scale else b - a
+    # Rounding leaves nominally equal differences a last-bit spread (t ~ 1e16): count it as none.
+    tiny = 1e-12 * (1.0 + float(np.max(np.abs(d))) if log_scale else float(max(np.max(np.abs(a)), np.max(np.abs(b)))))
     sign = 1.0 if lb_greater else -1.0
     mean_d = float(d.mean())
     right = sign * mean_d > 0
     all_right = bool(np.all(sign * d > 0))
     t, p, test = math.nan, math.nan, "none (one seed)"
-    if n >= 2 and d.std(ddof=1) > 0:
+    if n >= 2 and d.std(ddof=1) > tiny:
         t = float(mean_d / (d.std(ddof=1) / math.sqrt(n)))
         p, test = float(stats.t.sf(sign * t, df=n - 1)), "paired t-test"
     elif n >= 2:  # equal differences: no t statistic; the sign test still weighs n agreeing seeds
@@ -91,7 +95,8 @@ def paired_test(sb: Sequence[float], lb: Sequence[float], lb_greater: bool = Tru
     out = {"n": n, "t": t, "p": p, "test": test, "mean_diff": mean_d, "verdict": verdict,
            "seeds_agreeing": int(np.sum(sign * d > 0))}
     if log:
-        out["ratio_geomean"] = float(np.exp(mean_d))
+        out["ratio_geomean"] = float(np.exp(mean_d)) if log_scale else math.nan
+        out["scale"] = "log ratio" if log_scale else "difference"
     return out
 
 
@@ -161,6 +166,14 @@ def _fmt(ms: tuple[float, float], digits: int = 2) -> str:
     return f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
+def _cell(values: Sequence[float | None], digits: int = 2) -> str:
+    """Mean ± std of a table cell, with how many seeds it covers when some are missing or not
+    finite (a diverged run): "81.00 ± 1.41 (n=2 of 3)"."""
+    text = _fmt(mean_std(values), digits)
+    k = sum(v is not None and bool(np.isfinite(v)) for v in values)
+    return f"{text} (n={k} of {len(values)})" if 0 < k < len(values) else text
+
+
 def summarize(results: dict) -> dict:
     """Tables (with the paper's numbers beside ours) and one verdict per claim, per model."""
     cfg = results["config"]
@@ -174,7 +187,7 @@ def summarize(results: dict) -> dict:
         rows = []
         for split in ("train_acc", "test_acc"):
             v = _by_role(runs, split, 100.0)
-            row = {"metric": split, "sb": _fmt(mean_std(v["sb"])), "lb": _fmt(mean_std(v["lb"]))}
+            row = {"metric": split, "sb": _cell(v["sb"]), "lb": _cell(v["lb"])}
             if paper:
                 row.update(paper_sb=_fmt(paper[split]["sb"]), paper_lb=_fmt(paper[split]["lb"]))
             rows.append(row)
@@ -187,7 +200,7 @@ def summarize(results: dict) -> dict:
                                  (f"paper: {paper['test_acc']['sb'][0] - paper['test_acc']['lb'][0]:.2f} points"
                                   if paper else ""), t))
         tr = _by_role(runs, "train_acc", 100.0)
-        s["train_accuracy_note"] = f"train accuracy SB {_fmt(mean_std(tr['sb']))} %, LB {_fmt(mean_std(tr['lb']))} %"
+        s["train_accuracy_note"] = f"train accuracy SB {_cell(tr['sb'])} %, LB {_cell(tr['lb'])} %"
         # Tables 3 and 4
         for space, tname, pkey in (("full", "table3_sharpness_full", "full"),
                                    (f"p={cfg['subspace_dim']}", "table4_sharpness_subspace", "sub")):
@@ -197,7 +210,7 @@ def summarize(results: dict) -> dict:
                     v = _sharp_values(m["sharpness"], eps, solver, space)
                     if not v["sb"]:
                         continue
-                    row = {"eps": eps, "solver": solver, "sb": _fmt(mean_std(v["sb"])), "lb": _fmt(mean_std(v["lb"]))}
+                    row = {"eps": eps, "solver": solver, "sb": _cell(v["sb"]), "lb": _cell(v["lb"])}
                     if paper and eps in paper[pkey]:
                         row.update(paper_sb=_fmt(paper[pkey][eps]["sb"]), paper_lb=_fmt(paper[pkey][eps]["lb"]))
                     test = paired_test(v["sb"], v["lb"], lb_greater=True, log=True)
@@ -218,7 +231,7 @@ def summarize(results: dict) -> dict:
             trc[c["role"]].append(c["trace"]["value"] if c["trace"] else None)
         for name, v in (("lambda_max", lam), ("trace", trc)):
             test = paired_test(v["sb"], v["lb"], lb_greater=True, log=True)
-            rows.append({"metric": name, "sb": _fmt(mean_std(v["sb"]), 3), "lb": _fmt(mean_std(v["lb"]), 3),
+            rows.append({"metric": name, "sb": _cell(v["sb"], 3), "lb": _cell(v["lb"], 3),
                          "lb_over_sb": test.get("ratio_geomean", math.nan)})
             verdicts.append(_verdict(f"LB has larger Hessian {'top eigenvalue' if name == 'lambda_max' else 'trace'}",
                                      f"SB {rows[-1]['sb']}, LB {rows[-1]['lb']}; LB/SB {_ratio(test)}", "", test))
@@ -247,12 +260,11 @@ def summarize(results: dict) -> dict:
             mid = loss[(a > 0) & (a < 1)]
             barrier = float(mid.max() - max(loss[int(np.argmin(np.abs(a)))], loss[int(np.argmin(np.abs(a - 1)))])) if mid.size else math.nan
             s["curves"][path] = {"rise_sb": rise["sb"], "rise_lb": rise["lb"], "barrier": barrier}
-            ok = rise["lb"] > rise["sb"]
             verdicts.append({"claim": f"Fig. {'2/3' if path == 'linear' else '7'} ({path} path): loss rises faster around the LB end than around SB",
                              "measured": f"slope of train loss next to LB {rise['lb']:.3g}, next to SB {rise['sb']:.3g} per unit α; "
                                          f"barrier between them {barrier:.3g}",
                              "paper": "paper: flat around SB, sharp around LB",
-                             "statistic": "one seed (first)", "verdict": "reproduced (one seed)" if ok else "not reproduced (one seed)"})
+                             "statistic": "one seed (first)", "verdict": _one_seed(rise["lb"], rise["sb"])})
         # Li et al. slices: loss increase at the ends of the filter-normalised slice
         if m.get("slices") and all(m["slices"].get(r) for r in ("sb", "lb")):
             rise = {}
@@ -265,22 +277,24 @@ def summarize(results: dict) -> dict:
                              "measured": f"mean loss increase for |α| ≥ 0.5: SB {rise['sb']:.3g}, LB {rise['lb']:.3g}",
                              "paper": "Li et al. 2018: LB minimizers look sharper under filter normalisation",
                              "statistic": "one seed (first)",
-                             "verdict": "reproduced (one seed)" if rise["lb"] > rise["sb"] else "not reproduced (one seed)"})
+                             "verdict": _one_seed(rise["lb"], rise["sb"])})
         # Fig 6: sharpness along training
         # The pipeline tracks the first seed of the configured order (not the smallest): read the
         # runs that carry tracking.
         track = {r["role"]: r["tracking"] for r in runs if "tracking" in r}
         lam_end = {role: next((h["lambda_max"] for h in reversed(track.get(role, [])) if h.get("lambda_max") is not None), None)
                    for role in ("sb", "lb")}
-        lam_peak = {role: max((h["lambda_max"] for h in track.get(role, []) if h.get("lambda_max") is not None), default=None)
+        # The peak over finite values (max() over a NaN depended on where the NaN stood); a NaN at the
+        # end (a diverged evaluation) is reported and gives "not measured".
+        lam_peak = {role: max((h["lambda_max"] for h in track.get(role, []) if h.get("lambda_max") is not None
+                               and not math.isnan(h["lambda_max"])), default=None)
                     for role in ("sb", "lb")}
         if lam_end["sb"] is not None and lam_end["lb"] is not None:
-            ok = lam_end["lb"] > lam_end["sb"]
             verdicts.append({"claim": "Fig. 6: at the end of training LB is sharper (top eigenvalue) than SB",
-                             "measured": f"λ_max at end: SB {lam_end['sb']:.3g} (peak {lam_peak['sb']:.3g}), LB {lam_end['lb']:.3g} "
-                                         f"(peak {lam_peak['lb']:.3g})",
+                             "measured": f"λ_max at end: SB {lam_end['sb']:.3g} (peak {_g3(lam_peak['sb'])}), LB {lam_end['lb']:.3g} "
+                                         f"(peak {_g3(lam_peak['lb'])})",
                              "paper": "paper: SB sharpness falls late in training, LB stays high",
-                             "statistic": "one seed (first)", "verdict": "reproduced (one seed)" if ok else "not reproduced (one seed)"})
+                             "statistic": "one seed (first)", "verdict": _one_seed(lam_end["lb"], lam_end["sb"])})
         s["tracking"] = {"end": lam_end, "peak": lam_peak}
         # Fig 4 / 5 / noise scale
         if m.get("sweep"):
@@ -296,7 +310,7 @@ def summarize(results: dict) -> dict:
                              "measured": f"Spearman ρ(batch, sharpness) = {sh.rho:.2f}, ρ(batch, λ_max) = {lam.rho:.2f}, "
                                          f"ρ(batch, test acc) = {ac.rho:.2f}; largest sharpness jump at batch {jump}",
                              "paper": "paper: a threshold beyond which sharpness jumps and accuracy drops",
-                             "statistic": f"{len(sw)} batch sizes, one seed; {_spearman_stat(sh, ac)}",
+                             "statistic": f"{len(sw)} batch sizes, one seed; {_spearman_stat(sh, ac, len(sw))}",
                              "verdict": _trend_verdict(sh.rho, sh.p, +1, ac.rho, -1)})
         if m.get("warm_start"):
             ws = m["warm_start"]
@@ -308,7 +322,7 @@ def summarize(results: dict) -> dict:
             verdicts.append({"claim": "Fig. 5: warm-starting LB from later SB iterates gives flatter, better minimizers",
                              "measured": f"Spearman ρ(k, sharpness) = {sh.rho:.2f}, ρ(k, test acc) = {ac.rho:.2f}",
                              "paper": "paper: sharpness falls and test accuracy rises with k",
-                             "statistic": f"{len(ws)} values of k, one seed; {_spearman_stat(sh, ac)}",
+                             "statistic": f"{len(ws)} values of k, one seed; {_spearman_stat(sh, ac, len(ws))}",
                              "verdict": _trend_verdict(sh.rho, sh.p, -1, ac.rho, +1)})
         if m.get("noise_scale"):
             bs = [r["b_simple"] for r in m["noise_scale"] if r.get("b_simple") is not None and np.isfinite(r["b_simple"])]
@@ -339,6 +353,18 @@ def _jump(sweep: list[dict]) -> int | None:
     return max(steps)[1]
 
 
+def _one_seed(lb: float, sb: float) -> str:
+    """Verdict of a one-seed claim that LB's value exceeds SB's; "not measured" where either is NaN
+    (a diverged evaluation compared False and read "not reproduced")."""
+    if math.isnan(lb) or math.isnan(sb):
+        return "not measured"
+    return "reproduced (one seed)" if lb > sb else "not reproduced (one seed)"
+
+
+def _g3(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3g}"
+
+
 def _trend_verdict(rho_s: float, p_s: float, sign_s: int, rho_a: float, sign_a: int) -> str:
     """Verdict on a sharpness trend (rank correlation ``rho_s`` expected to have sign ``sign_s``)
     together with the accuracy trend ``rho_a`` (expected sign ``sign_a``)."""
@@ -352,9 +378,15 @@ def _trend_verdict(rho_s: float, p_s: float, sign_s: int, rho_a: float, sign_a: 
     return "same direction, not significant" if acc_ok else "sharpness same direction (not significant), accuracy trend not"
 
 
-def _spearman_stat(sharpness: Spearman, accuracy: Spearman) -> str:
+def _spearman_stat(sharpness: Spearman, accuracy: Spearman, points: int) -> str:
+    """The p-values and tests; how many points each used where some were not finite (a p-value
+    over 4 of 5 batch sizes read as one over 5)."""
     tests = sorted({sharpness.test, accuracy.test})
-    return (f"two-sided p = {sharpness.p:.2g} (sharpness) / {accuracy.p:.2g} (test accuracy), "
+    def used(r: Spearman) -> str:
+        return f", {r.n} of {points} points" if r.n < points else ""
+
+    return (f"two-sided p = {sharpness.p:.2g} (sharpness{used(sharpness)}) / {accuracy.p:.2g} "
+            f"(test accuracy{used(accuracy)}), "
             f"{' / '.join(tests)}")
 
 
@@ -372,6 +404,8 @@ def _verdict(claim: str, measured: str, paper: str, test: dict) -> dict:
         stat = f"paired over {test['n']} seeds: every difference equal, so no t; {test['test']}: one-sided p = {test['p']:.2g}"
     else:
         stat = "one seed: no test"
+    if test["n"] and test.get("scale") == "difference":
+        stat += " (on differences: a value ≤ 0 has no log ratio)"
     return {"claim": claim, "measured": measured, "paper": paper, "statistic": stat, "verdict": test["verdict"]}
 
 
@@ -666,7 +700,8 @@ def render_html(results: dict, figures: list[Path]) -> str:
                  "say how its A is drawn, so absolute subspace values are not comparable with its Table 4. "
                  "Verdicts compare SB and LB trained from the same initialisation (paired by seed); "
                  "p-values are one-sided paired t-tests on the per-seed differences (log ratios for sharpness "
-                 "and curvature), or sign tests where every difference is equal. The trends of Fig. 4 and 5 "
+                 "and curvature; plain differences where a value is ≤ 0), or sign tests where every difference "
+                 "is equal. The trends of Fig. 4 and 5 "
                  "(one seed) are judged by Spearman rank correlations with two-sided p-values, exact "
                  f"permutation tests up to {SPEARMAN_EXACT_MAX_N} points (the t-approximation would give "
                  "p = 0 for a perfect ranking of 3 or 4 points).</p>")
