@@ -80,10 +80,47 @@ _KNOWN_FORWARDS = (nn.Sequential, nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.LeakyRe
 
 
 def _overrides_forward(module: Any) -> bool:
+    """True when calling ``module`` may run something other than its standard class's forward: a
+    subclass's forward, ``__call__`` or ``_call_impl``; a ``forward``/``_call_impl`` set on the
+    instance (``m.forward = ...``); a Sequential subclass that iterates its children otherwise
+    (Sequential.forward is ``for m in self``)."""
+    if not isinstance(module, nn.Module):
+        return False
+    if "forward" in vars(module) or "_call_impl" in vars(module):
+        return True
+    cls = type(module)
+    if cls.__call__ is not nn.Module.__call__ or cls._call_impl is not nn.Module._call_impl:
+        return True
     for base in _KNOWN_FORWARDS:
         if isinstance(module, base):
-            return type(module).forward is not base.forward
+            if base is nn.Sequential and cls.__iter__ is not nn.Sequential.__iter__:
+                return True
+            return cls.forward is not base.forward
     return False
+
+
+_MODULE_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                 "_global_backward_pre_hooks")
+
+
+def _hooks_reason(named: Any) -> str | None:
+    """Why hooks rule the fused engine out, or None.  It never calls the modules, so it would run
+    neither a forward hook (which may change outputs) nor a backward hook (which may change the
+    gradients autograd, and the generic engine, differentiate): either would make the two engines
+    disagree.  ``named``: ``(name, module)`` pairs (the model's modules and the loss module)."""
+    from torch.nn.modules import module as _module
+
+    for attr in _GLOBAL_HOOKS:
+        if getattr(_module, attr, None):
+            kind = "forward" if "forward" in attr else "backward"
+            return (f"global module {kind} hooks are registered (torch.nn.modules.module.register_module_{kind}_*hook),"
+                    " which the fused engine would not run")
+    for name, m in named:
+        if any(getattr(m, attr, None) for attr in _MODULE_HOOKS):
+            kind = "forward" if (m._forward_hooks or m._forward_pre_hooks) else "backward"
+            return f"{name} has {kind} hooks, which the fused engine would not run"
+    return None
 
 
 def _parse_model(model: nn.Module, bn_train: bool | None) -> list[_Layer]:
@@ -99,7 +136,7 @@ def _parse_model(model: nn.Module, bn_train: bool | None) -> list[_Layer]:
     layers: list[_Layer] = []
     for name, m in model.named_modules():
         if _overrides_forward(m):
-            raise _Unsupported(f"{_describe(name, m)} overrides forward(); the fused engine knows the standard layers only")
+            raise _Unsupported(f"{_describe(name, m)} overrides forward() (or how it is called); the fused engine knows the standard layers only")
 
     def walk(seq: nn.Sequential, prefix: str) -> None:
         # _modules, not named_children(): a module used twice (shared weights) must appear twice.
@@ -146,9 +183,9 @@ def _parse_model(model: nn.Module, bn_train: bool | None) -> list[_Layer]:
         for pname, p in layer.module.named_parameters(recurse=False):
             if pname not in ("weight", "bias"):
                 raise _Unsupported(f"{_describe(layer.name, layer.module)} has an unexpected parameter {pname!r}")
-    for name, m in model.named_modules():
-        if m._forward_hooks or m._forward_pre_hooks:
-            raise _Unsupported(f"{_describe(name, m)} has forward hooks, which the fused engine would not run")
+    why = _hooks_reason((_describe(name, m), m) for name, m in model.named_modules())
+    if why is not None:
+        raise _Unsupported(why)
     return layers
 
 
@@ -163,7 +200,11 @@ class _LossSpec:
 
 def _parse_loss(loss_fn: Any) -> _LossSpec:
     if _overrides_forward(loss_fn):
-        raise _Unsupported(f"loss_fn {type(loss_fn).__name__} overrides forward(); the fused engine knows the standard losses only")
+        raise _Unsupported(f"loss_fn {type(loss_fn).__name__} overrides forward() (or how it is called); the fused engine knows the standard losses only")
+    if isinstance(loss_fn, nn.Module):
+        why = _hooks_reason([(f"loss_fn {type(loss_fn).__name__}", loss_fn)])
+        if why is not None:
+            raise _Unsupported(why)
     if loss_fn is F.cross_entropy:
         return _LossSpec("ce", fn=loss_fn)
     if loss_fn is F.mse_loss:
