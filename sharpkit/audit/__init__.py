@@ -24,6 +24,7 @@ import torch
 
 from .. import __version__
 from .. import distributed as _dist
+from ..curvature.engines import check_hessian_computable
 from ..inputs import (
     LOSSES,
     check_model_runs,
@@ -169,6 +170,8 @@ def audit(
             if config.subspace_dim > n:
                 raise ValueError(f"subspace_dim must be at most the number of parameters n={n}, "
                                  f"got {config.subspace_dim}")
+        if {"top-eig", "trace"} & set(config.metrics):
+            check_hessian_computable(net)
         if dtype is None:
             dtype = next(iter(net.parameters())).dtype
         if ascent_dtype is not None:
