@@ -179,6 +179,13 @@ def save_checkpoints(folder: Path, factory=make_mlp, count: int = 4, prefix: str
         ("snapshots/000200/model.pt", (200, None)),
         ("runs/2/epoch_1.pt", (None, 1)),
         ("run3/last.ckpt", (None, None)),
+        # A hexadecimal hash (a study's run folder) holds no epoch or step; a bare "e" number must
+        # end its word.
+        ("runs/f1-b320-s0-fc2e6e997992ccb6/final.pt", (None, None)),
+        ("runs/f1-b20-s0-e12ab/final.pt", (None, None)),
+        ("run-abc12345/step_10.pt", (10, None)),
+        ("deadbeef/0040.pt", (40, None)),
+        ("12345678.pt", (12345678, None)),
     ],
 )
 def test_parse_step(name, expected):

@@ -271,11 +271,19 @@ def _is_batch_count(key: str, model: nn.Module) -> bool:
 _STEP_RE = re.compile(r"(?<![a-z])(?:global_step|step|iteration|iter|it)[=_\-.]?(\d+)", re.IGNORECASE)
 _EPOCH_RE = re.compile(r"(?<![a-z])(?:epoch|ep)[=_\-.]?(\d+)", re.IGNORECASE)
 # A bare "e" ("model-e07", "model.e5") only after a separator: "lr1e", "2.5e" and "1.e" begin exponents.
-_BARE_EPOCH_RE = re.compile(r"(?<![a-z0-9])(?<!\d\.)e[=_\-.]?(\d+)", re.IGNORECASE)
+# Its number must end the word: "e12ab" is not epoch 12.
+_BARE_EPOCH_RE = re.compile(r"(?<![a-z0-9])(?<!\d\.)e[=_\-.]?(\d+)(?![a-z0-9])", re.IGNORECASE)
 # Hugging Face's "checkpoint-500/" directories.
 _CHECKPOINT_DIR_RE = re.compile(r"(?<![a-z])(?:checkpoint|ckpt)[=_\-.]?(\d+)", re.IGNORECASE)
 # Scientific notation (lr1e-3, wd5e-4, 2.5E+2, 1.e-3) is a hyper-parameter, never a step or an epoch.
 _SCIENTIFIC_RE = re.compile(r"\d(?:\.\d*)?e[-+]?\d+", re.IGNORECASE)
+# A hexadecimal hash or id of 8+ characters with digits and letters ("f1-b320-s0-fc2e6e997992ccb6",
+# a study's run folder) holds no step or epoch, whatever its "2e6" or "e99" look like.
+_HASH_RE = re.compile(r"(?<![a-z0-9])(?=[0-9a-f]*[0-9])(?=[0-9a-f]*[a-f])[0-9a-f]{8,}(?![a-z0-9])", re.IGNORECASE)
+
+
+def _without_numbers_that_are_not_counts(text: str) -> str:
+    return _SCIENTIFIC_RE.sub("_", _HASH_RE.sub("_", text))
 # A number standing alone ("ckpt_0040", "0040") or after "checkpoint"/"ckpt" ("ckpt0040"); one
 # glued to another word names the model or a version, not a step ("resnet18", "v3").
 _NUMBER_RE = re.compile(r"(?:(?<=checkpoint)|(?<=ckpt)|(?<![a-z0-9]))(\d+)", re.IGNORECASE)
@@ -288,7 +296,7 @@ def _search(pattern: re.Pattern, text: str) -> int | None:
 
 def _keywords(text: str, directory: bool = False) -> tuple[int | None, int | None]:
     """``(step, epoch)`` named by keywords in one path component."""
-    text = _SCIENTIFIC_RE.sub("_", text)
+    text = _without_numbers_that_are_not_counts(text)
     step = _search(_STEP_RE, text)
     if step is None and directory:
         step = _search(_CHECKPOINT_DIR_RE, text)
@@ -325,7 +333,7 @@ def parse_step(path: str | os.PathLike) -> tuple[int | None, int | None]:
     if step is None and epoch is None and parent:
         step, epoch = _keywords(parent, directory=True)
     if step is None and epoch is None:
-        numbers = _NUMBER_RE.findall(_SCIENTIFIC_RE.sub("_", stem))
+        numbers = _NUMBER_RE.findall(_without_numbers_that_are_not_counts(stem))
         if len(numbers) == 1:
             step = int(numbers[0])
         elif parent.isdigit():

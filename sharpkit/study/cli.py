@@ -26,7 +26,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=None,
                    help="MNIST-1D samples to generate (80%% train); default 10000, 4000 with --quick")
     p.add_argument("--model", default=None,
-                   help="comma-separated: f1 and c1 (here 5 x 128, and 32 channels with hidden 256x128; narrower with --quick), "
+                   help="comma-separated: f1 and c1 (here 5 x 128, and 32 channels with hidden 256x128; c1 narrower with --quick), "
                         "sized ones such as 'f1(width=64,depth=3)' or 'c1(channels=16,hidden=128x64)', or module:factory "
                         "(called as factory(input_shape, num_classes)); default f1,c1")
     p.add_argument("--sb", type=int, default=None, help="small batch size (default: min(256, LB // 16))")

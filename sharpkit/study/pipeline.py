@@ -117,7 +117,7 @@ def default_config(**overrides: Any) -> StudyConfig:
 
 
 def quick_config(**overrides: Any) -> StudyConfig:
-    """The same pipeline, smaller: 2 seeds, narrower nets, fewer epochs and samples."""
+    """The same pipeline, smaller: 2 seeds, a narrower c1, fewer epochs and samples."""
     base = StudyConfig(
         num_samples=4000,
         f1_width=128,
