@@ -290,8 +290,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(scenario: str, tmp: Path, world: int = WORLD) -> list[subprocess.Popen]:
-    """Start ``scenario`` in ``world`` processes, the way torchrun would (free loopback port)."""
+def start(scenario: str, tmp: Path, world: int = WORLD, script: Path = HERE) -> list[subprocess.Popen]:
+    """Start ``scenario`` of ``script`` (default this file) in ``world`` processes, the way torchrun
+    would (free loopback port)."""
     port = _free_port()
     procs = []
     for rank in range(world):
@@ -300,7 +301,7 @@ def start(scenario: str, tmp: Path, world: int = WORLD) -> list[subprocess.Popen
             MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
         )
         procs.append(subprocess.Popen(
-            [sys.executable, str(HERE), scenario, str(tmp)], env=env,
+            [sys.executable, str(script), scenario, str(tmp)], env=env,
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         ))
     return procs

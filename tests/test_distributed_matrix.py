@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import os
 import random
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,6 +19,8 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+
+from test_distributed import finish, start  # the launcher of the distributed tests
 
 HERE = Path(__file__).resolve()
 RTOL = 1e-9
@@ -354,39 +354,6 @@ SCENARIOS = {"matrix": measure_all, "failures": failures}
 # --------------------------------------------------------------------------- launching
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(scenario: str, tmp: Path, world: int) -> list[subprocess.Popen]:
-    port = _free_port()
-    procs = []
-    for rank in range(world):
-        env = dict(
-            os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
-        )
-        procs.append(subprocess.Popen([sys.executable, str(HERE), scenario, str(tmp)], env=env,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
-    return procs
-
-
-def finish(procs: list[subprocess.Popen], deadline: float, what: str) -> list[tuple[int, str]]:
-    results = []
-    try:
-        for p in procs:
-            _, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
-            results.append((p.returncode, err))
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-            p.communicate()
-        pytest.fail(f"{what} did not finish in time: a rank hangs")
-    return results
-
-
 def _worker(scenario: str, tmp: Path) -> None:
     torch.set_num_threads(1)
     from sharpkit.distributed import get_rank, init_distributed
@@ -404,7 +371,7 @@ def _worker(scenario: str, tmp: Path) -> None:
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_every_measurement_matches_single_process(tmp_path, world):
-    procs = start("matrix", tmp_path, world)
+    procs = start("matrix", tmp_path, world, script=HERE)
     deadline = time.monotonic() + TIMEOUT
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -433,7 +400,7 @@ def test_every_measurement_matches_single_process(tmp_path, world):
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_bad_data_on_one_rank_stops_every_rank(tmp_path, world):
-    results = finish(start("failures", tmp_path, world), time.monotonic() + TIMEOUT, f"failures on {world} ranks")
+    results = finish(start("failures", tmp_path, world, script=HERE), time.monotonic() + TIMEOUT, f"failures on {world} ranks")
     for rank, (rc, err) in enumerate(results):
         assert rc == 0, f"rank {rank} failed:\n{err[-4000:]}"
     seen = [torch.load(tmp_path / f"failures-rank{r}.pt") for r in range(world)]
