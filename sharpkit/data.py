@@ -26,6 +26,7 @@ __all__ = [
     "BatchSurvey",
     "as_batches",
     "survey_batches",
+    "check_finite_inputs",
     "regrouped_count",
     "load_mnist1d",
     "load_digits",
@@ -232,6 +233,15 @@ class BatchSurvey:
         return regrouped_count(self.sizes, rows, self.layouts)
 
 
+def check_finite_inputs(inputs: Any, index: int) -> None:
+    """``ValueError`` naming batch ``index`` where floating ``inputs`` hold NaN or inf: every loss,
+    gradient and product over them would be non-finite."""
+    if isinstance(inputs, torch.Tensor) and inputs.is_floating_point() and not bool(torch.isfinite(inputs).all()):
+        bad = "NaN" if bool(torch.isnan(inputs).any()) else "inf"
+        raise ValueError(f"the data's inputs hold {bad} (batch {index}, counting from 0): every loss and "
+                         "product over them would be non-finite")
+
+
 def survey_batches(batches: Batches, weigh: Callable[[Batch], float] | None = None) -> BatchSurvey:
     """Survey ``batches`` in one read: every batch's size, layout and weight (``weigh(batch)``,
     default its samples), the largest batch and the first batch's input shape.  Raises like
@@ -245,11 +255,7 @@ def survey_batches(batches: Batches, weigh: Callable[[Batch], float] | None = No
     largest: Batch | None = None
     input_shape: tuple[int, ...] | None = None
     for x, y in batches:
-        # (Targets may hold NaN: a loss can mask missing labels.)
-        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
-            bad = "NaN" if bool(torch.isnan(x).any()) else "inf"
-            raise ValueError(f"the data's inputs hold {bad} (batch {len(sizes)}, counting from 0): every loss and "
-                             "product over them would be non-finite")
+        check_finite_inputs(x, len(sizes))  # (targets may hold NaN: a loss can mask missing labels)
         sizes.append(x.shape[0])
         if len(head) < 2:
             head.append((x, y))

@@ -3,7 +3,8 @@
 Every sharpkit data pass has the same shape: iterate over the batches, accumulate *weighted sums*
 (``sum_b w_b * loss_b``, ``sum_b w_b * grad_b``, ``sum_b w_b * HVP_b``, ``w_b`` the batch's samples
 or :class:`sharpkit.objective.DataWeights`' weight) and divide once by the total weight.  Under a process group each rank iterates over its own share of the batches
-(:func:`shard`) and the sums are added across ranks by one collective (:func:`sharded_pass`), so
+(:func:`shard`) and the sums are added across ranks (:func:`sharded_pass`: a small header that says
+whether every rank finished with sums of one shape, then the sums), so
 every rank ends the pass holding exactly the single-process result.  Everything downstream of a
 pass (Lanczos, Hutch++, scipy's L-BFGS-B, the sign-ascent solvers) then runs identically on every
 rank from identical numbers; no further communication is needed.
@@ -274,7 +275,7 @@ def local_data(data: Any, batch_size: int | None = None):
 
 
 def count_samples(batches: Any, reduce: bool | None = None) -> int:
-    """Total number of samples over all ranks (one pass over the local shard, one collective).
+    """Total number of samples over all ranks (one pass over the local shard, one :func:`sharded_pass`).
 
     Raises ValueError on every rank when all the data together hold no sample.
     """
@@ -304,9 +305,7 @@ def _comm_device(like: torch.device) -> torch.device:
     return like
 
 
-def all_reduce_sum_(
-    tensors: Sequence[torch.Tensor], dtype: torch.dtype = torch.float64, _extra: torch.Tensor | None = None
-) -> None:
+def all_reduce_sum_(tensors: Sequence[torch.Tensor], dtype: torch.dtype = torch.float64) -> None:
     """Add ``tensors`` across ranks, in place, with one fused collective.
 
     The tensors are packed into one contiguous buffer of ``dtype`` (default float64, so that sums
@@ -322,7 +321,7 @@ def all_reduce_sum_(
             raise TypeError(f"all_reduce_sum_ expects tensors, got {type(t).__name__}")
         if t.is_complex():
             raise TypeError("all_reduce_sum_ does not support complex tensors")
-    parts = tensors + ([_extra] if _extra is not None else [])
+    parts = tensors
     if not parts:
         return
     device = _comm_device(parts[0].device)
@@ -396,7 +395,7 @@ class sharded_pass(contextlib.AbstractContextManager):
             other = most if most != layout[0] else least
             raise RuntimeError(
                 f"the ranks disagree on the sums of {self.what}: rank {rank} of {world} adds {layout[0]} values "
-                f"shaped {shapes}, another rank {other if other != layout[0] else 'as many, shaped otherwise'} (they "
+                f"shaped {shapes}, another rank {f'adds {other} values' if other != layout[0] else 'as many, shaped otherwise'} (they "
                 "took different code paths, so the sums would not give the single-process result; nothing was "
                 "exchanged)"
             )

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import distributed as _dist
-from .data import as_batches, to_device
+from .data import as_batches, check_finite_inputs, to_device
 from .objective import batch_weigher, batches_stay_whole, check_mean_reduced, checked_loss, ignore_index_of
 from .params import FlatParams, check_finite_parameters, measurement_mode
 
@@ -88,6 +88,13 @@ def evaluate(
 
     Raises ``ValueError`` for inputs holding NaN or inf (naming the batch) and for empty data.
     """
+    return _evaluate(model, loss_fn, data, bn, device)
+
+
+def _evaluate(model: nn.Module, loss_fn, data: Any, bn: str = "eval", device: torch.device | str | None = None,
+              check_inputs: bool = True) -> tuple[float, float]:
+    """:func:`evaluate`; ``check_inputs=False`` skips the inputs' NaN/inf scan (for the later points
+    of a curve or slice over data the first point has checked)."""
     check_mean_reduced(loss_fn)
     dev = torch.device(device) if device is not None else _param_device(model)
     dtype = _param_dtype(model)
@@ -104,7 +111,8 @@ def evaluate(
         batches = _dist.shard(data, keep_batches=_dist.is_distributed() and batches_stay_whole(model, data, dev, dtype))
         with _dist.sharded_pass([sums], enabled=batches.is_sharded):
             for index, batch in enumerate(batches):
-                _check_finite_inputs(batch[0], index)
+                if check_inputs:
+                    check_finite_inputs(batch[0], index)
                 inputs, targets = to_device(batch, dev, dtype)
                 try:
                     out = model(inputs)
@@ -137,15 +145,6 @@ def evaluate(
     return loss_sum / weight, (correct / scored_total if defined else math.nan)
 
 
-def _check_finite_inputs(inputs: torch.Tensor, index: int) -> None:
-    """``ValueError`` for floating inputs holding NaN or inf (as :func:`sharpkit.data.survey_batches`
-    says it for the other measurements): every loss over them would be NaN, and the accuracy too."""
-    if isinstance(inputs, torch.Tensor) and inputs.is_floating_point() and not bool(torch.isfinite(inputs).all()):
-        bad = "NaN" if bool(torch.isnan(inputs).any()) else "inf"
-        raise ValueError(f"the data's inputs hold {bad} (batch {index}, counting from 0): every loss over them "
-                         "would be non-finite")
-
-
 def _same_device(a: torch.device, b: torch.device) -> bool:
     """Whether two device names are one device ("cpu" and "cpu:0"; "cuda" and the current CUDA device)."""
     return _canonical_device(a) == _canonical_device(b)
@@ -169,6 +168,7 @@ def interpolate(
     path: str = "linear",
     bn: str = "train",
     device: torch.device | str | None = None,
+    on_point: Callable[[float, float, float], None] | None = None,
 ) -> Curve:
     """Loss and accuracy along a path from ``model_a`` (alpha = 0) to ``model_b`` (alpha = 1).
 
@@ -183,7 +183,8 @@ def interpolate(
     BatchNorm or when that is what you want.  Pass ``data`` as one ``(X, Y)`` pair for full-batch
     statistics.  Both models must have the same architecture; neither is modified.  Every
     floating parameter moves along the path, trainable or frozen; buffers come from ``model_a``.
-    ``device``: where to evaluate (default: ``model_a``'s device).
+    ``device``: where to evaluate (default: ``model_a``'s device).  ``on_point(alpha, loss,
+    accuracy)``, when given, is called after each point (progress).
     """
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
@@ -209,9 +210,11 @@ def interpolate(
             for k, p in pw.items():
                 xa, xb = ends[k]
                 p.copy_(ca * xa + cb * xb)
-        loss, acc = evaluate(work, loss_fn, data, bn=bn)
+        loss, acc = _evaluate(work, loss_fn, data, bn=bn, check_inputs=not losses)  # (the data are replayed)
         losses.append(loss)
         accs.append(acc)
+        if on_point is not None:
+            on_point(float(a), loss, acc)
     return Curve(alphas_np, np.asarray(losses), np.asarray(accs), {"path": path, "bn": bn})
 
 
@@ -308,7 +311,7 @@ def _grid(model, loss_fn, data, alphas, betas, d1, d2, seed, bn,
     for i, a in enumerate(a_np):
         for j, b in enumerate(b_np):
             fw.set_(x + float(a) * d1 + float(b) * d2)
-            loss[i, j], acc[i, j] = evaluate(work, loss_fn, data, bn=bn)
+            loss[i, j], acc[i, j] = _evaluate(work, loss_fn, data, bn=bn, check_inputs=i == j == 0)
     return Surface(a_np, b_np, loss, acc)
 
 

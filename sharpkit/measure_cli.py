@@ -176,7 +176,7 @@ def _load_data(args: argparse.Namespace) -> _Data:
         for index, (x, y) in enumerate(batches):
             key = (tuple(x.shape[1:]), x.dtype, tuple(y.shape[1:]), y.dtype)
             if key not in layouts:
-                layouts[key] = (index, (x[:2], y[:2]))
+                layouts[key] = (index, (x[:2].clone(), y[:2].clone()))  # (a view would keep the whole batch)
     except Exception as exc:  # corrupt files fail in zip, pickle, numpy or torch; a user's loader in anything
         raise _input_error("--data", args.data, exc) from exc
     if not layouts:
@@ -397,20 +397,28 @@ class _ProductProgress:
 
     @contextlib.contextmanager
     def stage(self, name: str, total: int | None):
-        if not self._enabled:
+        with _progress_bar(total, name, "product", self._enabled) as self._bar:
             yield
-            return
-        from tqdm.auto import tqdm
+        self._bar = None
 
-        self._bar = tqdm(total=total, desc=name, unit="product", dynamic_ncols=True, file=sys.stderr)
-        try:
-            yield
-        except BaseException:
-            self._bar.leave = False  # the error, not a half bar, is what stays on the terminal
-            raise
-        finally:
-            self._bar.close()
-            self._bar = None
+
+@contextlib.contextmanager
+def _progress_bar(total: int | None, desc: str, unit: str, enabled: bool):
+    """A tqdm bar on stderr (None when not ``enabled``), closed on exit; on an error it is cleared,
+    so that the error, not a half bar, is what stays on the terminal."""
+    if not enabled:
+        yield None
+        return
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr)
+    try:
+        yield bar
+    except BaseException:
+        bar.leave = False
+        raise
+    finally:
+        bar.close()
 
 
 def _plot_format(path: str) -> str:
@@ -443,28 +451,11 @@ def _landscape(args: argparse.Namespace) -> int:
     # float64: the recorded alphas are the decimal ones asked for (0.1, not float32's 0.10000000149)
     alphas = np.linspace(args.alpha_min, args.alpha_max, args.points, dtype=np.float64).tolist()
     loss_fn = LOSSES[args.loss]()
-    losses: list[float] = []
-    accuracies: list[float] = []
-    # One point at a time (each is one pass over the data, independent of the others), with progress.
-    bar = None
-    if args.progress and is_main_process():
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(alphas), desc="landscape", unit="point", dynamic_ncols=True, file=sys.stderr)
-    try:
-        for alpha in alphas:
-            curve = sk.interpolate(model_a, model_b, loss_fn, data, [alpha], path=args.path, bn=args.bn)
-            losses.append(float(curve.loss[0]))
-            accuracies.append(float(curve.accuracy[0]))
-            if bar is not None:
-                bar.update(1)
-    except BaseException:
-        if bar is not None:
-            bar.leave = False  # the error, not a half bar, is what stays on the terminal
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
+    with _progress_bar(len(alphas), "landscape", "point", args.progress and is_main_process()) as bar:
+        curve = sk.interpolate(model_a, model_b, loss_fn, data, alphas, path=args.path, bn=args.bn,
+                               on_point=None if bar is None else (lambda *_: bar.update(1)))
+    losses = [float(v) for v in curve.loss]
+    accuracies = [float(v) for v in curve.accuracy]
     # Accuracy is null where it is undefined at every point (a regression loss), else one value a point.
     accuracy = None if all(math.isnan(v) for v in accuracies) else accuracies
     result = {"path": args.path, "model": args.model, "a": args.a, "b": args.b, "data": args.data, "bn": args.bn,

@@ -413,8 +413,9 @@ class DataWeights:
 def survey_weights(batches: Batches, loss_fn: Any, distributed: bool,
                    what: str = "reading the data") -> tuple[BatchSurvey, DataWeights]:
     """One read of this rank's ``batches`` (:func:`sharpkit.data.survey_batches`) and the
-    objective's :class:`DataWeights` for ``loss_fn`` over all ranks (one collective when
-    ``distributed``; a failure on one rank stops every rank).  ValueError for data without
+    objective's :class:`DataWeights` for ``loss_fn`` over all ranks (one
+    :func:`~sharpkit.distributed.sharded_pass` when ``distributed``; a failure on one rank stops
+    every rank).  ValueError for data without
     samples, or whose every target is ignored."""
     per_sample = sample_weigher(loss_fn)
     sums = torch.zeros(3, dtype=torch.float64)  # samples, sum of their weights, sum of squares

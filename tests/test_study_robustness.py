@@ -105,6 +105,7 @@ def test_one_sample_batches_with_batchnorm_are_refused(tmp_path, npz, api):
     ({"eps": (float("nan"),)}, "eps must be a positive finite number"),
     ({"lr": 0.0}, "lr must be a positive finite number"),
     ({"curve_points": 1}, "curve_points must be an integer >= 2"),
+    ({"trace_matvecs": 2}, "trace_matvecs must be an integer >= 3"),  # (Hutch++ needs 3 products)
     ({"sweep_models": ("c1",)}, "sweep_models names 'c1'"),
     ({"sweep": (8, 500)}, "--sweep batch size 500 exceeds the 160 training samples"),
 ])

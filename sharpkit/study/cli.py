@@ -6,9 +6,10 @@ import re
 import sys
 import time
 
+from ..sharpness.solvers import SOLVERS
+
 __all__ = ["add_parser", "config_from_args"]
 
-SOLVERS = ("lbfgsb", "pga", "apgd")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

@@ -41,6 +41,7 @@ from ..files import atomic_write_bytes, atomic_write_text
 from ..inputs import identity
 from ..landscape import evaluate, interpolate, slice_1d
 from ..params import FlatParams
+from ..sharpness.solvers import SOLVERS
 from . import measure
 from .models import MODEL_NAMES, build_model, format_model_spec
 from .noise_scale import gradient_noise_scale
@@ -138,9 +139,6 @@ def quick_config(**overrides: Any) -> StudyConfig:
     return dataclasses.replace(base, **overrides)
 
 
-STUDY_SOLVERS = ("lbfgsb", "pga", "apgd")
-
-
 def check_config(c: StudyConfig) -> None:
     """Raise ValueError naming the setting unless ``c`` describes a study that can run: checked
     before any data are read or any model trained (a bad solver or ε used to surface only after
@@ -167,7 +165,7 @@ def check_config(c: StudyConfig) -> None:
         if getattr(c, name) is not None:
             whole(name, getattr(c, name), 1)
     for name, low in (("num_samples", 1), ("max_epochs", 1), ("patience", 1), ("subspace_dim", 1),
-                      ("sharpness_iters", 1), ("trace_matvecs", 1), ("track_every", 1), ("curve_points", 2),
+                      ("sharpness_iters", 1), ("trace_matvecs", 3), ("track_every", 1), ("curve_points", 2),
                       ("f1_width", 1), ("f1_depth", 1), ("c1_channels", 1)):
         whole(name, getattr(c, name), low)
     for name in ("sharpness_samples", "curvature_samples"):
@@ -181,8 +179,8 @@ def check_config(c: StudyConfig) -> None:
         raise ValueError("study setting eps is empty")
     for v in c.eps:
         positive("eps", v)
-    if not c.solvers or any(v not in STUDY_SOLVERS for v in c.solvers):
-        raise ValueError(f"study setting solvers must be chosen from {', '.join(STUDY_SOLVERS)}, got {tuple(c.solvers)}")
+    if not c.solvers or any(v not in SOLVERS for v in c.solvers):
+        raise ValueError(f"study setting solvers must be chosen from {', '.join(SOLVERS)}, got {tuple(c.solvers)}")
     if c.bn not in ("eval", "train"):
         raise ValueError(f"study setting bn must be 'eval' or 'train', got {c.bn!r}")
     for v in c.c1_hidden:
