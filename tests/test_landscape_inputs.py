@@ -176,3 +176,15 @@ def test_curves_under_the_callers_inference_mode():
         np.testing.assert_array_equal(slice_1d(a, CE, (xi, yi), [0.0, 0.5]).loss, ref_slice.loss)
         np.testing.assert_array_equal(slice_2d(a, CE, (xi, yi), [0.0], [0.0]).loss, [[ref_eval[0]]])
         assert evaluate(a, CE, (xi, yi)) == ref_eval
+
+
+def test_on_point_reports_each_point_of_one_curve():
+    torch.manual_seed(0)
+    a, b = nn.Linear(3, 2).double(), nn.Linear(3, 2).double()
+    x, y = torch.randn(7, 3, dtype=torch.float64), torch.randint(0, 2, (7,))
+    seen = []
+    curve = sk.interpolate(a, b, nn.CrossEntropyLoss(), (x, y), [0.0, 0.5, 1.0], on_point=lambda *p: seen.append(p))
+    assert [p[0] for p in seen] == [0.0, 0.5, 1.0]
+    assert [p[1] for p in seen] == list(curve.loss) and [p[2] for p in seen] == list(curve.accuracy)
+    with torch.no_grad():
+        assert seen[2][1] == pytest.approx(float(nn.functional.cross_entropy(b(x), y)), rel=1e-12)
