@@ -34,7 +34,8 @@ LOSSES: dict[str, Callable[[], nn.Module]] = {
 }
 
 
-def resolve_data(spec: Any, batch_size: int | None = None) -> tuple[Batches, str, int | None]:
+def resolve_data(spec: Any, batch_size: int | None = None,
+                 describe: bool = True) -> tuple[Batches, str, int | None]:
     """``(batches, description, num_classes)`` for a data spec or data object.
 
     ``spec``: ``"mnist1d"``, ``"digits"``, a ``.pt``/``.npz`` file (training split, via
@@ -44,7 +45,8 @@ def resolve_data(spec: Any, batch_size: int | None = None) -> tuple[Batches, str
     The description identifies the data's content (it keys the audit's result rows): a file's
     SHA-256 (not its name: a renamed or copied file keeps its rows), the name of a built-in set,
     or for data in memory and from ``module:function`` a :func:`_fingerprint` of the samples.
-    Raises ``ValueError`` naming the spec when the data cannot be read.
+    ``describe=False`` skips the description (returned as ""), which reads the data, and a file,
+    once more.  Raises ``ValueError`` naming the spec when the data cannot be read.
     """
     num_classes = None
     fingerprint = True  # data in memory and from module:function are identified by their samples
@@ -72,10 +74,13 @@ def resolve_data(spec: Any, batch_size: int | None = None) -> tuple[Batches, str
             data, num_classes, fingerprint = ds.train, ds.num_classes or None, False
             # A file's bytes alone identify it: rewritten data must not meet old rows, and a renamed
             # or copied file keeps them.
-            desc = f"file@{file_sha256(spec)[:16]}:train" if os.path.isfile(spec) else f"{spec}:train"
+            desc = (f"file@{file_sha256(spec)[:16]}:train" if os.path.isfile(spec) else f"{spec}:train") \
+                if describe else ""
     else:
         data, desc = spec, "data"
     batches = as_batches(data, batch_size)
+    if not describe:
+        return batches, "", num_classes
     n = batches.num_samples()
     if fingerprint:
         desc = f"{desc}:{_fingerprint(batches)}"

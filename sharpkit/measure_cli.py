@@ -171,7 +171,8 @@ class _Data(NamedTuple):
 def _load_data(args: argparse.Namespace) -> _Data:
     """``--data`` as :class:`_Data`; an unusable spec or file is a :class:`UsageError`."""
     try:
-        batches, _, num_classes = resolve_data(args.data, args.batch_size)
+        # (no description: the loop below is the one read of the data before measuring)
+        batches, _, num_classes = resolve_data(args.data, args.batch_size, describe=False)
         layouts: dict[tuple, tuple[int, tuple[torch.Tensor, torch.Tensor]]] = {}
         for index, (x, y) in enumerate(batches):
             key = (tuple(x.shape[1:]), x.dtype, tuple(y.shape[1:]), y.dtype)
