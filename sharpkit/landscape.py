@@ -91,10 +91,26 @@ def evaluate(
     return _evaluate(model, loss_fn, data, bn, device)
 
 
+class _KeepBatches:
+    """Whether sharding keeps ``data``'s batches whole on one rank (under torch.distributed:
+    :func:`~sharpkit.objective.batches_stay_whole`, a forward of up to 64 rows and a collective),
+    decided by the first point of a curve or slice that asks and kept for the others: the
+    architecture, ``bn`` and the data do not change from point to point, only the parameters."""
+
+    def __init__(self) -> None:
+        self.keep: bool | None = None
+
+    def __call__(self, model: nn.Module, data: Any, device: torch.device, dtype: torch.dtype) -> bool:
+        if self.keep is None:
+            self.keep = _dist.is_distributed() and batches_stay_whole(model, data, device, dtype)
+        return self.keep
+
+
 def _evaluate(model: nn.Module, loss_fn, data: Any, bn: str = "eval", device: torch.device | str | None = None,
-              check_inputs: bool = True) -> tuple[float, float]:
+              check_inputs: bool = True, keep_batches: _KeepBatches | None = None) -> tuple[float, float]:
     """:func:`evaluate`; ``check_inputs=False`` skips the inputs' NaN/inf scan (for the later points
-    of a curve or slice over data the first point has checked)."""
+    of a curve or slice over data the first point has checked); ``keep_batches``: one
+    :class:`_KeepBatches` shared by the points of a curve or slice (default: decided for this call)."""
     check_mean_reduced(loss_fn)
     dev = torch.device(device) if device is not None else _param_device(model)
     dtype = _param_dtype(model)
@@ -108,7 +124,8 @@ def _evaluate(model: nn.Module, loss_fn, data: Any, bn: str = "eval", device: to
     sums = torch.zeros(7, dtype=torch.float64)
     with measurement_mode(model, bn), torch.no_grad():
         data = as_batches(data)  # once: a one-shot iterator is read into memory here
-        batches = _dist.shard(data, keep_batches=_dist.is_distributed() and batches_stay_whole(model, data, dev, dtype))
+        keep = (keep_batches if keep_batches is not None else _KeepBatches())(model, data, dev, dtype)
+        batches = _dist.shard(data, keep_batches=keep)
         with _dist.sharded_pass([sums], enabled=batches.is_sharded):
             for index, batch in enumerate(batches):
                 if check_inputs:
@@ -201,6 +218,7 @@ def interpolate(
     pw = _floating_parameters(work)
     ends = {k: (pa[k].detach().to(pw[k]), pb[k].detach().to(pw[k])) for k in pw}
     losses, accs = [], []
+    keep_batches = _KeepBatches()  # (the split probe runs at the first point only)
     for a in alphas_np:
         if path == "linear":
             ca, cb = 1.0 - a, a
@@ -210,7 +228,8 @@ def interpolate(
             for k, p in pw.items():
                 xa, xb = ends[k]
                 p.copy_(ca * xa + cb * xb)
-        loss, acc = _evaluate(work, loss_fn, data, bn=bn, check_inputs=not losses)  # (the data are replayed)
+        loss, acc = _evaluate(work, loss_fn, data, bn=bn, check_inputs=not losses,  # (the data are replayed)
+                              keep_batches=keep_batches)
         losses.append(loss)
         accs.append(acc)
         if on_point is not None:
@@ -308,10 +327,12 @@ def _grid(model, loss_fn, data, alphas, betas, d1, d2, seed, bn,
     fw = FlatParams(work)
     loss = np.empty((a_np.size, b_np.size))
     acc = np.empty_like(loss)
+    keep_batches = _KeepBatches()  # (the split probe runs at the first point only)
     for i, a in enumerate(a_np):
         for j, b in enumerate(b_np):
             fw.set_(x + float(a) * d1 + float(b) * d2)
-            loss[i, j], acc[i, j] = _evaluate(work, loss_fn, data, bn=bn, check_inputs=i == j == 0)
+            loss[i, j], acc[i, j] = _evaluate(work, loss_fn, data, bn=bn, check_inputs=i == j == 0,
+                                               keep_batches=keep_batches)
     return Surface(a_np, b_np, loss, acc)
 
 
