@@ -60,6 +60,30 @@ def dtype_arg(value: Any) -> torch.dtype | None:
     raise ValueError(f"dtype must be None or a floating-point torch.dtype (e.g. torch.float64), got {value!r}")
 
 
+def measured_dtype(model: torch.nn.Module, dtype: torch.dtype | None) -> torch.dtype | None:
+    """The precision a sharpness is measured in: ``dtype`` (already checked by :func:`dtype_arg`),
+    or for ``None`` the model's own, except float32 for a model whose trainable parameters are in
+    a format of fewer than 32 bits (bfloat16, float16; their values convert exactly).
+
+    A sharpness is a small change of the loss under a small relative change of the parameters, both
+    below what 16 bits resolve: on a bfloat16 MLP ``x + y`` with ``|y| <= 1e-3 (|x| + 1)`` rounds back
+    to ``x`` for most coordinates and the loss to 2⁻⁸ of itself, so ε-sharpness at ε = 1e-3 came out
+    exactly 0 (0.074 in float32).  An explicit 16-bit ``dtype`` is a ``ValueError``; low-precision
+    steps are ``ascent_dtype``'s job, with the values still measured in float32.
+    ``None`` stays ``None`` for a model without trainable parameters (named as such later)."""
+    if dtype is not None:
+        if dtype.itemsize < 4:
+            raise ValueError(f"dtype={dtype} cannot resolve a sharpness: perturbations of relative size epsilon/rho "
+                             f"and the loss changes they cause are below {dtype}'s rounding (the value would be "
+                             "rounding noise, often exactly 0); measure in torch.float32 or torch.float64 (dtype=None "
+                             "measures a 16-bit model in float32) and use ascent_dtype for low-precision steps")
+        return dtype
+    own = next((p.dtype for p in model.parameters() if p.requires_grad), None)
+    if own is not None and own.is_floating_point and own.itemsize < 4:
+        return torch.float32
+    return None
+
+
 def device_arg(value: Any) -> torch.device | None:
     """``value`` (``None``: the model's own) as the device the model is evaluated on, checked
     before any data pass (:func:`sharpkit.inputs.resolve_device`): ``ValueError`` naming the

@@ -31,7 +31,8 @@ from ..data import as_batches
 from ..objective import LossFn, Objective, batch_weigher
 from ..params import measurement_mode
 from . import solvers
-from ._checks import ascent_dtype_arg, choice, device_arg, dtype_arg, flag, positive_float, positive_int, seed_int
+from ._checks import (ascent_dtype_arg, choice, device_arg, dtype_arg, flag, measured_dtype, positive_float, positive_int,
+                      seed_int)
 from .result import SharpnessResult
 
 __all__ = ["adaptive_sharpness"]
@@ -97,8 +98,10 @@ def adaptive_sharpness(
         first_step: the first step on the box, ``"gradient"`` (default None: this) or ``"sign"``,
             as in :func:`sharpkit.keskar_sharpness`; an error with ``norm="l2"``.  ``solver``,
             ``restarts``, ``step_size`` and ``first_step`` are errors with ``kind="average"``.
-        device, dtype: where and in what precision the model is evaluated (default None: its own);
-            ``dtype`` a floating-point ``torch.dtype``, ``device`` one this machine has.
+        device, dtype: where and in what precision the model is evaluated (default None: its own,
+            float32 for a bfloat16/float16 model); ``dtype`` a floating-point ``torch.dtype`` of at
+            least 32 bits (16 bits cannot resolve the loss changes measured), ``device`` one this
+            machine has.
         ascent_dtype: worst case only: ``"bfloat16"`` or ``"float16"`` for the ascent's steps, the
             reported losses still in ``dtype`` (as in :func:`sharpkit.keskar_sharpness`; default
             None: full precision); ``history`` then holds exact values only (at the start and after
@@ -113,7 +116,7 @@ def adaptive_sharpness(
     choice("norm", norm, solvers.NORMS)
     choice("kind", kind, KINDS)
     adaptive = flag("adaptive", adaptive)
-    dtype = dtype_arg(dtype)
+    dtype = measured_dtype(model, dtype_arg(dtype))
     ascent = (("solver", solver), ("restarts", restarts), ("step_size", step_size), ("first_step", first_step),
               ("ascent_dtype", ascent_dtype))
     if kind == "average":

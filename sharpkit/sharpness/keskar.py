@@ -29,7 +29,8 @@ from ..objective import LossFn, Objective
 from ..ops import GaussianSubspace
 from ..params import FlatParams, measurement_mode
 from . import solvers
-from ._checks import ascent_dtype_arg, choice, device_arg, dtype_arg, positive_float, positive_int, seed_int
+from ._checks import (ascent_dtype_arg, choice, device_arg, dtype_arg, measured_dtype, positive_float, positive_int,
+                      seed_int)
 from .result import SharpnessResult
 
 __all__ = ["keskar_sharpness", "subspace_center"]
@@ -94,8 +95,10 @@ def keskar_sharpness(
             ``"sign"`` (the corner of the gradient's signs); with ``restarts >= 2`` the second run
             takes the other.  ``step_size``, ``first_step`` and ``restarts`` are errors with
             ``solver="lbfgsb"`` (the paper's protocol has none of them).
-        device, dtype: where and in what precision the model is evaluated (default None: its own);
-            ``dtype`` a floating-point ``torch.dtype``, ``device`` one this machine has.
+        device, dtype: where and in what precision the model is evaluated (default None: its own,
+            float32 for a bfloat16/float16 model, whose perturbed parameters and loss would round
+            the sharpness away); ``dtype`` a floating-point ``torch.dtype`` of at least 32 bits,
+            ``device`` one this machine has.
         ascent_dtype: pga/apgd only: ``"bfloat16"`` or ``"float16"`` to take the ascent's steps
             with the model under ``torch.autocast`` to that precision (default None: full
             precision).  The loss at the parameters and at each run's best point are still
@@ -126,7 +129,7 @@ def keskar_sharpness(
     first_step = "gradient" if first_step is None else first_step
     choice("first_step", first_step, solvers.FIRST_STEPS)
     seed = seed_int(seed)
-    dtype = dtype_arg(dtype)
+    dtype = measured_dtype(model, dtype_arg(dtype))
     ascent_dtype = ascent_dtype_arg(ascent_dtype, solver, model, device, dtype)
     device = device_arg(device)
     if subspace_dim is not None:
