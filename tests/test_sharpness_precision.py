@@ -2,13 +2,14 @@
 ``dtype`` is refused (perturbations of relative size ε and the loss changes they cause are below
 16-bit rounding: the value came out exactly 0)."""
 import copy
+import warnings
 
 import pytest
 import torch
 from torch import nn
 
 import sharpkit as sk
-from test_sharpness_helpers import assert_same_state, blobs, mlp, state
+from test_sharpness_helpers import SeparableQuadratic, assert_same_state, blobs, dummy_data, mean_loss, mlp, state
 
 
 def _models():
@@ -49,3 +50,27 @@ def test_a_16_bit_dtype_is_refused(measure, low_dtype):
     for model in (low[low_dtype], low[low_dtype].float()):
         with pytest.raises(ValueError, match="cannot resolve a sharpness"):
             call(model, nn.CrossEntropyLoss(), data, dtype=low_dtype)
+
+
+def test_lbfgsb_stopping_at_its_start_says_so():
+    # A quadratic 1e-7 from its minimum: every gradient coordinate is below scipy's pgtol (1e-5), so
+    # the paper's protocol stops at y = 0 with "convergence" and sharpness 0, while the box maximum
+    # is at a corner, 100 * sum(a/2 * (eps (|theta| + 1))^2) / (1 + f) up to the offset.
+    model = SeparableQuadratic(30, seed=2, at_minimum=True)
+    with torch.no_grad():
+        model.theta.add_(1e-7)
+    eps = 1e-3
+    a, theta = model.a, model.theta.detach()
+    f0 = float((0.5 * a * (theta - model.c) ** 2).sum())
+    corner = float((0.5 * a * ((theta - model.c).abs() + eps * (theta.abs() + 1)) ** 2).sum())
+    best = 100 * (corner - f0) / (1 + f0)
+    with pytest.warns(RuntimeWarning, match="L-BFGS-B took no step"):
+        r = sk.keskar_sharpness(model, mean_loss, dummy_data(), epsilon=eps)
+    assert r.value == 0.0 and r.info["nit"] == 0 and r.info["stopped_at_start"] is True
+    assert sk.keskar_sharpness(model, mean_loss, dummy_data(), epsilon=eps, solver="apgd").value == pytest.approx(best)
+    # an ordinary run says nothing
+    model = mlp((6, 12, 12, 3), seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r = sk.keskar_sharpness(model, nn.CrossEntropyLoss(), blobs(60))
+    assert r.value > 0 and "stopped_at_start" not in r.info

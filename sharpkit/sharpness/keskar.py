@@ -83,7 +83,10 @@ def keskar_sharpness(
             where the samples do not interact (``Objective(regroup=True)``; same objective).
         epsilon: relative box size ε > 0 (default 1e-3; the paper also uses 5e-4).
         subspace_dim: p for the random-subspace variant (1 <= p <= n), ``None`` for the full space.
-        solver: ``"lbfgsb"`` (default, the paper's protocol), ``"pga"`` or ``"apgd"``.
+        solver: ``"lbfgsb"`` (default, the paper's protocol), ``"pga"`` or ``"apgd"``.  L-BFGS-B
+            stops at y = 0 (value 0, a ``RuntimeWarning``, ``info["stopped_at_start"]``) where every
+            coordinate of the gradient is below scipy's absolute tolerance 1e-5, as at a
+            well-converged minimum; the first-order solvers climb there.
         max_iter: L-BFGS-B iterations, or gradient steps per pga/apgd run (default 10).
         seed: seeds A (subspace) and the random restarts (default 0).
         bn: ``"eval"`` (BatchNorm uses running statistics, default) or ``"train"`` (batch statistics).

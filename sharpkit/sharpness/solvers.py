@@ -84,7 +84,7 @@ import numpy as np
 import torch
 
 from ..ops import box_ascent_step
-from ._lbfgsb import minimize_box
+from ._lbfgsb import GTOL, minimize_box
 
 __all__ = [
     "AscentProblem",
@@ -633,7 +633,9 @@ def lbfgsb(
     objective and gradient come from one pass and are handed to scipy in float64.  Returns the
     final iterate (as the paper does).  One problem only (B = 1).  scipy's compiled routine runs
     without ``minimize``'s per-coordinate bound setup (:mod:`sharpkit.sharpness._lbfgsb`; same
-    iterates).
+    iterates).  Where scipy stops at ``y = 0`` because the projected gradient there is below its
+    absolute ``pgtol`` (1e-5; at a well-converged minimum), the result is ``loss0`` itself: a
+    ``RuntimeWarning`` says so and ``info["stopped_at_start"]`` is True.
     """
     _check_common(problem, scale, "linf", max_iter, 1, 1.0)
     if getattr(problem, "estimates", False):
@@ -674,6 +676,15 @@ def lbfgsb(
         state["evals"] += 1
         info["reevaluated"] = True
     max_loss = torch.tensor([final], dtype=torch.float64, device=loss0.device)
+    if res.nit == 0 and res.success:
+        # scipy's pgtol is absolute: at a well-converged minimum every coordinate of the gradient can be
+        # below it, and L-BFGS-B then stops at y = 0 with "convergence" and a sharpness of exactly 0,
+        # however curved the loss is (a trained MLP at loss 3e-6: 0, where Auto-PGD finds 5e-5).
+        info["stopped_at_start"] = True
+        warnings.warn(f"L-BFGS-B took no step ({info['message']}): the gradient at the parameters is below "
+                      f"scipy's absolute tolerance pgtol={GTOL:g} in every coordinate, so the maximum reported is "
+                      "the unperturbed loss (sharpness 0, as the paper's protocol gives it), not the box's maximum; "
+                      "solver='apgd' climbs from the curvature", RuntimeWarning, stacklevel=4)
     return AscentResult(loss0=loss0, max_loss=max_loss, Y=Y, num_evals=state["evals"], info=info)
 
 
