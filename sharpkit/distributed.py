@@ -36,6 +36,8 @@ from typing import Any, Callable, Sequence, TypeVar
 import torch
 import torch.distributed as dist
 
+from .params import canonical_device
+
 __all__ = [
     "PeerFailure",
     "launched_by_torchrun",
@@ -299,7 +301,7 @@ def _comm_device(like: torch.device) -> torch.device:
     """Where the collective runs: gloo works on host memory, NCCL on the current GPU."""
     backend = dist.get_backend()
     if backend == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
+        return canonical_device("cuda")
     if backend == "gloo":
         return torch.device("cpu")
     return like

@@ -20,7 +20,7 @@ from torch import nn
 from . import distributed as _dist
 from .data import as_batches, check_finite_inputs, to_device
 from .objective import batch_weigher, batches_stay_whole, check_mean_reduced, checked_loss, ignore_index_of
-from .params import FlatParams, check_finite_parameters, measurement_mode
+from .params import FlatParams, canonical_device, check_finite_parameters, measurement_mode
 
 __all__ = ["Curve", "Surface", "interpolate", "evaluate", "random_direction", "slice_1d", "slice_2d"]
 
@@ -168,11 +168,7 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
 
 
 def _canonical_device(dev: torch.device) -> torch.device:
-    if dev.type == "cpu":
-        return torch.device("cpu")
-    if dev.index is None and dev.type == "cuda" and torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return dev
+    return torch.device("cpu") if dev.type == "cpu" else canonical_device(dev)
 
 
 @_outside_inference_mode

@@ -104,6 +104,17 @@ class FlatParams:
             raise ValueError(f"expected a parameter-space tensor of shape {want}, got {tuple(flat.shape)}")
 
 
+def canonical_device(device: torch.device | str) -> torch.device:
+    """``device`` as the one device it names: "cuda" without an index is the current CUDA device
+    (``torch.device("cuda", torch.cuda.current_device())``, where torch puts a tensor sent to
+    "cuda"); every other device, CPU ones included, is returned as it is ("cpu:0" stays "cpu:0"),
+    and so is "cuda" where CUDA is not available."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def model_tensors(model: nn.Module, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Every parameter and buffer of ``model`` by name, detached, on ``device``, floating ones in
     ``dtype`` (for :func:`torch.func.functional_call`).  A tied tensor is listed once

@@ -24,6 +24,8 @@ from typing import Any, Sequence
 
 import torch
 
+from ..params import canonical_device
+
 BACKENDS: tuple[str, ...] = ("torch", "cpp", "triton", "cuda", "cupy")
 GPU_PREFERENCE: tuple[str, ...] = ("cuda", "triton", "cupy", "torch")
 CPU_PREFERENCE: tuple[str, ...] = ("cpp", "torch")
@@ -307,7 +309,7 @@ def launch(backend: str, source: str, name: str, grid: Sequence[int], block: Seq
     block3 = (list(block) + [1, 1, 1])[:3]
     if grid3[0] == 0:
         return
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = canonical_device(device).index
     stream = torch.cuda.current_stream(index).cuda_stream
     if backend == "cuda":
         mod, why = cuda_module()

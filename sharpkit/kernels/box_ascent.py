@@ -16,6 +16,7 @@ import math
 
 import torch
 
+from ..params import canonical_device
 from ._backend import (DTYPE_CODES, DTYPE_SUFFIX, cpp_module, for_autograd, launch, multiprocessor_count,
                        partially_overlaps, ptr, resolve)
 
@@ -176,4 +177,4 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def _index(device: torch.device) -> int:
-    return device.index if device.index is not None else torch.cuda.current_device()
+    return canonical_device(device).index

@@ -11,6 +11,7 @@ import operator
 
 import torch
 
+from ..params import canonical_device
 from ._backend import DTYPE_CODES, DTYPE_SUFFIX, cpp_module, for_autograd, launch, multiprocessor_count, ptr, resolve
 from .philox import gaussian_block
 
@@ -72,8 +73,7 @@ class GaussianSubspace:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"GaussianSubspace: device {str(self.device)!r} asked for, but CUDA is not available here")
-        if self.device.type == "cuda" and self.device.index is None:
-            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.device = canonical_device(self.device)
         self.backend = resolve(backend, self.device, dtype, "GaussianSubspace")
         self._requested_backend = backend
         # Products accumulate in float32 for the 16-bit dtypes.
