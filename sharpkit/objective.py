@@ -141,10 +141,12 @@ class Objective:
                 return functional_call(self.model, tensors, (inputs,))
         return functional_call(self.model, tensors, (inputs,))
 
-    def batch_loss(self, x: torch.Tensor, batch) -> torch.Tensor:
-        """Mean loss of one batch at parameters ``x`` (differentiable in ``x``)."""
+    def batch_loss(self, x: torch.Tensor, batch, loss_fn: LossFn | None = None) -> torch.Tensor:
+        """Mean loss of one batch at parameters ``x`` (differentiable in ``x``), by ``loss_fn`` if
+        given (another form of this objective's loss, e.g. the curvature engines'), else
+        :attr:`loss_fn`."""
         inputs, targets = to_device(batch, self.device, self.dtype)
-        return checked_loss(self.loss_fn, self.batch_output(x, inputs), targets)
+        return checked_loss(self.loss_fn if loss_fn is None else loss_fn, self.batch_output(x, inputs), targets)
 
     def loss(self, x: torch.Tensor) -> torch.Tensor:
         """``f(x)`` as a 0-dim tensor (no graph)."""

@@ -28,6 +28,7 @@ from torch.func import functional_call, vmap
 from .. import distributed as _dist
 from ..data import Batches, BatchSurvey, regroup_batches, survey_batches, to_device
 from ..objective import DataWeights, Objective, check_mean_reduced, checked_loss, probe_largest_batch, survey_weights
+from ..curvature.stable_loss import curvature_loss
 from ..params import FlatParams
 
 __all__ = ["StackedObjective", "SingleObjective", "stack_checkpoints", "estimate_group_size", "GroupPlan"]
@@ -134,17 +135,23 @@ class StackedObjective:
         self.num_hvps = 0
         self._cache = _HvpCache(keep_graphs)
 
-        def one(x: torch.Tensor, buffers: dict[str, torch.Tensor], inputs: torch.Tensor, targets: torch.Tensor):
-            tensors = dict(buffers)
-            tensors.update(self.flat.as_dict(x))
-            return checked_loss(loss_fn, functional_call(model, tensors, (inputs,)), targets)
+        def losses(fn: Callable):
+            def one(x: torch.Tensor, buffers: dict[str, torch.Tensor], inputs: torch.Tensor, targets: torch.Tensor):
+                tensors = dict(buffers)
+                tensors.update(self.flat.as_dict(x))
+                return checked_loss(fn, functional_call(model, tensors, (inputs,)), targets)
 
-        self._batched = vmap(one, in_dims=(0, 0, None, None))
+            return vmap(one, in_dims=(0, 0, None, None))
 
-    def batch_losses(self, W: torch.Tensor, batch) -> torch.Tensor:
-        """``(B,)`` mean losses of one batch at the rows of ``W`` (differentiable in ``W``)."""
+        self._batched = losses(loss_fn)
+        # Hessian products differentiate the loss in its form precise at saturated softmax.
+        self._batched_curvature = losses(curvature_loss(loss_fn))
+
+    def batch_losses(self, W: torch.Tensor, batch, curvature: bool = False) -> torch.Tensor:
+        """``(B,)`` mean losses of one batch at the rows of ``W`` (differentiable in ``W``);
+        ``curvature``: by :func:`~sharpkit.curvature.stable_loss.curvature_loss`'s form."""
         inputs, targets = to_device(batch, self.device, self.dtype)
-        return self._batched(W, self.frozen, inputs, targets)
+        return (self._batched_curvature if curvature else self._batched)(W, self.frozen, inputs, targets)
 
     def _check(self, W: torch.Tensor) -> torch.Tensor:
         if W.shape != self.X.shape:
@@ -187,7 +194,7 @@ class StackedObjective:
         def graph(item):
             batch, w = item
             Xr = self.X.clone().requires_grad_(True)
-            losses = self.batch_losses(Xr, batch)
+            losses = self.batch_losses(Xr, batch, curvature=True)
             (g,) = torch.autograd.grad((losses * (w / self.weights.total)).sum(), Xr, create_graph=True)
             return Xr, g
 
@@ -230,11 +237,12 @@ class SingleObjective:
         """``(1, n)``: the Hessian at the checkpoint times ``V[0]``."""
         obj = self.objective
         self.num_hvps += 1
+        loss_fn = curvature_loss(obj.loss_fn)  # as StackedObjective.hvp
 
         def graph(item):
             batch, w = item
             xr = self.X[0].clone().requires_grad_(True)
-            loss = obj.batch_loss(xr, batch) * (w / obj.weights.total)
+            loss = obj.batch_loss(xr, batch, loss_fn) * (w / obj.weights.total)
             (g,) = torch.autograd.grad(loss, xr, create_graph=True)
             return xr, g
 

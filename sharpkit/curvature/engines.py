@@ -31,6 +31,7 @@ from torch.func import grad, jvp, vjp, vmap
 from ..data import to_device
 from ..objective import Objective, checked_loss
 from ..params import FlatParams
+from .stable_loss import curvature_loss
 
 # Vectors per product when the caller may choose (e.g. trace probes) and the engine states no
 # preference: they then share every pass over the data.
@@ -122,6 +123,8 @@ class GenericEngine:
         self.kind = kind
         self.objective = objective
         self.x = x.detach().to(objective.device, objective.dtype)
+        # The loss differentiated twice: the objective's, in a form precise at saturated softmax.
+        self.loss_fn = curvature_loss(objective.loss_fn)
         self.cache = bool(cache)
         self.ad = ad
         self._forward_ok = ad != ROR  # becomes False for good once forward mode fails on this model
@@ -171,7 +174,7 @@ class GenericEngine:
         obj, x = self.objective, self.x
         if self.kind == "hessian":
             def loss(p: torch.Tensor) -> torch.Tensor:
-                return obj.batch_loss(p, (inputs, targets))
+                return obj.batch_loss(p, (inputs, targets), self.loss_fn)
 
             g = grad(loss)
             return vmap(lambda v: jvp(g, (x,), (v,))[1], in_dims=1, out_dims=1)(V)
@@ -181,7 +184,7 @@ class GenericEngine:
 
         out, pullback = vjp(model_out, x)
         out = out.detach()
-        g_out = grad(lambda o: checked_loss(obj.loss_fn, o, targets))
+        g_out = grad(lambda o: checked_loss(self.loss_fn, o, targets))
 
         def one(v: torch.Tensor) -> torch.Tensor:
             jv = jvp(model_out, (x,), (v,))[1]
@@ -210,7 +213,7 @@ class GenericEngine:
         xr = self.x.clone().requires_grad_(True)
         with torch.enable_grad():
             if self.kind == "hessian":
-                loss = obj.batch_loss(xr, (inputs, targets))
+                loss = obj.batch_loss(xr, (inputs, targets), self.loss_fn)
                 (g,) = torch.autograd.grad(loss, xr, create_graph=True)
                 if not g.requires_grad:  # the loss is linear in x: zero Hessian
                     return lambda V: torch.zeros_like(V)
@@ -225,7 +228,7 @@ class GenericEngine:
             u = torch.zeros_like(out, requires_grad=True)
             (jtu,) = torch.autograd.grad(out, xr, u, create_graph=True)
             o = out.detach().requires_grad_(True)
-            (g_out,) = torch.autograd.grad(checked_loss(obj.loss_fn, o, targets), o, create_graph=True)
+            (g_out,) = torch.autograd.grad(checked_loss(self.loss_fn, o, targets), o, create_graph=True)
 
         def ggn_mm(V: torch.Tensor) -> torch.Tensor:
             jv = _batched_vjp(jtu, u, V)  # (*out.shape, k) laid out as columns

@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..params import FlatParams, is_batchnorm
+from ._standard import hooks_reason, overrides_forward
+from .stable_loss import curvature_loss
 
 __all__ = ["fused_support", "FusedEngine", "KINDS"]
 
@@ -73,56 +75,6 @@ def _describe(name: str, module: nn.Module) -> str:
     return f"layer {name!r} ({type(module).__name__})" if name else f"the model ({type(module).__name__})"
 
 
-# The layer and loss classes the fused engine writes out by hand: a subclass that overrides their
-# forward computes something else and must go to the generic engine.
-_KNOWN_FORWARDS = (nn.Sequential, nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.LeakyReLU, nn.GELU, nn.Tanh, nn.Sigmoid,
-                   nn.SiLU, nn.Flatten, nn.Dropout, nn.Identity, nn.CrossEntropyLoss, nn.MSELoss)
-
-
-def _overrides_forward(module: Any) -> bool:
-    """True when calling ``module`` may run something other than its standard class's forward: a
-    subclass's forward, ``__call__`` or ``_call_impl``; a ``forward``/``_call_impl`` set on the
-    instance (``m.forward = ...``); a Sequential subclass that iterates its children otherwise
-    (Sequential.forward is ``for m in self``)."""
-    if not isinstance(module, nn.Module):
-        return False
-    if "forward" in vars(module) or "_call_impl" in vars(module):
-        return True
-    cls = type(module)
-    if cls.__call__ is not nn.Module.__call__ or cls._call_impl is not nn.Module._call_impl:
-        return True
-    for base in _KNOWN_FORWARDS:
-        if isinstance(module, base):
-            if base is nn.Sequential and cls.__iter__ is not nn.Sequential.__iter__:
-                return True
-            return cls.forward is not base.forward
-    return False
-
-
-_MODULE_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
-                 "_global_backward_pre_hooks")
-
-
-def _hooks_reason(named: Any) -> str | None:
-    """Why hooks rule the fused engine out, or None.  It never calls the modules, so it would run
-    neither a forward hook (which may change outputs) nor a backward hook (which may change the
-    gradients autograd, and the generic engine, differentiate): either would make the two engines
-    disagree.  ``named``: ``(name, module)`` pairs (the model's modules and the loss module)."""
-    from torch.nn.modules import module as _module
-
-    for attr in _GLOBAL_HOOKS:
-        if getattr(_module, attr, None):
-            kind = "forward" if "forward" in attr else "backward"
-            return (f"global module {kind} hooks are registered (torch.nn.modules.module.register_module_{kind}_*hook),"
-                    " which the fused engine would not run")
-    for name, m in named:
-        if any(getattr(m, attr, None) for attr in _MODULE_HOOKS):
-            kind = "forward" if (m._forward_hooks or m._forward_pre_hooks) else "backward"
-            return f"{name} has {kind} hooks, which the fused engine would not run"
-    return None
-
-
 def _parse_model(model: nn.Module, bn_train: bool | None) -> list[_Layer]:
     """The model as a flat list of supported layers; raises _Unsupported naming the first bad one.
 
@@ -135,7 +87,7 @@ def _parse_model(model: nn.Module, bn_train: bool | None) -> list[_Layer]:
         )
     layers: list[_Layer] = []
     for name, m in model.named_modules():
-        if _overrides_forward(m):
+        if overrides_forward(m):
             raise _Unsupported(f"{_describe(name, m)} overrides forward() (or how it is called); the fused engine knows the standard layers only")
 
     def walk(seq: nn.Sequential, prefix: str) -> None:
@@ -183,7 +135,7 @@ def _parse_model(model: nn.Module, bn_train: bool | None) -> list[_Layer]:
         for pname, p in layer.module.named_parameters(recurse=False):
             if pname not in ("weight", "bias"):
                 raise _Unsupported(f"{_describe(layer.name, layer.module)} has an unexpected parameter {pname!r}")
-    why = _hooks_reason((_describe(name, m), m) for name, m in model.named_modules())
+    why = hooks_reason((_describe(name, m), m) for name, m in model.named_modules())
     if why is not None:
         raise _Unsupported(why)
     return layers
@@ -199,10 +151,10 @@ class _LossSpec:
 
 
 def _parse_loss(loss_fn: Any) -> _LossSpec:
-    if _overrides_forward(loss_fn):
+    if overrides_forward(loss_fn):
         raise _Unsupported(f"loss_fn {type(loss_fn).__name__} overrides forward() (or how it is called); the fused engine knows the standard losses only")
     if isinstance(loss_fn, nn.Module):
-        why = _hooks_reason([(f"loss_fn {type(loss_fn).__name__}", loss_fn)])
+        why = hooks_reason([(f"loss_fn {type(loss_fn).__name__}", loss_fn)])
         if why is not None:
             raise _Unsupported(why)
     if loss_fn is F.cross_entropy:
@@ -315,6 +267,7 @@ class FusedEngine:
             self.loss = _parse_loss(loss_fn)
         except _Unsupported as exc:
             raise ValueError(str(exc)) from None
+        self._curvature_loss = curvature_loss(self.loss.fn)  # its gradient is precise at saturated softmax
         if not isinstance(x, torch.Tensor) or x.shape != (flat.n,):
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"x must be the parameter vector of shape ({flat.n},), got {shape}")
@@ -477,14 +430,16 @@ class FusedEngine:
         return refs["rstd"] if gamma is None else gamma * refs["rstd"]
 
     def _loss_value(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The batch's mean loss from its logits, in the form the curvature differentiates."""
         t = targets.to(self.device, self.dtype if targets.is_floating_point() else None)
-        loss = self.loss.fn(logits, t)
+        loss = self._curvature_loss(logits, t)
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
             raise ValueError("loss_fn must return a scalar (mean-reduced) tensor")
         return loss
 
     def _loss_grad(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """dL/dlogits of the batch's mean loss, by autograd through loss_fn itself (exact for any option)."""
+        """dL/dlogits of the batch's mean loss, by autograd through loss_fn (exact for any option), in
+        its form precise at saturated softmax (:func:`~sharpkit.curvature.stable_loss.curvature_loss`)."""
         z = logits.detach().requires_grad_(True)
         with torch.enable_grad():
             (g,) = torch.autograd.grad(self._loss_value(z, targets), z)
