@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from .spectra import (F64, Estimate, _Counter, _device, _eigh, _generator, _is_int, _rademacher, _select, _size,
-                      lanczos_runs, tridiagonal)
+                      _lanczos_runs, tridiagonal)
 
 __all__ = ["LayerCurvature", "layerwise", "parameter_groups"]
 
@@ -116,12 +116,13 @@ def layerwise(
     if eigenvalue:
         supports = [groups[k].to(device) for k in names]
         starts = [torch.randn(s.numel(), generator=gen, dtype=F64) for s in supports]
-        runs = lanczos_runs(mv, n, starts, max_steps, supports=supports, tol=tol, which="LA", device=device)
-        for k, s, (a, b) in zip(names, supports, runs):
+        runs, stopped = _lanczos_runs(mv, n, starts, max_steps, supports=supports, tol=tol, which="LA",
+                                      device=device)
+        for k, (a, b), converged in zip(names, runs, stopped):
             theta, S = _eigh(tridiagonal(a.tolist(), b.tolist()))
             i = _select(theta, 1, "LA")
-            # Stopped before max_steps (or the block's size) means the Ritz residual met tol.
-            converged = a.numel() < max_steps or a.numel() >= s.numel()
+            # Converged: the run's stopping test held (Ritz residual <= tol, an invariant subspace or
+            # the whole block spanned), on whichever step, the last allowed one included.
             tops[k] = (float(theta[i]), converged)
     return {
         k: LayerCurvature(k, int(groups[k].numel()), traces[k], tops[k][0], tops[k][1]) for k in names

@@ -643,18 +643,29 @@ def _lobpcg(H, mv, n, k, which, tol, max_iter, v0, gen, device, block_size) -> E
     if v0 is not None:
         X[:, 0] = v0
 
+    products = 0  # calls of the operator from scipy
+
     def mm(V: np.ndarray) -> np.ndarray:
+        nonlocal products
+        products += 1
         return mv(torch.from_numpy(np.ascontiguousarray(V, dtype=np.float64)).to(device)).cpu().numpy()
 
     A = LinearOperator((n, n), matvec=mm, matmat=mm, dtype=np.float64)
+    iterations = 0  # scipy's iterations, over both runs
 
     def run(start: np.ndarray, iters: int, abs_tol: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        nonlocal iterations
+        before = products
         # Non-convergence is reported through EigenResult.converged; ill-conditioned Rayleigh-Ritz
         # steps (LinAlgWarning, dozens per run on a low-rank operator) show up there too.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             warnings.simplefilter("ignore", LinAlgWarning)
-            vals, vecs = lobpcg(A, start, largest=which == "LA", tol=abs_tol, maxiter=iters)
+            # scipy's maxiter=m runs its loop m + 1 times (iterations 0..m): at most ``iters``.
+            vals, vecs = lobpcg(A, start, largest=which == "LA", tol=abs_tol, maxiter=iters - 1)
+        # One product per iteration that did not stop, between the start's (A X) and the final
+        # Rayleigh-Ritz's (a forced restart, rare, makes one more and counts as an iteration).
+        iterations += products - before - 2
         vals_t, vecs_t = torch.from_numpy(np.asarray(vals)), torch.from_numpy(np.asarray(vecs))
         idx = _select(vals_t, k, which)
         vals_t, vecs_t = vals_t[idx], vecs_t[:, idx].to(device)
@@ -663,7 +674,7 @@ def _lobpcg(H, mv, n, k, which, tol, max_iter, v0, gen, device, block_size) -> E
 
     # scipy's tolerance is an absolute residual norm; ``tol`` is relative to the eigenvalues, so a
     # short first run estimates them and the second continues from its vectors to tol * |λ|.
-    first = min(10, max_iter)
+    first = min(11, max_iter)
     vals_t, vecs_t, res = run(X.cpu().numpy(), first, None)
     ok = bool((res <= tol * vals_t.abs().clamp_min(1e-30)).all())
     if not ok and max_iter > first:
@@ -671,7 +682,7 @@ def _lobpcg(H, mv, n, k, which, tol, max_iter, v0, gen, device, block_size) -> E
         start = np.concatenate([vecs_t.cpu().numpy(), X.cpu().numpy()[:, k:]], axis=1)
         vals_t, vecs_t, res = run(start, max_iter - first, abs_tol)
         ok = bool((res <= tol * vals_t.abs().clamp_min(1e-30)).all())
-    return EigenResult(vals_t, vecs_t, mv.count, res, ok, "lobpcg", max_iter)
+    return EigenResult(vals_t, vecs_t, mv.count, res, ok, "lobpcg", iterations)
 
 
 # ---- parallel independent Lanczos runs (SLQ, per-layer spectra) --------------------------------------
@@ -696,6 +707,13 @@ def lanczos_runs(
     Returns, per run, ``(alphas, betas)`` of its tridiagonal matrix (float64, CPU).  With ``tol``
     a run stops once its wanted (``which``) Ritz value has relative residual <= tol.
     """
+    return _lanczos_runs(matmat, n, starts, steps, supports, tol, which, device, per_run)[0]
+
+
+def _lanczos_runs(matmat, n, starts, steps, supports=None, tol=None, which="LA", device="cpu", per_run=False):
+    """:func:`lanczos_runs`, and per run whether it stopped by its test (``tol`` met, an invariant
+    subspace, or its whole support spanned) rather than by running out of ``steps``; the test is
+    made after every step, the last one included."""
     R = len(starts)
     supports = list(supports) if supports is not None else [None] * R
     device = torch.device(device)
@@ -709,6 +727,7 @@ def lanczos_runs(
         alphas.append([])
         betas.append([])
         active.append(m > 0)
+    stopped = [not a for a in active]  # (an empty support: nothing to find)
     for _ in range(steps):
         runs = [r for r in range(R) if active[r]]
         if not runs:
@@ -739,11 +758,13 @@ def lanczos_runs(
                 done = bool((b * S[-1, i]).abs() <= tol * theta[i].abs().clamp_min(1e-30))
             if done:
                 active[r] = False
+                stopped[r] = True
                 continue
             betas[r].append(b)
             prev[r] = (q, b)
             qs[r] = w / b
-    return [(torch.tensor(a, dtype=F64), torch.tensor(b[: len(a) - 1], dtype=F64)) for a, b in zip(alphas, betas)]
+    runs = [(torch.tensor(a, dtype=F64), torch.tensor(b[: len(a) - 1], dtype=F64)) for a, b in zip(alphas, betas)]
+    return runs, stopped
 
 
 def tridiagonal(alphas: Sequence[float], betas: Sequence[float]) -> torch.Tensor:
