@@ -1,4 +1,5 @@
 """Dinh et al.'s rescaling: the function is unchanged, and docs/invariance.md's table holds numerically."""
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -54,6 +55,42 @@ def test_layer_by_name_and_errors():
         sk.reparameterize_relu(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Tanh(), nn.Linear(4, 2)), 2.0)
     with pytest.raises(ValueError, match="must directly follow"):
         sk.reparameterize_relu(nn.Sequential(nn.Tanh(), nn.ReLU(), nn.Linear(4, 2)), 2.0)
+
+
+
+class _TiedMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.a, self.r, self.b, self.r2, self.c = nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)
+        self.b.weight = self.a.weight  # tied
+
+    def forward(self, x):
+        return self.c(self.r2(self.b(self.r(self.a(x)))))
+
+
+def test_shared_tensors_are_refused_and_shared_relus_are_followed():
+    x = torch.randn(9, 8)
+    # A layer registered at two places, or a weight tied to another layer's: scaling it scales every use
+    # (the returned model differed from the original by 0.13-0.61 on these inputs).
+    shared = nn.Linear(8, 8)
+    twice = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), shared, nn.ReLU(), shared, nn.ReLU(), nn.Linear(8, 3))
+    for model, layers in ((twice, (0, 1, 2)), (_TiedMLP(), (0, 1))):
+        for layer in layers:
+            with pytest.raises(ValueError, match="shared module or tied parameter"):
+                sk.reparameterize_relu(model, 3.0, layer=layer)
+    # One ReLU object at two places is run at each: both are rescalable (the second was "out of range").
+    relu = nn.ReLU()
+    model = nn.Sequential(nn.Linear(8, 8), relu, nn.Linear(8, 8), relu, nn.Linear(8, 3))
+    for layer, (scaled, divided) in ((0, (0, 2)), (1, (2, 4)), ("3", (2, 4))):
+        new = sk.reparameterize_relu(model, 3.0, layer=layer)
+        torch.testing.assert_close(new(x), model(x))
+        assert torch.equal(new[scaled].weight, 3 * model[scaled].weight)
+        assert torch.equal(new[divided].weight, model[divided].weight / 3)
+    # alpha and layer as numpy scalars or one-element tensors, like the measures' arguments
+    for alpha, layer in ((np.float32(3.0), np.int64(1)), (torch.tensor(3.0), 1)):
+        new = sk.reparameterize_relu(model, alpha, layer=layer)
+        assert torch.equal(new[2].weight, 3 * model[2].weight)
 
 
 def _top_hessian_eigenvalue(model, data) -> float:

@@ -7,16 +7,20 @@ BatchNorm sits there, otherwise the Linear/Conv layer's weight and bias); θ₂ 
 next Linear/Conv layer.  Between the ReLU and that layer only positively homogeneous modules
 (dropout, max/average pooling, flatten, identity, further ReLUs) are allowed.
 
-The model's leaf modules must run in the order they are registered (``nn.Sequential``-style),
-and the ReLU must be an ``nn.ReLU`` module.
+The model's leaf modules must run in the order they are registered (``nn.Sequential``-style; a
+module registered at several places runs at each), and the ReLU must be an ``nn.ReLU`` module.
+The rescaled parameters must belong to their layer alone (not tied to another module's, and the
+layer not registered twice): scaling a shared tensor would change every use of it.
 """
 from __future__ import annotations
 
 import copy
-import math
+import numbers
 
 import torch
 from torch import nn
+
+from ._checks import _as_number, positive_float
 
 __all__ = ["reparameterize_relu"]
 
@@ -29,7 +33,25 @@ _HOMOGENEOUS = (nn.ReLU, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, n
 
 
 def _leaves(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(name, m) for name, m in model.named_modules() if not list(m.children())]
+    # Every registration, a module registered twice included: nn.Sequential(fc, relu, fc2, relu, ...)
+    # with one ReLU object runs it at both places.
+    return [(name, m) for name, m in model.named_modules(remove_duplicate=False) if not list(m.children())]
+
+
+def _check_not_shared(model: nn.Module, writes: list[tuple[str, str]]) -> None:
+    """ValueError where a tensor the rescaling writes (``(module name, parameter name)`` pairs)
+    is also used elsewhere in ``model``: a module registered under two names, or a parameter tied
+    to another module's (``b.weight = a.weight``).  Scaling it would scale every use, so the
+    returned model would compute another function."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+    written = {id(t): f"{name}.{key}" for name, key in writes
+               if (t := modules[name]._parameters.get(key)) is not None}
+    for name, module in modules.items():
+        for key, t in module._parameters.items():
+            place = f"{name}.{key}"
+            if t is not None and id(t) in written and written[id(t)] != place:
+                raise ValueError(f"the rescaling would write {written[id(t)]!r}, which is also {place!r} (a shared "
+                                 "module or tied parameter): scaling it scales every use, and the function changes")
 
 
 def reparameterize_relu(model: nn.Module, alpha: float, layer: int | str = 0) -> nn.Module:
@@ -48,8 +70,8 @@ def reparameterize_relu(model: nn.Module, alpha: float, layer: int | str = 0) ->
         ValueError: alpha not positive, no such ReLU, no affine block before it or no Linear/Conv
             after it, or a non-homogeneous module in between.
     """
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
-        raise ValueError(f"alpha must be a positive finite number, got {alpha!r}")
+    alpha = positive_float("alpha", alpha)  # (numpy scalars and one-element tensors too)
+    layer = _as_number(layer)
     leaves = _leaves(model)
     relus = [i for i, (_, m) in enumerate(leaves) if isinstance(m, nn.ReLU)]
     if isinstance(layer, str):
@@ -57,7 +79,7 @@ def reparameterize_relu(model: nn.Module, alpha: float, layer: int | str = 0) ->
         if not where:
             raise ValueError(f"no nn.ReLU module named {layer!r}; ReLUs: {[leaves[i][0] for i in relus]}")
         at = where[0]
-    elif isinstance(layer, int) and not isinstance(layer, bool):
+    elif isinstance(layer, numbers.Integral) and not isinstance(layer, bool):
         if not -len(relus) <= layer < len(relus):
             raise ValueError(f"layer={layer} is out of range: the model has {len(relus)} nn.ReLU module(s)")
         at = relus[layer]
@@ -80,8 +102,10 @@ def reparameterize_relu(model: nn.Module, alpha: float, layer: int | str = 0) ->
     if after == len(leaves):
         raise ValueError(f"no Linear/Conv layer follows the ReLU {leaves[at][0]!r}")
 
+    _check_not_shared(model, [(scaled[0], "weight"), (scaled[0], "bias"), (leaves[after][0], "weight")])
+
     new = copy.deepcopy(model)
-    modules = dict(new.named_modules())
+    modules = dict(new.named_modules(remove_duplicate=False))
     first, second = modules[scaled[0]], modules[leaves[after][0]]
     with torch.no_grad():
         first.weight.mul_(alpha)
