@@ -156,11 +156,14 @@ def test_seed_restarts_and_negative_loss_errors():
     model = mlp((4, 6, 3), seed=0)
     data = blobs(30, dim=4, classes=3)
     ce = nn.CrossEntropyLoss()
-    for seed in (None, -1, 1.5):
-        with pytest.raises(ValueError, match="seed"):
-            sk.keskar_sharpness(model, ce, data, seed=seed)
-        with pytest.raises(ValueError, match="seed"):
-            sk.adaptive_sharpness(model, ce, data, rho=0.1, seed=seed)
+    for seed in (None, -1, 1.5, 2**64):  # (2**64: torch's "Overflow when unpacking long long" after the passes)
+        with pytest.raises(ValueError, match="seed must be an integer in"):
+            sk.keskar_sharpness(model, ce, data, seed=seed, solver="apgd", restarts=3)
+        with pytest.raises(ValueError, match="seed must be an integer in"):
+            sk.adaptive_sharpness(model, ce, data, rho=0.1, seed=seed, restarts=3)
+    for seed in (2**63, 2**64 - 1):  # the largest seeds are seeds
+        assert sk.keskar_sharpness(model, ce, data, seed=seed, solver="apgd", restarts=3, subspace_dim=2).value > 0
+        assert sk.adaptive_sharpness(model, ce, data, rho=0.1, seed=seed, restarts=3, max_iter=2).value > 0
     with pytest.raises(ValueError, match="restarts"):
         sk.keskar_sharpness(model, ce, data, solver="lbfgsb", restarts=2)
 

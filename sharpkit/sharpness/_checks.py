@@ -35,10 +35,11 @@ def positive_int(name: str, value: Any) -> int:
 
 
 def seed_int(value: Any) -> int:
-    """``value`` as a random seed; ``ValueError`` unless it is an integer >= 0."""
+    """``value`` as a random seed; ``ValueError`` unless it is an integer in [0, 2⁶⁴) (the range of
+    the subspace's Philox key and of torch's generators, checked before any data pass)."""
     value = _as_number(value)
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value < 2**64:
+        raise ValueError(f"seed must be an integer in [0, 2**64), got {value!r}")
     return int(value)
 
 
