@@ -109,9 +109,9 @@ def test_ce_hvp_reference_takes_a_given_ref_and_checks_it():
     other = (top + 1) % 5
     torch.testing.assert_close(ce_hvp_reference(z, r, s, ref=other), ce_hvp_reference(z, r, s), rtol=0, atol=1e-14)
     with pytest.raises(ValueError, match="ref must be an int64 tensor"):
-        ce_hvp(z, r, s, ref=top[:3])
+        ce_hvp_reference(z, r, s, ref=top[:3])
     with pytest.raises(ValueError, match="ref must be an int64 tensor"):
-        ce_hvp(z, r, s, ref=top.int())
+        ce_hvp_reference(z, r, s, ref=top.int())
 
 
 # ---- the loss in the form the engines differentiate ------------------------------------------------

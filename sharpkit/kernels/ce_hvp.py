@@ -173,19 +173,24 @@ def _launch_native(backend: str, z, lse, s, ref, r2, out2, k: int) -> None:
 
 
 def ce_hvp(logits: torch.Tensor, r: torch.Tensor, scale: torch.Tensor, lse: torch.Tensor | None = None,
-           backend: str = "auto", out: torch.Tensor | None = None, block_c: int | None = None,
-           ref: torch.Tensor | None = None) -> torch.Tensor:
+           backend: str = "auto", out: torch.Tensor | None = None, block_c: int | None = None) -> torch.Tensor:
     """``s_i * p_i * (R - <p_i, R>)`` for ``R`` (N, C) or (N, k, C); see the module docstring.
 
     Args:
         logits: (N, C).  r: the directions' logit perturbations.  scale: (N,) per-sample weights.
         lse: (N,) ``logsumexp(logits, -1)`` if already known (saves a reduction).
-        ref: (N,) int64 :func:`largest_logit` of ``logits`` if already known (saves a reduction).
         backend: "auto", "torch", "triton", "cuda" or "cupy".
         out: result buffer shaped like ``r`` (may be ``r`` itself: the op is safe in place).
         block_c: Triton column block (tests use it to exercise the multi-chunk path).
     Returns ``out`` (or a new tensor) in ``r``'s dtype.
     """
+    return _ce_hvp(logits, r, scale, lse, backend, out, block_c, None)
+
+
+def _ce_hvp(logits: torch.Tensor, r: torch.Tensor, scale: torch.Tensor, lse: torch.Tensor | None, backend: str,
+            out: torch.Tensor | None, block_c: int | None, ref: torch.Tensor | None) -> torch.Tensor:
+    """:func:`ce_hvp` given ``ref``, :func:`largest_logit` of ``logits`` (None: computed here).  The
+    kernels index rows by ``ref`` unchecked, so it is private: only :class:`CEHessian` passes its own."""
     _check(logits, r, scale, lse, ref)
     name = _backend.resolve(backend, r.device, r.dtype, "ce_hvp")
     if name == "cpp":  # no C++ version: the torch definition is the CPU path
@@ -258,4 +263,4 @@ class CEHessian:
             dot = (r * self.p[:, None, :]).sum(-1, keepdim=True)  # (N, k, 1): <p_i, r_ij>
             r.sub_(dot).mul_(self.sp)
             return r
-        return ce_hvp(self.logits, r, self.scale, self.lse, backend=self.backend, out=r, ref=self.ref)
+        return _ce_hvp(self.logits, r, self.scale, self.lse, self.backend, r, None, self.ref)
