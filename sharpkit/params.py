@@ -16,6 +16,7 @@ from typing import Iterator
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 __all__ = ["FlatParams", "preserved", "measurement_mode", "check_finite_parameters"]
 
@@ -147,10 +148,42 @@ def tensor_objects_kept(model: nn.Module) -> Iterator[None]:
                         store[key] = tensor
 
 
+# Integer dtypes of each width: floating tensors are compared through their bit patterns.
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """``t`` viewed as integers of its element width (complex as pairs of floats first), so that
+    equality is bitwise: NaN equals the same NaN, -0.0 differs from 0.0."""
+    if t.is_complex():
+        t = torch.view_as_real(t)
+    if t.is_floating_point():
+        t = t.view(_BITS[t.element_size()])
+    return t
+
+
+def same_bits(t: torch.Tensor, saved: torch.Tensor) -> bool:
+    """True when ``t`` holds exactly ``saved``'s bits (same shape, dtype and device, every element
+    bitwise equal).  False where that cannot be told cheaply (sparse, quantized or meta tensors, a
+    tensor subclass without integer views), so that the caller writes ``saved`` back as it always did."""
+    if (t.layout != torch.strided or t.is_quantized or t.is_meta or t.dtype != saved.dtype
+            or t.device != saved.device or t.shape != saved.shape):
+        return False
+    if t.is_floating_point() and t.element_size() not in _BITS:
+        return False
+    try:
+        return torch.equal(_bits(t.detach()), _bits(saved))
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+
+
 @contextlib.contextmanager
 def preserved(model: nn.Module, copy_tensors: bool = True, restore_objects: bool = True) -> Iterator[nn.Module]:
     """Restore ``model``'s parameters, buffers and train/eval flags bit for bit on exit.
 
+    Only the tensors whose bits changed are written back (each is compared with its copy): a
+    tensor left as it was keeps its in-place version counter, so a ``backward()`` pending from
+    before the block (a loss computed, then measured, then differentiated) still works.
     With ``copy_tensors=False`` (for work that only reads the model's tensors, such as a pass
     through ``functional_call`` with other tensors, where a copy of every parameter per pass would
     cost as much as the pass itself) the tensors are not copied: their in-place version counters are
@@ -179,7 +212,41 @@ def preserved(model: nn.Module, copy_tensors: bool = True, restore_objects: bool
         if saved is not None:
             with torch.no_grad():
                 for (_, t), s in zip(named, saved):
-                    t.copy_(s)
+                    # A write back bumps the tensor's version counter (and would invalidate the
+                    # autograd graphs that saved it): only where the bits differ.
+                    if not same_bits(t, s):
+                        t.copy_(s)
+
+
+@contextlib.contextmanager
+def private_running_statistics(model: nn.Module) -> Iterator[None]:
+    """Give every BatchNorm module copies of its buffers (running mean, variance, batch count)
+    for the duration, and put the module's own tensors back on exit.
+
+    With batch statistics (``bn="train"``) each forward pass updates the running buffers in place.
+    Written and restored, the model's tensors would end with the values they had but with newer
+    version counters, which breaks a pending ``backward()`` whose graph saved them (a BatchNorm
+    layer in train mode saves its running statistics).  On the copies the model's own buffers are
+    never written.  A buffer shared by several modules gets one copy, shared the same way.
+    """
+    copies: dict[int, torch.Tensor] = {}
+    slots = []
+    for m in model.modules():
+        if not is_batchnorm(m):
+            continue
+        for key, t in m._buffers.items():
+            if t is None or is_lazy(t):
+                continue
+            if id(t) not in copies:
+                copies[id(t)] = t.detach().clone()
+            slots.append((m, key, t))
+    try:
+        for m, key, t in slots:
+            m._buffers[key] = copies[id(t)]
+        yield
+    finally:
+        for m, key, t in slots:
+            m._buffers[key] = t
 
 
 BN_POLICIES = ("eval", "train")
@@ -200,7 +267,9 @@ def measurement_mode(
     use its running statistics; ``bn="train"`` makes it normalise with each batch's statistics.
     Either way the running buffers are restored on exit (a measurement never changes them), as
     are the parameters and every module's train/eval flag (``copy_tensors``, ``restore_objects``:
-    see :func:`preserved`).
+    see :func:`preserved`).  With ``bn="train"`` (and ``copy_tensors``) BatchNorm updates copies of
+    its running buffers (:func:`private_running_statistics`): the model's own are not written, so
+    that an autograd graph built before the measurement stays valid.
     Gradients are enabled inside (a measurement differentiates even when the caller runs under
     ``torch.no_grad()`` or ``torch.inference_mode()``).
     """
@@ -212,7 +281,8 @@ def measurement_mode(
             for m in model.modules():
                 if is_batchnorm(m):
                     m.train()
-        yield model
+        with private_running_statistics(model) if bn == "train" and copy_tensors else contextlib.nullcontext():
+            yield model
 
 
 def check_finite_parameters(model: nn.Module) -> None:
