@@ -358,11 +358,24 @@ def _is_tensor_pair(obj: Any) -> bool:
 
 def to_device(batch: Batch, device: torch.device | str | None, dtype: torch.dtype | None = None) -> Batch:
     """Move a batch to ``device``; floating inputs are cast to ``dtype`` when given (targets keep theirs
-    unless they are floating, as for MSE)."""
+    unless they are floating, as for MSE).
+
+    A tensor created under ``torch.inference_mode()`` that arrives unchanged (already on ``device``
+    in ``dtype``) is copied into a normal tensor: autograd refuses to save an inference tensor for
+    backward, and every measurement differentiates through the batch."""
     x, y = batch
     x = x.to(device=device, dtype=dtype if (dtype is not None and x.is_floating_point()) else None)
     y = y.to(device=device, dtype=dtype if (dtype is not None and y.is_floating_point()) else None)
-    return x, y
+    return _normal(x), _normal(y)
+
+
+def _normal(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a normal copy of it where it is an inference tensor (made outside inference mode:
+    a clone taken inside would be one again)."""
+    if not t.is_inference():
+        return t
+    with torch.inference_mode(False):
+        return t.clone()
 
 
 class TensorDataset:

@@ -208,3 +208,50 @@ def test_private_running_statistics_puts_the_buffers_back_after_an_error():
             raise RuntimeError("boom")
     assert all(model[1]._buffers[k] is t for k, t in own.items())
 
+
+# -- data made under torch.inference_mode() ----------------------------------------------------------
+
+
+def _inference_copy(data):
+    with torch.inference_mode():
+        return tuple(t.clone() for t in data)
+
+
+INFERENCE_MEASUREMENTS = {
+    **MEASUREMENTS,
+    "hessian_generic": lambda model, data, bn: (sk.hessian(model, CE, data, engine="generic")
+                                                @ torch.linspace(-1.0, 1.0, 83)).tolist(),
+    "ggn": lambda model, data, bn: (sk.ggn(model, CE, data) @ torch.linspace(-1.0, 1.0, 83)).tolist(),
+    "adaptive_m": lambda model, data, bn: sk.adaptive_sharpness(model, CE, data, rho=0.05, m=8, max_iter=3).value,
+}
+
+
+@pytest.mark.parametrize("measure", sorted(INFERENCE_MEASUREMENTS))
+def test_measurements_on_inference_mode_data(measure):
+    data = _data()
+    inference = _inference_copy(data)
+    assert all(t.is_inference() for t in inference)
+    model = _model(False)  # 83 parameters
+    expected = INFERENCE_MEASUREMENTS[measure](model, data, "eval")
+    # failed with "Inference tensors cannot be saved for backward"
+    assert INFERENCE_MEASUREMENTS[measure](model, inference, "eval") == expected
+    batches = [tuple(t[i:i + 8] for t in inference) for i in range(0, 32, 8)]
+    assert all(math.isfinite(v) for v in torch.tensor(INFERENCE_MEASUREMENTS[measure](model, batches, "eval"))
+               .reshape(-1).tolist())
+    with torch.inference_mode():  # the caller still in inference mode
+        assert INFERENCE_MEASUREMENTS[measure](model, inference, "eval") == expected
+
+
+def test_to_device_copies_only_inference_tensors():
+    from sharpkit.data import to_device
+
+    x, y = _data()
+    assert all(a is b for a, b in zip(to_device((x, y), "cpu"), (x, y)))  # normal tensors: no copy
+    xi, yi = _inference_copy((x, y))
+    for inside in (False, True):
+        with torch.inference_mode(inside):
+            out = to_device((xi, yi), "cpu")
+        assert not any(t.is_inference() for t in out)
+        assert torch.equal(out[0], x) and torch.equal(out[1], y) and out[1].dtype == y.dtype
+    x64, _ = to_device((xi, yi), "cpu", torch.float64)
+    assert not x64.is_inference() and x64.dtype == torch.float64
