@@ -15,7 +15,9 @@ for sharpness are exactly such models.
 where the target's own entry is a constant, not ``z_t - z_t``.  Its gradient in ``z_t`` is then
 ``-sum_{c != t} p_c`` and every first and second derivative is a sum of same-signed small terms,
 so they keep their relative precision (the float32 MLP above: 5e-7 and 4e-7).  The value is the
-same loss (equal up to rounding).
+same loss (equal up to rounding).  It holds one more (N, C) temporary than ``F.cross_entropy``
+(a Hessian product of the loss alone at N = 2048, C = 50257 on a CPU: peak 5.09 GB of memory
+against 4.70 GB).
 """
 from __future__ import annotations
 
@@ -54,9 +56,8 @@ class SaturationSafeCrossEntropy:
         if bool((((targets < 0) | (targets >= c)) & valid).any()):
             return self.original(outputs, targets)  # its IndexError names the target
         t = torch.where(valid, targets, torch.zeros_like(targets)).unsqueeze(1)
-        classes = torch.arange(c, device=outputs.device).view((1, c) + (1,) * (outputs.dim() - 2))
-        zero = torch.zeros((), dtype=outputs.dtype, device=outputs.device)
-        u = torch.where(classes == t, zero, outputs - outputs.gather(1, t))
+        # u = z - z_t with the target's own entry set to the constant 0 (scatter: no derivative there).
+        u = (outputs - outputs.gather(1, t)).scatter(1, t, 0.0)
         per_entry = torch.logsumexp(u, dim=1)
         w = valid.to(outputs.dtype)
         if self.weight is not None:
