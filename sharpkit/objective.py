@@ -356,7 +356,9 @@ def sample_weigher(loss_fn: Any) -> Callable[[Any], torch.Tensor] | None:
         n = batch[0].shape[0]
         if not isinstance(targets, torch.Tensor) or targets.is_floating_point():
             return torch.ones(n, dtype=torch.float64)
-        entries = targets.reshape(n, -1)
+        # int64: uint8 class indices (which cross-entropy takes) would compare with -100 as 156 and
+        # index the class weights as a mask.
+        entries = targets.reshape(n, -1).long()
         kept = entries != ignore
         if class_weights is None:
             return kept.sum(1).to("cpu", torch.float64)

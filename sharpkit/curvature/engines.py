@@ -21,8 +21,9 @@ sample weights.  Two engines exist:
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any, Callable, Iterator, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -62,6 +63,33 @@ class HVPEngine(Protocol):
     def is_cached(self, batch_index: int) -> bool:
         """True when products for ``batch_index`` need no data (its primal pass is kept)."""
         ...
+
+
+@contextlib.contextmanager
+def twice_differentiable_attention() -> Iterator[None]:
+    """Attention computed by kernels torch can differentiate twice, for the duration.
+
+    ``F.scaled_dot_product_attention`` (used by ``nn.MultiheadAttention`` and the transformer
+    layers) picks a fused kernel (flash / memory-efficient) whose backward has no derivative and
+    no forward-mode rule: every Hessian or GGN product of a model with attention failed with
+    "derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward is not
+    implemented".  Inside, it uses the math kernel (the same function, composed of differentiable
+    ops), and the transformer layers' inference fast path (``_native_multi_head_attention``,
+    ``_transformer_encoder_layer_fwd``, taken under forward-mode AD, which they do not support) is
+    off.  The flags are put back on exit."""
+    with contextlib.ExitStack() as stack:
+        try:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+        except ImportError:  # pragma: no cover (torch < 2.3)
+            pass
+        else:
+            stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+        mha = getattr(torch.backends, "mha", None)
+        if mha is not None and hasattr(mha, "get_fastpath_enabled") and hasattr(mha, "set_fastpath_enabled"):
+            previous = mha.get_fastpath_enabled()
+            mha.set_fastpath_enabled(False)
+            stack.callback(mha.set_fastpath_enabled, previous)
+        yield
 
 
 def trainable_weight_norm(model: nn.Module) -> str | None:
@@ -135,6 +163,10 @@ class GenericEngine:
 
     def batch_matmat(self, batch_index: int, inputs: torch.Tensor, targets: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
         """(curvature of this batch's mean loss at x) @ V for V ``(n, k)`` -> ``(n, k)``."""
+        with twice_differentiable_attention():
+            return self._batch_matmat(batch_index, inputs, targets, V)
+
+    def _batch_matmat(self, batch_index: int, inputs: torch.Tensor, targets: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
         V = V.detach().to(self.objective.device, self.objective.dtype)
         if self.is_cached(batch_index):
             self.info["ad"] = ROR

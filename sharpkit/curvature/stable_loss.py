@@ -51,6 +51,10 @@ class SaturationSafeCrossEntropy:
                 and outputs.is_floating_point() and outputs.dim() >= 2 and not targets.is_floating_point()
                 and targets.shape == outputs.shape[:1] + outputs.shape[2:]):
             return self.original(outputs, targets)
+        if targets.dtype == torch.uint8:
+            # Byte class indices, which cross-entropy takes: compared with ignore_index (-100) and
+            # gathered by as int64 (a uint8 -100 is 156, and gather wants int64 indices).
+            targets = targets.long()
         c = outputs.shape[1]
         valid = targets != self.ignore_index
         if bool((((targets < 0) | (targets >= c)) & valid).any()):
