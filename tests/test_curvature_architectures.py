@@ -233,3 +233,27 @@ def test_uint8_class_targets(engine, weighted):
     with torch.no_grad():
         expected = float(loss(model(x), y))
     assert float(objective.loss(objective.x0())) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("group_size", [1, 2])
+def test_audit_top_eigenvalue_of_attention_checkpoints(tmp_path, group_size):
+    """The audit's Hessian products (stacked and one at a time) go through attention too: its
+    top-eig metric on a transformer stopped the whole audit with the flash-attention error."""
+    g = _gen(3)
+    X = torch.randint(0, 7, (6, 5), generator=g)
+    Y = torch.randint(0, 3, (6,), generator=g)
+    refs, paths = [], []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = Attention(layer=True).double()
+        H, _ = _references(model, nn.CrossEntropyLoss(), [(X, Y)])
+        refs.append(float(torch.linalg.eigvalsh(H)[-1]))
+        path = tmp_path / f"ckpt{seed}.pt"
+        torch.save(model.state_dict(), path)
+        paths.append(str(path))
+    torch.manual_seed(0)
+    rows = sk.audit(paths, Attention(layer=True).double(), (X, Y), metrics=["top-eig"], dtype=torch.float64,
+                    group_size=group_size, lanczos_steps=60)
+    assert [r["status"] for r in rows] == ["ok", "ok"], rows
+    for row, ref in zip(rows, refs):
+        assert row["top-eig"] == pytest.approx(ref, rel=1e-6)

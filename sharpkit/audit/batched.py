@@ -28,6 +28,7 @@ from torch.func import functional_call, vmap
 from .. import distributed as _dist
 from ..data import Batches, BatchSurvey, regroup_batches, survey_batches, to_device
 from ..objective import DataWeights, Objective, check_mean_reduced, checked_loss, probe_largest_batch, survey_weights
+from ..curvature.engines import twice_differentiable_attention
 from ..curvature.stable_loss import curvature_loss
 from ..params import FlatParams
 
@@ -74,7 +75,8 @@ class _HvpCache:
         ``(x, g_b) = make_graph(item)`` (g_b already carries the batch's weight); with ``reduce``,
         also over the ranks holding shards."""
         out = torch.zeros_like(V)
-        with _dist.sharded_pass([out], enabled=reduce):
+        # (attention by kernels with second derivatives, as in the curvature engines)
+        with twice_differentiable_attention(), _dist.sharded_pass([out], enabled=reduce):
             if self.keep and self.graphs is None:
                 self.graphs = [make_graph(item) for item in batches]
             for item in self.graphs if self.keep else batches:
