@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
@@ -269,6 +270,8 @@ def samples_interact(model: nn.Module, batch, outputs: Any, device: torch.device
     return None
 
 
+_SIGNED_INTEGERS = (torch.int16, torch.int32, torch.int64)
+
 # Losses that compare outputs and targets element by element: torch broadcasts mismatched shapes
 # with only a warning ((N, 1) outputs against (N,) targets become an (N, N) comparison).
 _ELEMENTWISE_LOSSES = (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss)
@@ -423,14 +426,21 @@ def survey_weights(batches: Batches, loss_fn: Any, distributed: bool,
     samples, or whose every target is ignored."""
     per_sample = sample_weigher(loss_fn)
     sums = torch.zeros(3, dtype=torch.float64)  # samples, sum of their weights, sum of squares
+    ignored = [0]  # targets equal to -100 where the loss is not one whose ignore_index is known
 
     def weigh(batch) -> float:
         s = per_sample(batch)
         sums[2] += (s * s).sum()
         return float(s.sum())
 
+    def count_samples(batch) -> float:
+        targets = batch[1]
+        if isinstance(targets, torch.Tensor) and targets.dtype in _SIGNED_INTEGERS:
+            ignored[0] += int((targets == -100).sum())
+        return float(batch[0].shape[0])
+
     with _dist.sharded_pass([sums], enabled=distributed, what=what):
-        survey = survey_batches(batches, None if per_sample is None else weigh)
+        survey = survey_batches(batches, count_samples if per_sample is None else weigh)
         sums[0] += survey.num_samples
         sums[1] += sum(survey.weights)
     samples, total, squares = sums.tolist()
@@ -438,6 +448,15 @@ def survey_weights(batches: Batches, loss_fn: Any, distributed: bool,
     if num_samples == 0:
         raise ValueError("data is empty: it holds no samples" + (" on any rank" if distributed else ""))
     if per_sample is None:
+        if ignored[0] and len(survey.sizes) > 1:
+            what_loss = getattr(loss_fn, "__name__", type(loss_fn).__name__)
+            warnings.warn(
+                f"sharpkit: the targets hold -100 (cross-entropy's ignore_index) {ignored[0]} times, but loss_fn "
+                f"{what_loss} is not nn.CrossEntropyLoss / nn.NLLLoss / F.cross_entropy / F.nll_loss, so each batch "
+                "weighs its number of samples; if the loss leaves those targets out of its mean, the objective is "
+                "not the loss over all the data at once (batches with more of them weigh too much).  Pass the loss "
+                "module itself with outputs (N, C, ...) and targets (N, ...), or the data as one batch",
+                RuntimeWarning, stacklevel=3)
         return survey, DataWeights(None, num_samples, float(num_samples))
     if not total > 0:
         raise ValueError("every target of the data equals the loss's ignore_index or has class weight 0: "

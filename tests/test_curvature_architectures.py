@@ -9,6 +9,7 @@ and jacrev(jacrev) are wrong through LayerNorm/GroupNorm and BatchNorm with batc
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -257,3 +258,26 @@ def test_audit_top_eigenvalue_of_attention_checkpoints(tmp_path, group_size):
     assert [r["status"] for r in rows] == ["ok", "ok"], rows
     for row, ref in zip(rows, refs):
         assert row["top-eig"] == pytest.approx(ref, rel=1e-6)
+
+
+def test_a_wrapped_loss_over_padded_targets_in_several_batches_warns():
+    """A wrapper of cross-entropy (here over (N*T, C) outputs) is taken as a per-sample mean: with
+    ignored (-100) targets spread unevenly over batches that weighs the batches wrongly, so it warns;
+    the loss module itself, or one batch, does not."""
+    torch.manual_seed(0)
+    model = TiedLM()
+    ce = nn.CrossEntropyLoss()
+
+    def wrapped(outputs, targets):
+        return ce(outputs.transpose(1, 2).reshape(-1, outputs.shape[1]), targets.reshape(-1))
+
+    g = _gen(5)
+    batches = [(torch.randint(0, 5, (s, 4), generator=g), torch.randint(0, 5, (s, 4), generator=g)) for s in (3, 2)]
+    batches[1][1][0, :3] = -100
+    V = torch.randn(sum(p.numel() for p in model.parameters()), 1, generator=g)
+    with pytest.warns(RuntimeWarning, match=r"hold -100 .* 3 times, but loss_fn wrapped"):
+        sk.hessian(model, wrapped, batches).matmat(V)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sk.hessian(model, ce, batches).matmat(V)  # recognised: weighs the targets not ignored
+        sk.hessian(model, wrapped, batches[1:]).matmat(V)  # one batch: the objective is its loss
