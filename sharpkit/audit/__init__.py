@@ -44,7 +44,7 @@ from .checkpoints import (
     display_names,
     find_checkpoints,
     fit_state_dict,
-    load_state_dict,
+    load_checkpoint,
 )
 from .metrics import METRICS, MetricConfig, run_metrics
 from .store import ResultStore, json_safe, row_key
@@ -236,8 +236,14 @@ class _Runner:
             self.store.append(row)
         return json_safe(row)  # as the store holds it, so that a resumed audit returns the same
 
-    def _error_row(self, ck: Checkpoint, key: str, message: str) -> dict[str, Any]:
-        return self._write({**self._base_row(ck, key), "status": "error", "error": message})
+    def _error_row(self, ck: Checkpoint, key: str, message: str, store: bool = True) -> dict[str, Any]:
+        """An error row; written to the store unless ``store`` is False (an error that a re-run may
+        not meet, which must not be served again)."""
+        row = {**self._base_row(ck, key), "status": "error", "error": message}
+        if not store:
+            row["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            return json_safe(row)
+        return self._write(row)
 
     def _row_for(self, ck: Checkpoint, row: dict[str, Any]) -> dict[str, Any]:
         """``row``, measured or stored for ``ck``'s content and configuration, as ``ck``'s own row:
@@ -252,7 +258,7 @@ class _Runner:
         # Rows are keyed by content and configuration: a file listed twice under different paths
         # (or two identical files, like the shared epoch_0.pt of two runs) is measured and stored
         # once, and every path still gets its own row.
-        keys = [row_key(ck.sha256 or "path:" + os.path.abspath(ck.path), self.key_config) for ck in cks]
+        keys = [self._key(ck.path, ck.sha256) for ck in cks]
         rows: dict[str, dict[str, Any]] = {}
         pending: list[tuple[Checkpoint, str]] = []
         planned: set[str] = set()
@@ -292,19 +298,43 @@ class _Runner:
                 bar = tqdm(total=len(pending), unit="ckpt", desc="audit", dynamic_ncols=True)
             try:
                 group: list[tuple[Any, str, dict[str, torch.Tensor]]] = []
-                for i, (ck, key) in enumerate(pending):
+                i = -1
+                while i + 1 < len(pending):
+                    i += 1
+                    ck, key = pending[i]
                     if ck.error is not None:
                         rows[key] = self._error_row(ck, key, ck.error)
                         bar and bar.update(1)
                     else:
+                        state, error, sha = None, None, None
                         try:
                             with _dist.agree(f"loading {ck.path}"):
-                                state = fit_state_dict(load_state_dict(ck.path), self.model, str(ck.path),
-                                                       data_classes=self.data_classes)
-                            group.append((ck, key, state))
+                                try:
+                                    raw, sha = load_checkpoint(ck.path)
+                                except CheckpointError as exc:
+                                    sha = getattr(exc, "sha256", None)
+                                    raise
+                                state = fit_state_dict(raw, self.model, str(ck.path), data_classes=self.data_classes)
                         except CheckpointError as exc:
-                            rows[key] = self._error_row(ck, key, str(exc))
+                            error = str(exc)
+                        shas = _dist.gather_objects(sha)
+                        if len(set(shas)) > 1:  # ranks read different contents: nothing to key a row by
+                            rows[key] = self._error_row(ck, key, f"{ck.path}: the file changed while the audit read "
+                                                        "it; re-run the audit to measure it", store=False)
                             bar and bar.update(1)
+                            state = error = None
+                        elif sha != ck.sha256:
+                            # Rewritten since it was hashed (a training run still writing it): the row
+                            # belongs to the content read, never to the content listed.
+                            key = self._rekey(ck, sha, key, cks, keys, rows, pending, planned, bar)
+                            if key is None:  # that content is measured or stored already
+                                state = error = None
+                                bar and bar.update(1)
+                        if error is not None:
+                            rows[key] = self._error_row(ck, key, error)
+                            bar and bar.update(1)
+                        elif state is not None:
+                            group.append((ck, key, state))
                     if group and (len(group) >= group_size or i == len(pending) - 1):
                         for row in self._measure(group):
                             rows[row["key"]] = row
@@ -314,6 +344,38 @@ class _Runner:
                 if bar is not None:
                     bar.close()
         return [self._row_for(ck, rows[key]) for ck, key in zip(cks, keys)]
+
+    def _key(self, path: Path, sha256: str | None) -> str:
+        """A row's key: the checkpoint's content (its path where it could not be read) and the
+        configuration."""
+        return row_key(sha256 or "path:" + os.path.abspath(path), self.key_config)
+
+    def _rekey(self, ck, sha, key, cks, keys, rows, pending, planned, bar) -> str | None:
+        """``ck`` was read with content ``sha``, not the content it was listed with: its key
+        (``keys``, ``ck.sha256``) follows the content read.  Returns the new key, or None where
+        that content has a row already (measured in this audit, stored, or still to come).
+        Another path listed with the former content (an identical file) still needs that row:
+        it is measured from that path."""
+        new = self._key(ck.path, sha)
+        ck.sha256 = sha
+        for j, other in enumerate(cks):
+            if other is ck:
+                keys[j] = new
+        others = [other for other, k in zip(cks, keys) if k == key]
+        if key not in rows and others:
+            pending.append((others[0], key))
+            if bar is not None:
+                bar.total += 1
+        elif not others:
+            planned.discard(key)
+        if new in rows or new in planned:
+            return None
+        done = _dist.broadcast_object(self.store.get(new) if self.store is not None else None)
+        if done is not None:
+            rows[new] = done
+            return None
+        planned.add(new)
+        return new
 
     def _measure(self, group) -> list[dict[str, Any]]:
         """Measure one group (stacked under vmap, or alone on Objective when it has one member)."""

@@ -49,9 +49,18 @@ def stack_checkpoints(
     X = torch.stack(
         [torch.cat([s[name].reshape(-1).to(device, dtype) for name in flat.names]) for s in states]
     )
+    # A tensor registered under several names (tied weights: a decoder sharing the embedding's
+    # matrix) is in the state dict once per name; functional_call takes it under one name only
+    # (tied names given twice raise), and a tied trainable parameter comes from X.
+    named = model.state_dict(keep_vars=True)
+    trainable_ids = {id(named[name]) for name in flat.names if name in named}
+    first: dict[int, str] = {}
+    for name, tensor in named.items():
+        first.setdefault(id(tensor), name)
+    aliases = {name for name, t in named.items() if id(t) in trainable_ids or first[id(t)] != name}
     frozen = {}
     for name in states[0]:
-        if name in trainable:
+        if name in trainable or name in aliases:
             continue
         ts = [s[name].to(device, dtype if s[name].is_floating_point() else None) for s in states]
         frozen[name] = torch.stack(ts)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import io
 import os
 import re
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ __all__ = [
     "find_checkpoints",
     "file_sha256",
     "load_state_dict",
+    "load_checkpoint",
     "fit_state_dict",
     "parse_step",
     "display_names",
@@ -121,19 +123,43 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     ``{"model_state_dict": ...}`` are unwrapped; prefixes are stripped later by
     :func:`fit_state_dict`, which knows the model's names.
     """
+    return load_checkpoint(path)[0]
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str]:
+    """``(state dict, sha256)``: :func:`load_state_dict`, and the hex SHA-256 of the very bytes the
+    tensors were read from (the file is read once), so that a file rewritten after it was hashed
+    (a training run still writing ``last.ckpt``) is never keyed by its former content."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: file not found")
     if not os.access(path, os.R_OK):
         raise CheckpointError(f"{path}: file is not readable (permission denied)")
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except PermissionError:
+        raise CheckpointError(f"{path}: file is not readable (permission denied)") from None
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read file ({exc.strerror or exc})") from None
+    sha = hashlib.sha256(data).hexdigest()
+    try:
+        return _parse_checkpoint(path, data), sha
+    except CheckpointError as exc:
+        exc.sha256 = sha  # the content the error belongs to
+        raise
+
+
+def _parse_checkpoint(path: Path, data: bytes) -> dict[str, torch.Tensor]:
     is_safetensors = path.suffix.lower() == ".safetensors"
     try:
         if is_safetensors:
-            from safetensors.torch import load_file
+            from safetensors.torch import load
 
-            raw = load_file(str(path), device="cpu")
+            raw = load(data)
         else:
-            raw = torch.load(path, map_location="cpu", weights_only=True)
+            raw = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt, truncated, or a pickle weights_only refuses
         kind = "safetensors" if is_safetensors else "torch.save (weights_only=True)"
         raise CheckpointError(f"{path}: cannot load as {kind}: {error_summary(exc)}") from None
@@ -221,6 +247,11 @@ def fit_state_dict(
     reference = model.state_dict()
     state = _strip_prefix(state, set(reference), source)
     state = {**{k: reference[k].clone() for k in reference if k not in state and _is_batch_count(k, model)}, **state}
+    # A tied tensor saved under one of its names (safetensors' save_model keeps one name per
+    # tensor): its other names take that value, as loading it into the model would.
+    for names in _tied_names(model):
+        present = [k for k in names if k in state]
+        state.update({k: state[present[0]] for k in names if present and k not in state})
     missing = [k for k in reference if k not in state]
     unexpected = [k for k in state if k not in reference]
     misshaped = [
@@ -250,7 +281,24 @@ def fit_state_dict(
                 bad = "NaN" if bool(torch.isnan(t).any()) else "inf"
                 raise CheckpointError(f"{source}: tensor {k!r} contains {bad}; sharpness of a non-finite model is undefined")
         fitted[k] = t.to(ref.dtype)
+    # Names of one tensor (tied weights) must hold one value: loading would keep the last name's,
+    # a stacked audit the first name's.
+    for first, *others in _tied_names(model):
+        for k in others:
+            if not torch.equal(state[first], state[k]):
+                raise CheckpointError(
+                    f"{source}: {first!r} and {k!r} are one tensor in the model (tied) but differ in the checkpoint"
+                )
     return fitted
+
+
+def _tied_names(model: nn.Module) -> list[list[str]]:
+    """The state-dict names of each tensor the model holds under several names (tied weights), in
+    state-dict order."""
+    names: dict[int, list[str]] = {}
+    for k, t in model.state_dict(keep_vars=True).items():
+        names.setdefault(id(t), []).append(k)
+    return [group for group in names.values() if len(group) > 1]
 
 
 def _is_batch_count(key: str, model: nn.Module) -> bool:

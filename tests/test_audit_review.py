@@ -1,0 +1,144 @@
+"""``sk.audit`` as users with real checkpoint folders meet it: tied weights (stacked and one at a
+time, safetensors' one-name-per-tensor files), and a checkpoint rewritten while the audit runs
+(its row belongs to the content read)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from sharpkit.audit import audit
+from sharpkit.audit.checkpoints import CheckpointError, fit_state_dict
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def toy_data(n: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def make_mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+class Tied(nn.Module):
+    """Two layers sharing one weight matrix (as a language model's embedding and decoder)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 6)
+        self.b = nn.Linear(6, 6)
+        self.b.weight = self.a.weight
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+def _save(folder, factory, count=3):
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        torch.manual_seed(100 + i)
+        m = factory()
+        paths.append(folder / f"step_{(i + 1) * 10}.pt")
+        torch.save(m.state_dict(), paths[-1])
+    return paths
+
+
+METRICS = "keskar,keskar-subspace,adaptive,top-eig,trace"
+OPTIONS = dict(metrics=METRICS, subspace_dim=5, max_iter=3, lanczos_steps=8, trace_samples=4, dtype="float64")
+
+
+def test_tied_weights_batched_equals_one_at_a_time(tmp_path):
+    # Stacked, the tied name came twice to functional_call: "functional_call got multiple values
+    # for keys ['a.weight', 'b.weight'], which are tied" stopped the whole audit.
+    _save(tmp_path / "ck", Tied)
+    stacked = audit(tmp_path / "ck", Tied, toy_data(), group_size=3, **OPTIONS)
+    single = audit(tmp_path / "ck", Tied, toy_data(), group_size=1, **OPTIONS)
+    for a, b in zip(stacked, single):
+        assert a["status"] == b["status"] == "ok", (a.get("error"), b.get("error"))
+        assert a["group_size"] == 3 and b["group_size"] == 1
+        for m in ["loss", *METRICS.split(",")]:
+            assert a[m] == pytest.approx(b[m], rel=1e-9, abs=1e-12), m
+
+
+def test_tied_weight_saved_under_one_name_and_tied_names_that_differ(tmp_path):
+    model = Tied()
+    sd = model.state_dict()
+    # safetensors' save_model keeps one name per shared tensor: the other takes its value.
+    one_name = {k: v for k, v in sd.items() if k != "b.weight"}
+    fitted = fit_state_dict(one_name, Tied(), "one_name.safetensors")
+    assert torch.equal(fitted["b.weight"], sd["a.weight"])
+    # Different values under tied names: loading keeps one, stacking the other; neither is the file's.
+    untied = {**sd, "b.weight": sd["b.weight"] + 1}
+    with pytest.raises(CheckpointError, match="'a.weight' and 'b.weight' are one tensor in the model"):
+        fit_state_dict(untied, Tied(), "untied.pt")
+
+
+def test_tied_safetensors_file_is_measured(tmp_path):
+    pytest.importorskip("safetensors")
+    from safetensors.torch import save_model
+
+    torch.manual_seed(0)
+    model = Tied()
+    save_model(model, str(tmp_path / "tied.safetensors"))
+    torch.save(model.state_dict(), tmp_path / "tied.pt")
+    rows = audit(tmp_path, Tied, toy_data(), metrics="keskar", max_iter=2, dtype="float64")
+    assert [r["status"] for r in rows] == ["ok", "ok"], [r.get("error") for r in rows]
+    assert rows[0]["keskar"] == pytest.approx(rows[1]["keskar"], rel=1e-12)
+
+
+@pytest.mark.parametrize("duplicate", [False, True])
+def test_checkpoint_rewritten_during_the_audit_is_keyed_by_the_content_read(tmp_path, monkeypatch, duplicate):
+    # A training run still writing last.pt: hashed as one content, read as another.  The row was
+    # stored under the first content's hash with the second's numbers, and a later audit of a file
+    # holding the first content was served them.
+    a, b = _save(tmp_path / "src", make_mlp, count=2)
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(a, run / "last.pt")
+    if duplicate:  # an identical file listed too: it still needs the first content's row
+        shutil.copy(a, run / "step_10.pt")
+    truth = {p: audit(p, make_mlp, toy_data(), metrics="keskar", max_iter=3)[0]["keskar"] for p in (a, b)}
+    assert truth[a] != pytest.approx(truth[b])
+
+    audit_module = sys.modules["sharpkit.audit"]
+    real_describe = audit_module.describe_checkpoint
+
+    def describe_then_rewrite(path, name=None):
+        ck = real_describe(path, name)
+        if path.name == "last.pt":
+            shutil.copy(b, path)  # written after the audit hashed it, before it reads it
+        return ck
+
+    monkeypatch.setattr(audit_module, "describe_checkpoint", describe_then_rewrite)
+    out = tmp_path / "audit.jsonl"
+    rows = audit(run, make_mlp, toy_data(), metrics="keskar", max_iter=3, out=out, group_size=1)
+    monkeypatch.undo()
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["last.pt"]["keskar"] == pytest.approx(truth[b], rel=1e-12)
+    if duplicate:
+        assert by_name["step_10.pt"]["keskar"] == pytest.approx(truth[a], rel=1e-12)
+    # Every stored row holds the numbers of the content its sha256 names.
+    sha = {hashlib.sha256(p.read_bytes()).hexdigest(): truth[p] for p in (a, b)}
+    stored = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(stored) == (2 if duplicate else 1)
+    for r in stored:
+        assert r["status"] == "ok" and r["keskar"] == pytest.approx(sha[r["sha256"]], rel=1e-12)
+
+    # The first content, audited later from the same results file, is measured, not served b's row.
+    again = audit(a, make_mlp, toy_data(), metrics="keskar", max_iter=3, out=out)[0]
+    assert again["keskar"] == pytest.approx(truth[a], rel=1e-12)
