@@ -142,3 +142,35 @@ def test_checkpoint_rewritten_during_the_audit_is_keyed_by_the_content_read(tmp_
     # The first content, audited later from the same results file, is measured, not served b's row.
     again = audit(a, make_mlp, toy_data(), metrics="keskar", max_iter=3, out=out)[0]
     assert again["keskar"] == pytest.approx(truth[a], rel=1e-12)
+
+
+@pytest.fixture
+def reviewnets(tmp_path, monkeypatch):
+    """An importable module for MODULE:FACTORY / MODULE:FUNCTION specs."""
+    (tmp_path / "reviewnets.py").write_text(
+        "import torch\nfrom torch import nn\n"
+        "def make_mlp():\n    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))\n"
+        "def data():\n    g = torch.Generator().manual_seed(1)\n"
+        "    return torch.randn(40, 6, generator=g), torch.randint(0, 3, (40,), generator=g)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("reviewnets", None)
+
+
+@pytest.mark.parametrize("link", [False, True])
+def test_cli_refuses_a_report_written_over_the_results_file(tmp_path, reviewnets, capsys, link):
+    # The report (written last, by rename) replaced the JSONL results: every row lost, exit 0, and
+    # the next run refused the file as "not an audit results file".
+    from sharpkit.cli import main
+
+    _save(tmp_path / "ck", make_mlp, count=1)
+    out = tmp_path / "audit.jsonl"
+    report = tmp_path / "report.html"
+    if link:
+        report.symlink_to(out)
+    code = main(["audit", str(tmp_path / "ck"), "--model", "reviewnets:make_mlp", "--data", "reviewnets:data",
+                 "--max-iter", "2", "--device", "cpu", "--no-progress", "--out", str(out),
+                 "--report", str(report if link else out)])
+    assert code == 2
+    assert "is the --out results file" in capsys.readouterr().err
+    assert not out.exists()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 
@@ -17,8 +18,8 @@ exit codes:
   1  at least one checkpoint has status "error" (missing, unreadable or corrupt file, state dict
      not fitting the model, NaN/inf weights, non-finite loss); the others were still measured
   2  bad arguments (unknown metric or device, unusable --model or --data, a model that does not
-     run on the data, --out or --report not writable, --out not an audit results file or being
-     written by another audit ...), reported before anything is measured
+     run on the data, --out or --report not writable, --report naming the --out file, --out not an
+     audit results file or being written by another audit ...), reported before anything is measured
   130 interrupted (rows already written stay valid; re-run the command to resume)
 
 A file, directory or pattern that yields no checkpoint file (missing, empty, matching nothing) gets
@@ -133,6 +134,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def _same_file(a: str, b: str) -> bool:
+    """Whether paths ``a`` and ``b`` name one file (links followed; neither need exist)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
 def main(args: argparse.Namespace) -> int:
     from ..distributed import is_main_process
     from ..inputs import default_device
@@ -149,6 +158,8 @@ def main(args: argparse.Namespace) -> int:
             check_output_file(args.out, "--out")
         if args.report:
             check_output_file(args.report, "--report")
+            if _same_file(args.report, args.out):  # the report would replace the results, rows lost
+                raise ValueError(f"--report {args.report} is the --out results file; give the report another name")
         rows = audit(
             args.checkpoints, model=args.model, data=args.data, metrics=metrics, out=args.out,
             loss_fn=args.loss, epsilon=args.epsilon, subspace_dim=args.subspace_dim, rho=args.rho,
