@@ -174,3 +174,39 @@ def test_cli_refuses_a_report_written_over_the_results_file(tmp_path, reviewnets
     assert code == 2
     assert "is the --out results file" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_lightning_checkpoint_with_objects_in_its_hyper_parameters(tmp_path):
+    # Lightning saves save_hyperparameters()'s values beside the weights: a Namespace, a Path, a loss
+    # module.  weights_only=True refused the whole file ("Unsupported global: GLOBAL
+    # argparse.Namespace"); the weights are read with those objects left inert.
+    import argparse
+    import pathlib
+
+    if not hasattr(torch.serialization, "get_unsafe_globals_in_checkpoint"):
+        pytest.skip("torch < 2.6")
+    torch.manual_seed(0)
+    model = make_mlp()
+    torch.save(model.state_dict(), tmp_path / "plain.pt")
+    torch.save({
+        "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+        "hyper_parameters": {"args": argparse.Namespace(lr=0.1), "root": pathlib.Path("/data"),
+                             "criterion": nn.CrossEntropyLoss()},
+        "epoch": 12, "global_step": 3400,
+    }, tmp_path / "epoch=12-step=3400.ckpt")
+    rows = audit(tmp_path, make_mlp, toy_data(), metrics="keskar", max_iter=2, dtype="float64")
+    by_name = {r["name"]: r for r in rows}
+    ckpt = by_name["epoch=12-step=3400.ckpt"]
+    assert ckpt["status"] == "ok", ckpt["error"]
+    assert (ckpt["epoch"], ckpt["step"]) == (12, 3400)
+    assert ckpt["keskar"] == pytest.approx(by_name["plain.pt"]["keskar"], rel=1e-12)
+
+
+def test_whole_pickled_model_is_refused_with_a_clear_message(tmp_path):
+    if not hasattr(torch.serialization, "get_unsafe_globals_in_checkpoint"):
+        pytest.skip("torch < 2.6")
+    torch.save(make_mlp(), tmp_path / "model.pt")
+    row = audit(tmp_path / "model.pt", make_mlp, toy_data(), metrics="keskar", max_iter=2)[0]
+    assert row["status"] == "error"
+    assert "pickles a torch.nn.modules.container.Sequential object, not a state dict" in row["error"]
+    assert "save model.state_dict() instead" in row["error"]

@@ -6,7 +6,10 @@ Formats (chosen by suffix, then by content):
 - ``torch.save`` state dicts (``.pt``, ``.pth``, ``.bin``), always read with ``weights_only=True``;
 - safetensors (``.safetensors``);
 - Lightning-style ``.ckpt``: a dict whose ``"state_dict"`` entry holds the weights under a prefix
-  such as ``"model."`` (stripped automatically, as is DDP's ``"module."``).
+  such as ``"model."`` (stripped automatically, as is DDP's ``"module."``).  Objects beside the
+  weights that weights_only=True refuses to rebuild (a Namespace or a Path in
+  ``"hyper_parameters"``) are read as inert stand-ins, their code never run; a file holding a
+  whole pickled model is refused with a message saying so.
 
 Every failure is raised as :class:`CheckpointError` with a message naming the file and the
 problem, so that the audit can record it in an error row and go on with the other checkpoints.
@@ -162,13 +165,66 @@ def _parse_checkpoint(path: Path, data: bytes) -> dict[str, torch.Tensor]:
             raw = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt, truncated, or a pickle weights_only refuses
         kind = "safetensors" if is_safetensors else "torch.save (weights_only=True)"
-        raise CheckpointError(f"{path}: cannot load as {kind}: {error_summary(exc)}") from None
+        reason = error_summary(exc)
+        if not is_safetensors:
+            raw = _load_without_objects(data)
+            if isinstance(raw, _Opaque):  # torch.save(model): the whole object, no state dict
+                reason = (f"the file pickles a {raw._global} object, not a state dict (weights_only=True does not "
+                          "run the code that would rebuild it); save model.state_dict() instead")
+            elif _wrapped_state_dict(raw) is not None:  # the weights beside objects the audit does not need
+                return _tensors(path, _wrapped_state_dict(raw))
+        raise CheckpointError(f"{path}: cannot load as {kind}: {reason}") from None
+    wrapped = _wrapped_state_dict(raw)
+    return _tensors(path, raw if wrapped is None else wrapped)
+
+
+class _Opaque:
+    """An inert stand-in for a pickled object weights_only=True refuses to rebuild (a Namespace of
+    hyper-parameters beside a Lightning state dict): made from nothing, running none of its code."""
+
+    _global = "object"
+
+    def __new__(cls, *args, **kwargs):
+        return object.__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+def _load_without_objects(data: bytes):
+    """The torch.save file with each global weights_only=True refuses replaced by an inert
+    :class:`_Opaque` (still weights_only: nothing of the file's code runs); None where that fails.
+    A Lightning checkpoint whose ``hyper_parameters`` hold a Namespace, an enum, a Path or a loss
+    module keeps its state dict; a whole pickled model comes back as one ``_Opaque``."""
+    finder = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
+    if finder is None:  # torch < 2.6
+        return None
+    try:
+        names = finder(io.BytesIO(data))
+        stubs = [(type(name.rpartition(".")[2] or name, (_Opaque,), {"_global": name}), name) for name in names]
+        if not stubs:
+            return None
+        with torch.serialization.safe_globals(stubs):
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception:
+        return None
+
+
+def _wrapped_state_dict(raw) -> Mapping | None:
+    """The state dict under a Lightning-style ``"state_dict"`` (or ``"model_state_dict"``,
+    ``"model"``) entry of ``raw``: a non-empty mapping of tensors only; None where there is none."""
     if isinstance(raw, Mapping):
         for wrapper in ("state_dict", "model_state_dict", "model"):
             inner = raw.get(wrapper)
             if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
-                raw = inner
-                break
+                return inner
+    return None
+
+
+def _tensors(path: Path, raw) -> dict[str, torch.Tensor]:
     if not isinstance(raw, Mapping):
         raise CheckpointError(f"{path}: expected a state dict (name -> tensor), found {type(raw).__name__}")
     tensors = {str(k): v for k, v in raw.items() if isinstance(v, torch.Tensor)}
