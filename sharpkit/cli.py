@@ -10,6 +10,7 @@ import argparse
 import importlib
 import json
 import os
+import re
 import sys
 
 from . import __version__
@@ -31,8 +32,23 @@ def _backends(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, taking every argument that starts like a negative number as a value, not
+    as an option: before Python 3.13 argparse recognises only ``-1`` and ``-0.5``, so
+    ``--alpha-min -1e-3``, ``--epsilon -1e-3`` or ``--eps -1e-3,5e-4`` stopped with "expected one
+    argument" instead of reaching the option's own check.  (The subcommands' parsers are of this
+    class too: ``add_subparsers`` makes them with ``type(self)``.)  No option of sharpkit's starts
+    with a digit."""
+
+    NEGATIVE_NUMBER = re.compile(r"^-(\.?\d|(inf|infinity|nan)$)", re.IGNORECASE)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = self.NEGATIVE_NUMBER
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="sharpkit",
         description="Measure the sharpness of neural-network minima (Keskar et al. 2017 and successors).",
     )

@@ -31,6 +31,7 @@ from .inputs import LOSSES, check_class_targets, check_model_runs, default_devic
 from .distributed import PeerFailure, agree, is_main_process
 
 EXIT_USAGE = 2
+DENSITY_STEPS = 80  # Lanczos steps of each spectral-density run (sk.spectral_density's default)
 
 
 class UsageError(Exception):
@@ -111,6 +112,10 @@ def _device_arg(text: str) -> str:
 def _output_path(text: str) -> str:
     """A file path that can be written: checked before measuring, so that a long run is not lost
     to a typo in the output path."""
+    if not text:
+        raise argparse.ArgumentTypeError("empty path, expected a file path")
+    if text.endswith(("/", os.sep)):  # Path() drops the separator: "new/" was written as a file "new"
+        raise argparse.ArgumentTypeError(f"{text}: ends with '{text[-1]}', expected a file path, not a folder")
     path = Path(text)
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text}: is a directory, expected a file path")
@@ -334,11 +339,10 @@ def _sharpness(args: argparse.Namespace) -> int:
         else:
             r = sk.adaptive_sharpness(model, loss_fn, data, rho=eps, kind=args.kind.split("-")[1],
                                       max_iter=args.max_iter, seed=args.seed, bn=args.bn, **options)
-        rows.append(
-            {"epsilon" if args.kind == "keskar" else "rho": eps, "value": r.value, "loss": r.loss,
-             "max_loss": r.max_loss, "num_evals": r.num_evals, "seconds": time.perf_counter() - start}
-        )
-        _say(f"{args.kind} eps={eps:g}: value={r.value:.6g} (loss {r.loss:.6g} -> {r.max_loss:.6g})")
+        radius = "epsilon" if args.kind == "keskar" else "rho"
+        rows.append({radius: eps, "value": r.value, "loss": r.loss, "max_loss": r.max_loss,
+                     "num_evals": r.num_evals, "seconds": time.perf_counter() - start})
+        _say(f"{args.kind} {radius}={eps:g}: value={r.value:.6g} (loss {r.loss:.6g} -> {r.max_loss:.6g})")
     _emit(args, {"measure": args.kind, "model": args.model, "checkpoint": args.checkpoint, "data": args.data,
                  "loss_fn": args.loss, "bn": args.bn, "seed": args.seed, "max_iter": args.max_iter, **options,
                  "results": rows})
@@ -372,8 +376,9 @@ def _spectrum(args: argparse.Namespace) -> int:
         result["trace"] = {"value": float(est.value), "stderr": float(est.stderr), "num_matvecs": est.num_matvecs}
         _say(f"trace: {est.value:.6g} ± {est.stderr:.2g}")
     if args.density:
-        with shown.stage("density", None):
-            dens = sk.spectral_density(shown, num_runs=args.density, seed=args.seed)
+        # (each run takes at most DENSITY_STEPS products: a bound for the bar)
+        with shown.stage("density", args.density * min(DENSITY_STEPS, op.shape[0])):
+            dens = sk.spectral_density(shown, num_runs=args.density, lanczos_steps=DENSITY_STEPS, seed=args.seed)
         result["density"] = {"grid": [float(v) for v in dens.grid], "density": [float(v) for v in dens.density]}
     result["num_matvecs"] = op.num_matvecs
     _emit(args, result)
@@ -400,6 +405,9 @@ class _ProductProgress:
     def stage(self, name: str, total: int | None):
         with _progress_bar(total, name, "product", self._enabled) as self._bar:
             yield
+            if self._bar is not None and self._bar.total and self._bar.n < self._bar.total:
+                self._bar.total = self._bar.n  # fewer than the bound (a Lanczos run that broke down early)
+                self._bar.refresh()
         self._bar = None
 
 
@@ -505,7 +513,8 @@ def _reported(command: str, fn: Callable[[argparse.Namespace], int]) -> Callable
     """``fn(args)``, with bad input reported as one line and exit status 2: a :class:`UsageError`
     (inputs, option combinations, outputs) or a ``ValueError``, which is how the measurement
     functions reject their arguments (``k`` above the parameter count, a non-finite loss ...).
-    Anything else, a ``TypeError`` included, is a bug and keeps its traceback."""
+    Running out of memory is one line too, with exit status 1 (the inputs are fine, the device too
+    small for them).  Anything else, a ``TypeError`` included, is a bug and keeps its traceback."""
 
     def run(args: argparse.Namespace) -> int:
         try:
@@ -513,6 +522,10 @@ def _reported(command: str, fn: Callable[[argparse.Namespace], int]) -> Callable
         except (UsageError, ValueError) as exc:
             print(f"sharpkit {command}: error: {exc}", file=sys.stderr)
             return EXIT_USAGE
+        except (torch.OutOfMemoryError, MemoryError) as exc:  # a setting too large for the device, not a bug
+            hint = "" if args.batch_size else "; --batch-size splits the data into smaller passes"
+            print(f"sharpkit {command}: error: out of memory ({_one_line(exc)}){hint}", file=sys.stderr)
+            return 1
 
     return run
 
@@ -559,7 +572,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trace", type=_trace_matvecs, default=0, metavar="MATVECS",
                    help="also estimate the trace (Hutch++, at least 3 matvecs; default 0: off)")
     p.add_argument("--density", type=_non_negative_int, default=0, metavar="RUNS",
-                   help="also the spectral density (SLQ runs; default 0: off)")
+                   help=f"also the spectral density (stochastic Lanczos quadrature runs of {DENSITY_STEPS} "
+                   "products each; default 0: off)")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar of the curvature products on stderr")
     p.set_defaults(func=_reported("spectrum", _spectrum))

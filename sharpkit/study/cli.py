@@ -39,7 +39,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--eps", default=None, help="comma-separated ε values (default 1e-3,5e-4)")
     p.add_argument("--solvers", default=None, help=f"comma-separated ε-sharpness solvers from {SOLVERS} (default lbfgsb,apgd)")
     p.add_argument("--sweep", default=None, help="comma-separated batch sizes for the sweep (default: SB, 2SB, 4SB, ... LB)")
-    p.add_argument("--warm-epochs", default=None, help="comma-separated k for the warm-start experiment")
+    p.add_argument("--warm-epochs", default=None, help="comma-separated k for the warm-start experiment (LB training from the SB run's weights after "
+                        "k epochs; default 0,1,2,5,10,20, 0,1,2,4 with --quick)")
     p.add_argument("--quick", action="store_true", help="same pipeline, smaller (2 seeds, short training): about 1 minute on a 2-core CPU")
     p.add_argument("--out", default="sharpkit-study", help="output directory (default sharpkit-study/); reused to resume")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads of the measurements (default: every available core on an idle machine, 1 on a busy one); training always uses one, so the trained models do not depend on it")
@@ -134,8 +135,10 @@ def config_from_args(args: argparse.Namespace):
         over["warm_epochs"] = ks
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
-    if args.device not in ("auto",):
+    if args.device != "auto":
         import torch
+
+        from ..inputs import resolve_device
 
         try:
             dev = torch.device(args.device)
@@ -143,6 +146,12 @@ def config_from_args(args: argparse.Namespace):
             parser.error(f"--device {args.device!r} is not a device name (auto, cpu, cuda, cuda:0 ...)")
         if dev.type == "cuda" and not torch.cuda.is_available():
             parser.error(f"--device {args.device} requested but CUDA is not available here")
+        try:  # a device this torch build or machine lacks (mps, xla, cuda:3 of one GPU) or meta
+            resolve_device(dev)
+        except ValueError as exc:
+            parser.error(f"--device {args.device}: {exc}")
+        if dev.type == "cpu":  # one CPU device: "cpu:0" as "cpu" (torch.load's map_location refuses "cpu:0")
+            over["device"] = "cpu"
     return (quick_config if args.quick else default_config)(**over)
 
 
@@ -164,9 +173,12 @@ def _run(args: argparse.Namespace) -> int:
           f"{len(results.get('figures', []))} figures in {time.perf_counter() - t:.0f} s")
     if config.quick:
         print("  (--quick: smoke-test scale, models not trained to convergence; run without --quick for the study)")
-    for spec, s in results["summary"]["models"].items():
+    models = results["summary"]["models"]
+    # (one column for every verdict: "same direction (too few seeds to test)" is 37 characters)
+    width = max((len(v["verdict"]) for s in models.values() for v in s["verdicts"]), default=0)
+    for spec, s in models.items():
         for v in s["verdicts"]:
-            print(f"  [{spec}] {v['verdict']:<34} {v['claim']}")
+            print(f"  [{spec}] {v['verdict']:<{width}} {v['claim']}")
     from .report import measure_commands
 
     commands = measure_commands(results)
