@@ -84,10 +84,15 @@ def test_study_refuses_a_device_this_machine_lacks_at_parsing(device, tmp_path, 
 
 def test_study_takes_cpu_with_an_index_as_cpu(tmp_path):
     from sharpkit.study.cli import config_from_args
+    from sharpkit.study.pipeline import _device
 
     args = build_parser().parse_args(["study", "--device", "cpu:0", "--out", str(tmp_path / "s")])
-    # (torch.load's map_location refuses "cpu:0": the study failed when it reloaded a snapshot)
-    assert config_from_args(args).device == "cpu"
+    # torch.load's map_location refuses "cpu:0": the study (CLI or StudyConfig(device="cpu:0"))
+    # failed when it reloaded a snapshot.
+    device = _device(config_from_args(args).device)
+    assert device == torch.device("cpu")
+    torch.save({"w": torch.ones(2)}, tmp_path / "snap.pt")
+    assert torch.load(tmp_path / "snap.pt", map_location=device, weights_only=True)["w"].sum() == 2
 
 
 def test_study_verdicts_share_one_column(tmp_path, monkeypatch, capsys):

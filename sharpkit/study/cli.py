@@ -150,8 +150,6 @@ def config_from_args(args: argparse.Namespace):
             resolve_device(dev)
         except ValueError as exc:
             parser.error(f"--device {args.device}: {exc}")
-        if dev.type == "cpu":  # one CPU device: "cpu:0" as "cpu" (torch.load's map_location refuses "cpu:0")
-            over["device"] = "cpu"
     return (quick_config if args.quick else default_config)(**over)
 
 

@@ -205,6 +205,8 @@ def _device(spec: str) -> torch.device:
     dev = torch.device(spec)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {spec!r} requested but CUDA is not available")
+    if dev.type == "cpu":  # one CPU device: "cpu:0" as "cpu" (torch.load's map_location refuses "cpu:0")
+        return torch.device("cpu")
     return dev
 
 
