@@ -16,12 +16,7 @@ from sharpkit.audit import audit
 from sharpkit.audit.checkpoints import CheckpointError, fit_state_dict
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # (conftest.py)
 
 
 def toy_data(n: int = 40) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,13 +10,7 @@ import sharpkit as sk
 from sharpkit.landscape import evaluate, random_direction, slice_1d, slice_2d
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Small problems: one thread avoids contention with whatever else runs on the machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # (conftest.py)
 
 
 def _net(seed, bn=True):

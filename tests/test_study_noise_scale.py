@@ -6,13 +6,7 @@ from torch import nn
 from sharpkit.study.noise_scale import gradient_noise_scale
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Small problems: one thread avoids contention with whatever else runs on the machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # (conftest.py)
 
 
 def _problem(n=60):

@@ -16,7 +16,9 @@ from sharpkit.study.models import build_model, make_f1
 from sharpkit.study.pipeline import run_study
 from sharpkit.study.train import TrainConfig, train
 
-from test_study import _one_thread, _tiny, api, npz  # noqa: F401  (fixtures)
+from test_study import _tiny, api, npz  # noqa: F401  (fixtures)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # (conftest.py)
 
 KEPT_NET = """
 import torch

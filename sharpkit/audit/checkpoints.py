@@ -16,6 +16,7 @@ problem, so that the audit can record it in an error row and go on with the othe
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import io
@@ -23,7 +24,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -103,19 +104,25 @@ def find_checkpoints(specs: Iterable[str | os.PathLike]) -> list[Path]:
     return unique
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of the file's bytes (the checkpoint's identity in the results store)."""
-    digest = hashlib.sha256()
+@contextlib.contextmanager
+def _reading(path: str | os.PathLike) -> Iterator[None]:
+    """Errors of reading ``path`` as :class:`CheckpointError` naming the file and the cause."""
     try:
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
+        yield
     except FileNotFoundError:
         raise CheckpointError(f"{path}: file not found") from None
     except PermissionError:
         raise CheckpointError(f"{path}: file is not readable (permission denied)") from None
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read file ({exc.strerror or exc})") from None
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of the file's bytes (the checkpoint's identity in the results store)."""
+    digest = hashlib.sha256()
+    with _reading(path), open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
     return digest.hexdigest()
 
 
@@ -138,14 +145,8 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], s
         raise CheckpointError(f"{path}: file not found")
     if not os.access(path, os.R_OK):
         raise CheckpointError(f"{path}: file is not readable (permission denied)")
-    try:
+    with _reading(path):
         data = path.read_bytes()
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: file not found") from None
-    except PermissionError:
-        raise CheckpointError(f"{path}: file is not readable (permission denied)") from None
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read file ({exc.strerror or exc})") from None
     sha = hashlib.sha256(data).hexdigest()
     try:
         return _parse_checkpoint(path, data), sha
