@@ -12,6 +12,7 @@ import json
 import os
 import re
 import sys
+from typing import NoReturn
 
 from . import __version__
 
@@ -45,6 +46,11 @@ class _Parser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._negative_number_matcher = self.NEGATIVE_NUMBER
+
+    def error(self, message: str) -> NoReturn:
+        """Bad arguments: one line on stderr and exit status 2, as every other bad input (argparse
+        prints its whole usage block first; the usage is one ``--help`` away)."""
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -149,3 +149,19 @@ def test_out_of_memory_is_one_line_with_a_hint(tiny, capsys, monkeypatch):
     assert err.count("\n") == 1 and "Traceback" not in err
     assert "sharpkit sharpness: error: out of memory" in err and "--batch-size" in err
     assert os.path.exists(tmp / "data.pt")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["sharpness", "--epsilon", "-1"], "argument --epsilon: must be > 0"),
+    (["audit"], "the following arguments are required"),
+    (["nosuch"], "invalid choice: 'nosuch'"),
+    (["study", "--seeds", "x"], "--seeds"),
+])
+def test_argument_errors_are_one_line(argv, message, capsys):
+    """argparse printed its usage block (about 13 lines) before the error; every bad input is one
+    line on stderr and exit status 2."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and message in err and "--help" in err
+    assert err.count("\n") == 1 and "usage:" not in err, err
