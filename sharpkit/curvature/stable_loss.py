@@ -57,8 +57,11 @@ class SaturationSafeCrossEntropy:
             targets = targets.long()
         c = outputs.shape[1]
         valid = targets != self.ignore_index
-        if bool((((targets < 0) | (targets >= c)) & valid).any()):
-            return self.original(outputs, targets)  # its IndexError names the target
+        # Targets outside the classes: the original's IndexError names the target.  Checked on the
+        # CPU only: on a GPU the check would wait for the device at every pass, and there both the
+        # original and gather stop on a device-side assertion anyway.
+        if targets.device.type == "cpu" and bool((((targets < 0) | (targets >= c)) & valid).any()):
+            return self.original(outputs, targets)
         t = torch.where(valid, targets, torch.zeros_like(targets)).unsqueeze(1)
         # u = z - z_t with the target's own entry set to the constant 0 (scatter: no derivative there).
         u = (outputs - outputs.gather(1, t)).scatter(1, t, 0.0)
