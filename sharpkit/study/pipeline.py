@@ -251,14 +251,17 @@ class Study:
             self.progress, self.log = False, (lambda msg: None)
         self.device = _device(config.device)
         self.loss_fn = nn.CrossEntropyLoss()
-        _check_output_dir(self.out)
-        self.cache = StepCache(self.out / "cache")
+        _refuse_file_as_output(self.out)
         self.stats = {"trainings_run": 0, "trainings_reused": 0, "unavailable": []}
         self._epochs_trained: dict[str, int] = {}  # run key id -> epochs its training ran
         self._load_data()
         # Every model is built and run once before any training: a factory that fails or does not
         # fit the data is a usage error now, not a traceback after the first training.
         self._architectures = {spec: self._check_model(spec) for spec in config.models}
+        # Only a study that can run creates anything in DIR: a bad --data or --model left an empty
+        # DIR/cache behind (the cache folder is made when its first step is stored).
+        _check_output_dir(self.out)
+        self.cache = StepCache(self.out / "cache")
 
     # ------------------------------------------------------------------ data and models
     def _load_data(self) -> None:
@@ -794,18 +797,34 @@ def _fits(path: Path, template: dict) -> bool:
         k: tuple(v.shape) for k, v in template.items()}
 
 
+def _refuse_file_as_output(out: Path) -> None:
+    """ValueError naming ``out`` when it, or a folder it would be made in, is an existing file
+    (checked before the data are read; nothing is created)."""
+    for p in (out, *out.parents):
+        if p.exists():
+            if not p.is_dir():
+                if p == out:
+                    raise ValueError(f"output directory {str(out)!r} is an existing file, not a directory")
+                raise ValueError(f"output directory {str(out)!r} cannot be written ({str(p)!r} is an existing "
+                                 "file, not a directory)")
+            return
+
+
 def _check_output_dir(out: Path) -> None:
-    """Create ``out`` and check that files can be written in it, before any work: ValueError naming
-    the directory otherwise (an existing file of that name was a NotADirectoryError traceback from
-    deep inside the cache)."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"output directory {str(out)!r} is an existing file, not a directory")
+    """Create ``out`` and check that files can be written in it: ValueError naming the directory
+    otherwise (an existing file of that name was a NotADirectoryError traceback from deep inside
+    the cache).  Folders it created are removed again when the check fails."""
+    _refuse_file_as_output(out)
+    created = [p for p in (out, *out.parents) if not p.exists()]
     try:
         out.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=out)
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
+        for p in created:  # innermost first
+            with contextlib.suppress(OSError):
+                p.rmdir()
         raise ValueError(f"output directory {str(out)!r} cannot be written ({exc.strerror or exc})") from exc
 
 

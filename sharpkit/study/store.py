@@ -73,8 +73,9 @@ class StepCache:
     """Finished measurements as one JSON file per step under ``root``: ``{"key": ..., "value": ...}``."""
 
     def __init__(self, root: str | os.PathLike):
+        # The folder is made by the first put (atomic_write_text creates it): a study that stops
+        # before storing anything leaves no empty cache behind.
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
         self.hits = 0
         self.misses = 0
 
