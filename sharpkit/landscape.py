@@ -179,7 +179,7 @@ def interpolate(
     data: Any,
     alphas: Sequence[float] | np.ndarray | torch.Tensor = tuple(np.linspace(-1.0, 2.0, 25)),
     path: str = "linear",
-    bn: str = "train",
+    bn: str = "eval",
     device: torch.device | str | None = None,
     on_point: Callable[[float, float, float], None] | None = None,
 ) -> Curve:
@@ -189,13 +189,15 @@ def interpolate(
     a = SB, b = LB).  ``path="sin"``: ``x(alpha) = cos(alpha pi/2) x_a + sin(alpha pi/2) x_b``
     (their Fig. 7).  ``alphas`` default: 25 points in [-1, 2].
 
-    ``bn`` (default "train"): BatchNorm normalises with each batch's statistics at every point,
-    as in the authors' code.  Running statistics of two different networks do not combine along
-    a path (beyond the end points an interpolated variance can turn negative), so ``bn="eval"``
-    keeps the running buffers of ``model_a`` for every alpha; use it only for models without
-    BatchNorm or when that is what you want.  Pass ``data`` as one ``(X, Y)`` pair for full-batch
-    statistics.  Both models must have the same architecture; neither is modified.  Every
-    floating parameter moves along the path, trainable or frozen; buffers come from ``model_a``.
+    ``bn`` (default "eval", sharpkit's convention): BatchNorm uses its running statistics and
+    dropout is off.  Running statistics of two different networks do not combine along a path
+    (beyond the end points an interpolated variance can turn negative), so with ``bn="eval"`` the
+    two models must hold the same running statistics, or a ``ValueError`` names the layers that
+    differ.  For networks with BatchNorm pass ``bn="train"``, the authors' protocol (as the study
+    and ``sharpkit interpolate`` do): each batch is normalised with its own statistics at every
+    point; pass ``data`` as one ``(X, Y)`` pair for full-batch statistics.  Both models must have
+    the same architecture; neither is modified.  Every floating parameter moves along the path,
+    trainable or frozen; other buffers come from ``model_a``.
     ``device``: where to evaluate (default: ``model_a``'s device).  ``on_point(alpha, loss,
     accuracy)``, when given, is called after each point (progress).
     """
@@ -208,6 +210,8 @@ def interpolate(
     # Every floating parameter moves along the path, trainable or frozen (the whole network).
     pa, pb = _floating_parameters(model_a), _floating_parameters(model_b)
     _check_same_parameters(pa, pb)
+    if bn == "eval":
+        _check_same_running_statistics(model_a, model_b)
     work = copy.deepcopy(model_a)  # one private copy; the user's models are only read
     if device is not None:
         work.to(device)  # (then evaluated where it is: no copy of the model per point)
@@ -246,6 +250,31 @@ def _check_same_parameters(pa: dict[str, torch.Tensor], pb: dict[str, torch.Tens
                 ([f"only in model_b: {', '.join(only_b[:5])}"] if only_b else []) + \
                 ([f"shapes differ: {'; '.join(shapes[:5])}"] if shapes else [])
         raise ValueError("model_a and model_b must have the same architecture (" + "; ".join(parts) + ")")
+
+
+def _check_same_running_statistics(model_a: nn.Module, model_b: nn.Module) -> None:
+    """``ValueError`` naming the normalisation layers whose running statistics differ between the
+    two models: under ``bn="eval"`` a path would otherwise use ``model_a``'s at every point, so its
+    end at alpha = 1 would not be ``model_b``."""
+    buffers_b = dict(model_b.named_buffers())
+    differ = []
+    for name, module in model_a.named_modules():
+        if not isinstance(module, nn.modules.batchnorm._NormBase) or module.running_mean is None:
+            continue
+        for stat in ("running_mean", "running_var"):
+            key = f"{name}.{stat}" if name else stat
+            other = buffers_b.get(key)
+            if other is None or other.shape != getattr(module, stat).shape or \
+                    not torch.equal(getattr(module, stat).detach().cpu(), other.detach().cpu()):
+                differ.append(name or "(the model itself)")
+                break
+    if differ:
+        raise ValueError(
+            "interpolate with bn='eval' needs the same BatchNorm running statistics in both models, "
+            f"but they differ in {', '.join(differ[:5])}{' ...' if len(differ) > 5 else ''}: statistics of two "
+            "networks do not interpolate.  Pass bn='train' (each batch's own statistics, the authors' "
+            "protocol), or copy one model's running statistics into the other first if a fixed "
+            "normalisation is what you want")
 
 
 def random_direction(model: nn.Module, seed: int = 0, filter_normalize: bool = True) -> torch.Tensor:

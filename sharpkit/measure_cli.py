@@ -579,11 +579,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_reported("spectrum", _spectrum))
 
     p = sub.add_parser("landscape", help="1-D loss/accuracy curve between two checkpoints (Keskar Fig. 2/3)")
-    # Batch statistics by default, as sk.interpolate: running statistics of two networks do not
-    # combine along a path, and "eval" would use A's buffers at every alpha (even at B).
+    # Batch statistics by default, the authors' protocol: running statistics of two networks do not
+    # combine along a path, so sk.interpolate refuses "eval" unless A and B hold the same ones.
     _common(p, checkpoint=False, bn_default="train",
             bn_help="BatchNorm: each batch's statistics at every point (train, default, as in Keskar et al.; "
-            "tensor data in one batch unless --batch-size) or A's running statistics at every point (eval)",
+            "tensor data in one batch unless --batch-size) or running statistics, which A and B must then "
+            "share (eval)",
             seed_help="seed of the model's initialisation, which the checkpoints then replace (default 0)")
     p.add_argument("--a", required=True, help="checkpoint at alpha = 0 (x_a; Keskar et al.: the small-batch minimizer)")
     p.add_argument("--b", required=True, help="checkpoint at alpha = 1 (x_b; Keskar et al.: the large-batch minimizer)")

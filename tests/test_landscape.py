@@ -55,6 +55,8 @@ def _direct(model_a, model_b, x, y, ca, cb, bn):
 @pytest.mark.parametrize("bn", ["train", "eval"])
 def test_interpolate_matches_direct_evaluation(path, bn):
     a, b = _net(0), _net(1)
+    if bn == "eval":  # (eval mode needs one set of running statistics: see the next test)
+        b[1].load_state_dict({k: v for k, v in a[1].state_dict().items()})
     a.train()  # a flag that must survive
     x, y = _data()
     before_a, before_b = _state(a), _state(b)
@@ -92,24 +94,26 @@ def test_interpolate_end_points_equal_the_models():
 
 def test_interpolate_bad_input():
     a, x_y = _net(0), _data()
+    b = _net(1)
+    b[1].load_state_dict(a[1].state_dict())  # (one set of running statistics, as bn='eval' needs)
     other = nn.Sequential(nn.Linear(5, 3)).double()
     with pytest.raises(ValueError, match=r"same architecture \(only in model_a"):
         sk.interpolate(a, other, nn.CrossEntropyLoss(), x_y, [0.0])
     with pytest.raises(ValueError, match="path"):
-        sk.interpolate(a, _net(1), nn.CrossEntropyLoss(), x_y, [0.0], path="cubic")
+        sk.interpolate(a, b, nn.CrossEntropyLoss(), x_y, [0.0], path="cubic")
     with pytest.raises(ValueError, match="empty"):
-        sk.interpolate(a, _net(1), nn.CrossEntropyLoss(), x_y, [])
+        sk.interpolate(a, b, nn.CrossEntropyLoss(), x_y, [])
     bad = _net(1)
     with torch.no_grad():
         bad[0].weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         sk.interpolate(a, bad, nn.CrossEntropyLoss(), x_y, [0.0])
     with pytest.raises(ValueError, match="empty"):
-        sk.interpolate(a, _net(1), nn.CrossEntropyLoss(), (x_y[0][:0], x_y[1][:0]), [0.0])
+        sk.interpolate(a, b, nn.CrossEntropyLoss(), (x_y[0][:0], x_y[1][:0]), [0.0])
     with pytest.raises(ValueError, match="reduction='none'"):
-        sk.interpolate(a, _net(1), nn.CrossEntropyLoss(reduction="none"), x_y, [0.0])
+        sk.interpolate(a, b, nn.CrossEntropyLoss(reduction="none"), x_y, [0.0])
     with pytest.raises(ValueError, match="scalar"):
-        sk.interpolate(a, _net(1), lambda out, y: nn.functional.cross_entropy(out, y, reduction="none"), x_y, [0.0])
+        sk.interpolate(a, b, lambda out, y: nn.functional.cross_entropy(out, y, reduction="none"), x_y, [0.0])
 
 
 def test_random_direction_is_filter_normalised():
@@ -148,6 +152,25 @@ def test_one_shot_generators_are_replayed_at_every_point():
     gen = ((X[i:i + 5], Y[i:i + 5]) for i in range(0, 23, 5))
     assert np.allclose(slice_1d(a, ce, gen, alphas=[-0.5, 0.0, 0.5]).loss,
                        slice_1d(a, ce, listed, alphas=[-0.5, 0.0, 0.5]).loss, rtol=0, atol=1e-14)
+
+
+def test_interpolate_in_eval_mode_refuses_differing_running_statistics():
+    """Under bn='eval' (the default) a path would use model_a's running statistics at every point,
+    so its end at alpha = 1 would not be model_b: refused, naming the layer."""
+    a, b = _net(0), _net(1)
+    x, y = _data()
+    assert not torch.equal(a[1].running_mean, b[1].running_mean)
+    with pytest.raises(ValueError, match=r"running statistics.*differ in 1\b.*bn='train'"):
+        sk.interpolate(a, b, nn.CrossEntropyLoss(), (x, y), [0.0, 1.0])
+    b[1].running_var.add_(0.5)
+    b[1].running_mean.copy_(a[1].running_mean)
+    with pytest.raises(ValueError, match="differ in 1"):  # the variance alone differs
+        sk.interpolate(a, b, nn.CrossEntropyLoss(), (x, y), [0.0, 1.0], bn="eval")
+    b[1].running_var.copy_(a[1].running_var)
+    curve = sk.interpolate(a, b, nn.CrossEntropyLoss(), (x, y), [0.0, 1.0])
+    with torch.no_grad():  # the end points are the two models, each in eval mode
+        for i, m in enumerate((a, b)):
+            assert curve.loss[i] == pytest.approx(float(nn.functional.cross_entropy(m.eval()(x), y)), rel=1e-12)
 
 
 def test_interpolation_moves_frozen_parameters_too():

@@ -184,12 +184,27 @@ def test_landscape_command_passes_bn_and_records_it(setup):
             str(tmp / "data.pt"), "--points", "3", "--dtype", "float64", "--out", str(tmp / "l.json")]
     curves = {}
     for bn in ("train", "eval"):
+        if bn == "eval":  # eval mode needs one set of running statistics: b takes a's
+            model_b[1].load_state_dict(model_a[1].state_dict())
+            torch.save(model_b.float().state_dict(), b)
+            model_b.double()
         assert main(base + (["--bn", bn] if bn == "eval" else [])) == 0  # train is the default
         curves[bn] = json.loads((tmp / "l.json").read_text())
         ref = sk.interpolate(model_a, model_b, nn.CrossEntropyLoss(), (x.double(), y), [-1.0, 0.5, 2.0], bn=bn)
         assert curves[bn]["bn"] == bn
         assert curves[bn]["loss"] == pytest.approx(ref.loss.tolist(), rel=1e-9)
     assert curves["eval"]["loss"] != pytest.approx(curves["train"]["loss"], rel=1e-3)
+
+
+def test_landscape_command_in_eval_mode_refuses_differing_running_statistics(setup, capsys):
+    tmp, *_ = setup
+    a, b = _bn_checkpoints(tmp)[0]
+    argv = ["landscape", "--model", "tiny_nets:make_bn", "--a", str(a), "--b", str(b), "--data",
+            str(tmp / "data.pt"), "--points", "3", "--bn", "eval", "--out", str(tmp / "l.json")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "sharpkit landscape: error:" in err and "running statistics" in err and "bn='train'" in err
+    assert not (tmp / "l.json").exists()
 
 
 def test_sharpness_command_runs_the_adaptive_solver_given(setup):
