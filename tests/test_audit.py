@@ -173,6 +173,12 @@ def save_checkpoints(folder: Path, factory=make_mlp, count: int = 4, prefix: str
         ("snapshots/000200/model.pt", (200, None)),
         ("runs/2/epoch_1.pt", (None, 1)),
         ("run3/last.ckpt", (None, None)),
+        # The directory gives what the file name lacks: the epoch above a step's file.
+        ("runs/epoch_3/ckpt_000100.pt", (100, 3)),
+        ("epoch_3/step_100.pt", (100, 3)),
+        ("step_400/model-e2.pt", (400, 2)),
+        ("epoch_5/epoch_1.pt", (None, 1)),
+        ("epoch_2/epoch_2_v3.pt", (None, 2)),
         # A hexadecimal hash (a study's run folder) holds no epoch or step; a bare "e" number must
         # end its word.
         ("runs/f1-b320-s0-fc2e6e997992ccb6/final.pt", (None, None)),

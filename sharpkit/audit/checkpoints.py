@@ -414,20 +414,25 @@ def _keywords(text: str, directory: bool = False) -> tuple[int | None, int | Non
 def parse_step(path: str | os.PathLike) -> tuple[int | None, int | None]:
     """``(step, epoch)`` of a checkpoint from its path; ``None`` where absent.
 
-    In order, the first that gives anything:
+    Each of the two is taken from the first of these that gives it:
 
     1. the file name's keywords: ``step``/``iter``/``it``/``global_step`` and ``epoch``/``ep``/``e``
        followed by a number (``=``, ``_``, ``-``, ``.`` or nothing between: ``epoch=3``,
        ``weights.epoch.3``; scientific notation such as ``lr1e-3`` is skipped, and a bare ``e``
        counts only after a separator: ``model-e07``, ``model.e5``);
-    2. the same keywords, or ``checkpoint``/``ckpt``, in the parent directory's name
-       (``checkpoint-500/pytorch_model.bin``);
-    3. the file name's only number, as the step (``ckpt_0040.pt``, ``0040.pt``, ``ckpt0040.pt``),
-       counting only numbers not glued to a word other than ``checkpoint``/``ckpt``: the 18 of
-       ``resnet18.pt`` and the 3 of ``model_v3.pt`` name the model, not a step;
-    4. a parent directory named by a number alone, as the step (``000500/model.pt``).
+    2. the same keywords, or ``checkpoint``/``ckpt`` for the step, in the parent directory's name
+       (``checkpoint-500/pytorch_model.bin``, ``epoch_3/step_100.pt``);
 
-    Keywords in the file name win over its directory: in ``runs/2/epoch_1.pt`` the 2 is not read.
+    and, when the file name holds no keyword, the step from
+
+    3. the file name's only number (``ckpt_0040.pt``, ``0040.pt``, ``ckpt0040.pt``,
+       ``epoch_3/ckpt_000100.pt``), counting only numbers not glued to a word other than
+       ``checkpoint``/``ckpt``: the 18 of ``resnet18.pt`` and the 3 of ``model_v3.pt`` name the
+       model, not a step;
+    4. a parent directory named by a number alone (``000500/model.pt``).
+
+    Keywords in the file name win over its directory: in ``runs/2/epoch_1.pt`` the 2 is not read,
+    and in ``epoch_5/epoch_1.pt`` the epoch is 1.
     """
     path = Path(path)
     stem = path.name
@@ -435,9 +440,12 @@ def parse_step(path: str | os.PathLike) -> tuple[int | None, int | None]:
         stem = stem[: -len(path.suffix)]
     parent = path.parent.name
     step, epoch = _keywords(stem)
-    if step is None and epoch is None and parent:
-        step, epoch = _keywords(parent, directory=True)
-    if step is None and epoch is None:
+    name_has_keywords = step is not None or epoch is not None
+    if parent:
+        parent_step, parent_epoch = _keywords(parent, directory=True)
+        step = parent_step if step is None else step
+        epoch = parent_epoch if epoch is None else epoch
+    if step is None and not name_has_keywords:
         numbers = _NUMBER_RE.findall(_without_numbers_that_are_not_counts(stem))
         if len(numbers) == 1:
             step = int(numbers[0])
