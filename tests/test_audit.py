@@ -532,6 +532,21 @@ def test_ascent_starts_reach_the_rows_and_their_key(tmp_path):
         assert row["details"]["keskar"]["num_evals"] == ref.num_evals == 1 + 4 + 4 + (1 + 4)
 
 
+def test_first_step_keys_only_box_ascents(tmp_path):
+    """An l2 ball has one first step, so first_step changes neither the adaptive-l2 rows nor their
+    key (a stored row serves both); on adaptive's box it keys the rows."""
+    paths = save_checkpoints(tmp_path / "ck", count=2)
+    data = toy_data()
+    rows = {(norm, first): audit(paths, make_mlp, data, metrics="adaptive", adaptive_norm=norm, solver="apgd",
+                                 max_iter=3, restarts=2, first_step=first, dtype="float64", group_size=2)
+            for norm in ("l2", "linf") for first in ("gradient", "sign")}
+    l2_gradient, l2_sign = rows["l2", "gradient"], rows["l2", "sign"]
+    assert [r["key"] for r in l2_gradient] == [r["key"] for r in l2_sign]
+    assert "first_step" not in l2_sign[0]["config"]
+    assert [r["adaptive"] for r in l2_gradient] == [r["adaptive"] for r in l2_sign]
+    assert rows["linf", "gradient"][0]["key"] != rows["linf", "sign"][0]["key"]
+
+
 def test_default_ascent_steps_are_each_metrics_own(tmp_path):
     """Without max_iter, keskar takes the paper's 10 steps and adaptive the 20 of sk.adaptive_sharpness;
     the rows equal the API's defaults, and an explicit max_iter applies to both."""

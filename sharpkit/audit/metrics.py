@@ -126,7 +126,10 @@ class MetricConfig:
             if "adaptive" in m:
                 used["adaptive_max_iter"] = self.steps("adaptive")
             if self.solver != "lbfgsb":
-                used.update(restarts=self.restarts, first_step=self.first_step)
+                used["restarts"] = self.restarts
+                # (an l2 ball has one first step: first_step applies to boxes only)
+                if m & {"keskar", "keskar-subspace"} or self.adaptive_norm == "linf":
+                    used["first_step"] = self.first_step
             if self.ascent_dtype is not None:  # absent from full-precision keys, as before the option
                 used["ascent_dtype"] = self.ascent_dtype
         if m & {"keskar", "keskar-subspace"}:
