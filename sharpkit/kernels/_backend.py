@@ -214,10 +214,12 @@ def partially_overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
     output may *be* an input (same storage offset, shape and strides); any other overlap (a
     shifted view, a transposed view of the same storage) lets a write land on an element that is
     still to be read.  Conservative: byte ranges that intersect count as overlapping.
+
+    Addresses are compared, not storages: tensors made from overlapping views of one outside
+    buffer (``torch.from_numpy(buf[:-1])`` and ``torch.from_numpy(buf[1:])``, DLPack) have
+    separate storages over the same memory.
     """
     if a.numel() == 0 or b.numel() == 0 or a.device != b.device or a.device.type == "meta":
-        return False
-    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
         return False
     if (a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.shape == b.shape
             and a.stride() == b.stride()):
@@ -262,6 +264,11 @@ def _supports(name: str, device: torch.device, dtype: torch.dtype) -> str | None
             return f"cannot run on device {device}"
         if dtype not in GPU_DTYPES:
             return f"does not support {dtype}"
+        if device.type == "cpu" and dtype == torch.bfloat16:
+            # The interpreter rounds float32 -> bfloat16 toward zero, not to nearest (1.0 + 2**-8 +
+            # 2**-10 is stored as 1.0): up to a whole bfloat16 ulp off, silently.
+            return ("cannot take bfloat16 CPU tensors: Triton's interpreter rounds bfloat16 results toward zero; "
+                    "use backend 'torch'")
         return None
     # cuda, cupy
     if device.type != "cuda":

@@ -271,14 +271,17 @@ def _check_operands(op: str, main: str, tensors: dict[str, torch.Tensor], out: t
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
         if not t.is_floating_point():
             raise TypeError(f"{op}: {name} must have a floating dtype, got {t.dtype}")
+        if t.layout != torch.strided:  # the kernels read dense memory
+            raise TypeError(f"{op}: {name} must be a dense (strided) tensor, got layout {t.layout}")
         if t.dtype != ref.dtype:
             raise TypeError(f"{op}: {name} has dtype {t.dtype}, {main} has {ref.dtype}")
     _backend.check_same_device(op, main, tensors)
     if out is not None and (not isinstance(out, torch.Tensor) or out.shape != ref.shape or out.dtype != ref.dtype
-                            or out.device != ref.device):
-        got = (tuple(out.shape), out.dtype, out.device) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ValueError(f"{op}: out must match {main} (shape {tuple(ref.shape)}, {ref.dtype}, {ref.device}), "
-                         f"got {got}")
+                            or out.device != ref.device or out.layout != torch.strided):
+        got = (tuple(out.shape), out.dtype, out.device, out.layout) if isinstance(out, torch.Tensor) \
+            else type(out).__name__
+        raise ValueError(f"{op}: out must match {main} (shape {tuple(ref.shape)}, {ref.dtype}, {ref.device}, "
+                         f"strided), got {got}")
 
 
 def _kernel_output(out: torch.Tensor | None, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:

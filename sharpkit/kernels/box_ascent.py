@@ -13,6 +13,7 @@ NaN in any input propagates to the outputs (``clamp`` keeps NaN).
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -47,6 +48,20 @@ def box_ascent_step_reference(
 
 # ---- validation and dispatch ------------------------------------------------------------------
 
+def _finite_number(name: str, value) -> float:
+    """``value`` as a float: a real Python or NumPy number (not a bool, not a tensor), finite."""
+    shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+    if isinstance(value, (bool, torch.Tensor)) or not isinstance(value, numbers.Real):
+        raise ValueError(f"box_ascent_step: {name} must be a finite number, got {shown}")
+    try:
+        as_float = float(value)
+    except OverflowError:  # an int beyond float's range
+        as_float = math.inf
+    if not math.isfinite(as_float):
+        raise ValueError(f"box_ascent_step: {name} must be a finite number, got {shown}")
+    return as_float
+
+
 def _check_inputs(x, y, g, epsilon, step, mode, y_prev, momentum, out):
     """Raise a clear TypeError/ValueError for bad arguments (nothing is returned or modified)."""
     named = {"x": x, "y": y, "g": g}
@@ -55,6 +70,8 @@ def _check_inputs(x, y, g, epsilon, step, mode, y_prev, momentum, out):
     for name, t in named.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"box_ascent_step: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.layout != torch.strided:  # the kernels read dense memory
+            raise TypeError(f"box_ascent_step: {name} must be a dense (strided) tensor, got layout {t.layout}")
     if not x.is_floating_point():
         raise TypeError(f"box_ascent_step: x must have a floating dtype, got {x.dtype}")
     for name, t in named.items():
@@ -66,22 +83,21 @@ def _check_inputs(x, y, g, epsilon, step, mode, y_prev, momentum, out):
             raise ValueError(f"box_ascent_step: {name} is on {t.device}, x is on {x.device}")
     if mode not in MODES:
         raise ValueError(f"box_ascent_step: mode must be one of {MODES}, got {mode!r}")
-    for name, v in (("epsilon", epsilon), ("step", step)):
-        if isinstance(v, (torch.Tensor, bool)) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise ValueError(f"box_ascent_step: {name} must be a finite number, got {v!r}")
-    if epsilon < 0:
+    if _finite_number("epsilon", epsilon) < 0:
         raise ValueError(f"box_ascent_step: epsilon must be >= 0, got {epsilon}")
+    _finite_number("step", step)
     if (y_prev is None) != (momentum is None):
         raise ValueError("box_ascent_step: the momentum variant needs both y_prev and momentum")
-    if momentum is not None and (isinstance(momentum, bool) or not isinstance(momentum, (int, float))
-                                 or not math.isfinite(momentum)):
-        raise ValueError(f"box_ascent_step: momentum must be a finite number, got {momentum!r}")
+    if momentum is not None:
+        _finite_number("momentum", momentum)
     if out is not None:
         if not (isinstance(out, (tuple, list)) and len(out) == 2):
             raise TypeError("box_ascent_step: out must be a pair (y_new, w) of tensors")
         for name, t in zip(("out[0]", "out[1]"), out):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"box_ascent_step: {name} must be a torch.Tensor")
+            if t.layout != torch.strided:
+                raise TypeError(f"box_ascent_step: {name} must be a dense (strided) tensor, got layout {t.layout}")
             if t.shape != x.shape or t.dtype != x.dtype or t.device != x.device:
                 raise ValueError(f"box_ascent_step: {name} must match x in shape, dtype and device "
                                  f"(got {tuple(t.shape)}, {t.dtype}, {t.device})")
@@ -126,6 +142,9 @@ def box_ascent_step(
         (copied to contiguous first).
     """
     _check_inputs(x, y, g, epsilon, step, mode, y_prev, momentum, out)
+    # Python floats from here on: a NumPy scalar times a tensor can turn into a NumPy array.
+    epsilon, step = float(epsilon), float(step)
+    momentum = float(momentum) if momentum is not None else None
     backend = for_autograd(backend, (x, y, g, y_prev), "box_ascent_step")
     name = resolve(backend, x.device, x.dtype, "box_ascent_step")
     if name == "torch":

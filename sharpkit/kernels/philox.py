@@ -72,7 +72,11 @@ def gaussian_block(
         raise ValueError(f"gaussian_block: row_start, num_rows and p must be >= 0, got {row_start}, {num_rows}, {p}")
     if row_start + num_rows > 2**63:
         raise ValueError(f"gaussian_block: rows {row_start}..{row_start + num_rows} exceed 2**63")
-    rows = torch.arange(row_start, row_start + num_rows, device=device, dtype=torch.int64)
+    # Offsets from row_start, not arange(row_start, row_start + num_rows): that end is 2**63 for
+    # the last int64 row and overflows.
+    rows = torch.arange(num_rows, device=device, dtype=torch.int64)
+    if num_rows:
+        rows += row_start
     pairs = torch.arange((p + 1) // 2, device=device, dtype=torch.int64)
     c0 = (rows & MASK32)[:, None].expand(num_rows, pairs.numel())
     c1 = (rows >> 32)[:, None].expand_as(c0)
@@ -104,6 +108,9 @@ def philox4x32_batch(counters: torch.Tensor, keys: torch.Tensor, backend: str = 
     """
     from ._backend import launch, resolve
 
+    for name, t in (("counters", counters), ("keys", keys)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"philox4x32_batch: {name} must be a torch.Tensor, got {type(t).__name__}")
     if counters.ndim != 2 or counters.shape[1] != 4 or keys.shape != (counters.shape[0], 2):
         raise ValueError(f"philox4x32_batch: need counters (m, 4) and keys (m, 2), got "
                          f"{tuple(counters.shape)} and {tuple(keys.shape)}")
@@ -111,9 +118,15 @@ def philox4x32_batch(counters: torch.Tensor, keys: torch.Tensor, backend: str = 
         if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
             raise TypeError(f"philox4x32_batch: {name} must be an integer tensor of uint32 values, got {t.dtype}")
         # int32 tensors may hold uint32 values as bit patterns; wider ones must hold them as values.
-        if t.dtype != torch.int32 and t.numel() and (int(t.min()) < 0 or int(t.max()) > MASK32):
-            raise ValueError(f"philox4x32_batch: {name} must hold uint32 values in [0, 2**32), got "
-                             f"[{int(t.min())}, {int(t.max())}]")
+        # Checked in int64: torch has no min/max/comparisons for uint16/32/64 on CPU (uint64 values
+        # of 2**63 and above come out negative there, and are refused as well).
+        if t.dtype != torch.int32 and t.numel():
+            wide = t.to(torch.int64)
+            bad = ((wide < 0) | (wide > MASK32)).flatten().nonzero()
+            if bad.numel():
+                value = int(wide.flatten()[bad[0, 0]])
+                value += (1 << 64) if t.dtype == torch.uint64 and value < 0 else 0
+                raise ValueError(f"philox4x32_batch: {name} must hold uint32 values in [0, 2**32), got {value}")
     if keys.device != counters.device:
         raise ValueError(f"philox4x32_batch: keys are on {keys.device}, counters on {counters.device}")
     name = resolve(backend, counters.device, torch.float32, "philox4x32_batch")

@@ -63,7 +63,8 @@ class GaussianSubspace:
         device: torch.device | str | None = None,
         block_rows: int = DEFAULT_BLOCK_ROWS,
     ):
-        self.n = _check_int("n", n, 0)
+        # Row indices are int64 in every backend (and in the C++ entry points): rows 0 .. 2**63 - 1.
+        self.n = _check_int("n", n, 0, (1 << 63) + 1)
         self.p = _check_int("p", p, 0, 1 << 33)
         self.seed = _check_int("seed", seed, 0, 1 << 64)
         self.block_rows = _check_int("block_rows", block_rows, 1)
@@ -102,6 +103,10 @@ class GaussianSubspace:
             raise TypeError(f"GaussianSubspace.{what} expects a torch.Tensor, got {type(v).__name__}")
         if v.shape != (length,):
             raise ValueError(f"GaussianSubspace.{what} expects shape ({length},), got {tuple(v.shape)}")
+        if v.is_complex():  # converting would drop the imaginary part (with only a warning)
+            raise TypeError(f"GaussianSubspace.{what} expects a real tensor, got {v.dtype}")
+        if v.layout != torch.strided:
+            raise TypeError(f"GaussianSubspace.{what} expects a dense (strided) tensor, got layout {v.layout}")
         return v.to(self.device, self.dtype).contiguous()
 
     # ---- entries -------------------------------------------------------------------------------
@@ -150,7 +155,10 @@ class GaussianSubspace:
         for start, count in self._chunks():
             part = out[start : start + count]
             if backend == "torch":
-                part.copy_(gaussian_block(self.seed, start, count, self.p, self.dtype, self.device) @ z)
+                # In the working precision, rounded once into part (as rmatvec and the GPU kernels):
+                # float16/bfloat16 entries and products would round every term.
+                block = gaussian_block(self.seed, start, count, self.p, self._work, self.device)
+                part.copy_(block @ z.to(self._work))
             elif backend == "cpp":
                 cpp_module()[0].subspace_matvec(self.seed, start, count, self.p, z.data_ptr(), part.data_ptr(),
                                                 DTYPE_CODES[self.dtype])
