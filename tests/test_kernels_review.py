@@ -305,3 +305,22 @@ def test_triton_refuses_bfloat16_cpu_tensors():
         sk.ops.GaussianSubspace(4, 3, backend="triton", dtype=torch.bfloat16)
     y_new, _ = sk.ops.box_ascent_step(x, torch.zeros_like(x), x, 0.1, 0.1)  # auto: the torch path
     assert y_new.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_activation_terms_rbackward_with_rz_sharing_rgh(backend):
+    """ActivationTerms.rbackward(rgh, rz) with Rz the same tensor as Rgh: the torch path scaled rgh
+    in place first, so the sigma'' term read sigma' * Rz instead of Rz (Triton reads both first)."""
+    _require(backend)
+    gen = torch.Generator().manual_seed(8)
+    z, gh = torch.randn(3, 5, generator=gen, dtype=torch.float64), torch.randn(3, 5, generator=gen, dtype=torch.float64)
+    r = torch.randn(3, 2, 5, generator=gen, dtype=torch.float64)
+    zn, ghn, rn = z.numpy(), gh.numpy(), r.numpy().copy()
+    t = np.tanh(zn)
+    d1, d2 = 1 - t * t, -2 * t * (1 - t * t)
+    want = d1[:, None, :] * rn + (d2 * ghn)[:, None, :] * rn
+    terms = A.ActivationTerms("tanh", z, exact=True, backend=backend)
+    terms.input_grad(gh)
+    got = terms.rbackward(r, r)
+    assert got.data_ptr() == r.data_ptr()
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-13, atol=1e-15)

@@ -397,6 +397,8 @@ class ActivationTerms:
         """``sigma'(z) * Rgh (+ sigma''(z) * gh * Rz)``, written over ``rgh`` (which is consumed)."""
         exact = self.exact and rz is not None
         if self.backend == "torch":
+            if exact and (rz.data_ptr() == rgh.data_ptr() or _backend.partially_overlaps(rz, rgh)):
+                rz = rz.clone()  # rgh.mul_ would change Rz before the sigma'' term reads it
             rgh.mul_(self.d1)
             if exact:
                 rgh.addcmul_(self.c2, rz)
