@@ -60,6 +60,7 @@ def train(
     checkpoint: str | os.PathLike | None = None,
     on_epoch: EpochHook | None = None,
     progress: Any = None,
+    hook_state: dict | None = None,
 ) -> TrainResult:
     """Train ``model`` in place with Adam on ``train_data = (X, Y)``; returns the history.
 
@@ -71,6 +72,9 @@ def train(
     ignored with a warning and training starts afresh).  ``on_epoch(epoch, model, entry)`` is
     called after epoch 0 (before any step) and after each epoch; a dict it returns is merged into
     that epoch's history entry.  ``progress``: a tqdm bar advanced once per epoch (optional).
+    ``hook_state``: a dict that ``on_epoch`` keeps between epochs (a warm-start vector, say); it is
+    saved in each checkpoint with the epoch and refilled from it on resume, so that a resumed
+    training's hook carries on as it would have without the interruption.
     """
     x, y = train_data
     n = x.shape[0]
@@ -98,6 +102,9 @@ def train(
             torch.cuda.set_rng_state(_rng_tensor(state["cuda_rng"]), device)
         result.history = state["history"]
         result.resumed_from = result.epochs = len(result.history) - 1
+        if hook_state is not None:  # (checkpoints written before hook states: none saved)
+            hook_state.clear()
+            hook_state.update(state.get("hook_state") or {})
     else:
         torch.manual_seed(int(seed) + 7919)  # dropout masks
         entry = {"epoch": 0, "train_loss": math.nan}
@@ -120,6 +127,7 @@ def train(
                     "cuda_rng": _rng_bytes(torch.cuda.get_rng_state(device)) if device.type == "cuda" else None,
                     "history": result.history,
                     "stopped": result.stopped,
+                    "hook_state": None if hook_state is None else dict(hook_state),
                 },
                 ckpt,
             )
