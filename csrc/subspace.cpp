@@ -168,22 +168,34 @@ void matvec(sk_u64 seed, std::int64_t row0, std::int64_t rows, std::int64_t p, c
   }
 }
 
-// out[j] = sum_r A[row0 + r, j] g[r]; each thread keeps a double partial sum, combined at the end.
+// rmatvec cuts the rows into at most this many fixed ranges, each summed on its own.
+constexpr std::int64_t kRmvParts = 64;
+// ... and keeps at most this many double partial sums in all (parts * 2 * pairs).
+constexpr std::int64_t kRmvPartialsMax = std::int64_t(1) << 22;
+
+// out[j] = sum_r A[row0 + r, j] g[r].  The ranges of rows and the order of every sum depend on
+// (rows, p) alone, never on the thread count or the schedule: each range accumulates its rows in
+// order into its own double partial sums, which are then added in range order.  (Per-thread sums
+// combined in `omp critical` gave a different float64 result on nearly every call.)
 template <typename T>
 void rmatvec(sk_u64 seed, std::int64_t row0, std::int64_t rows, std::int64_t p, const T* g, T* out) {
   const Key key(seed);
   const std::int64_t pairs = (p + 1) / 2;
-  std::vector<double> total(2 * pairs, 0.0);
+  const std::int64_t width = 2 * pairs;
+  const std::int64_t parts = std::max<std::int64_t>(
+      1, std::min({kRmvParts, (rows + kRowChunk - 1) / kRowChunk, kRmvPartialsMax / std::max<std::int64_t>(width, 1)}));
+  std::vector<double> partial(parts * width, 0.0);
+  const std::int64_t base = rows / parts, extra = rows % parts;
 #ifdef _OPENMP
-#pragma omp parallel if (rows * p >= 4096)
+#pragma omp parallel for schedule(dynamic, 1) if (rows * p >= 4096)
 #endif
-  {
-    std::vector<double> acc(2 * pairs, 0.0);
+  for (std::int64_t part = 0; part < parts; ++part) {
+    // Range `part`: base rows, one more for the first `extra` ranges.
+    const std::int64_t r0 = part * base + std::min(part, extra);
+    const std::int64_t r1 = r0 + base + (part < extra ? 1 : 0);
+    double* acc = partial.data() + part * width;
     T a[kChunk], b[kChunk];
-#ifdef _OPENMP
-#pragma omp for schedule(dynamic, kRowChunk) nowait
-#endif
-    for (std::int64_t r = 0; r < rows; ++r) {
+    for (std::int64_t r = r0; r < r1; ++r) {
       const double gr = (double)g[r];
       for (std::int64_t k0 = 0; k0 < pairs; k0 += kChunk) {
         const std::int64_t count = std::min(kChunk, pairs - k0);
@@ -194,12 +206,12 @@ void rmatvec(sk_u64 seed, std::int64_t row0, std::int64_t rows, std::int64_t p, 
         }
       }
     }
-#ifdef _OPENMP
-#pragma omp critical
-#endif
-    for (std::int64_t j = 0; j < 2 * pairs; ++j) total[j] += acc[j];
   }
-  for (std::int64_t j = 0; j < p; ++j) out[j] = (T)total[j];
+  for (std::int64_t j = 0; j < p; ++j) {
+    double total = 0.0;
+    for (std::int64_t part = 0; part < parts; ++part) total += partial[part * width + j];
+    out[j] = (T)total;
+  }
 }
 
 void check(std::int64_t row0, std::int64_t rows, std::int64_t p, int dtype, const char* op) {
