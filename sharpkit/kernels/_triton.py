@@ -71,7 +71,8 @@ def _gauss_pair(rows, pairs, keys_ptr, F64: tl.constexpr, LIBDEVICE: tl.constexp
 
 @triton.jit
 def _philox_kernel(ctr_ptr, key_ptr, out_ptr, count, BLOCK: tl.constexpr):
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    # int64: 4 * i passes 2**31 from m = 2**29 sets on.
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = i < count
     # uint32 values travel as int32 bit patterns (torch's uint32 support is partial).
     c0 = tl.load(ctr_ptr + 4 * i, mask=mask, other=0).to(tl.uint32, bitcast=True)
