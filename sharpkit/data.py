@@ -33,6 +33,7 @@ __all__ = [
     "load_tensor_file",
     "TensorDataset",
     "regroup_batches",
+    "class_index_targets",
 ]
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -43,7 +44,8 @@ class Batches:
 
     A single ``(X, Y)`` pair becomes one batch, or batches of ``batch_size`` rows when given.
     A one-shot iterator (a generator) is read once into memory so that it can be replayed;
-    re-iterables (DataLoader, list) are iterated afresh on every pass.
+    re-iterables (DataLoader, list) are iterated afresh on every pass.  Integer targets are
+    yielded as int64 (:func:`class_index_targets`).
     """
 
     # This process's share under torch.distributed: (rank, world_size), or None for all the data.
@@ -74,7 +76,7 @@ class Batches:
                 raise ValueError(
                     f"inputs and targets disagree on the number of samples: {x.shape[0]} vs {y.shape[0]}"
                 )
-            self._source: Iterable = [(x, y)]
+            self._source: Iterable = [(x, class_index_targets(y))]  # (converted once, not per pass)
             self._split = batch_size
         elif isinstance(data, Iterable):
             self._source = list(data) if iter(data) is data else data
@@ -153,6 +155,7 @@ class Batches:
                 raise ValueError(f"batch {i}: inputs have {x.shape[0]} samples but targets {y.shape[0]}")
             if x.shape[0] == 0:
                 continue
+            y = class_index_targets(y)
             if self._split is None:
                 seen = True
                 yield x, y
@@ -345,6 +348,22 @@ def regroup_batches(batches: Batches, rows: int) -> Batches:
 
         return local_data(regrouped)
     return Batches(regrouped)
+
+
+def class_index_targets(targets: Any) -> Any:
+    """``targets`` as int64 where they are integer targets of another dtype (uint8, int8, int16,
+    int32, ...); floating (MSE, probabilities), bool and int64 targets, and non-tensors, unchanged.
+
+    The one place class-index targets get the dtype every consumer expects: :class:`Batches`
+    applies it to each batch it yields, so that the objective, its sample weights, the curvature
+    engines (generic and fused), sharpness, landscapes and audits all see int64 class indices.
+    Cross-entropy/NLL take uint8 indices but a uint8 compares with ``ignore_index=-100`` as 156,
+    gathers and one-hot encodings need int64 indices, and a uint8 index tensor indexes as a mask;
+    int8/int16/int32 indices cross-entropy refuses.  Integer values are kept exactly."""
+    if isinstance(targets, torch.Tensor) and targets.dtype not in (torch.int64, torch.bool) \
+            and not targets.is_floating_point() and not targets.is_complex():
+        return targets.long()
+    return targets
 
 
 def _is_tensor_pair(obj: Any) -> bool:

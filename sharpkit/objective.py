@@ -19,7 +19,7 @@ from torch import nn
 from torch.func import functional_call
 
 from . import distributed as _dist
-from .data import Batches, BatchSurvey, as_batches, regroup_batches, survey_batches, to_device
+from .data import Batches, BatchSurvey, as_batches, class_index_targets, regroup_batches, survey_batches, to_device
 from .params import (
     FlatParams,
     check_finite_parameters,
@@ -359,9 +359,8 @@ def sample_weigher(loss_fn: Any) -> Callable[[Any], torch.Tensor] | None:
         n = batch[0].shape[0]
         if not isinstance(targets, torch.Tensor) or targets.is_floating_point():
             return torch.ones(n, dtype=torch.float64)
-        # int64: uint8 class indices (which cross-entropy takes) would compare with -100 as 156 and
-        # index the class weights as a mask.
-        entries = targets.reshape(n, -1).long()
+        # (Batches yield int64 targets; a batch given here directly is converted the same way.)
+        entries = class_index_targets(targets).reshape(n, -1)
         kept = entries != ignore
         if class_weights is None:
             return kept.sum(1).to("cpu", torch.float64)

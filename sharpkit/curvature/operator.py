@@ -11,7 +11,7 @@ from torch import nn
 
 from .. import distributed as _dist
 from ..data import regroup_batches
-from ..objective import Objective, regroup_rows, sample_weigher
+from ..objective import Objective, regroup_rows
 from ..params import is_batchnorm, measurement_mode
 from .engines import DEFAULT_BLOCK_SIZE, ENGINES, KINDS, HVPEngine, make_engine
 
@@ -139,9 +139,6 @@ class CurvatureOperator:
         # (functional_call leaves plain tensors behind only then): decided once, not per product.
         self._restore_objects = self.objective._shared_modules
         self._batch_weights: list[float] | None = None  # each batch's weight, after the first pass
-        # Cross-entropy/NLL take uint8 class indices; the engines get them as int64 (the fused
-        # engine would index with a uint8 tensor as a mask).
-        self._long_targets = sample_weigher(loss_fn) is not None
         self.num_matvecs = 0
         self.num_passes = 0
 
@@ -219,8 +216,6 @@ class CurvatureOperator:
         seen = []
         for b, ((inputs, targets), w) in enumerate(self.objective.weights.weighted(self.objective.batches)):
             seen.append(w)
-            if self._long_targets and isinstance(targets, torch.Tensor) and targets.dtype == torch.uint8:
-                targets = targets.long()
             yield b, inputs, targets, w
         self._batch_weights = seen
 

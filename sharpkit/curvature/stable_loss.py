@@ -35,9 +35,10 @@ __all__ = ["curvature_loss", "SaturationSafeCrossEntropy"]
 class SaturationSafeCrossEntropy:
     """Mean softmax cross-entropy with class-index targets, as ``nn.CrossEntropyLoss(weight,
     ignore_index=...)`` computes it (weighted mean over the entries not ignored), in the
-    saturation-safe form of the module docstring.  Any other call (probability targets, unbatched
-    or non-floating outputs, targets outside the classes) goes to the original loss, which gives
-    its own value or error."""
+    saturation-safe form of the module docstring, for int64 targets (sharpkit's batches yield
+    integer targets as int64: :func:`sharpkit.data.class_index_targets`).  Any other call
+    (probability or other integer targets, unbatched or non-floating outputs, targets outside the
+    classes) goes to the original loss, which gives its own value or error."""
 
     reduction = "mean"
 
@@ -48,13 +49,9 @@ class SaturationSafeCrossEntropy:
 
     def __call__(self, outputs: Any, targets: Any) -> Any:
         if not (isinstance(outputs, torch.Tensor) and isinstance(targets, torch.Tensor)
-                and outputs.is_floating_point() and outputs.dim() >= 2 and not targets.is_floating_point()
+                and outputs.is_floating_point() and outputs.dim() >= 2 and targets.dtype == torch.int64
                 and targets.shape == outputs.shape[:1] + outputs.shape[2:]):
             return self.original(outputs, targets)
-        if targets.dtype == torch.uint8:
-            # Byte class indices, which cross-entropy takes: compared with ignore_index (-100) and
-            # gathered by as int64 (a uint8 -100 is 156, and gather wants int64 indices).
-            targets = targets.long()
         c = outputs.shape[1]
         valid = targets != self.ignore_index
         # Targets outside the classes: the original's IndexError names the target.  Checked on the
