@@ -16,6 +16,12 @@ Launch with torchrun, which sets ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTE
 Without a process group (or with a group of one) every function here is a no-op, so the same code
 runs single-process unchanged.
 
+Agreement: sharding is exact only when every rank measures the same thing: the same model
+(parameters, buffers, architecture), loss and arguments, and so evaluates the same points.
+:func:`check_same` compares such inputs across ranks once, by :func:`digest` (raising on every rank
+and naming what differs), and :func:`sharded_pass`'s ``same=`` compares the point or directions
+of every pass in its header, so that ranks that drift apart stop before their sums are mixed.
+
 Failures: a pass that raises on one rank must not leave the others waiting in a collective
 forever.  :func:`sharded_pass` (and :func:`agree` for work outside a data pass, such as loading a
 checkpoint) catches the local exception, still takes part in the collective with an error flag,
@@ -28,15 +34,20 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
+import hashlib
 import os
 import pickle
+import re
+import types
 import zlib
 from typing import Any, Callable, Sequence, TypeVar
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
-from .params import canonical_device
+from .params import canonical_device, is_batchnorm
 
 __all__ = [
     "PeerFailure",
@@ -55,6 +66,8 @@ __all__ = [
     "all_reduce_sum_",
     "sharded_pass",
     "agree",
+    "digest",
+    "check_same",
     "broadcast_",
     "broadcast_object",
     "barrier",
@@ -252,8 +265,6 @@ def uses_batch_statistics(model: torch.nn.Module, bn: str | None = None) -> bool
     batches must not be split or joined.  ``bn`` ("eval"/"train") judges the model as the
     measurement policy of :func:`sharpkit.params.measurement_mode` will set it; None (default)
     reads each module's current mode."""
-    from .params import is_batchnorm
-
     def batch_stats(m: torch.nn.Module) -> bool:
         training = m.training if bn is None else bn == "train"
         return training or m.running_mean is None
@@ -357,12 +368,26 @@ class sharded_pass(contextlib.AbstractContextManager):
     process or not at all) raise a ``RuntimeError`` naming the shapes on every rank.  Otherwise
     the sums are added (a second collective).  With ``enabled=False`` or without a process group
     it does nothing.
+
+    ``same``: tensors that must hold the same values on every rank for the sums to mean anything
+    (the point the pass evaluates, the directions of a product).  Their :func:`digest` travels in
+    the header; ranks that hold other values (another model, epsilon, seed, subspace, solver or
+    path coordinate: a silent mixture of two measurements otherwise) raise a ``RuntimeError`` on
+    every rank and nothing is exchanged.  Digested when the pass starts, before the block runs.
     """
 
-    def __init__(self, accumulators: Sequence[torch.Tensor] = (), enabled: bool = True, what: str = "a data pass"):
+    def __init__(self, accumulators: Sequence[torch.Tensor] = (), enabled: bool = True, what: str = "a data pass",
+                 same: Sequence[torch.Tensor] = ()):
         self.accumulators = list(accumulators)
         self.enabled = enabled and is_distributed()
         self.what = what
+        # Digested now: the block may change the tensors (a caller accumulating into its point).  A
+        # failure here is reported on exit, after the header, like one inside the block.
+        self._error: Exception | None = None
+        try:
+            self.same = _digests_of(list(same)) if self.enabled else 0
+        except Exception as exc:  # noqa: BLE001 - raised on exit, the other ranks told
+            self.same, self._error = 0, exc
 
     def __enter__(self) -> "sharded_pass":
         return self
@@ -372,21 +397,27 @@ class sharded_pass(contextlib.AbstractContextManager):
             return False
         if exc is not None and not isinstance(exc, Exception):
             return False  # KeyboardInterrupt, SystemExit: the process is going away anyway
+        own = self._error if exc is None else None  # (the block's own exception comes first)
         world, rank = get_world_size(), get_rank()
         layout = _layout(self.accumulators)
-        # [numel, -numel, signature, -signature, failed on rank 0, 1, ...] reduced with MAX: the
-        # ranks agree on the layout exactly when the maximum of each equals minus that of its negation.
-        header = torch.zeros(4 + world, dtype=torch.float64, device=_comm_device(torch.device("cpu")))
-        header[:4] = torch.tensor([layout[0], -layout[0], layout[1], -layout[1]], dtype=torch.float64)
-        if exc is not None:
-            header[4 + rank] = 1.0
+        # [numel, -numel, signature, -signature, digest, -digest, failed on rank 0, 1, ...] reduced
+        # with MAX: the ranks agree on a quantity exactly when the maximum of it equals minus the
+        # maximum of its negation (every value below 2**53, so exact in float64).
+        header = torch.zeros(_HEADER + world, dtype=torch.float64, device=_comm_device(torch.device("cpu")))
+        header[:_HEADER] = torch.tensor([layout[0], -layout[0], layout[1], -layout[1], self.same, -self.same],
+                                        dtype=torch.float64)
+        if exc is not None or own is not None:
+            header[_HEADER + rank] = 1.0
         dist.all_reduce(header, op=dist.ReduceOp.MAX)
         header = header.cpu()
-        failed = [r for r in range(world) if header[4 + r].item() > 0]
+        failed = [r for r in range(world) if header[_HEADER + r].item() > 0]
         if failed:
             if exc is not None:
                 exc.add_note(f"(raised on rank {rank} of {world} during {self.what})")
                 return False
+            if own is not None:
+                own.add_note(f"(raised on rank {rank} of {world} while digesting the values of {self.what})")
+                raise own
             who = ", ".join(str(r) for r in failed)
             raise PeerFailure(
                 f"rank {who} failed during {self.what}; its error is reported by that process (this is rank {rank})"
@@ -401,9 +432,27 @@ class sharded_pass(contextlib.AbstractContextManager):
                 "took different code paths, so the sums would not give the single-process result; nothing was "
                 "exchanged)"
             )
+        if header[4].item() != -header[5].item():
+            # Every rank is here (the header is the same everywhere): one more collective names them.
+            groups: dict[int, list[int]] = {}
+            for r, d in enumerate(gather_objects(self.same)):
+                groups.setdefault(d, []).append(r)
+            kinds = [f"rank{'s' if len(g) > 1 else ''} {', '.join(map(str, g))}" for g in groups.values()]
+            verb = "hold" if len(groups[next(iter(groups))]) > 1 else "holds"
+            where = (f"{kinds[0]} {verb} one point, {kinds[1]} another" if len(kinds) == 2
+                     else f"{len(kinds)} different points ({' / '.join(kinds)})")
+            raise RuntimeError(
+                f"the ranks disagree on what {self.what} evaluates: {where} (the parameters or directions of the "
+                "pass), so the sums would mix several measurements; nothing was exchanged.  Every rank must "
+                "measure the same model (parameters, buffers, dtype) with the same loss and arguments (epsilon, "
+                f"subspace_dim, solver, seed, alphas, ...); this is rank {rank} of {world}"
+            )
         if self.accumulators:
             all_reduce_sum_(self.accumulators)
         return False
+
+
+_HEADER = 6  # header entries before the per-rank failure flags
 
 
 def _layout(tensors: Sequence[torch.Tensor]) -> tuple[int, int]:
@@ -418,6 +467,242 @@ def agree(what: str = "this step") -> sharded_pass:
     block raises on any rank, every rank raises on exit instead of some waiting forever in the
     next collective.  One small collective; a no-op without a process group."""
     return sharded_pass((), what=what)
+
+
+# --------------------------------------------------------------------------- agreement
+
+_DIGEST_MASK = (1 << 52) - 1  # digests fit a float64 exactly (the pass header)
+_DIGEST_CHUNK = 1 << 18  # 16-bit limbs weighed per step: bounded temporaries (and sums below 2**53)
+_PASS_SAMPLE = 1 << 16  # elements of a pass's ``same`` tensors digested (evenly spaced)
+_DIGEST_DEPTH = 6  # nesting followed into containers and objects
+
+
+def _mix(*parts: Any) -> int:
+    """52 bits of a hash of ``parts``' repr (which holds only ints and strings here)."""
+    h = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & _DIGEST_MASK
+
+
+_weights_cache: dict[torch.device, torch.Tensor] = {}
+
+
+def _limb_weights(device: torch.device) -> torch.Tensor:
+    """Two rows of position weights in [1, 65536] for one chunk of limbs (periods 65521 and 65519,
+    so that moved or swapped values change the sums)."""
+    w = _weights_cache.get(device)
+    if w is None:
+        idx = torch.arange(_DIGEST_CHUNK, dtype=torch.int64, device=device)
+        w = torch.stack([(idx * 40503) % 65521 + 1, (idx * 52757) % 65519 + 1])
+        _weights_cache[device] = w
+    return w
+
+
+def _tensor_digest(t: torch.Tensor, sample: int | None = None) -> int:
+    """Digest of a tensor's dtype, shape and exact bits (every element, or ``sample`` evenly spaced
+    ones), the same on every device and thread count: integer arithmetic only (a floating-point
+    sum's rounding would depend on the reduction order), on the tensor's own device."""
+    if isinstance(t, torch.nn.parameter.UninitializedTensorMixin):
+        return _mix("uninitialized", type(t).__name__)
+    t = t.detach()
+    head = (str(t.dtype), tuple(t.shape))
+    if t.device.type == "meta":
+        return _mix("meta", head)
+    if t.is_sparse:
+        t = t.to_dense()
+    if t.is_quantized:
+        t = t.int_repr()
+    flat = t.reshape(-1)
+    if sample is not None and flat.numel() > sample:
+        step = -(-flat.numel() // sample)
+        flat = torch.cat([flat[::step], flat[-1:]])
+    if flat.is_complex():
+        flat = torch.view_as_real(flat).reshape(-1)
+    if flat.dtype == torch.bool:
+        flat = flat.to(torch.uint8)
+    flat = flat.contiguous()
+    if flat.element_size() == 1:
+        limbs = flat.view(torch.uint8)
+    else:  # 16-bit limbs of the bits (for 2-, 4- and 8-byte elements)
+        limbs = flat.view(torch.int16)
+    weights = _limb_weights(flat.device)
+    sums = []
+    for start in range(0, limbs.numel(), _DIGEST_CHUNK):
+        part = limbs[start:start + _DIGEST_CHUNK].to(torch.int64) & 0xFFFF
+        # (< 2**16 * 2**16 per product, < 2**52 per chunk: exact in int64)
+        sums.append((part * weights[:, : part.numel()]).sum(1))
+    values = torch.stack(sums).reshape(-1).tolist() if sums else []
+    return _mix(head, limbs.numel(), values)
+
+
+def _function_digest(fn: Any, depth: int) -> int:
+    """A function by its module, name, byte code, constants and defaults (not the values it closes
+    over: a loss that counts its calls or knows its rank is still the same loss)."""
+    code = getattr(fn, "__code__", None)
+    parts = [getattr(fn, "__module__", None), getattr(fn, "__qualname__", type(fn).__qualname__)]
+    if code is not None:
+        parts += [code.co_code.hex(), digest(code.co_consts, depth + 1),
+                  digest(getattr(fn, "__defaults__", None), depth + 1),
+                  digest(getattr(fn, "__kwdefaults__", None), depth + 1)]
+    return _mix("function", *parts)
+
+
+def digest(value: Any, _depth: int = 0) -> int:
+    """A 52-bit digest of ``value`` that is equal on two ranks exactly when they hold the same thing
+    (up to hash collisions): tensors by dtype, shape and bits (wherever they live); numbers,
+    strings and dtypes by value; devices by type only (ranks use one GPU each); lists, tuples,
+    dicts and sets by their items; functions by code, constants and defaults; ``functools.partial``
+    by function and arguments; modules and other objects by type and attributes (a module's
+    tensors, its public settings such as ``reduction``, ``ignore_index``, ``label_smoothing``).
+    Used by :func:`check_same` and :func:`sharded_pass`'s ``same``."""
+    if _depth > _DIGEST_DEPTH:
+        return _mix("deep", type(value).__qualname__)
+    d = _depth + 1
+    if isinstance(value, torch.Tensor):
+        return _tensor_digest(value)
+    if value is None or isinstance(value, (bool, int, float, complex, str, bytes)):
+        return _mix(type(value).__name__, repr(value))
+    if isinstance(value, (np.generic, np.ndarray)):
+        arr = np.ascontiguousarray(value)
+        return _mix("ndarray", str(arr.dtype), arr.shape, hashlib.blake2b(arr.tobytes(), digest_size=8).hexdigest())
+    if isinstance(value, torch.dtype):
+        return _mix("dtype", str(value))
+    if isinstance(value, torch.device):
+        return _mix("device", value.type)
+    if isinstance(value, (list, tuple)):
+        return _mix(type(value).__name__, [digest(v, d) for v in value])
+    if isinstance(value, (set, frozenset)):
+        return _mix("set", sorted(digest(v, d) for v in value))
+    if isinstance(value, dict):
+        return _mix("dict", sorted((digest(k, d), digest(v, d)) for k, v in value.items()))
+    if isinstance(value, functools.partial):
+        return _mix("partial", digest(value.func, d), digest(value.args, d), digest(value.keywords, d))
+    if isinstance(value, types.MethodType):
+        return _mix("method", type(value.__self__).__qualname__, _function_digest(value.__func__, d))
+    if isinstance(value, (types.FunctionType, types.BuiltinFunctionType)):
+        return _function_digest(value, d)
+    if isinstance(value, torch.nn.Module):
+        settings = {k: v for k, v in vars(value).items() if not k.startswith("_") and k != "training"}
+        tensors = {k: _tensor_digest(t) for k, t in value.state_dict(keep_vars=True).items()}
+        return _mix("module", type(value).__qualname__, digest(settings, d), sorted(tensors.items()),
+                    _function_digest(type(value).forward, d))
+    if hasattr(value, "__dict__"):
+        return _mix("object", type(value).__module__, type(value).__qualname__,
+                    digest({k: v for k, v in vars(value).items() if not k.startswith("_")}, d))
+    return _mix("other", type(value).__qualname__, re.sub(r" at 0x[0-9a-fA-F]+", "", repr(value)))
+
+
+def _digests_of(tensors: Sequence[torch.Tensor]) -> int:
+    """One digest of ``tensors`` for a pass header (0 for none): ``_PASS_SAMPLE`` evenly spaced
+    elements of each, enough to tell apart the points of two measurements at a cost far below
+    the pass's own (the whole model is compared once, by :func:`check_same`)."""
+    if not tensors:
+        return 0
+    for t in tensors:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"sharded_pass(same=...) takes tensors, got {type(t).__name__}")
+    return _mix("same", [_tensor_digest(t, sample=_PASS_SAMPLE) for t in tensors]) or 1
+
+
+def _describe(value: Any) -> str:
+    """A short description of ``value`` for an error message (a module with its settings)."""
+    if isinstance(value, torch.Tensor):
+        return f"{str(value.dtype).replace('torch.', '')} {tuple(value.shape)}"
+    if isinstance(value, torch.nn.Module) and not list(value.children()):
+        settings = [f"{k}={_describe(v)}" for k, v in vars(value).items() if not k.startswith("_") and k != "training"]
+        settings += [f"{k}={_describe(t)}" for k, t in value.state_dict(keep_vars=True).items()]
+        text = f"{type(value).__name__}({', '.join(settings)})"
+    else:
+        text = re.sub(r" at 0x[0-9a-fA-F]+", "", repr(value))
+    return text if len(text) <= 100 else text[:97] + "..."
+
+
+def _model_items(model: torch.nn.Module) -> dict[str, tuple[int, str]]:
+    """``{item: (digest, description)}`` of what a measurement reads from ``model``: every module
+    (its type, settings as ``extra_repr`` shows them, and its type's forward code), every parameter
+    (values, dtype, shape, requires_grad) and every buffer."""
+    forwards: dict[type, int] = {}
+    items = {}
+    for name, m in model.named_modules():
+        forward = forwards.setdefault(type(m), _function_digest(type(m).forward, 1))
+        settings = re.sub(r" at 0x[0-9a-fA-F]+", "", m.extra_repr())
+        label = f"module {name!r}" if name else "the model's root module"
+        items[label] = (_mix("module", type(m).__module__, type(m).__qualname__, settings, forward),
+                        f"{type(m).__name__}({settings})")
+    for name, p in model.named_parameters():
+        frozen = "" if p.requires_grad else ", frozen"
+        items[f"parameter {name!r}"] = (_mix(_tensor_digest(p), p.requires_grad), _describe(p) + frozen)
+    # BatchNorm in training mode normalises with each batch's statistics and only writes its
+    # running ones (in a measurement, copies of them, which each rank's batches move otherwise).
+    written = {id(b) for m in model.modules() if is_batchnorm(m) and m.training for b in m.buffers(recurse=False)}
+    for name, b in model.named_buffers():
+        if id(b) not in written:
+            items[f"buffer {name!r}"] = (_tensor_digest(b), _describe(b))
+    return items
+
+
+def check_same(what: str, model: torch.nn.Module | None = None, loss_fn: Any = None, **config: Any) -> None:
+    """Raise on every rank unless every rank holds the same ``model`` (architecture, parameters,
+    buffers), ``loss_fn`` and ``config`` values (compared by :func:`digest`); a no-op without a
+    process group.
+
+    A sharded measurement adds every rank's share of the sums: ranks that measure different
+    models, losses or arguments would silently return a mixture of several measurements (or wait
+    for each other forever, where one stops sooner).  One small collective (every rank's digests);
+    the ``RuntimeError`` names ``what`` and each item that differs, with what each rank holds.
+    Failure-safe: an exception while digesting on one rank is raised there and as
+    :class:`PeerFailure` on the others.  Devices are compared by type only (one GPU per rank).
+    """
+    if not is_distributed():
+        return
+    rank, world = get_rank(), get_world_size()
+    error: Exception | None = None
+    items: dict[str, tuple[int, str]] = {}
+    try:
+        if model is not None:
+            items.update(_model_items(model))
+        if loss_fn is not None:
+            items["loss_fn"] = (digest(loss_fn), _describe(loss_fn))
+        for key, value in config.items():
+            items[key] = (digest(value), _describe(value))
+    except Exception as exc:  # noqa: BLE001 - reported on every rank below
+        error = exc
+    everyone = gather_objects(("error", None) if error is not None else ("ok", items))
+    if error is not None:
+        error.add_note(f"(raised on rank {rank} of {world} while comparing {what} across ranks)")
+        raise error
+    failed = [r for r, (status, _) in enumerate(everyone) if status == "error"]
+    if failed:
+        raise PeerFailure(f"rank {', '.join(map(str, failed))} failed while comparing {what} across ranks; its error "
+                          f"is reported by that process (this is rank {rank})")
+    names = list(dict.fromkeys(name for _, held in everyone for name in held))
+    differ = []
+    for name in names:
+        held = [got.get(name) for _, got in everyone]
+        groups: dict[Any, list[int]] = {}
+        for r, h in enumerate(held):
+            groups.setdefault(None if h is None else h[0], []).append(r)
+        if len(groups) == 1:
+            continue
+        def who(ranks: list[int]) -> str:
+            return f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
+
+        descriptions = {None if key is None else held[ranks[0]][1] for key, ranks in groups.items()}
+        if len(descriptions) == 1 and None not in descriptions:  # alike but for the values
+            kinds = list(groups.values())
+            where = (f"other values on {who(kinds[1])} than on {who(kinds[0])}" if len(kinds) == 2
+                     else f"different values on {' / '.join(who(r) for r in kinds)}")
+            differ.append(f"{name} ({descriptions.pop()}): {where}")
+        else:
+            parts = [f"{who(ranks)}: {'missing' if key is None else held[ranks[0]][1]}"
+                     for key, ranks in groups.items()]
+            differ.append(f"{name} [{'; '.join(parts)}]")
+    if differ:
+        shown = "; ".join(differ[:6]) + (f"; and {len(differ) - 6} more" if len(differ) > 6 else "")
+        raise RuntimeError(
+            f"the ranks disagree on {what}: {shown}.  A sharded measurement adds every rank's share of the data, "
+            "so every rank must hold the same model, loss and arguments (load or broadcast the same weights on "
+            "every rank; seed them alike); nothing was measured"
+        )
 
 
 def broadcast_(tensors: Sequence[torch.Tensor], src: int = 0) -> None:
