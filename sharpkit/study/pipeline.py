@@ -155,6 +155,9 @@ def check_config(c: StudyConfig) -> None:
 
     if not c.models:
         raise ValueError("study setting models is empty")
+    twice = sorted({m for m in c.models if list(c.models).count(m) > 1})
+    if twice:  # results are keyed by spec: the second entry was trained and measured again, then overwrote the first
+        raise ValueError(f"study setting models names {twice[0]!r} more than once, got {tuple(c.models)}")
     if not c.seeds:
         raise ValueError("study setting seeds is empty")
     for v in c.seeds:

@@ -179,7 +179,7 @@ def summarize(results: dict) -> dict:
     cfg = results["config"]
     summary: dict[str, Any] = {"models": {}}
     for spec, m in results["models"].items():
-        paper = PAPER.get(spec)
+        paper = PAPER.get(_paper_net(spec))
         runs = m["runs"]
         s: dict[str, Any] = {"tables": {}, "verdicts": []}
         verdicts = s["verdicts"]
@@ -340,6 +340,19 @@ def summarize(results: dict) -> dict:
                                  "verdict": verdict})
         summary["models"][spec] = s
     return summary
+
+
+def _paper_net(spec: str) -> str | None:
+    """The paper's network a study model stands for: ``f1``/``c1`` whatever their sizes (a sized
+    ``f1(width=64,depth=3)`` got no paper numbers beside its tables, unlike plain ``f1``, which
+    the study builds at its own, equally reduced, sizes); None for a ``module:factory``."""
+    from .models import MODEL_NAMES, parse_model_spec
+
+    try:
+        name = parse_model_spec(spec)[0]
+    except ValueError:
+        return None
+    return name if name in MODEL_NAMES else None
 
 
 def _jump(sweep: list[dict]) -> int | None:
