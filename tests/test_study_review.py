@@ -150,3 +150,25 @@ def test_tables_are_the_stored_runs_mean_and_std(tmp_path, npz, api):
                     assert r["value"] == pytest.approx(100 * (r["max_loss"] - r["loss"]) / (1 + r["loss"]), rel=1e-12)
                 assert row[role] == cell([r["value"] for r in rows])
         assert tables[tname][0]["paper_lb"] == ("205.14 ± 69.52" if space == "full" else "9.22 ± 0.56")
+
+
+def test_a_data_file_named_another_way_resumes(tmp_path, npz, monkeypatch):
+    """The training keys held --data as typed: the same file as toy.npz, ./toy.npz or by its
+    absolute path (or the same relative name from another folder) trained every model again."""
+    from sharpkit.study.store import key_id
+
+    def run_ids(data: str) -> set[str]:
+        study = pipeline.Study(_tiny(data, models=("f1",), seeds=(0,)), tmp_path / "study", progress=False)
+        return {key_id(study.run_key("f1", role, 0)) for role in ("sb", "lb")}
+
+    monkeypatch.chdir(tmp_path)
+    ids = run_ids("toy.npz")
+    assert run_ids("./toy.npz") == ids and run_ids(npz) == ids
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    assert run_ids("../toy.npz") == ids
+    # A file of the same name with other content is other data.
+    d = dict(np.load(npz))
+    d["x_train"] = d["x_train"] * 2
+    np.savez(tmp_path / "sub" / "toy.npz", **d)
+    assert not run_ids("toy.npz") & ids

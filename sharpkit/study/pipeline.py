@@ -283,7 +283,11 @@ class Study:
         ds.x_train, ds.x_test = ds.x_train.float(), ds.x_test.float()
         self.ds = ds
         self.data_key = {"data": c.data, **kwargs}
-        if c.data not in BUILTIN_DATA:  # rewritten data must not reuse trainings of the old data
+        if c.data not in BUILTIN_DATA:
+            # A file is known by its content (rewritten data must not reuse trainings of the old
+            # data) and its name without folders: the same file given as toy.npz, ./toy.npz or by
+            # its absolute path, or from another working folder, was a new study, every training redone.
+            self.data_key["data"] = Path(c.data).name
             self.data_key["content"] = tensors_digest(
                 {"x_train": ds.x_train, "y_train": ds.y_train, "x_test": ds.x_test, "y_test": ds.y_test})
         self.train_xy = (ds.x_train.to(self.device), ds.y_train.to(self.device))
