@@ -172,3 +172,14 @@ def test_a_data_file_named_another_way_resumes(tmp_path, npz, monkeypatch):
     d["x_train"] = d["x_train"] * 2
     np.savez(tmp_path / "sub" / "toy.npz", **d)
     assert not run_ids("toy.npz") & ids
+
+
+@pytest.mark.parametrize("flags", [["--warm-epochs", "1,50", "--epochs", "3"], ["--warm-epochs", "9", "--quick"]])
+def test_warm_start_epochs_beyond_the_cap_are_refused(flags, tmp_path, capsys):
+    """--warm-epochs 50 with --epochs 3 was dropped without a word: Fig. 5 had k = 0 alone and read
+    'not measured'."""
+    with pytest.raises(SystemExit) as exc:
+        main(["study", "--out", str(tmp_path / "s"), *flags])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "exceeds the small batch's epoch cap" in err and err.count("\n") == 1
+    assert not (tmp_path / "s").exists()

@@ -150,7 +150,12 @@ def config_from_args(args: argparse.Namespace):
             resolve_device(dev)
         except ValueError as exc:
             parser.error(f"--device {args.device}: {exc}")
-    return (quick_config if args.quick else default_config)(**over)
+    config = (quick_config if args.quick else default_config)(**over)
+    late = [k for k in over.get("warm_epochs", ()) if k > config.max_epochs]
+    if late:  # (the defaults' k beyond a shorter cap are dropped: 5, 10, 20 under --epochs 4)
+        parser.error(f"--warm-epochs {late[0]} exceeds the small batch's epoch cap {config.max_epochs} (--epochs): "
+                     "the SB run has no iterate after that many epochs to warm-start from")
+    return config
 
 
 def _run(args: argparse.Namespace) -> int:
