@@ -150,6 +150,8 @@ def test_tables_are_the_stored_runs_mean_and_std(tmp_path, npz, api):
                     assert r["value"] == pytest.approx(100 * (r["max_loss"] - r["loss"]) / (1 + r["loss"]), rel=1e-12)
                 assert row[role] == cell([r["value"] for r in rows])
         assert tables[tname][0]["paper_lb"] == ("205.14 ± 69.52" if space == "full" else "9.22 ± 0.56")
+    page = (tmp_path / "s" / "report.html").read_text()
+    assert f"{spec} ({m['num_params']} parameters)" in page and "parameters, {})" not in page
 
 
 def test_a_data_file_named_another_way_resumes(tmp_path, npz, monkeypatch):

@@ -695,6 +695,14 @@ def _curve_points(results: dict) -> int:
     return results["config"]["curve_points"]
 
 
+def _model_line(spec: str, m: dict) -> str:
+    """A model in the configuration table: its spec with the sizes it was built at, and its size
+    (a sized spec's empty ``model_kwargs`` read '(2826 parameters, {})')."""
+    built = m.get("spec") or spec
+    sizes = f", {m['model_kwargs']}" if m.get("model_kwargs") and built == spec else ""
+    return f"{spec}{f' = {built}' if built != spec else ''} ({m['num_params']} parameters{sizes})"
+
+
 def render_html(results: dict, figures: list[Path]) -> str:
     cfg, res, env = results["config"], results["resolved"], results["environment"]
     imgs = {p.name: base64.b64encode(p.read_bytes()).decode() for p in figures}
@@ -721,7 +729,7 @@ def render_html(results: dict, figures: list[Path]) -> str:
     stats = results.get("stats", {})
     parts.append("<h2>Configuration</h2>" + _table([
         {"setting": "data", "value": f"{res['data_name']}: {res['n_train']} train / {res['n_test']} test, input {res['input_shape']}, {res['num_classes']} classes"},
-        {"setting": "models", "value": ", ".join(f"{k} ({v['num_params']} parameters, {v['model_kwargs']})" for k, v in results["models"].items())},
+        {"setting": "models", "value": ", ".join(_model_line(k, v) for k, v in results["models"].items())},
         {"setting": "batch sizes", "value": f"SB = {res['sb']}, LB = {res['lb']} (LB/SB = {res['lb_over_sb']:.1f})"},
         {"setting": "training", "value": f"Adam lr {cfg['lr']}, until the epoch loss stops improving by {cfg['min_rel_improvement']:.0%} for {cfg['patience']} epochs, capped at {res['epoch_cap_sb']} epochs at SB and {res['epoch_cap_lb']} at LB ({cfg['lb_epochs_factor']:g}× as many; geometric in between)"},
         {"setting": "seeds", "value": ", ".join(map(str, cfg["seeds"]))},
