@@ -185,3 +185,14 @@ def test_warm_start_epochs_beyond_the_cap_are_refused(flags, tmp_path, capsys):
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "exceeds the small batch's epoch cap" in err and err.count("\n") == 1
     assert not (tmp_path / "s").exists()
+
+
+def test_a_seed_too_large_for_torch_is_refused_before_any_work(tmp_path, npz, capsys):
+    """--seeds 0,20000000000000 trained seed 0 and then stopped with 'Overflow when unpacking long
+    long' (the training order is drawn from seed * 1000003 + batch, beyond 2**64)."""
+    out = tmp_path / "s"
+    code = main(["study", "--data", npz, "--model", "f1", "--seeds", "0,20000000000000", "--out", str(out),
+                 "--no-progress"])
+    assert code == 2 and "seeds must be at most 4294967295" in capsys.readouterr().err
+    assert not out.exists()
+    assert pipeline.MAX_SEED * 1_000_003 + 10**9 < 2**64  # the largest derived seed, batches up to 1e9
