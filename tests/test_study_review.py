@@ -196,3 +196,29 @@ def test_a_seed_too_large_for_torch_is_refused_before_any_work(tmp_path, npz, ca
     assert code == 2 and "seeds must be at most 4294967295" in capsys.readouterr().err
     assert not out.exists()
     assert pipeline.MAX_SEED * 1_000_003 + 10**9 < 2**64  # the largest derived seed, batches up to 1e9
+
+
+DIVERGING_NET = """
+from torch import nn
+class Net(nn.Module):
+    def __init__(self, d, k):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(d, 16), nn.ReLU(), nn.Linear(16, k))
+    def forward(self, x):  # logits beyond float32 while training: the loss is inf at the first step
+        return self.body(x) * (1e38 if self.training else 1.0)
+def make(input_shape, num_classes):
+    return Net(input_shape[0], num_classes)
+"""
+
+
+def test_a_diverged_training_is_one_line_naming_the_run(tmp_path, npz, capsys, monkeypatch):
+    """A training whose loss turned inf ended the command with a FloatingPointError traceback
+    ('training diverged: loss inf at epoch 1', naming no training)."""
+    (tmp_path / "divnet.py").write_text(DIVERGING_NET)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code = main(["study", "--data", npz, "--model", "divnet:make", "--seeds", "1", "--epochs", "1", "--out",
+                 str(tmp_path / "s"), "--no-progress", "--threads", "1"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1
+    assert err.startswith("sharpkit study: error: train divnet:make b=") and "seed=0" in err
+    assert "training diverged: loss inf at epoch 1" in err

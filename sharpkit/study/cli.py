@@ -168,6 +168,9 @@ def _run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, TypeError) as exc:
         print(f"sharpkit study: error: {exc}", file=sys.stderr)
         return 2
+    except FloatingPointError as exc:  # a training diverged (a traceback before): a failure of the run, not of its flags
+        print(f"sharpkit study: error: {exc}", file=sys.stderr)
+        return 1
     from ..distributed import is_main_process
 
     if not is_main_process():  # under torchrun rank 0 reports

@@ -510,6 +510,8 @@ class Study:
                 res = train(model, self.loss_fn, self.train_xy, cfg, key["seed"], self.device,
                             checkpoint=run_dir / "checkpoint.pt", on_epoch=hook, progress=bar,
                             hook_state=hook_state)
+        except FloatingPointError as exc:  # which of the study's trainings: "training diverged" named none
+            raise FloatingPointError(f"{desc} (runs/{run_dir.name}): {exc}") from exc
         finally:
             bar.close()
         record = {

@@ -150,7 +150,7 @@ def train(
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(model(xb), yb)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"training diverged: loss {float(loss)} at epoch {result.epochs + 1}")
+                raise FloatingPointError(f"training diverged: loss {float(loss.detach())} at epoch {result.epochs + 1}")
             loss.backward()
             opt.step()
             total += float(loss.detach()) * idx.numel()
