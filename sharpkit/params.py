@@ -131,8 +131,11 @@ def model_tensors(model: nn.Module, device: torch.device, dtype: torch.dtype) ->
     and mat2 must have the same dtype")."""
     cast = working_dtypes(model)
     named = list(model.named_parameters()) + list(model.named_buffers())
-    return {k: v.detach().to(device, dtype if v.is_floating_point() and (cast is None or v.dtype in cast) else None)
-            for k, v in named}
+    out = {k: v.detach().to(device, dtype if v.is_floating_point() and (cast is None or v.dtype in cast) else None)
+           for k, v in named}
+    # A model built or loaded under torch.inference_mode() holds inference tensors, which autograd
+    # cannot save for backward: the measurement gets normal copies.
+    return {k: v.clone() if v.is_inference() else v for k, v in out.items()}
 
 
 def working_dtypes(model: nn.Module) -> set[torch.dtype] | None:
@@ -252,8 +255,10 @@ def preserved(model: nn.Module, copy_tensors: bool = True, restore_objects: bool
     mutated in place (a list a hook appends to) are not restored.
     """
     modules = list(model.modules())
-    params = list(model.named_parameters())
-    buffers = list(model.named_buffers())
+    # Inference tensors (a model built under torch.inference_mode()) cannot be written outside
+    # inference mode, where measurements run, and have no version counter: nothing to restore.
+    params = [(k, t) for k, t in model.named_parameters() if not t.is_inference()]
+    buffers = [(k, t) for k, t in model.named_buffers() if not t.is_inference()]
     training = [m.training for m in modules]
     attributes = [_module_attributes(m) for m in modules]
 

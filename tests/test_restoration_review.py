@@ -387,3 +387,21 @@ def test_trainable_parameters_of_two_precisions_are_refused_with_a_way_out():
     with pytest.raises(ValueError, match=r"one dtype.*'head.weight' is torch.float64.*copy"):
         sk.keskar_sharpness(model, CE, DATA)
     assert _differences(model, snapshot) == []
+
+
+@pytest.mark.parametrize("bn", ["eval", "train"])
+def test_a_model_built_under_inference_mode_is_measured(bn):
+    """Its parameters and buffers are inference tensors: products stopped with "Inference tensors
+    do not track version counter", sharpness with "Inference tensors cannot be saved for
+    backward"."""
+    def build():
+        torch.manual_seed(0)
+        return _mlp()
+
+    plain = build()
+    with torch.inference_mode():
+        model = build()
+    assert model[0].weight.is_inference()
+    for name, measure in _measurements(bn).items():
+        assert torch.equal(torch.as_tensor(measure(model)), torch.as_tensor(measure(plain))), name
+    assert model[0].weight.is_inference() and torch.equal(model[0].weight, plain[0].weight)
