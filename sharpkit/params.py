@@ -212,18 +212,14 @@ def _kept_attribute(value: object) -> bool:
     return isinstance(value, (torch.Tensor, *_PLAIN_VALUES))
 
 
-def _module_attributes(module: nn.Module) -> dict[str, object]:
-    return {k: v for k, v in module.__dict__.items() if _kept_attribute(v)}
-
-
 def _restore_attributes(module: nn.Module, saved: dict[str, object]) -> None:
-    """Put ``module``'s tensor and plain attributes back as ``saved`` holds them (the same
-    objects), and remove such attributes set since."""
+    """Put back ``module``'s tensor and plain attributes as ``saved`` (a copy of its ``__dict__``)
+    holds them, the same objects, and remove such attributes set since."""
     current = module.__dict__
     for key in [k for k, v in current.items() if k not in saved and _kept_attribute(v)]:
         del current[key]
     for key, value in saved.items():
-        if current.get(key, _MISSING) is not value:
+        if current.get(key, _MISSING) is not value and _kept_attribute(value):
             current[key] = value
 
 
@@ -260,7 +256,7 @@ def preserved(model: nn.Module, copy_tensors: bool = True, restore_objects: bool
     params = [(k, t) for k, t in model.named_parameters() if not t.is_inference()]
     buffers = [(k, t) for k, t in model.named_buffers() if not t.is_inference()]
     training = [m.training for m in modules]
-    attributes = [_module_attributes(m) for m in modules]
+    attributes = [dict(m.__dict__) for m in modules]  # (sorted out on exit: a copy is cheaper)
 
     copied = params + buffers if copy_tensors else buffers
     saved = [t.detach().clone() for _, t in copied]
