@@ -20,7 +20,7 @@ from torch import nn
 from . import distributed as _dist
 from .data import as_batches, check_finite_inputs, to_device
 from .objective import batch_weigher, batches_stay_whole, check_mean_reduced, checked_loss, ignore_index_of
-from .params import FlatParams, canonical_device, check_finite_parameters, measurement_mode
+from .params import FlatParams, canonical_device, check_finite_parameters, measurement_mode, preserved
 
 __all__ = ["Curve", "Surface", "interpolate", "evaluate", "random_direction", "slice_1d", "slice_2d"]
 
@@ -53,6 +53,16 @@ class Surface:
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _private_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` to evaluate points on.  Tensors that modules keep as attributes and
+    that a forward computed (the ``weight`` of the older ``weight_norm``/``spectral_norm`` hooks)
+    are not leaves, which ``copy.deepcopy`` refuses: they are copied detached (the next forward
+    recomputes them)."""
+    memo = {id(v): v.detach().clone() for m in model.modules() for v in vars(m).values()
+            if isinstance(v, torch.Tensor) and not v.is_leaf}
+    return copy.deepcopy(model, memo)
 
 
 def _outside_inference_mode(fn: _F) -> _F:
@@ -115,7 +125,7 @@ def _evaluate(model: nn.Module, loss_fn, data: Any, bn: str = "eval", device: to
     dev = torch.device(device) if device is not None else _param_device(model)
     dtype = _param_dtype(model)
     if not _same_device(dev, _param_device(model)):
-        model = copy.deepcopy(model).to(dev)  # evaluate on ``device`` without moving the user's model
+        model = _private_copy(model).to(dev)  # evaluate on ``device`` without moving the user's model
     # Sums [loss * w, correct, n, batches that are not classification, w, targets scored, batches
     # with NaN outputs] (w: the batch's weight in the mean loss, its samples or batch_weigher's
     # sum): reduced over ranks when the data are sharded under torch.distributed.
@@ -212,28 +222,31 @@ def interpolate(
     _check_same_parameters(pa, pb)
     if bn == "eval":
         _check_same_running_statistics(model_a, model_b)
-    work = copy.deepcopy(model_a)  # one private copy; the user's models are only read
+    work = _private_copy(model_a)  # one private copy; the user's models are only read
     if device is not None:
         work.to(device)  # (then evaluated where it is: no copy of the model per point)
     pw = _floating_parameters(work)
     ends = {k: (pa[k].detach().to(pw[k]), pb[k].detach().to(pw[k])) for k in pw}
     losses, accs = [], []
     keep_batches = _KeepBatches()  # (the split probe runs at the first point only)
-    for a in alphas_np:
-        if path == "linear":
-            ca, cb = 1.0 - a, a
-        else:
-            ca, cb = math.cos(a * math.pi / 2), math.sin(a * math.pi / 2)
-        with torch.no_grad():
-            for k, p in pw.items():
-                xa, xb = ends[k]
-                p.copy_(ca * xa + cb * xb)
-        loss, acc = _evaluate(work, loss_fn, data, bn=bn, check_inputs=not losses,  # (the data are replayed)
-                              keep_batches=keep_batches)
-        losses.append(loss)
-        accs.append(acc)
-        if on_point is not None:
-            on_point(float(a), loss, acc)
+    # The copy's hooks are the user's functions: one writing a tensor it holds by closure (a
+    # buffer of model_a or model_b) would change the user's model, so both are restored on exit.
+    with preserved(model_a), preserved(model_b):
+        for a in alphas_np:
+            if path == "linear":
+                ca, cb = 1.0 - a, a
+            else:
+                ca, cb = math.cos(a * math.pi / 2), math.sin(a * math.pi / 2)
+            with torch.no_grad():
+                for k, p in pw.items():
+                    xa, xb = ends[k]
+                    p.copy_(ca * xa + cb * xb)
+            loss, acc = _evaluate(work, loss_fn, data, bn=bn, check_inputs=not losses,  # (the data are replayed)
+                                  keep_batches=keep_batches)
+            losses.append(loss)
+            accs.append(acc)
+            if on_point is not None:
+                on_point(float(a), loss, acc)
     return Curve(alphas_np, np.asarray(losses), np.asarray(accs), {"path": path, "bn": bn})
 
 
@@ -348,16 +361,17 @@ def _grid(model, loss_fn, data, alphas, betas, d1, d2, seed, bn,
     d2 = random_direction(model, seed + 1) if d2 is None else _direction(d2, flat, names[1])
     data = as_batches(data)  # read a one-shot iterator once, replay it at every point
     x = flat.get()
-    work = copy.deepcopy(model)
+    work = _private_copy(model)
     fw = FlatParams(work)
     loss = np.empty((a_np.size, b_np.size))
     acc = np.empty_like(loss)
     keep_batches = _KeepBatches()  # (the split probe runs at the first point only)
-    for i, a in enumerate(a_np):
-        for j, b in enumerate(b_np):
-            fw.set_(x + float(a) * d1 + float(b) * d2)
-            loss[i, j], acc[i, j] = _evaluate(work, loss_fn, data, bn=bn, check_inputs=i == j == 0,
-                                               keep_batches=keep_batches)
+    with preserved(model):  # (the copy's hooks are the user's functions: see interpolate)
+        for i, a in enumerate(a_np):
+            for j, b in enumerate(b_np):
+                fw.set_(x + float(a) * d1 + float(b) * d2)
+                loss[i, j], acc[i, j] = _evaluate(work, loss_fn, data, bn=bn, check_inputs=i == j == 0,
+                                                   keep_batches=keep_batches)
     return Surface(a_np, b_np, loss, acc)
 
 

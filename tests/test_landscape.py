@@ -190,3 +190,71 @@ def test_interpolation_names_mismatched_parameters():
     b = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Dropout(0.3), nn.Linear(8, 3)).double()
     with pytest.raises(ValueError, match=r"shapes differ: 0.weight: \(7, 5\) vs \(8, 5\)"):
         sk.interpolate(a, b, nn.CrossEntropyLoss(), (torch.randn(4, 5, dtype=torch.float64), torch.zeros(4, dtype=torch.long)))
+
+
+def _old_style_weight_norm_net(seed):
+    import warnings
+
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # (the older form, deprecated but in use)
+        nn.utils.weight_norm(m[0])
+    m(torch.randn(4, 5, dtype=torch.float64)).sum().backward()  # leaves m[0].weight a non-leaf
+    return m
+
+
+def test_landscape_of_old_style_weight_norm_models():
+    """The older weight_norm keeps the weight it computes as a module attribute, a non-leaf tensor
+    that copy.deepcopy refuses ('Only Tensors created explicitly by the user')."""
+    a, b = _old_style_weight_norm_net(0), _old_style_weight_norm_net(1)
+    x, y = _data()
+    ce = nn.CrossEntropyLoss()
+    curve = sk.interpolate(a, b, ce, (x, y), [0.0, 0.5, 1.0])
+    with torch.no_grad():
+        assert curve.loss[0] == pytest.approx(float(ce(a(x), y)), rel=1e-12)
+        assert curve.loss[2] == pytest.approx(float(ce(b(x), y)), rel=1e-12)
+        # An independent midpoint: weight_g and weight_v averaged, the weight w = g v / ||v|| per row.
+        g, v = 0.5 * (a[0].weight_g + b[0].weight_g), 0.5 * (a[0].weight_v + b[0].weight_v)
+        mid = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+        mid[0].weight.copy_(g * v / v.norm(dim=1, keepdim=True))
+        mid[0].bias.copy_(0.5 * a[0].bias + 0.5 * b[0].bias)
+        mid[2].weight.copy_(0.5 * a[2].weight + 0.5 * b[2].weight)
+        mid[2].bias.copy_(0.5 * a[2].bias + 0.5 * b[2].bias)
+        assert curve.loss[1] == pytest.approx(float(ce(mid(x), y)), rel=1e-12)
+    surf = slice_1d(a, ce, (x, y), alphas=[0.0, 0.5])
+    with torch.no_grad():
+        assert surf.loss[0] == pytest.approx(float(ce(a(x), y)), rel=1e-12)
+
+
+@pytest.mark.parametrize("fail_at", [None, 2])
+def test_landscape_restores_tensors_the_models_hooks_write(fail_at):
+    """The private copy runs the user's hook functions, which may write a tensor of the user's
+    model held by closure: the user's model is restored, also when the loss raises midway."""
+    a, b = _net(0, bn=False), _net(1, bn=False)
+    def counting_hook(counter):
+        def hook(module, args):
+            counter.add_(1)
+        return hook
+
+    for m in (a, b):
+        m.register_buffer("calls", torch.zeros((), dtype=torch.float64))
+        m[0].register_forward_pre_hook(counting_hook(m.calls))
+    calls = [0]
+
+    def loss(out, y):
+        calls[0] += 1
+        if calls[0] == fail_at:
+            raise RuntimeError("loss stopped")
+        return nn.functional.cross_entropy(out, y)
+
+    x, y = _data()
+    for run in (lambda: sk.interpolate(a, b, loss, (x, y), [0.0, 0.5, 1.0]),
+                lambda: slice_1d(a, loss, (x, y), alphas=[0.0, 0.5])):
+        calls[0] = 0
+        if fail_at is None:
+            run()
+        else:
+            with pytest.raises(RuntimeError, match="loss stopped"):
+                run()
+        assert float(a.calls) == float(b.calls) == 0.0
