@@ -7,7 +7,6 @@ points are evaluated on one private copy.
 """
 from __future__ import annotations
 
-import copy
 import functools
 import math
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from torch import nn
 from . import distributed as _dist
 from .data import as_batches, check_finite_inputs, to_device
 from .objective import batch_weigher, batches_stay_whole, check_mean_reduced, checked_loss, ignore_index_of
-from .params import FlatParams, canonical_device, check_finite_parameters, measurement_mode, preserved
+from .params import FlatParams, canonical_device, check_finite_parameters, measurement_mode, preserved, private_copy
 
 __all__ = ["Curve", "Surface", "interpolate", "evaluate", "random_direction", "slice_1d", "slice_2d"]
 
@@ -53,16 +52,6 @@ class Surface:
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])
-
-
-def _private_copy(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` to evaluate points on.  Tensors that modules keep as attributes and
-    that a forward computed (the ``weight`` of the older ``weight_norm``/``spectral_norm`` hooks)
-    are not leaves, which ``copy.deepcopy`` refuses: they are copied detached (the next forward
-    recomputes them)."""
-    memo = {id(v): v.detach().clone() for m in model.modules() for v in vars(m).values()
-            if isinstance(v, torch.Tensor) and not v.is_leaf}
-    return copy.deepcopy(model, memo)
 
 
 def _outside_inference_mode(fn: _F) -> _F:
@@ -125,7 +114,7 @@ def _evaluate(model: nn.Module, loss_fn, data: Any, bn: str = "eval", device: to
     dev = torch.device(device) if device is not None else _param_device(model)
     dtype = _param_dtype(model)
     if not _same_device(dev, _param_device(model)):
-        model = _private_copy(model).to(dev)  # evaluate on ``device`` without moving the user's model
+        model = private_copy(model).to(dev)  # evaluate on ``device`` without moving the user's model
     # Sums [loss * w, correct, n, batches that are not classification, w, targets scored, batches
     # with NaN outputs] (w: the batch's weight in the mean loss, its samples or batch_weigher's
     # sum): reduced over ranks when the data are sharded under torch.distributed.
@@ -222,7 +211,7 @@ def interpolate(
     _check_same_parameters(pa, pb)
     if bn == "eval":
         _check_same_running_statistics(model_a, model_b)
-    work = _private_copy(model_a)  # one private copy; the user's models are only read
+    work = private_copy(model_a)  # one private copy; the user's models are only read
     if device is not None:
         work.to(device)  # (then evaluated where it is: no copy of the model per point)
     pw = _floating_parameters(work)
@@ -361,7 +350,7 @@ def _grid(model, loss_fn, data, alphas, betas, d1, d2, seed, bn,
     d2 = random_direction(model, seed + 1) if d2 is None else _direction(d2, flat, names[1])
     data = as_batches(data)  # read a one-shot iterator once, replay it at every point
     x = flat.get()
-    work = _private_copy(model)
+    work = private_copy(model)
     fw = FlatParams(work)
     loss = np.empty((a_np.size, b_np.size))
     acc = np.empty_like(loss)

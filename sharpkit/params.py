@@ -10,6 +10,7 @@ buffers, train/eval flags) and puts it back on exit, even after an exception.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from dataclasses import dataclass
 from typing import Iterator
@@ -136,6 +137,17 @@ def model_tensors(model: nn.Module, device: torch.device, dtype: torch.dtype) ->
     # A model built or loaded under torch.inference_mode() holds inference tensors, which autograd
     # cannot save for backward: the measurement gets normal copies.
     return {k: v.clone() if v.is_inference() else v for k, v in out.items()}
+
+
+def private_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` for work that must not touch the user's (points of a landscape,
+    checkpoints of an audit).  Tensors that modules keep as attributes and that a forward computed
+    (the ``weight`` of the older ``weight_norm``/``spectral_norm`` hooks) are not leaves, which
+    ``copy.deepcopy`` refuses: they are copied detached (the next forward recomputes them).
+    Inference tensors (a model built under ``torch.inference_mode()``) become normal ones."""
+    memo = {id(v): v.detach().clone() for m in model.modules() for v in vars(m).values()
+            if isinstance(v, torch.Tensor) and not v.is_leaf}
+    return copy.deepcopy(model, memo)
 
 
 def working_dtypes(model: nn.Module) -> set[torch.dtype] | None:

@@ -1534,3 +1534,72 @@ def test_cli_device_defaults_to_cuda_where_available(cuda, expected, monkeypatch
     main(["audit", str(tmp_path / "none.pt"), "--model", "f1", "--data", "mnist1d", "--out", str(tmp_path / "a.jsonl"),
           "--no-progress"])
     assert seen["device"] == expected
+
+
+# --------------------------------------------------------------------------- precisions and the user's model
+
+
+def test_bfloat16_model_is_audited_in_float32(tmp_path):
+    """A 16-bit model's sharpness is below its rounding (keskar came out exactly 0.0): as
+    sk.keskar_sharpness, the audit measures it in float32, and refuses an explicit 16-bit dtype."""
+    paths = save_checkpoints(tmp_path / "ck", count=2)
+    data = toy_data()
+    rows = audit(paths, lambda: make_mlp().bfloat16(), data, metrics="keskar", max_iter=3, group_size=1)
+    for path, row in zip(paths, rows):
+        assert row["status"] == "ok" and row["config"]["dtype"] == "float32"
+        model = make_mlp().bfloat16()
+        model.load_state_dict(torch.load(path, weights_only=True))
+        ref = sk.keskar_sharpness(model.float(), nn.CrossEntropyLoss(), data, solver="apgd", max_iter=3)
+        assert row["keskar"] > 0 and row["keskar"] == pytest.approx(ref.value, rel=1e-5)
+    with pytest.raises(ValueError, match="cannot resolve a sharpness"):
+        audit(paths, make_mlp, data, metrics="keskar", dtype="bfloat16")
+
+
+class _FrozenDoubleHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(6, 8), nn.Tanh())
+        self.head = nn.Linear(8, 3).double().requires_grad_(False)
+
+    def forward(self, x):
+        return self.head(self.body(x).double())
+
+
+@pytest.mark.parametrize("group_size", [1, 2])
+def test_frozen_part_in_another_precision_keeps_it(tmp_path, group_size):
+    """A frozen float64 head after a float32 body: stacked, every floating tensor was cast to the
+    measurement dtype and the head failed ('expected scalar type Float but found Double')."""
+    paths = save_checkpoints(tmp_path / "ck", factory=_FrozenDoubleHead, count=2)
+    data = toy_data()
+    rows = audit(paths, _FrozenDoubleHead, data, metrics="top-eig", group_size=group_size)
+    for path, row in zip(paths, rows):
+        assert row["status"] == "ok", row.get("error")
+        model = _FrozenDoubleHead().double()
+        model.load_state_dict(torch.load(path, weights_only=True))
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        shapes = [model.get_parameter(n).shape for n in names]
+        x, y = data[0].double(), data[1]
+
+        def loss_at(flat):  # independent float64 reference: the dense Hessian of the body
+            params = dict(zip(names, torch.split(flat, [s.numel() for s in shapes])))
+            params = {n: t.reshape(s) for (n, t), s in zip(params.items(), shapes)}
+            return nn.functional.cross_entropy(torch.func.functional_call(model, params, (x,)), y)
+
+        flat = torch.cat([model.get_parameter(n).detach().reshape(-1) for n in names])
+        top = torch.linalg.eigvalsh(torch.autograd.functional.hessian(loss_at, flat))[-1]
+        assert row["top-eig"] == pytest.approx(float(top), rel=1e-4)
+
+
+def test_audit_never_loads_checkpoints_into_the_users_model(tmp_path):
+    """Given as an instance, the model is copied: a model built under torch.inference_mode()
+    holds tensors that cannot be written outside it ('Inplace update to inference tensor')."""
+    paths = save_checkpoints(tmp_path / "ck", count=2)
+    data = toy_data()
+    with torch.inference_mode():
+        user = make_mlp()
+    before = {k: v.clone() for k, v in user.state_dict().items()}
+    rows = audit(paths, user, data, metrics="top-eig", group_size=1)
+    ref = audit(paths, make_mlp, data, metrics="top-eig", group_size=1)
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    assert [r["top-eig"] for r in rows] == [r["top-eig"] for r in ref]
+    assert all(torch.equal(user.state_dict()[k], v) for k, v in before.items())

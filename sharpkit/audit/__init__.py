@@ -35,7 +35,8 @@ from ..inputs import (
     resolve_model_classes,
 )
 from ..objective import REGROUP_MAX_ROWS, batches_stay_whole, survey_weights
-from ..params import FlatParams, measurement_mode
+from ..params import FlatParams, measurement_mode, private_copy
+from ..sharpness._checks import measured_dtype
 from ..sharpness.solvers import check_autocast
 from .checkpoints import (
     Checkpoint,
@@ -164,6 +165,8 @@ def audit(
     try:
         batches, data_desc, num_classes = resolve_data(data, batch_size)
         net, model_desc, data_classes = resolve_model_classes(model, batches, num_classes, seed)
+        if net is model:  # checkpoints are loaded into a private copy, never into the user's model
+            net = private_copy(net)
         if "keskar-subspace" in config.metrics:
             # A = n x p needs p <= n: beyond, AᵀA is singular and the values meaningless.
             n = FlatParams(net).n
@@ -172,8 +175,9 @@ def audit(
                                  f"got {config.subspace_dim}")
         if {"top-eig", "trace"} & set(config.metrics):
             check_hessian_computable(net)
-        if dtype is None:
-            dtype = next(iter(net.parameters())).dtype
+        # The model's trainable precision, but float32 for a 16-bit model (whose sharpness would be
+        # rounding noise, often exactly 0), and an explicit 16-bit dtype refused: measured_dtype.
+        dtype = measured_dtype(net, dtype) or FlatParams(net).dtype
         if ascent_dtype is not None:
             check_autocast(ascent_dtype, device, dtype)
         check_model_runs(net, loss_fn, batches, device, dtype, bn)
@@ -385,7 +389,7 @@ class _Runner:
             from ..objective import Objective
             from .batched import SingleObjective
 
-            self.model.load_state_dict(states[0])  # measurement_mode restores the model afterwards
+            self.model.load_state_dict(states[0])  # (a private model: measurement_mode restores it)
             objective = Objective(self.model, self.loss_fn, self.local_batches, self.device, self.dtype,
                                   regroup=self.pass_rows or False)
             engine = SingleObjective(objective, keep_graphs=self.keep_graphs)

@@ -30,7 +30,7 @@ from ..data import Batches, BatchSurvey, regroup_batches, survey_batches, to_dev
 from ..objective import DataWeights, Objective, check_mean_reduced, checked_loss, probe_largest_batch, survey_weights
 from ..curvature.engines import twice_differentiable_attention
 from ..curvature.stable_loss import curvature_loss
-from ..params import FlatParams
+from ..params import FlatParams, working_dtypes
 
 __all__ = ["StackedObjective", "SingleObjective", "stack_checkpoints", "estimate_group_size", "GroupPlan"]
 
@@ -42,7 +42,8 @@ def stack_checkpoints(
 
     ``X`` (shape ``(G, n)``) holds each checkpoint's trainable parameters in
     :class:`~sharpkit.params.FlatParams` order; ``frozen`` maps every other state entry (buffers,
-    frozen parameters) to a ``(G, ...)`` tensor.  Floating tensors are cast to ``dtype``.
+    frozen parameters) to a ``(G, ...)`` tensor.  Floating tensors are cast to ``dtype``, but for
+    frozen ones in another precision than the trainable parameters (they keep the model's).
     """
     flat = FlatParams(model)
     trainable = set(flat.names)
@@ -58,12 +59,16 @@ def stack_checkpoints(
     for name, tensor in named.items():
         first.setdefault(id(tensor), name)
     aliases = {name for name, t in named.items() if id(t) in trainable_ids or first[id(t)] != name}
+    # Frozen floating tensors in the trainable parameters' precision are cast to ``dtype``, others
+    # keep the model's own (a frozen float64 head computes in float64), as model_tensors does.
+    cast = working_dtypes(model)
     frozen = {}
     for name in states[0]:
         if name in trainable or name in aliases:
             continue
-        ts = [s[name].to(device, dtype if s[name].is_floating_point() else None) for s in states]
-        frozen[name] = torch.stack(ts)
+        own = named[name].dtype if name in named else states[0][name].dtype
+        to = (dtype if cast is None or own in cast else own) if own.is_floating_point else None
+        frozen[name] = torch.stack([s[name].to(device, to) for s in states])
     return X, frozen
 
 
