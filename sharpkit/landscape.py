@@ -125,7 +125,8 @@ def _evaluate(model: nn.Module, loss_fn, data: Any, bn: str = "eval", device: to
         data = as_batches(data)  # once: a one-shot iterator is read into memory here
         keep = (keep_batches if keep_batches is not None else _KeepBatches())(model, data, dev, dtype)
         batches = _dist.shard(data, keep_batches=keep)
-        with _dist.sharded_pass([sums], enabled=batches.is_sharded):
+        # (the point's digest travels with the sums: ranks at different points are refused)
+        with _dist.sharded_pass([sums], enabled=batches.is_sharded, same=[p.detach() for p in model.parameters()]):
             for index, batch in enumerate(batches):
                 if check_inputs:
                     check_finite_inputs(batch[0], index)

@@ -90,7 +90,7 @@ class _HvpCache:
         also over the ranks holding shards."""
         out = torch.zeros_like(V)
         # (attention by kernels with second derivatives, as in the curvature engines)
-        with twice_differentiable_attention(), _dist.sharded_pass([out], enabled=reduce):
+        with twice_differentiable_attention(), _dist.sharded_pass([out], enabled=reduce, same=[V]):
             if self.keep and self.graphs is None:
                 self.graphs = [make_graph(item) for item in batches]
             for item in self.graphs if self.keep else batches:
@@ -178,7 +178,7 @@ class StackedObjective:
         """Sample-weighted sums over the data (the one place an all-reduce would go), divided once."""
         total = torch.zeros(self.num_problems, device=self.device, dtype=torch.float64)
         grad = torch.zeros_like(W) if with_grad else None
-        with _dist.sharded_pass([total] + ([grad] if with_grad else []), enabled=self.sharded):
+        with _dist.sharded_pass([total] + ([grad] if with_grad else []), enabled=self.sharded, same=[W]):
             for batch, w in self.weights.weighted(self.batches):
                 if with_grad:
                     Wr = W.clone().requires_grad_(True)

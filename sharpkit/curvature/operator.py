@@ -232,7 +232,7 @@ class CurvatureOperator:
             return out
         total = torch.zeros(self.n, k, device=self.device, dtype=self.dtype)
         with _curvature_mode(self.model, self.bn, copy_tensors=False, restore_objects=self._restore_objects), \
-                _dist.sharded_pass([total], enabled=self.objective.distributed):
+                _dist.sharded_pass([total], enabled=self.objective.distributed, same=[W]):
             for b, inputs, targets, w in self._batches():
                 for s in range(0, k, step):
                     total[:, s:s + step].add_(self.engine.batch_matmat(b, inputs, targets, W[:, s:s + step]), alpha=w)
