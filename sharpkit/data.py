@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -34,6 +36,8 @@ __all__ = [
     "TensorDataset",
     "regroup_batches",
     "class_index_targets",
+    "check_fixed_samples",
+    "random_order",
 ]
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -45,7 +49,10 @@ class Batches:
     A single ``(X, Y)`` pair becomes one batch, or batches of ``batch_size`` rows when given.
     A one-shot iterator (a generator) is read once into memory so that it can be replayed;
     re-iterables (DataLoader, list) are iterated afresh on every pass.  Integer targets are
-    yielded as int64 (:func:`class_index_targets`).
+    yielded as int64 (:func:`class_index_targets`), and inputs or targets that carry an autograd
+    graph without it.  A DataLoader that draws other samples on every pass (with replacement, or
+    shuffled with ``drop_last=True`` and an incomplete last batch) is refused when iterated
+    (:func:`check_fixed_samples`): no measurement over it would be a function of the parameters.
     """
 
     # This process's share under torch.distributed: (rank, world_size), or None for all the data.
@@ -54,6 +61,8 @@ class Batches:
     _presharded: bool = False
     # Never split a batch between ranks (batch statistics matter).
     _keep_batches: bool = False
+    # The source was a one-shot iterator, read into memory here (an empty one may have been used up).
+    _one_shot: bool = False
 
     def __init__(self, data: Any, batch_size: int | None = None):
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
@@ -64,9 +73,10 @@ class Batches:
                     raise ValueError("sharded batches cannot be split again: give batch_size before sharding")
                 self._source, self._split = data, batch_size  # its batches, split into batch_size rows
                 return
-            self._source, self._split = data._source, data._split
+            self._source, self._split, self._one_shot = data._source, data._split, data._one_shot
             self._shard, self._presharded, self._keep_batches = data._shard, data._presharded, data._keep_batches
             return
+        _check_data_kind(data)
         if _is_tensor_pair(data):
             x, y = data
             if x.dim() == 0 or y.dim() == 0:
@@ -76,10 +86,12 @@ class Batches:
                 raise ValueError(
                     f"inputs and targets disagree on the number of samples: {x.shape[0]} vs {y.shape[0]}"
                 )
-            self._source: Iterable = [(x, class_index_targets(y))]  # (converted once, not per pass)
+            # (converted once, not per pass)
+            self._source: Iterable = [(_constant(x), class_index_targets(_constant(y)))]
             self._split = batch_size
         elif isinstance(data, Iterable):
-            self._source = list(data) if iter(data) is data else data
+            self._one_shot = iter(data) is data
+            self._source = list(data) if self._one_shot else data
             self._split = batch_size
         else:
             raise TypeError(
@@ -142,12 +154,18 @@ class Batches:
 
     def _iter_all(self, allow_empty: bool = False) -> Iterator[Batch]:
         seen = False
+        check_fixed_samples(self._source)
         for i, batch in enumerate(self._source):
             if not _is_tensor_pair(batch):
-                raise TypeError(
-                    f"batch {i} is not an (inputs, targets) pair of tensors (got {type(batch).__name__})"
-                )
-            x, y = batch
+                what = type(batch).__name__
+                if isinstance(batch, Mapping):
+                    what += f" with keys {sorted(map(str, batch))}: map each batch to (inputs, targets)"
+                elif isinstance(batch, (tuple, list)):
+                    what += f" of {len(batch)}: " + ", ".join(type(b).__name__ for b in batch)
+                raise TypeError(f"batch {i} is not an (inputs, targets) pair of tensors (got {what})")
+            # Data are constants of every measurement: inputs or targets that carry a graph (a
+            # teacher's outputs) must not be differentiated through, nor modified in place.
+            x, y = _constant(batch[0]), _constant(batch[1])
             if x.dim() == 0 or y.dim() == 0:
                 raise ValueError(f"batch {i}: inputs and targets need a first (sample) dimension, got shapes "
                                  f"{tuple(x.shape)} and {tuple(y.shape)}")
@@ -164,6 +182,10 @@ class Batches:
                     seen = True
                     yield x[s : s + self._split], y[s : s + self._split]
         if not seen and not allow_empty:
+            if self._one_shot and not self._source:
+                raise ValueError("data is empty: the iterator yielded no batches (a generator or iterator can be "
+                                 "read only once: was it used up before?  Pass a list or a DataLoader to measure "
+                                 "the same data again)")
             raise ValueError("data is empty: it holds no samples")
 
     def num_samples(self) -> int:
@@ -350,6 +372,11 @@ def regroup_batches(batches: Batches, rows: int) -> Batches:
     return Batches(regrouped)
 
 
+def _constant(t: torch.Tensor) -> torch.Tensor:
+    """``t`` without its graph where it has one (else ``t`` itself)."""
+    return t.detach() if t.requires_grad else t
+
+
 def class_index_targets(targets: Any) -> Any:
     """``targets`` as int64 where they are integer targets of another dtype (uint8, int8, int16,
     int32, ...); floating (MSE, probabilities), bool and int64 targets, and non-tensors, unchanged.
@@ -364,6 +391,75 @@ def class_index_targets(targets: Any) -> Any:
             and not targets.is_floating_point() and not targets.is_complex():
         return targets.long()
     return targets
+
+
+def _check_data_kind(data: Any) -> None:
+    """TypeError for ``data`` that iteration would misread: a dict (its keys), a single tensor (its
+    rows), a pair of arrays that are not tensors."""
+    if isinstance(data, Mapping):
+        raise TypeError(f"data is a {type(data).__name__} (keys {sorted(map(str, data))}): give an (inputs, "
+                        "targets) pair of tensors or an iterable of such batches")
+    if isinstance(data, torch.Tensor):
+        raise TypeError(f"data is one tensor of shape {tuple(data.shape)}: give an (inputs, targets) pair of "
+                        "tensors or an iterable of such batches")
+    if isinstance(data, (tuple, list)) and len(data) == 2 and not any(isinstance(d, (tuple, list)) for d in data) \
+            and any(isinstance(d, np.ndarray) for d in data):
+        raise TypeError(f"data is a pair of {type(data[0]).__name__} and {type(data[1]).__name__}: sharpkit takes "
+                        "tensors (torch.as_tensor converts arrays)")
+
+
+# Samplers that draw a random order (a new one on every pass).
+_RANDOM_SAMPLERS = (torch.utils.data.RandomSampler, torch.utils.data.SubsetRandomSampler,
+                    torch.utils.data.WeightedRandomSampler)
+
+
+def _samplers(source: Any) -> list:
+    """The samplers of a DataLoader (its sampler, its batch sampler and the sampler inside that)."""
+    samplers, todo = [], [getattr(source, "sampler", None), getattr(source, "batch_sampler", None)]
+    while todo:
+        s = todo.pop()
+        if s is not None and not any(s is f for f in samplers):
+            samplers.append(s)
+            todo.append(getattr(s, "sampler", None))
+    return samplers
+
+
+def random_order(data: Any) -> str | None:
+    """The name of the sampler that orders ``data`` (a DataLoader, or :class:`Batches` of one) at
+    random, a new order on every pass, or None."""
+    while isinstance(data, Batches):
+        data = data._source
+    return next((type(s).__name__ for s in _samplers(data) if isinstance(s, _RANDOM_SAMPLERS)), None)
+
+
+def check_fixed_samples(source: Any) -> None:
+    """ValueError where a DataLoader yields other samples on every pass, so that no measurement over
+    it is a function of the parameters: a sampler that draws with replacement or a random subset
+    (``WeightedRandomSampler``, ``RandomSampler(replacement=True)`` or with ``num_samples``), or a
+    random order with ``drop_last=True`` that leaves out another remainder each pass.  A shuffled
+    order of all the samples is fine (the sums do not depend on the order) unless the samples of a
+    batch interact (BatchNorm's batch statistics: :class:`sharpkit.objective.Objective` refuses it)."""
+    for s in _samplers(source):
+        if isinstance(s, torch.utils.data.WeightedRandomSampler) or (
+                isinstance(s, torch.utils.data.RandomSampler)
+                and (s.replacement or (s._num_samples is not None and s._num_samples != len(s.data_source)))):
+            raise ValueError(f"the data's DataLoader draws its samples at random on every pass ({type(s).__name__}"
+                             f"{' with replacement' if getattr(s, 'replacement', False) else ''}), so every "
+                             "evaluation would see other samples: give a loader over a fixed set of samples "
+                             "(shuffle=False, or shuffle=True without a sampler)")
+    batch_sampler = getattr(source, "batch_sampler", None)
+    if isinstance(batch_sampler, torch.utils.data.BatchSampler) and batch_sampler.drop_last \
+            and isinstance(batch_sampler.sampler, _RANDOM_SAMPLERS):
+        try:
+            total = len(batch_sampler.sampler)
+        except TypeError:
+            return
+        left = total % batch_sampler.batch_size
+        if left:
+            raise ValueError(f"the data's DataLoader shuffles and drops its last incomplete batch (drop_last=True): "
+                             f"every pass leaves out another {left} of its {total} samples, so every evaluation "
+                             "would see other samples: use drop_last=False (the objective weighs an uneven last "
+                             "batch exactly) or shuffle=False")
 
 
 def _is_tensor_pair(obj: Any) -> bool:
@@ -494,46 +590,113 @@ def load_tensor_file(path: str | os.PathLike) -> TensorDataset:
     """A data set from a ``.npz`` or ``.pt`` file.
 
     Expected keys: ``x_train``, ``y_train`` and optionally ``x_test``, ``y_test`` (``x``/``y`` are
-    accepted for the training split).  Without a test split the training data double as test data
-    and the name says so.  ``.pt`` files are read with ``weights_only=True``.  Floating inputs keep
-    their dtype, others become float32; integer targets are class labels (int64), floating targets
+    accepted for the training split, not both spellings at once).  Without a test split the
+    training data double as test data and the name says so.  ``.npz`` files are read without
+    pickle and ``.pt`` files with ``weights_only=True``: a file holding other objects is refused.
+    Floating inputs keep their dtype, others (uint8 images, bool) become float32.  Integer or bool
+    training targets are class labels (int64; ``num_classes`` is the largest plus one), floating ones
     regression targets (kept in their dtype).
+
+    Raises ValueError naming the file and the key for: missing keys, a test split given by one key
+    only, inputs and targets of a split with different numbers of samples, an empty split, complex
+    or non-numeric arrays, and test labels that are not whole numbers where the training labels are
+    classes.
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"data file not found: {path}")
+    if not path.is_file():
+        raise ValueError(f"{path}: not a file")
     if path.suffix == ".npz":
-        raw = {k: torch.as_tensor(v) for k, v in np.load(path).items()}
+        raw = _read_npz(path)
     elif path.suffix in (".pt", ".pth"):
-        raw = torch.load(path, weights_only=True, map_location="cpu")
+        try:
+            raw = torch.load(path, weights_only=True, map_location="cpu")
+        except pickle.UnpicklingError as exc:
+            if "unsupported global" not in str(exc).lower():
+                raise  # (not a torch.save file: torch's own message says what it found)
+            raise ValueError(f"{path}: refused: the file holds objects other than tensors and plain containers "
+                             "(data files are read with weights_only=True; save a dict of tensors)") from exc
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: expected a dict of tensors, got {type(raw).__name__}")
     else:
         raise ValueError(f"{path}: unsupported data file type {path.suffix!r} (use .npz or .pt)")
-    x = raw.get("x_train", raw.get("x"))
-    y = raw.get("y_train", raw.get("y"))
-    if x is None or y is None:
+    for long, short in (("x_train", "x"), ("y_train", "y")):
+        if long in raw and short in raw:
+            raise ValueError(f"{path}: holds both {long} and {short}: which is the training split is ambiguous")
+    x_key, y_key = ("x_train" if "x_train" in raw else "x"), ("y_train" if "y_train" in raw else "y")
+    if raw.get(x_key) is None or raw.get(y_key) is None:
         raise ValueError(f"{path}: needs keys x_train and y_train (or x and y); found {sorted(raw)}")
-    x_test, y_test = raw.get("x_test"), raw.get("y_test")
+    has_test = [raw.get(k) is not None for k in ("x_test", "y_test")]
+    if has_test[0] != has_test[1]:
+        given, missing = ("x_test", "y_test") if has_test[0] else ("y_test", "x_test")
+        raise ValueError(f"{path}: holds {given} but not {missing}: give both for a test split, or neither")
+    x, y = (_file_tensor(path, k, raw[k]) for k in (x_key, y_key))
     name = path.stem
-    if x_test is None or y_test is None:
+    if has_test[0]:
+        x_test, y_test = (_file_tensor(path, k, raw[k]) for k in ("x_test", "y_test"))
+    else:
         x_test, y_test, name = x, y, f"{path.stem} (no test split)"
-    # Floating inputs keep their precision (a float64 measurement must not see them rounded through
-    # float32; the passes cast them to the measurement's dtype); others (uint8 images) become float32.
-    x, x_test = (t if t.is_floating_point() else t.float() for t in (torch.as_tensor(x), torch.as_tensor(x_test)))
-    y, y_test = torch.as_tensor(y), torch.as_tensor(y_test)
-    for split, xs, ys in (("train", x, y), ("test", x_test, y_test)):
+    splits = (("train", x_key, y_key, x, y), ("test", "x_test", "y_test", x_test, y_test))
+    for split, xk, yk, xs, ys in splits:
         if xs.dim() == 0 or ys.dim() == 0:
             raise ValueError(f"{path}: x_{split} and y_{split} need a first (sample) dimension, got shapes "
                              f"{tuple(xs.shape)} and {tuple(ys.shape)}")
-    if len(x) == 0:
-        raise ValueError(f"{path}: the training split is empty")
-    num_classes = int(max(y.max(), y_test.max()).item()) + 1 if not y.is_floating_point() else 0
-    if num_classes:
-        y, y_test = y.long(), y_test.long()
-    elif not y_test.is_floating_point():  # (floating training targets: regression, in either split)
-        y_test = y_test.to(y.dtype)
+        if xs.shape[0] != ys.shape[0]:
+            raise ValueError(f"{path}: {xk} has {xs.shape[0]} samples but {yk} {ys.shape[0]}")
+        if xs.shape[0] == 0:
+            raise ValueError(f"{path}: the {split}ing split is empty" if split == "train" else
+                             f"{path}: the test split is empty (leave out x_test and y_test for none)")
+    # Floating inputs keep their precision (a float64 measurement must not see them rounded through
+    # float32; the passes cast them to the measurement's dtype); others (uint8 images) become float32.
+    x, x_test = (t if t.is_floating_point() else t.float() for t in (x, x_test))
+    if y.is_floating_point():  # regression targets (in either split)
+        if not y_test.is_floating_point():
+            y_test = y_test.to(y.dtype)
+        return TensorDataset(name, x, y, x_test, y_test, 0)
+    if y_test.is_floating_point():
+        if not bool((y_test == y_test.round()).all()):
+            raise ValueError(f"{path}: y_train holds class labels (integers) but y_test values that are not whole "
+                             "numbers")
+        if bool((y_test.abs() >= 2 ** 53).any()):
+            raise ValueError(f"{path}: y_test holds labels too large to be class indices")
+    y, y_test = y.long(), y_test.long()
+    # (Labels outside [0, num_classes) are named where they are used: the measurement, the study.)
+    num_classes = max(int(max(y.max(), y_test.max())) + 1, 0)
     return TensorDataset(name, x, y, x_test, y_test, num_classes)
+
+
+def _read_npz(path: Path) -> dict[str, Any]:
+    """The arrays of a ``.npz`` file (never unpickled; the file closed again)."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    except ValueError as exc:
+        if "pickle" in str(exc).lower():  # an object array in an archive, or no archive at all
+            raise ValueError(f"{path}: cannot load: not a .npz archive of numeric arrays (object arrays would need "
+                             "unpickling, which data files never get)") from exc
+        raise ValueError(f"{path}: cannot load the .npz file ({exc})") from exc
+    except (OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"{path}: cannot load the .npz file ({type(exc).__name__}: {exc})") from exc
+
+
+def _file_tensor(path: Path, key: str, value: Any) -> torch.Tensor:
+    """``value`` of a data file's ``key`` as a dense, real, numeric tensor without a graph; ValueError
+    naming both otherwise."""
+    if isinstance(value, np.ndarray) and value.dtype.kind == "c":
+        raise ValueError(f"{path}: {key} holds complex numbers; data must be real")
+    if isinstance(value, np.ndarray) and value.dtype.kind not in "biuf":
+        raise ValueError(f"{path}: {key} holds {value.dtype} values; data must be numbers (integers, floats "
+                         "or bools)")
+    try:
+        t = torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"{path}: {key} is not an array of numbers ({type(value).__name__}: {exc})") from None
+    if t.is_complex():
+        raise ValueError(f"{path}: {key} holds complex numbers; data must be real")
+    if t.layout != torch.strided:
+        t = t.to_dense()
+    return t.detach()
 
 
 def load_dataset(spec: str, **kwargs: Any) -> TensorDataset:

@@ -21,7 +21,7 @@ from torch.func import functional_call
 
 from .audit.checkpoints import error_summary, file_sha256
 from .data import Batches, as_batches, load_dataset, to_device
-from .objective import check_mean_reduced, checked_loss, loss_on_device
+from .objective import check_loss_reduction, check_mean_reduced, checked_loss, loss_on_device
 from .params import measurement_mode, model_tensors
 
 __all__ = ["LOSSES", "resolve_data", "resolve_model", "resolve_model_classes", "resolve_device", "default_device",
@@ -261,3 +261,5 @@ def check_model_runs(model: nn.Module, loss_fn: Callable, batches: Batches, devi
                 f"the model does not run on the data ({type(exc).__name__}: {error_summary(exc)}); samples have "
                 f"shape {tuple(x.shape[1:])}, targets {tuple(y.shape[1:])} of {str(y.dtype).replace('torch.', '')}"
             ) from exc
+        # A lambda or wrapper summing over the samples: every value would depend on the batching.
+        check_loss_reduction(loss_on_device(loss_fn, device, dtype), (inputs, targets), out)

@@ -8,6 +8,7 @@ model's own tensors are never written; BatchNorm/dropout follow the ``bn`` polic
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -19,7 +20,8 @@ from torch import nn
 from torch.func import functional_call
 
 from . import distributed as _dist
-from .data import Batches, BatchSurvey, as_batches, class_index_targets, regroup_batches, survey_batches, to_device
+from .data import (Batches, BatchSurvey, as_batches, class_index_targets, random_order, regroup_batches, survey_batches,
+                   to_device)
 from .params import (
     FlatParams,
     check_finite_parameters,
@@ -31,7 +33,8 @@ from .params import (
 
 __all__ = ["Objective", "LossFn", "activation_elements", "probe_largest_batch", "loss_on_device",
            "regroup_rows", "check_mean_reduced", "ignore_index_of", "sample_weigher", "batch_weigher", "DataWeights",
-           "survey_weights", "join_obstacle", "samples_interact", "batches_stay_whole", "checked_loss"]
+           "survey_weights", "join_obstacle", "samples_interact", "batches_stay_whole", "checked_loss",
+           "check_loss_reduction", "check_finite_targets"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -102,6 +105,13 @@ class Objective:
         check_mean_reduced(loss_fn)
         self.loss_fn = loss_on_device(loss_fn, self.device, self.dtype)
         batches = as_batches(data)
+        if _dist.uses_batch_statistics(model):
+            sampler = random_order(batches)
+            if sampler is not None:
+                raise ValueError(f"BatchNorm uses batch statistics (bn='train') and the data's DataLoader draws a new "
+                                 f"random order on every pass ({sampler}): each pass groups other samples into "
+                                 "batches, so the objective would change from one evaluation to the next; use "
+                                 "shuffle=False (or bn='eval')")
         self.distributed: bool = _dist.resolve(distributed) or batches.is_sharded
         self.batches: Batches = (
             _dist.shard(batches, keep_batches=batches_stay_whole(model, batches, self.device, self.dtype))
@@ -123,6 +133,9 @@ class Objective:
         self._shared_modules = has_shared_modules(model)
         trainable = set(self.flat.names)
         self._frozen = {n: t for n, t in model_tensors(model, self.device, self.dtype).items() if n not in trainable}
+        # A lambda or wrapper summing over the samples is found on the first batch of the first
+        # pass (torch's own losses: their reduction was read above).
+        self._reduction_checked = _torch_loss(loss_fn)
 
     @property
     def n(self) -> int:
@@ -149,12 +162,26 @@ class Objective:
         inputs, targets = to_device(batch, self.device, self.dtype)
         return checked_loss(self.loss_fn if loss_fn is None else loss_fn, self.batch_output(x, inputs), targets)
 
+    def _pass_loss(self, x: torch.Tensor, batch) -> torch.Tensor:
+        """:meth:`batch_loss` in a pass of :meth:`loss` / :meth:`loss_and_grad`; the first one also
+        checks that the loss averages over the samples (:func:`check_loss_reduction`, on the halves
+        of the batch's outputs: two more calls of the loss, once)."""
+        if self._reduction_checked:
+            return self.batch_loss(x, batch)
+        inputs, targets = to_device(batch, self.device, self.dtype)
+        outputs = self.batch_output(x, inputs)
+        loss = checked_loss(self.loss_fn, outputs, targets)
+        self._reduction_checked = True
+        if isinstance(outputs, torch.Tensor):
+            check_loss_reduction(self.loss_fn, (inputs, targets), outputs.detach(), whole=loss.detach())
+        return loss
+
     def loss(self, x: torch.Tensor) -> torch.Tensor:
         """``f(x)`` as a 0-dim tensor (no graph)."""
         total = torch.zeros((), device=self.device, dtype=torch.float64)
         with torch.no_grad(), _dist.sharded_pass([total], enabled=self.distributed):
             for batch, w in self.weights.weighted(self.batches):
-                total += self.batch_loss(x, batch).double() * w
+                total += self._pass_loss(x, batch).double() * w
         self.num_evals += 1
         return total / self.weights.total
 
@@ -171,7 +198,7 @@ class Objective:
         with torch.enable_grad(), _dist.sharded_pass([total, grad], enabled=self.distributed):
             for batch, w in self.weights.weighted(self.batches):
                 xr = x.clone().requires_grad_(True)
-                loss = self.batch_loss(xr, batch)
+                loss = self._pass_loss(xr, batch)
                 (g,) = torch.autograd.grad(loss * (w / self.weights.total), xr)
                 grad += g
                 total += loss.detach().double() * w
@@ -181,7 +208,15 @@ class Objective:
 
 def loss_on_device(loss_fn: LossFn, device: torch.device, dtype: torch.dtype) -> LossFn:
     """``loss_fn``, or a copy of a loss module whose floating tensors (class weights) are moved to
-    ``device``/``dtype``: evaluating in another precision must not meet float32 class weights."""
+    ``device``/``dtype``: evaluating in another precision must not meet float32 class weights.  A
+    keyword ``functools.partial`` gets its floating tensor keywords (``weight=``) moved likewise."""
+    func, keywords = _unwrapped(loss_fn)
+    if keywords and not isinstance(func, nn.Module):
+        moved = {k: v.to(device, dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                 for k, v in keywords.items()}
+        if any(moved[k] is not keywords[k] for k in keywords):
+            return functools.partial(func, **moved)
+        return loss_fn
     if not isinstance(loss_fn, nn.Module):
         return loss_fn
     tensors = list(loss_fn.parameters()) + list(loss_fn.buffers())
@@ -276,6 +311,27 @@ _SIGNED_INTEGERS = (torch.int16, torch.int32, torch.int64)
 # with only a warning ((N, 1) outputs against (N,) targets become an (N, N) comparison).
 _ELEMENTWISE_LOSSES = (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss)
 _ELEMENTWISE_FUNCTIONS = (F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss)
+_CLASS_INDEX_FUNCTIONS = (F.cross_entropy, F.nll_loss)
+
+
+def _unwrapped(loss_fn: Any) -> tuple[Any, dict[str, Any]]:
+    """``(function, keyword options)`` of a ``functools.partial`` that binds only keywords
+    (``partial(F.cross_entropy, weight=w, ignore_index=0)``), else ``(loss_fn, {})``."""
+    if isinstance(loss_fn, functools.partial) and not loss_fn.args:
+        return loss_fn.func, dict(loss_fn.keywords)
+    return loss_fn, {}
+
+
+def _class_index_loss(loss_fn: Any) -> bool:
+    """Cross-entropy/NLL as sharpkit recognises them (modules, functions, keyword partials)."""
+    func, _ = _unwrapped(loss_fn)
+    return isinstance(func, (nn.CrossEntropyLoss, nn.NLLLoss)) or any(func is f for f in _CLASS_INDEX_FUNCTIONS)
+
+
+def _loss_name(loss_fn: Any) -> str:
+    func, keywords = _unwrapped(loss_fn)
+    name = getattr(func, "__name__", type(func).__name__)
+    return f"partial({name}, {', '.join(f'{k}=...' for k in keywords)})" if keywords else name
 
 
 def checked_loss(loss_fn: LossFn, outputs: Any, targets: Any) -> torch.Tensor:
@@ -284,18 +340,38 @@ def checked_loss(loss_fn: LossFn, outputs: Any, targets: Any) -> torch.Tensor:
     must index the outputs' classes.  ValueError otherwise.
     Runs in every pass; the loss's reduction is checked once, where a measurement is set up
     (:func:`check_mean_reduced`)."""
-    elementwise = isinstance(loss_fn, _ELEMENTWISE_LOSSES) or any(loss_fn is f for f in _ELEMENTWISE_FUNCTIONS)
-    if elementwise and isinstance(outputs, torch.Tensor) and isinstance(targets, torch.Tensor) \
-            and outputs.shape != targets.shape:
-        what = getattr(loss_fn, "__name__", type(loss_fn).__name__)
-        raise ValueError(f"{what} compares outputs of shape {tuple(outputs.shape)} with targets of shape "
-                         f"{tuple(targets.shape)}: they must match (torch would broadcast them into a loss over "
+    func, _ = _unwrapped(loss_fn)
+    elementwise = isinstance(func, _ELEMENTWISE_LOSSES) or any(func is f for f in _ELEMENTWISE_FUNCTIONS)
+    tensors = isinstance(outputs, torch.Tensor) and isinstance(targets, torch.Tensor)
+    if elementwise and tensors and outputs.shape != targets.shape:
+        raise ValueError(f"{_loss_name(loss_fn)} compares outputs of shape {tuple(outputs.shape)} with targets of "
+                         f"shape {tuple(targets.shape)}: they must match (torch would broadcast them into a loss over "
                          "every output-target pair)")
+    if tensors and outputs.dim() >= 2 and _class_index_loss(loss_fn):
+        _check_class_targets(loss_fn, outputs, targets)
     loss = _call_loss(loss_fn, outputs, targets)
     if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
         shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
         raise ValueError(f"loss_fn must return a scalar (mean-reduced) tensor, got {shape}")
     return loss
+
+
+def _check_class_targets(loss_fn: Any, outputs: torch.Tensor, targets: torch.Tensor) -> None:
+    """ValueError where cross-entropy/NLL targets do not fit outputs ``(N, C, ...)``: class indices
+    must be shaped ``(N, ...)``, class probabilities like the outputs (torch's own messages, "0D or
+    1D target tensor expected", name neither shape)."""
+    n_c, rest = tuple(outputs.shape[:2]), tuple(outputs.shape[2:])
+    if targets.is_floating_point():
+        if targets.shape != outputs.shape:
+            hint = (": class labels must be integers (int64)" if targets.shape == outputs.shape[:1] + outputs.shape[2:]
+                    else "")
+            raise ValueError(f"{_loss_name(loss_fn)} got floating targets of shape {tuple(targets.shape)} for outputs "
+                             f"of shape {tuple(outputs.shape)}: class probabilities must be shaped like the outputs"
+                             f"{hint}")
+    elif targets.dtype != torch.bool and tuple(targets.shape) != (n_c[0],) + rest:
+        hint = " (squeeze the last dimension)" if tuple(targets.shape) == (n_c[0],) + rest + (1,) else ""
+        raise ValueError(f"{_loss_name(loss_fn)} got class-index targets of shape {tuple(targets.shape)} for outputs "
+                         f"of shape {tuple(outputs.shape)}: they must be shaped {(n_c[0],) + rest}{hint}")
 
 
 def _call_loss(loss_fn: LossFn, outputs: Any, targets: Any) -> Any:
@@ -316,21 +392,92 @@ def _call_loss(loss_fn: LossFn, outputs: Any, targets: Any) -> Any:
         raise
 
 
+def _torch_loss(loss_fn: Any) -> bool:
+    """Whether ``loss_fn`` is one of torch's own losses (a ``torch.nn`` loss module of torch's own
+    class, a ``torch.nn.functional`` function, or a keyword partial of either): none of them leaves
+    a NaN or inf target out of its value."""
+    func, _ = _unwrapped(loss_fn)
+    if isinstance(func, nn.Module):
+        return type(func).__module__ == "torch.nn.modules.loss"
+    return getattr(func, "__module__", None) == "torch.nn.functional"
+
+
+def check_finite_targets(loss_fn: Any, targets: Any, index: int) -> None:
+    """ValueError naming batch ``index`` where floating ``targets`` hold NaN or inf: the loss (one
+    of torch's, which do not mask targets) would be non-finite at every parameter value.  (A loss
+    of the user's own may leave such targets out: not checked for those.)"""
+    if isinstance(targets, torch.Tensor) and targets.is_floating_point() and not bool(torch.isfinite(targets).all()):
+        bad = "NaN" if bool(torch.isnan(targets).any()) else "inf"
+        raise ValueError(f"the data's targets hold {bad} (batch {index}, counting from 0): {_loss_name(loss_fn)} "
+                         f"over them is non-finite at every parameter value; drop those samples (or use a loss of "
+                         "your own that leaves them out)")
+
+
+def check_loss_reduction(loss_fn: Any, batch: Any, outputs: Any, whole: torch.Tensor | None = None) -> None:
+    """ValueError where ``loss_fn`` sums over the samples instead of averaging them (a lambda or
+    wrapper around ``reduction='sum'``, which :func:`check_mean_reduced` cannot see): on
+    ``outputs``, the model's outputs on ``batch`` (at least 2 samples), its value equals the sum of
+    its values on the two halves and not their weighted mean.  Every measurement would then
+    depend on how the data are batched (a Hessian N times too large on one batch of N).  Nothing
+    is said where it cannot be told (one sample, outputs that are not per-sample, a half without
+    weight or without a scalar loss).  The loss's own errors propagate, as a pass would raise them
+    (sharpkit's passes already split and join batches: a loss must take any number of samples).
+    ``whole``: the loss on the whole batch where already computed (not computed again)."""
+    m = batch[0].shape[0] if batch is not None else 0
+    if m < 2 or not isinstance(outputs, torch.Tensor) or outputs.dim() == 0 or outputs.shape[0] != m:
+        return
+    _, y = to_device(batch, outputs.device, outputs.dtype)
+    k = m // 2
+    parts = [(outputs, y), (outputs[:k], y[:k]), (outputs[k:], y[k:])]
+    weigh = batch_weigher(loss_fn)
+    with torch.no_grad():
+        values = [whole if whole is not None else _call_loss(loss_fn, outputs, y)]
+        values += [_call_loss(loss_fn, o, t) for o, t in parts[1:]]
+    if not all(isinstance(v, torch.Tensor) and v.numel() == 1 for v in values):
+        return  # (not a scalar: the measurement's first pass says so)
+    whole, first, second = (float(v) for v in values)
+    w1, w2 = weigh(parts[1]), weigh(parts[2])
+    if not (w1 > 0 and w2 > 0 and all(math.isfinite(v) for v in (whole, first, second))):
+        return
+    _refuse_summed(loss_fn, m, (whole, first, second), (w1, w2), outputs.dtype)
+
+
+def _refuse_summed(loss_fn: Any, m: int, values: tuple[float, float, float], weights: tuple[float, float],
+                   dtype: torch.dtype) -> None:
+    """The ValueError of :func:`check_loss_reduction` where ``values`` (the loss on a batch of ``m``
+    samples and on its two halves, of these ``weights``) show a sum over the samples."""
+    (whole, first, second), (w1, w2) = values, weights
+    mean, total = (w1 * first + w2 * second) / (w1 + w2), first + second
+    rtol = max(1e-6, 1000 * torch.finfo(dtype).eps) if dtype.is_floating_point else 1e-6
+    scale = max(abs(whole), abs(mean), abs(total), 1e-30)
+    if abs(whole - total) <= rtol * scale < abs(whole - mean):
+        raise ValueError(f"loss_fn {_loss_name(loss_fn)} sums over the samples instead of averaging them: on {m} "
+                         f"samples it gives {whole:.6g}, the sum of its values on the two halves ({first:.6g} + "
+                         f"{second:.6g}), not their mean ({mean:.6g}); sharpkit needs a mean-reduced loss "
+                         "(reduction='mean')")
+
+
 def check_mean_reduced(loss_fn: Any) -> None:
     """ValueError for a loss module whose ``reduction`` is not ``"mean"``: the objective is the
     weighted mean of batch means (:class:`DataWeights`), and a summed (or unreduced) loss would make
     it depend on how the data are batched."""
-    reduction = getattr(loss_fn, "reduction", "mean")
+    func, keywords = _unwrapped(loss_fn)
+    reduction = keywords.get("reduction", getattr(func, "reduction", "mean"))
+    if keywords.get("size_average") is False or keywords.get("reduce") is False:
+        reduction = "sum" if keywords.get("reduce") is not False else "none"  # (torch's legacy options)
     if reduction != "mean":
-        raise ValueError(f"loss_fn {type(loss_fn).__name__}(reduction={reduction!r}): sharpkit needs a mean-reduced "
+        name = (f"partial({getattr(func, '__name__', type(func).__name__)}, reduction={reduction!r})" if keywords
+                else f"{type(loss_fn).__name__}(reduction={reduction!r})")
+        raise ValueError(f"loss_fn {name}: sharpkit needs a mean-reduced "
                          "loss (reduction='mean'); the objective is the sample-weighted mean of the batches' losses")
 
 
 def ignore_index_of(loss_fn: Any) -> Any:
     """The target value ``loss_fn`` leaves out of its mean: a loss module's ``ignore_index``, -100
     for ``F.cross_entropy``/``F.nll_loss`` (their default), None for a loss without one."""
-    if loss_fn is F.cross_entropy or loss_fn is F.nll_loss:
-        return -100
+    func, keywords = _unwrapped(loss_fn)
+    if any(func is f for f in _CLASS_INDEX_FUNCTIONS):
+        return keywords.get("ignore_index", -100)
     return getattr(loss_fn, "ignore_index", None)
 
 
@@ -344,12 +491,14 @@ def sample_weigher(loss_fn: Any) -> Callable[[Any], torch.Tensor] | None:
     counts, so a sequence of L tokens weighs L): a sample weighs its entries' share of that sum,
     and weighing each batch by its samples' sum makes the objective the loss over all the data at
     once, however they are batched or split.  Probability targets are averaged over samples.
-    Only these modules and functions are recognised: a wrapper (a ``partial``, a lambda) is taken
-    as a per-sample mean.  ValueError for class-index targets outside the class weights."""
+    Only these modules and functions are recognised, and ``functools.partial`` of the functions
+    binding keywords only (``partial(F.cross_entropy, weight=w)``); another wrapper (a lambda) is
+    taken as a per-sample mean.  ValueError for class-index targets outside the class weights."""
+    func, keywords = _unwrapped(loss_fn)
     if isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)):
         class_weights = loss_fn.weight
-    elif loss_fn is F.cross_entropy or loss_fn is F.nll_loss:
-        class_weights = None
+    elif any(func is f for f in _CLASS_INDEX_FUNCTIONS):  # (a keyword partial of one: its weight)
+        class_weights = keywords.get("weight")
     else:
         return None
     ignore = ignore_index_of(loss_fn)
@@ -421,18 +570,28 @@ def survey_weights(batches: Batches, loss_fn: Any, distributed: bool,
     """One read of this rank's ``batches`` (:func:`sharpkit.data.survey_batches`) and the
     objective's :class:`DataWeights` for ``loss_fn`` over all ranks (one
     :func:`~sharpkit.distributed.sharded_pass` when ``distributed``; a failure on one rank stops
-    every rank).  ValueError for data without
-    samples, or whose every target is ignored."""
+    every rank).  ValueError for data without samples, or whose every target is ignored, and for
+    floating targets holding NaN or inf where ``loss_fn`` is one of torch's losses
+    (:func:`check_finite_targets`)."""
     per_sample = sample_weigher(loss_fn)
     sums = torch.zeros(3, dtype=torch.float64)  # samples, sum of their weights, sum of squares
     ignored = [0]  # targets equal to -100 where the loss is not one whose ignore_index is known
+    check_targets = _torch_loss(loss_fn)
+    index = [0]
+
+    def finite_targets(batch) -> None:
+        if check_targets:
+            check_finite_targets(loss_fn, batch[1], index[0])
+        index[0] += 1
 
     def weigh(batch) -> float:
+        finite_targets(batch)
         s = per_sample(batch)
         sums[2] += (s * s).sum()
         return float(s.sum())
 
     def count_samples(batch) -> float:
+        finite_targets(batch)
         targets = batch[1]
         if isinstance(targets, torch.Tensor) and targets.dtype in _SIGNED_INTEGERS:
             ignored[0] += int((targets == -100).sum())
@@ -474,7 +633,8 @@ def join_obstacle(loss_fn: LossFn, batch: Any, outputs: Any = None) -> str | Non
     Joining keeps ``sum_b w_b * loss_b / total`` only when each batch's loss is the weighted mean
     of per-sample terms, with the weights of :func:`batch_weigher` (the samples for most losses).
     The loss is probed on ``outputs``, the model's outputs on ``batch`` (of at least 2 samples):
-    its loss must equal the weighted mean of the losses of its two halves (to rounding).
+    its loss must equal the weighted mean of the losses of its two halves (to rounding).  A loss
+    equal to their sum is a ValueError (:func:`check_loss_reduction`).
     """
     m = batch[0].shape[0] if batch is not None else 0
     if outputs is None or m < 2 or not isinstance(outputs, torch.Tensor) or outputs.shape[:1] != (m,):
@@ -496,6 +656,8 @@ def join_obstacle(loss_fn: LossFn, batch: Any, outputs: Any = None) -> str | Non
         return None  # a non-finite loss is reported by the measurement itself
     rtol = max(1e-6, 1000 * torch.finfo(outputs.dtype).eps)
     if abs(whole - halves) > rtol * max(abs(whole), abs(halves), 1e-12):
+        # A sum over the samples is no objective at all: refused, not merely kept apart.
+        _refuse_summed(loss_fn, m, (whole, first, second), (weights[1], weights[2]), outputs.dtype)
         return (f"loss_fn is not a per-sample mean: on {m} samples it gives {whole:.6g}, the weighted mean "
                 f"of its halves {halves:.6g}")
     return None
