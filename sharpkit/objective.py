@@ -92,6 +92,12 @@ class Objective:
         distributed: bool | None = None,
         regroup: bool | int = False,
     ):
+        batches = as_batches(data)
+        self.distributed: bool = _dist.resolve(distributed) or batches.is_sharded
+        if self.distributed:
+            # Ranks measuring different models or losses would sum a mixture of measurements; a
+            # NaN parameter on one rank is then an error on every rank, not on that rank alone.
+            _dist.check_same("the model and loss measured", model, loss_fn, dtype=dtype, device=device)
         check_finite_parameters(model)
         self.model = model
         self.flat = FlatParams(model)
@@ -104,7 +110,6 @@ class Objective:
         self.dtype = dtype or self.flat.dtype
         check_mean_reduced(loss_fn)
         self.loss_fn = loss_on_device(loss_fn, self.device, self.dtype)
-        batches = as_batches(data)
         if _dist.uses_batch_statistics(model):
             sampler = random_order(batches)
             if sampler is not None:
@@ -112,7 +117,6 @@ class Objective:
                                  f"random order on every pass ({sampler}): each pass groups other samples into "
                                  "batches, so the objective would change from one evaluation to the next; use "
                                  "shuffle=False (or bn='eval')")
-        self.distributed: bool = _dist.resolve(distributed) or batches.is_sharded
         self.batches: Batches = (
             _dist.shard(batches, keep_batches=batches_stay_whole(model, batches, self.device, self.dtype))
             if self.distributed else batches
@@ -179,7 +183,7 @@ class Objective:
     def loss(self, x: torch.Tensor) -> torch.Tensor:
         """``f(x)`` as a 0-dim tensor (no graph)."""
         total = torch.zeros((), device=self.device, dtype=torch.float64)
-        with torch.no_grad(), _dist.sharded_pass([total], enabled=self.distributed):
+        with torch.no_grad(), _dist.sharded_pass([total], enabled=self.distributed, same=[x]):
             for batch, w in self.weights.weighted(self.batches):
                 total += self._pass_loss(x, batch).double() * w
         self.num_evals += 1
@@ -195,7 +199,7 @@ class Objective:
         total = torch.zeros((), device=self.device, dtype=torch.float64)
         grad = torch.zeros_like(x)
         # enable_grad: callers may measure inside torch.no_grad().
-        with torch.enable_grad(), _dist.sharded_pass([total, grad], enabled=self.distributed):
+        with torch.enable_grad(), _dist.sharded_pass([total, grad], enabled=self.distributed, same=[x]):
             for batch, w in self.weights.weighted(self.batches):
                 xr = x.clone().requires_grad_(True)
                 loss = self._pass_loss(xr, batch)

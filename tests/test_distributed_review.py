@@ -560,10 +560,6 @@ def test_ranks_holding_different_things_raise_on_every_rank(tmp_path):
         assert s["after"] == "ok" and s["after/sum"] == str([18.0] * 3)  # the group still works
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the measurements do not compare the ranks' models yet: Objective.__init__ must call "
-    "sharpkit.distributed.check_same(model, loss_fn) when distributed, and its passes (and the curvature "
-    "operator's, the landscape's) give their point or directions as sharded_pass(same=...)"))
 def test_measurements_refuse_ranks_holding_different_models(tmp_path):
     """A model one parameter apart on one rank: today each measurement silently returns a mixture
     of the two models' sums (the same wrong number on every rank)."""
