@@ -18,7 +18,8 @@ from torch import nn
 
 from . import distributed as _dist
 from .data import as_batches, check_finite_inputs, to_device
-from .objective import batch_weigher, batches_stay_whole, check_mean_reduced, checked_loss, ignore_index_of
+from .objective import (batch_weigher, batches_stay_whole, check_finite_targets, check_loss_reduction, check_mean_reduced,
+                        checked_loss, ignore_index_of, is_torch_loss)
 from .params import FlatParams, canonical_device, check_finite_parameters, measurement_mode, preserved, private_copy
 
 __all__ = ["Curve", "Surface", "interpolate", "evaluate", "random_direction", "slice_1d", "slice_2d"]
@@ -120,6 +121,10 @@ def _evaluate(model: nn.Module, loss_fn, data: Any, bn: str = "eval", device: to
     # sum): reduced over ranks when the data are sharded under torch.distributed.
     weigh = batch_weigher(loss_fn)
     ignore = ignore_index_of(loss_fn)
+    # NaN/inf targets under torch's own losses, and a loss summing over samples (a lambda around
+    # reduction='sum'), would give every point a wrong value: checked where the inputs are.
+    check_targets = check_inputs and is_torch_loss(loss_fn)
+    check_reduction = check_inputs and not is_torch_loss(loss_fn)
     sums = torch.zeros(7, dtype=torch.float64)
     with measurement_mode(model, bn), torch.no_grad():
         data = as_batches(data)  # once: a one-shot iterator is read into memory here
@@ -130,6 +135,8 @@ def _evaluate(model: nn.Module, loss_fn, data: Any, bn: str = "eval", device: to
             for index, batch in enumerate(batches):
                 if check_inputs:
                     check_finite_inputs(batch[0], index)
+                if check_targets:
+                    check_finite_targets(loss_fn, batch[1], index)
                 inputs, targets = to_device(batch, dev, dtype)
                 try:
                     out = model(inputs)
@@ -141,7 +148,11 @@ def _evaluate(model: nn.Module, loss_fn, data: Any, bn: str = "eval", device: to
                     raise
                 w = weigh(batch)
                 if w > 0:  # (a batch whose every target is ignored has no mean loss)
-                    sums[0] += float(checked_loss(loss_fn, out, targets)) * w
+                    loss = checked_loss(loss_fn, out, targets)
+                    if check_reduction and inputs.shape[0] > 1:
+                        check_loss_reduction(loss_fn, (inputs, targets), out, whole=loss)
+                        check_reduction = False
+                    sums[0] += float(loss) * w
                     sums[4] += w
                 sums[2] += inputs.shape[0]
                 if isinstance(out, torch.Tensor) and isinstance(targets, torch.Tensor) and out.dim() == 2 \

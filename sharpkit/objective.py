@@ -139,7 +139,7 @@ class Objective:
         self._frozen = {n: t for n, t in model_tensors(model, self.device, self.dtype).items() if n not in trainable}
         # A lambda or wrapper summing over the samples is found on the first batch of the first
         # pass (torch's own losses: their reduction was read above).
-        self._reduction_checked = _torch_loss(loss_fn)
+        self._reduction_checked = is_torch_loss(loss_fn)
 
     @property
     def n(self) -> int:
@@ -396,7 +396,7 @@ def _call_loss(loss_fn: LossFn, outputs: Any, targets: Any) -> Any:
         raise
 
 
-def _torch_loss(loss_fn: Any) -> bool:
+def is_torch_loss(loss_fn: Any) -> bool:
     """Whether ``loss_fn`` is one of torch's own losses (a ``torch.nn`` loss module of torch's own
     class, a ``torch.nn.functional`` function, or a keyword partial of either): none of them leaves
     a NaN or inf target out of its value."""
@@ -580,7 +580,7 @@ def survey_weights(batches: Batches, loss_fn: Any, distributed: bool,
     per_sample = sample_weigher(loss_fn)
     sums = torch.zeros(3, dtype=torch.float64)  # samples, sum of their weights, sum of squares
     ignored = [0]  # targets equal to -100 where the loss is not one whose ignore_index is known
-    check_targets = _torch_loss(loss_fn)
+    check_targets = is_torch_loss(loss_fn)
     index = [0]
 
     def finite_targets(batch) -> None:

@@ -110,14 +110,13 @@ def test_directions_are_checked():
 def test_interpolate_on_a_device_spelled_differently_copies_the_model_once(monkeypatch):
     # "cpu:0" is the CPU the parameters are on: no copy of the model per point.
     copies = []
-    real = copy.deepcopy
+    real = landscape.private_copy
 
-    def counting(obj, *args, **kwargs):
-        if isinstance(obj, nn.Module):
-            copies.append(type(obj).__name__)
-        return real(obj, *args, **kwargs)
+    def counting(model):
+        copies.append(type(model).__name__)
+        return real(model)
 
-    monkeypatch.setattr(landscape.copy, "deepcopy", counting)
+    monkeypatch.setattr(landscape, "private_copy", counting)
     a, b = _net(0), _net(1)
     xy = _data()
     curve = sk.interpolate(a, b, CE, xy, [0.0, 0.5, 1.0], device="cpu:0")
@@ -188,3 +187,41 @@ def test_on_point_reports_each_point_of_one_curve():
     assert [p[1] for p in seen] == list(curve.loss) and [p[2] for p in seen] == list(curve.accuracy)
     with torch.no_grad():
         assert seen[2][1] == pytest.approx(float(nn.functional.cross_entropy(b(x), y)), rel=1e-12)
+
+
+def _regression_net(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 1)).double()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_targets_of_torch_losses_are_refused(bad):
+    """NaN targets under nn.MSELoss gave a curve of NaN losses, silently."""
+    x, _ = _data()
+    y = torch.randn(x.shape[0], 1, dtype=torch.float64)
+    y[17, 0] = bad
+    batches = [(x[:10], y[:10]), (x[10:], y[10:])]
+    with pytest.raises(ValueError, match=r"targets hold (NaN|inf) \(batch 1"):
+        sk.interpolate(_regression_net(0), _regression_net(1), nn.MSELoss(), batches, [0.0, 1.0])
+    with pytest.raises(ValueError, match="targets hold"):
+        slice_1d(_regression_net(0), nn.MSELoss(), batches, alphas=[0.0])
+
+    def masking_loss(out, t):  # a loss of the user's own may leave such targets out
+        keep = torch.isfinite(t)
+        return ((out - torch.nan_to_num(t)) ** 2)[keep].mean()
+
+    curve = sk.interpolate(_regression_net(0), _regression_net(1), masking_loss, (x, y), [0.0, 1.0])
+    assert np.all(np.isfinite(curve.loss))
+
+
+def test_summed_loss_of_a_lambda_is_refused():
+    """A lambda around reduction='sum' gave every point the sum (17.34 where the mean is 1.48)."""
+    x, y = _data()
+    summed = lambda out, t: nn.functional.cross_entropy(out, t, reduction="sum")  # noqa: E731
+    for run in (lambda loss: sk.interpolate(_net(0), _net(1), loss, (x, y), [0.0, 1.0]),
+                lambda loss: slice_1d(_net(0), loss, (x, y), alphas=[0.0]),
+                lambda loss: evaluate(_net(0), loss, (x, y))):
+        with pytest.raises(ValueError, match="sum"):
+            run(summed)
+        mean = run(lambda out, t: nn.functional.cross_entropy(out, t))  # the mean form passes
+        assert mean is not None
