@@ -166,6 +166,22 @@ class Objective:
         inputs, targets = to_device(batch, self.device, self.dtype)
         return checked_loss(self.loss_fn if loss_fn is None else loss_fn, self.batch_output(x, inputs), targets)
 
+    def check_reduction(self, rows: int = 64) -> None:
+        """:func:`check_loss_reduction` on the first ``rows`` samples of this rank's first batch at
+        the starting point, unless a pass has checked already: for work whose passes do not go
+        through :meth:`loss` / :meth:`loss_and_grad` (curvature products, whose single-batch data
+        nothing else checks).  One forward of ``rows`` samples, once."""
+        if self._reduction_checked or not self.survey.head:
+            return
+        x, y = self.survey.head[0]
+        inputs, targets = to_device((x[:rows], y[:rows]), self.device, self.dtype)
+        with torch.no_grad():
+            outputs = self.batch_output(self.x0(), inputs)
+            loss = checked_loss(self.loss_fn, outputs, targets)
+        self._reduction_checked = True
+        if isinstance(outputs, torch.Tensor):
+            check_loss_reduction(self.loss_fn, (inputs, targets), outputs, whole=loss)
+
     def _pass_loss(self, x: torch.Tensor, batch) -> torch.Tensor:
         """:meth:`batch_loss` in a pass of :meth:`loss` / :meth:`loss_and_grad`; the first one also
         checks that the loss averages over the samples (:func:`check_loss_reduction`, on the halves

@@ -434,3 +434,19 @@ def test_unusable_device_is_named(device):
     for build in (sk.hessian, sk.ggn):
         with pytest.raises(ValueError, match=f"device '{device}' is not usable here"):
             build(model, nn.CrossEntropyLoss(), (X, Y), device=device)
+
+
+@pytest.mark.parametrize("build", [sk.hessian, sk.ggn])
+def test_summed_loss_on_one_batch_is_refused(build):
+    """A lambda around reduction='sum' on data in one batch: no pass of the objective ran before the
+    products, so nothing checked it, and the trace came out 23 x the mean's."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)).double()
+    x, y = torch.randn(23, 5, dtype=torch.float64), torch.randint(0, 3, (23,))
+    summed = lambda out, t: torch.nn.functional.cross_entropy(out, t, reduction="sum")  # noqa: E731
+    with pytest.raises(ValueError, match="sums over the samples"):
+        build(model, summed, (x, y))
+    v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    mean = build(model, lambda out, t: torch.nn.functional.cross_entropy(out, t), (x, y))
+    ref = build(model, torch.nn.CrossEntropyLoss(), (x, y))
+    torch.testing.assert_close(mean @ v, ref @ v, rtol=1e-12, atol=1e-14)

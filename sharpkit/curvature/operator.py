@@ -118,6 +118,7 @@ class CurvatureOperator:
             most_batches = max(count for count, _ in shared)
             input_shape = next((shape for _, shape in shared if shape is not None), None)
             with _dist.agree("planning the data passes"):
+                self.objective.check_reduction()  # (a summed loss would scale every product)
                 if cache is None:
                     cache = most_batches == 1 or self.objective.num_samples <= CACHE_MAX_SAMPLES
                 self.cache = bool(cache)
