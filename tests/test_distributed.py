@@ -328,6 +328,21 @@ def launch(scenario: str, tmp: Path, world: int = WORLD, timeout: float = TIMEOU
     return finish(start(scenario, tmp, world), time.monotonic() + timeout, f"scenario {scenario!r}")
 
 
+def run_scenario(scenarios: dict, scenario: str, tmp: Path) -> None:
+    """A worker process of the other distributed test modules: run ``scenarios[scenario](tmp)`` on
+    this rank, save what it returns as ``{scenario}-rank{rank}.pt`` once every rank is done, and
+    leave without the group's teardown (a failed peer's broken connections may abort it)."""
+    torch.set_num_threads(1)
+    from sharpkit.distributed import get_rank, init_distributed
+
+    init_distributed(timeout=60)
+    result = scenarios[scenario](tmp)
+    torch.distributed.barrier()
+    torch.save(result, tmp / f"{scenario}-rank{get_rank()}.pt")
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def _worker(scenario: str, tmp: Path) -> None:
     torch.set_num_threads(1)
     from sharpkit.distributed import get_rank, init_distributed

@@ -9,7 +9,6 @@ must stop with an error, none may hang, and the model must be left as found.
 """
 from __future__ import annotations
 
-import os
 import random
 import sys
 import time
@@ -20,7 +19,7 @@ import pytest
 import torch
 from torch import nn
 
-from test_distributed import finish, start  # the launcher of the distributed tests
+from test_distributed import finish, run_scenario, start  # the launcher of the distributed tests
 
 HERE = Path(__file__).resolve()
 RTOL = 1e-9
@@ -354,18 +353,6 @@ SCENARIOS = {"matrix": measure_all, "failures": failures}
 # --------------------------------------------------------------------------- launching
 
 
-def _worker(scenario: str, tmp: Path) -> None:
-    torch.set_num_threads(1)
-    from sharpkit.distributed import get_rank, init_distributed
-
-    init_distributed(timeout=60)
-    result = SCENARIOS[scenario](tmp)
-    torch.distributed.barrier()
-    torch.save(result, tmp / f"{scenario}-rank{get_rank()}.pt")
-    sys.stderr.flush()
-    os._exit(0)
-
-
 # --------------------------------------------------------------------------- tests
 
 
@@ -465,4 +452,4 @@ def test_shard_refuses_samplers_that_order_the_ranks_apart():
 
 
 if __name__ == "__main__":
-    _worker(sys.argv[1], Path(sys.argv[2]))
+    run_scenario(SCENARIOS, sys.argv[1], Path(sys.argv[2]))

@@ -8,19 +8,17 @@ matrices, random starts) must come from its seed, so the ranks agree bit for bit
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 import warnings
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from torch import nn
 from torch.func import functional_call
 
-from test_distributed import finish, start  # the launcher of the distributed tests
+from test_distributed import finish, run_scenario, start  # the launcher of the distributed tests
 
 HERE = Path(__file__).resolve()
 TIMEOUT = 150
@@ -444,18 +442,6 @@ def sharpness_of_different_models(tmp: Path) -> dict[str, str]:
 SCENARIOS = {"measure": measure_all, "disagree": disagreements, "models": sharpness_of_different_models}
 
 
-def _worker(scenario: str, tmp: Path) -> None:
-    torch.set_num_threads(1)
-    from sharpkit.distributed import get_rank, init_distributed
-
-    init_distributed(timeout=60)
-    result = SCENARIOS[scenario](tmp)
-    torch.distributed.barrier()
-    torch.save(result, tmp / f"{scenario}-rank{get_rank()}.pt")
-    sys.stderr.flush()
-    os._exit(0)
-
-
 def _run(scenario: str, tmp: Path, world: int, reference=None):
     procs = start(scenario, tmp, world, script=HERE)
     deadline = time.monotonic() + TIMEOUT
@@ -623,4 +609,4 @@ def test_checks_are_free_without_a_process_group():
 
 
 if __name__ == "__main__":
-    _worker(sys.argv[1], Path(sys.argv[2]))
+    run_scenario(SCENARIOS, sys.argv[1], Path(sys.argv[2]))
