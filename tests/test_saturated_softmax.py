@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import decimal
+import functools
 
 import pytest
 import torch
@@ -121,6 +122,7 @@ LOSSES = {
     "weighted": lambda w: nn.CrossEntropyLoss(weight=w),
     "weighted-ignore": lambda w: nn.CrossEntropyLoss(weight=w, ignore_index=2),
     "function": lambda w: F.cross_entropy,
+    "partial-weighted-ignore": lambda w: functools.partial(F.cross_entropy, weight=w, ignore_index=2),
 }
 
 
@@ -135,7 +137,7 @@ def test_curvature_loss_has_the_value_and_derivatives_of_cross_entropy(name, spa
     shape = (6, 5, 3) if spatial else (6, 5)
     z = 3 * torch.randn(*shape, generator=g, dtype=torch.float64)
     t = torch.randint(0, 5, (6, 3) if spatial else (6,), generator=g)
-    t.view(-1)[0] = 2 if name == "weighted-ignore" else -100  # one ignored entry
+    t.view(-1)[0] = 2 if name.endswith("weighted-ignore") else -100  # one ignored entry
     torch.testing.assert_close(safe(z, t), loss_fn(z, t), rtol=1e-14, atol=1e-15)
     torch.testing.assert_close(grad(lambda q: safe(q, t))(z), grad(lambda q: loss_fn(q, t))(z), rtol=1e-12, atol=1e-15)
     torch.testing.assert_close(hessian(lambda q: safe(q, t))(z), hessian(lambda q: loss_fn(q, t))(z),
@@ -229,6 +231,17 @@ def test_engines_keep_relative_precision_on_a_saturated_float32_model(kind, engi
     assert op.engine_info["engine"] == engine
     # Before the saturation-safe forms: 0.76 off for both engines (float32 rounding noise).
     assert relative_error(op.matmat(V.float()), want) < 1e-4
+
+
+@pytest.mark.parametrize("kind", ["hessian", "ggn"])
+def test_keyword_partial_of_cross_entropy_keeps_relative_precision(kind):
+    """partial(F.cross_entropy, ...) is weighed as the module (Objective); the engines differentiate
+    it in the saturation-safe form too (it was left as given: rounding noise at margin 20)."""
+    net, x, y = saturated_classifier(20.0)
+    H64 = float64_hessian(net, x, y, kind)
+    V = torch.randn(H64.shape[0], 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    op = getattr(sk, kind)(net, functools.partial(F.cross_entropy, ignore_index=-1), (x, y), engine="generic")
+    assert relative_error(op.matmat(V.float()), H64 @ V) < 1e-4
 
 
 def test_audit_engines_keep_relative_precision_on_a_saturated_float32_model():

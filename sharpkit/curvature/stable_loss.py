@@ -21,6 +21,7 @@ against 4.70 GB).
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -71,11 +72,18 @@ class SaturationSafeCrossEntropy:
 
 def curvature_loss(loss_fn: Any) -> Any:
     """The loss the curvature engines differentiate twice: for plain softmax cross-entropy
-    (``F.cross_entropy``, or an ``nn.CrossEntropyLoss`` with mean reduction, no label smoothing,
+    (``F.cross_entropy`` or a keyword ``functools.partial`` of it, or an ``nn.CrossEntropyLoss`` with mean reduction, no label smoothing,
     the standard forward and no hooks) a :class:`SaturationSafeCrossEntropy`; else ``loss_fn``
     itself.  Label smoothing keeps softmax away from one-hot, so it needs no such form."""
     if loss_fn is F.cross_entropy:
         return SaturationSafeCrossEntropy(loss_fn, None, -100)
+    if isinstance(loss_fn, functools.partial) and loss_fn.func is F.cross_entropy and not loss_fn.args:
+        # A keyword partial (weight=, ignore_index=), taken by the objective as the module would be.
+        options = dict(loss_fn.keywords)
+        weight, ignore_index = options.pop("weight", None), options.pop("ignore_index", -100)
+        if options.pop("reduction", "mean") == "mean" and options.pop("label_smoothing", 0.0) == 0.0 and not options \
+                and (weight is None or isinstance(weight, torch.Tensor)):
+            return SaturationSafeCrossEntropy(loss_fn, weight, int(ignore_index))
     if (isinstance(loss_fn, nn.CrossEntropyLoss) and loss_fn.reduction == "mean" and loss_fn.label_smoothing == 0.0
             and not overrides_forward(loss_fn) and hooks_reason([("loss_fn", loss_fn)]) is None):
         return SaturationSafeCrossEntropy(loss_fn, loss_fn.weight, int(loss_fn.ignore_index))
