@@ -437,7 +437,7 @@ class sharded_pass(contextlib.AbstractContextManager):
             groups: dict[int, list[int]] = {}
             for r, d in enumerate(gather_objects(self.same)):
                 groups.setdefault(d, []).append(r)
-            kinds = [f"rank{'s' if len(g) > 1 else ''} {', '.join(map(str, g))}" for g in groups.values()]
+            kinds = [_ranks_phrase(g) for g in groups.values()]
             verb = "hold" if len(groups[next(iter(groups))]) > 1 else "holds"
             where = (f"{kinds[0]} {verb} one point, {kinds[1]} another" if len(kinds) == 2
                      else f"{len(kinds)} different points ({' / '.join(kinds)})")
@@ -453,6 +453,11 @@ class sharded_pass(contextlib.AbstractContextManager):
 
 
 _HEADER = 6  # header entries before the per-rank failure flags
+
+
+def _ranks_phrase(ranks: Sequence[int]) -> str:
+    """"rank 2" or "ranks 0, 1" for error messages."""
+    return f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
 
 
 def _layout(tensors: Sequence[torch.Tensor]) -> tuple[int, int]:
@@ -471,6 +476,7 @@ def agree(what: str = "this step") -> sharded_pass:
 
 # --------------------------------------------------------------------------- agreement
 
+_ADDRESS_RE = re.compile(r" at 0x[0-9a-fA-F]+")  # object addresses in reprs differ between processes
 _DIGEST_MASK = (1 << 52) - 1  # digests fit a float64 exactly (the pass header)
 _DIGEST_CHUNK = 1 << 18  # 16-bit limbs weighed per step: bounded temporaries (and sums below 2**53)
 _PASS_SAMPLE = 1 << 16  # elements of a pass's ``same`` tensors digested (evenly spaced)
@@ -588,7 +594,7 @@ def digest(value: Any, _depth: int = 0) -> int:
     if hasattr(value, "__dict__"):
         return _mix("object", type(value).__module__, type(value).__qualname__,
                     digest({k: v for k, v in vars(value).items() if not k.startswith("_")}, d))
-    return _mix("other", type(value).__qualname__, re.sub(r" at 0x[0-9a-fA-F]+", "", repr(value)))
+    return _mix("other", type(value).__qualname__, _ADDRESS_RE.sub("", repr(value)))
 
 
 def _digests_of(tensors: Sequence[torch.Tensor]) -> int:
@@ -612,7 +618,7 @@ def _describe(value: Any) -> str:
         settings += [f"{k}={_describe(t)}" for k, t in value.state_dict(keep_vars=True).items()]
         text = f"{type(value).__name__}({', '.join(settings)})"
     else:
-        text = re.sub(r" at 0x[0-9a-fA-F]+", "", repr(value))
+        text = _ADDRESS_RE.sub("", repr(value))
     return text if len(text) <= 100 else text[:97] + "..."
 
 
@@ -624,7 +630,7 @@ def _model_items(model: torch.nn.Module) -> dict[str, tuple[int, str]]:
     items = {}
     for name, m in model.named_modules():
         forward = forwards.setdefault(type(m), _function_digest(type(m).forward, 1))
-        settings = re.sub(r" at 0x[0-9a-fA-F]+", "", m.extra_repr())
+        settings = _ADDRESS_RE.sub("", m.extra_repr())
         label = f"module {name!r}" if name else "the model's root module"
         items[label] = (_mix("module", type(m).__module__, type(m).__qualname__, settings, forward),
                         f"{type(m).__name__}({settings})")
@@ -683,17 +689,14 @@ def check_same(what: str, model: torch.nn.Module | None = None, loss_fn: Any = N
             groups.setdefault(None if h is None else h[0], []).append(r)
         if len(groups) == 1:
             continue
-        def who(ranks: list[int]) -> str:
-            return f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
-
         descriptions = {None if key is None else held[ranks[0]][1] for key, ranks in groups.items()}
         if len(descriptions) == 1 and None not in descriptions:  # alike but for the values
             kinds = list(groups.values())
-            where = (f"other values on {who(kinds[1])} than on {who(kinds[0])}" if len(kinds) == 2
-                     else f"different values on {' / '.join(who(r) for r in kinds)}")
+            where = (f"other values on {_ranks_phrase(kinds[1])} than on {_ranks_phrase(kinds[0])}" if len(kinds) == 2
+                     else f"different values on {' / '.join(_ranks_phrase(r) for r in kinds)}")
             differ.append(f"{name} ({descriptions.pop()}): {where}")
         else:
-            parts = [f"{who(ranks)}: {'missing' if key is None else held[ranks[0]][1]}"
+            parts = [f"{_ranks_phrase(ranks)}: {'missing' if key is None else held[ranks[0]][1]}"
                      for key, ranks in groups.items()]
             differ.append(f"{name} [{'; '.join(parts)}]")
     if differ:

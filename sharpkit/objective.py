@@ -177,10 +177,13 @@ class Objective:
         inputs, targets = to_device((x[:rows], y[:rows]), self.device, self.dtype)
         with torch.no_grad():
             outputs = self.batch_output(self.x0(), inputs)
-            loss = checked_loss(self.loss_fn, outputs, targets)
+            self._check_reduction_on(inputs, targets, outputs, checked_loss(self.loss_fn, outputs, targets))
+
+    def _check_reduction_on(self, inputs: torch.Tensor, targets: Any, outputs: Any, loss: torch.Tensor) -> None:
+        """:func:`check_loss_reduction` on one batch's outputs and loss; later passes skip it."""
         self._reduction_checked = True
         if isinstance(outputs, torch.Tensor):
-            check_loss_reduction(self.loss_fn, (inputs, targets), outputs, whole=loss)
+            check_loss_reduction(self.loss_fn, (inputs, targets), outputs.detach(), whole=loss.detach())
 
     def _pass_loss(self, x: torch.Tensor, batch) -> torch.Tensor:
         """:meth:`batch_loss` in a pass of :meth:`loss` / :meth:`loss_and_grad`; the first one also
@@ -191,9 +194,7 @@ class Objective:
         inputs, targets = to_device(batch, self.device, self.dtype)
         outputs = self.batch_output(x, inputs)
         loss = checked_loss(self.loss_fn, outputs, targets)
-        self._reduction_checked = True
-        if isinstance(outputs, torch.Tensor):
-            check_loss_reduction(self.loss_fn, (inputs, targets), outputs.detach(), whole=loss.detach())
+        self._check_reduction_on(inputs, targets, outputs, loss)
         return loss
 
     def loss(self, x: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,22 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def mlp_factory_module(tmp_path, monkeypatch):
+    """``write(name, hidden)``: a module ``name`` in ``tmp_path``, importable for the test, whose
+    ``make(input_shape, num_classes)`` builds Linear(d, hidden)-Tanh-Linear(hidden, classes) (the
+    ``module:factory`` model spec of the CLIs)."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def write(name: str, hidden: int) -> None:
+        (tmp_path / f"{name}.py").write_text(
+            "import torch.nn as nn\n"
+            "def make(input_shape, num_classes):\n"
+            f"    return nn.Sequential(nn.Linear(input_shape[0], {hidden}), nn.Tanh(), nn.Linear({hidden}, num_classes))\n")
+
+    return write
+
+
 @pytest.fixture(autouse=True)
 def _deterministic_seed():
     torch.manual_seed(0)

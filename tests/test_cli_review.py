@@ -12,17 +12,9 @@ from torch import nn
 import sharpkit as sk
 from sharpkit.cli import build_parser, main
 
-FACTORY = '''
-import torch.nn as nn
-def make(input_shape, num_classes):
-    return nn.Sequential(nn.Linear(input_shape[0], 4), nn.Tanh(), nn.Linear(4, num_classes))
-'''
-
-
 @pytest.fixture
-def tiny(tmp_path, monkeypatch):
-    (tmp_path / "review_nets.py").write_text(FACTORY)
-    monkeypatch.syspath_prepend(str(tmp_path))
+def tiny(tmp_path, mlp_factory_module):
+    mlp_factory_module("review_nets", hidden=4)
     g = torch.Generator().manual_seed(0)
     torch.save({"x_train": torch.randn(20, 3, generator=g), "y_train": torch.randint(0, 2, (20,), generator=g)},
                tmp_path / "data.pt")

@@ -11,17 +11,9 @@ import sharpkit as sk
 from sharpkit.cli import main
 from sharpkit.data import as_batches, load_tensor_file
 
-FACTORY = '''
-import torch.nn as nn
-def make(input_shape, num_classes):
-    return nn.Sequential(nn.Linear(input_shape[0], 6), nn.Tanh(), nn.Linear(6, num_classes))
-'''
-
-
 @pytest.fixture
-def files(tmp_path, monkeypatch):
-    (tmp_path / "data_nets.py").write_text(FACTORY)
-    monkeypatch.syspath_prepend(str(tmp_path))
+def files(tmp_path, mlp_factory_module):
+    mlp_factory_module("data_nets", hidden=6)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(30, 5, generator=g, dtype=torch.float64) * (1 + 1e-9)  # values float32 cannot hold
     y = torch.randint(0, 3, (30,), generator=g)

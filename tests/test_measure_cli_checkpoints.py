@@ -7,17 +7,9 @@ from torch import nn
 
 from sharpkit.cli import main
 
-FACTORY = '''
-import torch.nn as nn
-def make(input_shape, num_classes):
-    return nn.Sequential(nn.Linear(input_shape[0], 8), nn.Tanh(), nn.Linear(8, num_classes))
-'''
-
-
 @pytest.fixture
-def setup(tmp_path, monkeypatch):
-    (tmp_path / "ckpt_nets.py").write_text(FACTORY)
-    monkeypatch.syspath_prepend(str(tmp_path))
+def setup(tmp_path, mlp_factory_module):
+    mlp_factory_module("ckpt_nets", hidden=8)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(40, 5, generator=g)  # float32 inputs (a data file keeps its inputs' dtype)
     y = torch.randint(0, 3, (40,), generator=g)

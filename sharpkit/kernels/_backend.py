@@ -233,6 +233,15 @@ def partially_overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a0 < b1 and b0 < a1
 
 
+def check_dense_tensor(op: str, name: str, t: Any) -> None:
+    """TypeError naming ``op``'s argument ``name`` unless it is a dense (strided) tensor: the kernels
+    read dense memory (a sparse tensor failed with "unsupported memory format")."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{op}: {name} must be a dense (strided) tensor, got layout {t.layout}")
+
+
 def check_same_device(op: str, reference: str, tensors: dict[str, torch.Tensor | None]) -> None:
     """Raise a ValueError naming the first tensor not on the device of ``tensors[reference]``.
 

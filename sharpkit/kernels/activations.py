@@ -267,12 +267,9 @@ def _check_operands(op: str, main: str, tensors: dict[str, torch.Tensor], out: t
     backend (torch promotes), so they are refused by name instead."""
     ref = tensors[main]
     for name, t in tensors.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        _backend.check_dense_tensor(op, name, t)
         if not t.is_floating_point():
             raise TypeError(f"{op}: {name} must have a floating dtype, got {t.dtype}")
-        if t.layout != torch.strided:  # the kernels read dense memory
-            raise TypeError(f"{op}: {name} must be a dense (strided) tensor, got layout {t.layout}")
         if t.dtype != ref.dtype:
             raise TypeError(f"{op}: {name} has dtype {t.dtype}, {main} has {ref.dtype}")
     _backend.check_same_device(op, main, tensors)

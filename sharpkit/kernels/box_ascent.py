@@ -18,8 +18,8 @@ import numbers
 import torch
 
 from ..params import canonical_device
-from ._backend import (DTYPE_CODES, DTYPE_SUFFIX, cpp_module, for_autograd, launch, multiprocessor_count,
-                       partially_overlaps, ptr, resolve)
+from ._backend import (DTYPE_CODES, DTYPE_SUFFIX, check_dense_tensor, cpp_module, for_autograd, launch,
+                       multiprocessor_count, partially_overlaps, ptr, resolve)
 
 MODES = ("sign", "grad")
 
@@ -68,10 +68,7 @@ def _check_inputs(x, y, g, epsilon, step, mode, y_prev, momentum, out):
     if y_prev is not None:
         named["y_prev"] = y_prev
     for name, t in named.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"box_ascent_step: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.layout != torch.strided:  # the kernels read dense memory
-            raise TypeError(f"box_ascent_step: {name} must be a dense (strided) tensor, got layout {t.layout}")
+        check_dense_tensor("box_ascent_step", name, t)
     if not x.is_floating_point():
         raise TypeError(f"box_ascent_step: x must have a floating dtype, got {x.dtype}")
     for name, t in named.items():
@@ -94,10 +91,7 @@ def _check_inputs(x, y, g, epsilon, step, mode, y_prev, momentum, out):
         if not (isinstance(out, (tuple, list)) and len(out) == 2):
             raise TypeError("box_ascent_step: out must be a pair (y_new, w) of tensors")
         for name, t in zip(("out[0]", "out[1]"), out):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"box_ascent_step: {name} must be a torch.Tensor")
-            if t.layout != torch.strided:
-                raise TypeError(f"box_ascent_step: {name} must be a dense (strided) tensor, got layout {t.layout}")
+            check_dense_tensor("box_ascent_step", name, t)
             if t.shape != x.shape or t.dtype != x.dtype or t.device != x.device:
                 raise ValueError(f"box_ascent_step: {name} must match x in shape, dtype and device "
                                  f"(got {tuple(t.shape)}, {t.dtype}, {t.device})")
