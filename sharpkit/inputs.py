@@ -16,12 +16,11 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 from torch.func import functional_call
 
 from .audit.checkpoints import error_summary, file_sha256
 from .data import Batches, as_batches, load_dataset, to_device
-from .objective import check_loss_reduction, check_mean_reduced, checked_loss, loss_on_device
+from .objective import check_loss_reduction, check_mean_reduced, checked_loss, is_class_index_loss, loss_on_device
 from .params import measurement_mode, model_tensors
 
 __all__ = ["LOSSES", "resolve_data", "resolve_model", "resolve_model_classes", "resolve_device", "default_device",
@@ -231,8 +230,7 @@ def check_class_targets(loss_fn: Callable, targets: torch.Tensor) -> None:
     """ValueError where a cross-entropy/NLL loss meets floating targets of one value per sample
     (class labels saved as floats): the loss takes integer labels or ``(N, C)`` probabilities, and
     a model sized by such targets, or a checkpoint for it, would be blamed instead."""
-    if (isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)) or loss_fn in (F.cross_entropy, F.nll_loss)) \
-            and targets.is_floating_point() and targets.dim() == 1:
+    if is_class_index_loss(loss_fn) and targets.is_floating_point() and targets.dim() == 1:
         raise ValueError(f"the targets are {str(targets.dtype).replace('torch.', '')} with one value per sample: "
                          "cross-entropy takes class labels as integers (save them as int64) or class "
                          "probabilities of shape (N, C); for regression targets use an MSE loss")

@@ -343,8 +343,9 @@ def _unwrapped(loss_fn: Any) -> tuple[Any, dict[str, Any]]:
     return loss_fn, {}
 
 
-def _class_index_loss(loss_fn: Any) -> bool:
-    """Cross-entropy/NLL as sharpkit recognises them (modules, functions, keyword partials)."""
+def is_class_index_loss(loss_fn: Any) -> bool:
+    """Cross-entropy/NLL as sharpkit recognises them (torch's modules and functions, and keyword
+    partials of either): losses whose targets are class indices or class probabilities."""
     func, _ = _unwrapped(loss_fn)
     return isinstance(func, (nn.CrossEntropyLoss, nn.NLLLoss)) or any(func is f for f in _CLASS_INDEX_FUNCTIONS)
 
@@ -368,7 +369,7 @@ def checked_loss(loss_fn: LossFn, outputs: Any, targets: Any) -> torch.Tensor:
         raise ValueError(f"{_loss_name(loss_fn)} compares outputs of shape {tuple(outputs.shape)} with targets of "
                          f"shape {tuple(targets.shape)}: they must match (torch would broadcast them into a loss over "
                          "every output-target pair)")
-    if tensors and outputs.dim() >= 2 and _class_index_loss(loss_fn):
+    if tensors and outputs.dim() >= 2 and is_class_index_loss(loss_fn):
         _check_class_targets(loss_fn, outputs, targets)
     loss = _call_loss(loss_fn, outputs, targets)
     if not isinstance(loss, torch.Tensor) or loss.dim() != 0:

@@ -4,6 +4,8 @@ landscapes (their accuracy) and audits.  Floating targets (MSE) and bool targets
 References: the same measurement with int64 targets, and accuracy counted from float64 logits."""
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from torch import nn
@@ -105,3 +107,19 @@ def test_only_integer_targets_are_converted():
         t = torch.tensor([0, 1, 2, 3, 4], dtype=dtype)
         (_, got), = list(as_batches([(x, t)]))
         assert got.dtype == torch.int64 and torch.equal(got, torch.arange(5))
+
+
+@pytest.mark.parametrize("loss_fn", [
+    nn.CrossEntropyLoss(), nn.NLLLoss(), nn.functional.cross_entropy,
+    functools.partial(nn.functional.cross_entropy, label_smoothing=0.1),
+    functools.partial(nn.functional.nll_loss, ignore_index=3),
+])
+def test_float_labels_refused_for_every_form_of_class_loss(loss_fn):
+    """The check made before a CLI sizes a model from the targets knows the class losses as the
+    objective does, keyword partials included."""
+    from sharpkit.inputs import check_class_targets
+
+    with pytest.raises(ValueError, match="class labels as integers"):
+        check_class_targets(loss_fn, torch.tensor([0.0, 2.0, 1.0]))
+    check_class_targets(loss_fn, torch.tensor([0, 2, 1]))  # integer labels pass
+    check_class_targets(nn.MSELoss(), torch.tensor([0.0, 2.0, 1.0]))  # regression targets pass
