@@ -476,11 +476,17 @@ def agree(what: str = "this step") -> sharded_pass:
 
 # --------------------------------------------------------------------------- agreement
 
-_ADDRESS_RE = re.compile(r" at 0x[0-9a-fA-F]+")  # object addresses in reprs differ between processes
+_ADDRESS_RE = re.compile(r" at 0x[0-9a-fA-F]+")
 _DIGEST_MASK = (1 << 52) - 1  # digests fit a float64 exactly (the pass header)
 _DIGEST_CHUNK = 1 << 18  # 16-bit limbs weighed per step: bounded temporaries (and sums below 2**53)
 _PASS_SAMPLE = 1 << 16  # elements of a pass's ``same`` tensors digested (evenly spaced)
 _DIGEST_DEPTH = 6  # nesting followed into containers and objects
+
+
+def without_addresses(text: str) -> str:
+    """``text`` (a repr) with the object addresses (`` at 0x7f...``) taken out: they differ between
+    processes and runs, so they are never part of a digest or a results key."""
+    return _ADDRESS_RE.sub("", text)
 
 
 def _mix(*parts: Any) -> int:
@@ -594,7 +600,7 @@ def digest(value: Any, _depth: int = 0) -> int:
     if hasattr(value, "__dict__"):
         return _mix("object", type(value).__module__, type(value).__qualname__,
                     digest({k: v for k, v in vars(value).items() if not k.startswith("_")}, d))
-    return _mix("other", type(value).__qualname__, _ADDRESS_RE.sub("", repr(value)))
+    return _mix("other", type(value).__qualname__, without_addresses(repr(value)))
 
 
 def _digests_of(tensors: Sequence[torch.Tensor]) -> int:
@@ -618,7 +624,7 @@ def _describe(value: Any) -> str:
         settings += [f"{k}={_describe(t)}" for k, t in value.state_dict(keep_vars=True).items()]
         text = f"{type(value).__name__}({', '.join(settings)})"
     else:
-        text = _ADDRESS_RE.sub("", repr(value))
+        text = without_addresses(repr(value))
     return text if len(text) <= 100 else text[:97] + "..."
 
 
@@ -630,7 +636,7 @@ def _model_items(model: torch.nn.Module) -> dict[str, tuple[int, str]]:
     items = {}
     for name, m in model.named_modules():
         forward = forwards.setdefault(type(m), _function_digest(type(m).forward, 1))
-        settings = _ADDRESS_RE.sub("", m.extra_repr())
+        settings = without_addresses(m.extra_repr())
         label = f"module {name!r}" if name else "the model's root module"
         items[label] = (_mix("module", type(m).__module__, type(m).__qualname__, settings, forward),
                         f"{type(m).__name__}({settings})")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import warnings
 from typing import Any, Callable
 
@@ -20,6 +19,7 @@ from torch.func import functional_call
 
 from .audit.checkpoints import error_summary, file_sha256
 from .data import Batches, as_batches, load_dataset, to_device
+from .distributed import without_addresses
 from .objective import check_loss_reduction, check_mean_reduced, checked_loss, is_class_index_loss, loss_on_device
 from .params import measurement_mode, model_tensors
 
@@ -170,8 +170,6 @@ def resolve_model_classes(spec: Any, batches: Batches, num_classes: int | None,
     return model, f"{spec}|{identity(model)}", num_classes if from_labels else None
 
 
-# Memory addresses in a repr ("<function f at 0x7f...>") differ between runs: never part of a key.
-_ADDRESS_RE = re.compile(r" at 0x[0-9a-fA-F]+")
 _PLAIN_TYPES = (bool, int, float, str, tuple, type(None))
 
 
@@ -193,7 +191,7 @@ def identity(obj: Any, tensors: bool = False) -> str:
     if isinstance(obj, nn.Module):
         h = hashlib.sha256(f"{type(obj).__module__}.{type(obj).__qualname__}\n{obj!r}".encode())
         for name, module in obj.named_modules():
-            h.update(_ADDRESS_RE.sub("", f"\n{name}: {_plain_attributes(module)}").encode())
+            h.update(without_addresses(f"\n{name}: {_plain_attributes(module)}").encode())
         for name, t in obj.state_dict().items():
             h.update(f"\n{name}: {tuple(t.shape)} {t.dtype}".encode())
             if tensors:
@@ -201,7 +199,7 @@ def identity(obj: Any, tensors: bool = False) -> str:
         return f"{type(obj).__name__}[{h.hexdigest()[:12]}]"
     if hasattr(obj, "__qualname__"):
         return f"{getattr(obj, '__module__', None)}.{obj.__qualname__}"
-    return _ADDRESS_RE.sub("", f"{obj!r} {_plain_attributes(obj)}")
+    return without_addresses(f"{obj!r} {_plain_attributes(obj)}")
 
 
 def default_device() -> torch.device:
