@@ -1,9 +1,10 @@
 """Loss-landscape curves: 1-D paths between two minimizers (Keskar et al. Fig. 2/3/7) and slices
 along filter-normalised random directions around one minimizer (Li et al. 2018).
 
-Every point is one pass over ``data`` accumulating weighted sums (loss and correct predictions)
-and dividing once, as everywhere in sharpkit.  The user's models are never written:
-points are evaluated on one private copy.
+Every point is one pass over the data of one :class:`~sharpkit.objective.Objective` per curve or
+slice (its batches, sample weights, shards under torch.distributed and input checks, read once),
+accumulating the weighted loss beside the correct predictions.  The user's models are never
+written: slices pass their points to the objective, paths are written into one private copy.
 """
 from __future__ import annotations
 
@@ -17,10 +18,9 @@ import torch
 from torch import nn
 
 from . import distributed as _dist
-from .data import as_batches, check_finite_inputs, to_device
-from .objective import (batch_weigher, batches_stay_whole, check_finite_targets, check_loss_reduction, check_mean_reduced,
-                        checked_loss, ignore_index_of, is_torch_loss)
-from .params import FlatParams, canonical_device, check_finite_parameters, measurement_mode, preserved, private_copy
+from .data import to_device
+from .objective import Objective, check_loss_reduction, checked_loss, ignore_index_of, is_torch_loss
+from .params import FlatParams, check_finite_parameters, measurement_mode, preserved, private_copy
 
 __all__ = ["Curve", "Surface", "interpolate", "evaluate", "random_direction", "slice_1d", "slice_2d"]
 
@@ -88,98 +88,99 @@ def evaluate(
 
     Raises ``ValueError`` for inputs holding NaN or inf (naming the batch) and for empty data.
     """
-    return _evaluate(model, loss_fn, data, bn, device)
+    model = _measurable(model)
+    try:
+        check_finite_parameters(model)
+    except ValueError:
+        return _evaluate_diverged(model, loss_fn, data, bn, device)
+    with measurement_mode(model, bn):
+        objective = Objective(model, loss_fn, data, device=device)
+        return _loss_and_accuracy(objective, objective.x0(), bn)
 
 
-class _KeepBatches:
-    """Whether sharding keeps ``data``'s batches whole on one rank (under torch.distributed:
-    :func:`~sharpkit.objective.batches_stay_whole`, a forward of up to 64 rows and a collective),
-    decided by the first point of a curve or slice that asks and kept for the others: the
-    architecture, ``bn`` and the data do not change from point to point, only the parameters."""
+def _evaluate_diverged(model: nn.Module, loss_fn, data: Any, bn: str,
+                       device: torch.device | str | None) -> tuple[float, float]:
+    """:func:`evaluate` of a model holding NaN or inf (a diverged training run, which evaluate
+    records, typically as NaN loss and accuracy).  The :class:`~sharpkit.objective.Objective`
+    refuses such a model, so a private copy on the evaluation device is built into one while those
+    entries read 0, and they are written back before the pass: the objective reads the copy's
+    tensors in place (they are already on its device and in its dtype)."""
+    work = private_copy(model)
+    if device is not None:
+        work.to(device)
+    with measurement_mode(work, bn):  # (first: bn='train' gives BatchNorm its private buffers)
+        bad = [t for t in list(work.parameters()) + list(work.buffers())
+               if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        values = [t.detach().clone() for t in bad]
+        with torch.no_grad():
+            for t in bad:
+                t.nan_to_num_(0.0, 0.0, 0.0)
+        objective = Objective(work, loss_fn, data)
+        with torch.no_grad():
+            for t, v in zip(bad, values):
+                t.copy_(v)
+        return _loss_and_accuracy(objective, objective.x0(), bn)
 
-    def __init__(self) -> None:
-        self.keep: bool | None = None
 
-    def __call__(self, model: nn.Module, data: Any, device: torch.device, dtype: torch.dtype) -> bool:
-        if self.keep is None:
-            self.keep = _dist.is_distributed() and batches_stay_whole(model, data, device, dtype)
-        return self.keep
+def _measurable(model: nn.Module) -> nn.Module:
+    """``model``, or where none of its parameters is trainable, a private copy whose floating
+    parameters are: the :class:`~sharpkit.objective.Objective` evaluates the model at a vector of its
+    trainable parameters, and a landscape only evaluates (it never differentiates), so a frozen
+    checkpoint is measured whole."""
+    if any(p.requires_grad for p in model.parameters()):
+        return model
+    copy = private_copy(model)
+    for p in copy.parameters():
+        if p.is_floating_point():
+            p.requires_grad_(True)
+    return copy
 
 
-def _evaluate(model: nn.Module, loss_fn, data: Any, bn: str = "eval", device: torch.device | str | None = None,
-              check_inputs: bool = True, keep_batches: _KeepBatches | None = None) -> tuple[float, float]:
-    """:func:`evaluate`; ``check_inputs=False`` skips the inputs' NaN/inf scan (for the later points
-    of a curve or slice over data the first point has checked); ``keep_batches``: one
-    :class:`_KeepBatches` shared by the points of a curve or slice (default: decided for this call)."""
-    check_mean_reduced(loss_fn)
-    dev = torch.device(device) if device is not None else _param_device(model)
-    dtype = _param_dtype(model)
-    if not _same_device(dev, _param_device(model)):
-        model = private_copy(model).to(dev)  # evaluate on ``device`` without moving the user's model
-    # Sums [loss * w, correct, n, batches that are not classification, w, targets scored, batches
-    # with NaN outputs] (w: the batch's weight in the mean loss, its samples or batch_weigher's
-    # sum): reduced over ranks when the data are sharded under torch.distributed.
-    weigh = batch_weigher(loss_fn)
-    ignore = ignore_index_of(loss_fn)
-    # NaN/inf targets under torch's own losses, and a loss summing over samples (a lambda around
-    # reduction='sum'), would give every point a wrong value: checked where the inputs are.
-    check_targets = check_inputs and is_torch_loss(loss_fn)
-    check_reduction = check_inputs and not is_torch_loss(loss_fn)
-    sums = torch.zeros(7, dtype=torch.float64)
-    with measurement_mode(model, bn), torch.no_grad():
-        data = as_batches(data)  # once: a one-shot iterator is read into memory here
-        keep = (keep_batches if keep_batches is not None else _KeepBatches())(model, data, dev, dtype)
-        batches = _dist.shard(data, keep_batches=keep)
-        # (the point's digest travels with the sums: ranks at different points are refused)
-        with _dist.sharded_pass([sums], enabled=batches.is_sharded, same=[p.detach() for p in model.parameters()]):
-            for index, batch in enumerate(batches):
-                if check_inputs:
-                    check_finite_inputs(batch[0], index)
-                if check_targets:
-                    check_finite_targets(loss_fn, batch[1], index)
-                inputs, targets = to_device(batch, dev, dtype)
-                try:
-                    out = model(inputs)
-                except ValueError as exc:
-                    if bn == "train" and "more than 1 value per channel" in str(exc):
-                        raise ValueError(f"batch {index} holds {inputs.shape[0]} sample(s): BatchNorm with batch "
-                                         "statistics (bn='train') needs more than one value per channel; batch the "
-                                         "data otherwise or use bn='eval'") from exc
-                    raise
-                w = weigh(batch)
-                if w > 0:  # (a batch whose every target is ignored has no mean loss)
-                    loss = checked_loss(loss_fn, out, targets)
-                    if check_reduction and inputs.shape[0] > 1:
-                        check_loss_reduction(loss_fn, (inputs, targets), out, whole=loss)
-                        check_reduction = False
-                    sums[0] += float(loss) * w
-                    sums[4] += w
-                sums[2] += inputs.shape[0]
-                if isinstance(out, torch.Tensor) and isinstance(targets, torch.Tensor) and out.dim() == 2 \
-                        and not targets.is_floating_point() and targets.dim() == 1:
-                    if out.is_floating_point() and bool(torch.isnan(out).any()):
-                        sums[6] += 1  # argmax of a NaN row is the NaN's index: no prediction
-                    scored = targets != ignore if ignore is not None else torch.ones_like(targets, dtype=torch.bool)
-                    sums[1] += float(((out.argmax(dim=1) == targets) & scored).sum())
-                    sums[5] += float(scored.sum())
-                else:
-                    sums[3] += 1
-    loss_sum, correct, count, other, weight, scored_total, nan_outputs = sums.tolist()
-    if count == 0:
-        raise ValueError("data is empty: it holds no samples")
-    if not weight > 0:
-        raise ValueError("every target of the data equals the loss's ignore_index: the mean loss is undefined")
+def _loss_and_accuracy(objective: Objective, x: torch.Tensor, bn: str, first: bool = True) -> tuple[float, float]:
+    """``(mean loss, accuracy)`` at parameters ``x`` in one pass over ``objective``'s data: the loss is
+    :meth:`Objective.loss <sharpkit.objective.Objective.loss>`'s (same batches, weights, shards and
+    checks), computed here beside the accuracy because that needs the outputs, which ``loss``
+    does not return.  ``first``: the first point of a curve or slice (it checks the loss's
+    reduction).  Call inside the :func:`~sharpkit.params.measurement_mode` the objective was built in."""
+    ignore = ignore_index_of(objective.loss_fn)
+    # Sums [loss * w, correct, batches that are not classification, targets scored, batches with
+    # NaN outputs], reduced over ranks when the data are sharded (the point's digest travels with
+    # them: ranks at different points are refused).
+    sums = torch.zeros(5, dtype=torch.float64)
+    # A loss summing over the samples (a lambda around reduction='sum') is refused on the first
+    # batch of 2 samples or more: not by Objective.check_reduction, which looks at the first batch
+    # only and says nothing when that one holds a single sample.
+    check_reduction = first and not is_torch_loss(objective.loss_fn)
+    with torch.no_grad(), _dist.sharded_pass([sums], enabled=objective.distributed, same=[x]):
+        for index, batch in enumerate(objective.batches):
+            inputs, targets = to_device(batch, objective.device, objective.dtype)
+            try:
+                out = objective.batch_output(x, inputs)
+            except ValueError as exc:
+                if bn == "train" and "more than 1 value per channel" in str(exc):
+                    raise ValueError(f"batch {index} holds {inputs.shape[0]} sample(s): BatchNorm with batch "
+                                     "statistics (bn='train') needs more than one value per channel; batch the "
+                                     "data otherwise or use bn='eval'") from exc
+                raise
+            w = objective.weights.of(batch)
+            if w > 0:  # (a batch whose every target is ignored has no mean loss)
+                loss = checked_loss(objective.loss_fn, out, targets)
+                if check_reduction and inputs.shape[0] > 1:
+                    check_loss_reduction(objective.loss_fn, (inputs, targets), out, whole=loss)
+                    check_reduction = False
+                sums[0] += float(loss) * w
+            if isinstance(out, torch.Tensor) and isinstance(targets, torch.Tensor) and out.dim() == 2 \
+                    and not targets.is_floating_point() and targets.dim() == 1:
+                if out.is_floating_point() and bool(torch.isnan(out).any()):
+                    sums[4] += 1  # argmax of a NaN row is the NaN's index: no prediction
+                scored = targets != ignore if ignore is not None else torch.ones_like(targets, dtype=torch.bool)
+                sums[1] += float(((out.argmax(dim=1) == targets) & scored).sum())
+                sums[3] += float(scored.sum())
+            else:
+                sums[2] += 1
+    loss_sum, correct, other, scored_total, nan_outputs = sums.tolist()
     defined = other == 0 and nan_outputs == 0 and scored_total > 0
-    return loss_sum / weight, (correct / scored_total if defined else math.nan)
-
-
-def _same_device(a: torch.device, b: torch.device) -> bool:
-    """Whether two device names are one device ("cpu" and "cpu:0"; "cuda" and the current CUDA device)."""
-    return _canonical_device(a) == _canonical_device(b)
-
-
-def _canonical_device(dev: torch.device) -> torch.device:
-    return torch.device("cpu") if dev.type == "cpu" else canonical_device(dev)
+    return loss_sum / objective.weights.total, (correct / scored_total if defined else math.nan)
 
 
 @_outside_inference_mode
@@ -206,7 +207,8 @@ def interpolate(
     two models must hold the same running statistics, or a ``ValueError`` names the layers that
     differ.  For networks with BatchNorm pass ``bn="train"``, the authors' protocol (as the study
     and ``sharpkit interpolate`` do): each batch is normalised with its own statistics at every
-    point; pass ``data`` as one ``(X, Y)`` pair for full-batch statistics.  Both models must have
+    point; pass ``data`` as one ``(X, Y)`` pair for full-batch statistics (a DataLoader that
+    reshuffles is refused there: every point would see other batches).  Both models must have
     the same architecture; neither is modified.  Every floating parameter moves along the path,
     trainable or frozen; other buffers come from ``model_a``.
     ``device``: where to evaluate (default: ``model_a``'s device).  ``on_point(alpha, loss,
@@ -217,22 +219,24 @@ def interpolate(
     alphas_np = _coordinates(alphas, "alphas")
     check_finite_parameters(model_a)
     check_finite_parameters(model_b)
-    data = as_batches(data)  # read a one-shot iterator once, replay it at every alpha
     # Every floating parameter moves along the path, trainable or frozen (the whole network).
     pa, pb = _floating_parameters(model_a), _floating_parameters(model_b)
     _check_same_parameters(pa, pb)
     if bn == "eval":
         _check_same_running_statistics(model_a, model_b)
-    work = private_copy(model_a)  # one private copy; the user's models are only read
+    work = _measurable(private_copy(model_a))  # one private copy; the user's models are only read
     if device is not None:
         work.to(device)  # (then evaluated where it is: no copy of the model per point)
     pw = _floating_parameters(work)
     ends = {k: (pa[k].detach().to(pw[k]), pb[k].detach().to(pw[k])) for k in pw}
     losses, accs = [], []
-    keep_batches = _KeepBatches()  # (the split probe runs at the first point only)
     # The copy's hooks are the user's functions: one writing a tensor it holds by closure (a
     # buffer of model_a or model_b) would change the user's model, so both are restored on exit.
-    with preserved(model_a), preserved(model_b):
+    with preserved(model_a), preserved(model_b), measurement_mode(work, bn):
+        # Each point is written into the copy, frozen parameters included: the objective evaluates
+        # at the copy's trainable vector (x0) and reads its other tensors as they are (aliases:
+        # the copy is on the objective's device and in its dtype).
+        objective = Objective(work, loss_fn, data)
         for a in alphas_np:
             if path == "linear":
                 ca, cb = 1.0 - a, a
@@ -242,8 +246,7 @@ def interpolate(
                 for k, p in pw.items():
                     xa, xb = ends[k]
                     p.copy_(ca * xa + cb * xb)
-            loss, acc = _evaluate(work, loss_fn, data, bn=bn, check_inputs=not losses,  # (the data are replayed)
-                                  keep_batches=keep_batches)
+            loss, acc = _loss_and_accuracy(objective, objective.x0(), bn, first=not losses)
             losses.append(loss)
             accs.append(acc)
             if on_point is not None:
@@ -360,19 +363,17 @@ def _grid(model, loss_fn, data, alphas, betas, d1, d2, seed, bn,
     flat = FlatParams(model)
     d1 = random_direction(model, seed) if d1 is None else _direction(d1, flat, names[0])
     d2 = random_direction(model, seed + 1) if d2 is None else _direction(d2, flat, names[1])
-    data = as_batches(data)  # read a one-shot iterator once, replay it at every point
     x = flat.get()
-    work = private_copy(model)
-    fw = FlatParams(work)
     loss = np.empty((a_np.size, b_np.size))
     acc = np.empty_like(loss)
-    keep_batches = _KeepBatches()  # (the split probe runs at the first point only)
-    with preserved(model):  # (the copy's hooks are the user's functions: see interpolate)
+    # The points are passed to the objective (functional_call): the model's own tensors are only
+    # read, and measurement_mode restores whatever its hooks write.
+    with measurement_mode(model, bn):
+        objective = Objective(model, loss_fn, data)
         for i, a in enumerate(a_np):
             for j, b in enumerate(b_np):
-                fw.set_(x + float(a) * d1 + float(b) * d2)
-                loss[i, j], acc[i, j] = _evaluate(work, loss_fn, data, bn=bn, check_inputs=i == j == 0,
-                                                   keep_batches=keep_batches)
+                loss[i, j], acc[i, j] = _loss_and_accuracy(objective, x + float(a) * d1 + float(b) * d2, bn,
+                                                            first=i == j == 0)
     return Surface(a_np, b_np, loss, acc)
 
 
@@ -406,13 +407,3 @@ def _direction(d: Any, flat: FlatParams, name: str) -> torch.Tensor:
         bad = "NaN" if bool(torch.isnan(d).any()) else "inf"
         raise ValueError(f"the {name} holds {bad}: every point along it would be non-finite")
     return d.detach().to(flat.device, flat.dtype)
-
-
-def _param_device(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
-def _param_dtype(model: nn.Module) -> torch.dtype:
-    p = next(model.parameters(), None)
-    return p.dtype if p is not None else torch.float32
