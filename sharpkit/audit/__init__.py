@@ -35,7 +35,7 @@ from ..inputs import (
     resolve_model_classes,
 )
 from ..objective import REGROUP_MAX_ROWS, batches_stay_whole, survey_weights
-from ..params import FlatParams, measurement_mode, private_copy
+from ..params import FlatParams, measurement_mode, private_copy, working_dtypes
 from ..sharpness._checks import measured_dtype
 from ..sharpness.solvers import check_autocast
 from .checkpoints import (
@@ -45,7 +45,7 @@ from .checkpoints import (
     display_names,
     find_checkpoints,
     fit_state_dict,
-    load_checkpoint,
+    read_checkpoint,
 )
 from .metrics import METRICS, MetricConfig, run_metrics
 from .store import ResultStore, json_safe, row_key
@@ -80,6 +80,7 @@ def audit(
     batch_size: int | None = None,
     progress: bool = False,
     memory_fraction: float = 0.25,
+    entry: str | None = None,
 ) -> list[dict[str, Any]]:
     """Measure the sharpness of many checkpoints of one architecture; one row per checkpoint.
 
@@ -106,18 +107,32 @@ def audit(
             at a time) measures one checkpoint at a time; ``"apgd"`` (default) and ``"pga"`` batch.
         bn: ``"eval"`` (running statistics, default) or ``"train"`` (batch statistics).
         device, dtype: where and in what precision to measure (default: CPU, the model's dtype).
+            Checkpoints are loaded in ``dtype`` where given (a float64 checkpoint keeps its values
+            under ``dtype=torch.float64`` whatever the factory's precision), else in the model's.
         group_size: checkpoints measured together; ``None`` chooses it from free memory (on a CPU:
             1 when the data batches hold more than 400 samples on average, where stacking measured
             slower); 1 measures one at a time on :class:`sharpkit.objective.Objective`.
         batch_size: split tensor data into batches of this many samples (default: one batch).
         progress: show a progress bar with ETA on stderr.
         memory_fraction: share of free memory the automatic group size may use (default 0.25).
+        entry: the entry of the checkpoint dicts holding the weights to measure, such as
+            ``"model_ema"`` or ``"state_dict_ema"`` for the EMA copies; default None: the file
+            itself where it is a state dict, else the first entry of ``"state_dict"``,
+            ``"model_state_dict"``, ``"model"``, ``"net"``, ``"network"`` holding weights (each
+            row's ``weights`` says which, and names other entries holding weights).  A file
+            without that entry gets an error row.
 
     Returns:
         One dict per checkpoint path in the order found: ``key``, ``checkpoint``, ``name`` (the
         shortest path suffix telling the files apart), ``sha256``, ``step``, ``epoch``, ``status``
         (``"ok"`` or ``"error"``), ``error``, ``loss``, one entry per metric, ``details``,
-        ``config``; non-finite numbers are ``None``, as in the store.  Identical files under
+        ``config``, ``weights`` (where in the file the weights were found and how their names were
+        matched, e.g. ``"entry 'model' (also in the file, not measured: 'model_ema'); prefix
+        'module.' removed"``; None for a plain state dict) and ``saved_step``/``saved_epoch``
+        (those the file stores beside its weights: Lightning's ``global_step``/``epoch``, a
+        script's ``{"step": ..., "epoch": ...}``).  ``step`` and ``epoch`` are read from the
+        path (:func:`~sharpkit.audit.checkpoints.parse_step`); where the path gives none, the
+        saved ones stand in.  Non-finite numbers are ``None``, as in the store.  Identical files under
         several paths are measured once and each path gets its own row.  Bad checkpoints
         (missing, unreadable, corrupt, not fitting the model, NaN/inf weights) get
         ``status="error"`` and a message; the others are still measured.
@@ -177,7 +192,10 @@ def audit(
             check_hessian_computable(net)
         # The model's trainable precision, but float32 for a 16-bit model (whose sharpness would be
         # rounding noise, often exactly 0), and an explicit 16-bit dtype refused: measured_dtype.
+        explicit = dtype is not None
         dtype = measured_dtype(net, dtype) or FlatParams(net).dtype
+        if explicit:  # checkpoints are loaded in the precision asked for, not rounded to the model's first
+            _convert_to(net, dtype)
         if ascent_dtype is not None:
             check_autocast(ascent_dtype, device, dtype)
         check_model_runs(net, loss_fn, batches, device, dtype, bn)
@@ -186,12 +204,30 @@ def audit(
         key_config = {
             **config.key(), "data": data_desc, "model": model_desc, "loss": identity(loss_fn, tensors=True), "bn": bn,
             "dtype": str(dtype).replace("torch.", ""), "batch_size": batch_size,
+            **({"entry": entry} if entry is not None else {}),  # (absent by default: earlier rows keep their keys)
         }
-        runner = _Runner(net, loss_fn, batches, config, key_config, device, dtype, bn, store, data_classes)
+        runner = _Runner(net, loss_fn, batches, config, key_config, device, dtype, bn, store, data_classes, entry)
         return runner.run(paths, group_size, progress, memory_fraction)
     finally:
         if store is not None:
             store.close()
+
+
+def _convert_to(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Convert ``model`` (the audit's own copy) to an explicitly requested precision where a
+    measurement would (:func:`sharpkit.params.working_dtypes`: frozen parts of another precision
+    keep theirs), so that checkpoints loaded into it keep their values: a float64 checkpoint audited
+    with dtype=float64 passed through a float32 factory's weights on the way, rounded to float32
+    (loss 4.6e-11 off the float64 one).  Without an explicit dtype checkpoints are loaded in the
+    model's own precision, as ``model.load_state_dict`` would."""
+    cast = working_dtypes(model)
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None and p.is_floating_point() and (cast is None or p.dtype in cast) and p.dtype != dtype:
+                p.data = p.data.to(dtype)  # (the Parameter object stays: tied weights stay tied)
+        for name, b in module._buffers.items():
+            if b is not None and b.is_floating_point() and (cast is None or b.dtype in cast) and b.dtype != dtype:
+                module._buffers[name] = b.to(dtype)
 
 
 # Rows (checkpoints x samples) of one evaluation pass where samples are independent (bn="eval"):
@@ -206,8 +242,12 @@ STACKED_ROWS = REGROUP_MAX_ROWS  # 16384, the cap Objective(regroup=True) uses t
 class _Runner:
     """One audit: resolve checkpoints to rows, measure the pending ones group by group."""
 
-    def __init__(self, model, loss_fn, batches, config, key_config, device, dtype, bn, store, data_classes=None):
+    def __init__(self, model, loss_fn, batches, config, key_config, device, dtype, bn, store, data_classes=None,
+                 entry=None):
         self.model, self.loss_fn, self.batches = model, loss_fn, batches
+        self.entry = entry
+        # What each content's file said about its weights (row key -> weights, saved_step, saved_epoch).
+        self._content: dict[str, dict[str, Any]] = {}
         self.config, self.key_config = config, key_config
         self.device, self.dtype, self.bn, self.store = device, dtype, bn, store
         # Classes the model was built for, counted from the data's labels (None: not from the data).
@@ -224,14 +264,19 @@ class _Runner:
         self.pass_rows: int | None = None
 
     @staticmethod
-    def _position(ck: Checkpoint) -> dict[str, Any]:
-        """The fields of a row that belong to the path, not to the content measured."""
-        return {"checkpoint": str(ck.path), "name": ck.name, "step": ck.step, "epoch": ck.epoch}
+    def _position(ck: Checkpoint, content: dict[str, Any]) -> dict[str, Any]:
+        """The fields of a row that belong to the path, not to the content measured: the step and
+        epoch the path names, else those saved in the file (``content``, a row or
+        :attr:`_content`'s entry)."""
+        step = ck.step if ck.step is not None else content.get("saved_step")
+        epoch = ck.epoch if ck.epoch is not None else content.get("saved_epoch")
+        return {"checkpoint": str(ck.path), "name": ck.name, "step": step, "epoch": epoch}
 
     def _base_row(self, ck: Checkpoint, key: str) -> dict[str, Any]:
+        content = {"weights": None, "saved_step": None, "saved_epoch": None, **self._content.get(key, {})}
         return {
-            "key": key, **self._position(ck), "sha256": ck.sha256, "config": self.key_config,
-            "sharpkit": __version__,
+            "key": key, **self._position(ck, content), "sha256": ck.sha256, "config": self.key_config,
+            **content, "sharpkit": __version__,
         }
 
     def _write(self, row: dict[str, Any]) -> dict[str, Any]:
@@ -252,7 +297,8 @@ class _Runner:
     def _row_for(self, ck: Checkpoint, row: dict[str, Any]) -> dict[str, Any]:
         """``row``, measured or stored for ``ck``'s content and configuration, as ``ck``'s own row:
         its path, name, step and epoch (an error message naming the measured file names ``ck``)."""
-        own = {**row, **self._position(ck)}
+        own = {"weights": None, "saved_step": None, "saved_epoch": None,  # (rows stored before these fields)
+               **row, **self._position(ck, row)}
         if row.get("error") and row.get("checkpoint") != own["checkpoint"]:
             own["error"] = row["error"].replace(str(row.get("checkpoint")), own["checkpoint"])
         return own
@@ -269,7 +315,9 @@ class _Runner:
         for ck, key in zip(cks, keys):
             if key in rows or key in planned:
                 continue
-            done = self.store.get(key) if self.store is not None else None
+            # A row keyed by the path (a file that could not be read) is never served again: why it
+            # cannot be read now (missing, unreadable, a directory) is told afresh.
+            done = self.store.get(key) if self.store is not None and ck.sha256 is not None else None
             if done is not None:
                 rows[key] = done
             else:
@@ -310,15 +358,21 @@ class _Runner:
                         rows[key] = self._error_row(ck, key, ck.error)
                         bar and bar.update(1)
                     else:
-                        state, error, sha = None, None, None
+                        state, error, sha, content = None, None, None, {}
                         try:
                             with _dist.agree(f"loading {ck.path}"):
                                 try:
-                                    raw, sha = load_checkpoint(ck.path)
+                                    loaded = read_checkpoint(ck.path, self.entry)
                                 except CheckpointError as exc:
                                     sha = getattr(exc, "sha256", None)
                                     raise
-                                state = fit_state_dict(raw, self.model, str(ck.path), data_classes=self.data_classes)
+                                sha = loaded.sha256
+                                content = {"weights": loaded.weights, "saved_step": loaded.saved_step,
+                                           "saved_epoch": loaded.saved_epoch}
+                                notes = [loaded.weights] if loaded.weights else []
+                                state = fit_state_dict(loaded.state, self.model, str(ck.path),
+                                                       data_classes=self.data_classes, notes=notes)
+                                content["weights"] = "; ".join(notes) or None
                         except CheckpointError as exc:
                             error = str(exc)
                         shas = _dist.gather_objects(sha)
@@ -334,6 +388,8 @@ class _Runner:
                             if key is None:  # that content is measured or stored already
                                 state = error = None
                                 bar and bar.update(1)
+                        if key is not None and content:
+                            self._content[key] = content
                         if error is not None:
                             rows[key] = self._error_row(ck, key, error)
                             bar and bar.update(1)
@@ -374,7 +430,7 @@ class _Runner:
             planned.discard(key)
         if new in rows or new in planned:
             return None
-        done = _dist.broadcast_object(self.store.get(new) if self.store is not None else None)
+        done = _dist.broadcast_object(self.store.get(new) if self.store is not None and sha is not None else None)
         if done is not None:
             rows[new] = done
             return None

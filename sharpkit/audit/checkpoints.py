@@ -6,7 +6,14 @@ Formats (chosen by suffix, then by content):
 - ``torch.save`` state dicts (``.pt``, ``.pth``, ``.bin``), always read with ``weights_only=True``;
 - safetensors (``.safetensors``);
 - Lightning-style ``.ckpt``: a dict whose ``"state_dict"`` entry holds the weights under a prefix
-  such as ``"model."`` (stripped automatically, as is DDP's ``"module."``).  Objects beside the
+  such as ``"model."`` (stripped automatically, as are DDP's ``"module."`` and torch.compile's
+  ``"_orig_mod."``).
+- Training scripts' dicts (``.pth.tar`` too): the weights under the first of :data:`WEIGHT_ENTRIES`
+  (``"state_dict"``, ``"model_state_dict"``, ``"model"``, ``"net"``, ``"network"``), or under the
+  entry the caller names (``entry="model_ema"``).  Other entries holding weights (an EMA copy) are
+  listed in :attr:`LoadedCheckpoint.weights`, so that a report says what was measured; the
+  ``"epoch"`` and ``"step"``/``"global_step"`` stored beside them are read
+  (:attr:`LoadedCheckpoint.saved_step`).  Objects beside the
   weights that weights_only=True refuses to rebuild (a Namespace or a Path in
   ``"hyper_parameters"``) are read as inert stand-ins, their code never run; a file holding a
   whole pickled model is refused with a message saying so.
@@ -36,13 +43,21 @@ __all__ = [
     "file_sha256",
     "load_state_dict",
     "load_checkpoint",
+    "read_checkpoint",
+    "LoadedCheckpoint",
+    "WEIGHT_ENTRIES",
     "fit_state_dict",
     "parse_step",
     "display_names",
     "error_summary",
 ]
 
-CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".pth.tar", ".pt.tar")
+# Entries of a checkpoint dict that hold the model's weights, the first present taken.
+WEIGHT_ENTRIES = ("state_dict", "model_state_dict", "model", "net", "network")
+# Entries holding the step / epoch a training script saved beside the weights.
+_SAVED_STEP_ENTRIES = ("global_step", "step", "iteration", "iter")
+_SAVED_EPOCH_ENTRIES = ("epoch",)
 
 # How many offending keys an error message lists before summarising the rest.
 _MAX_LISTED = 6
@@ -52,8 +67,22 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be measured (missing, unreadable, corrupt, not fitting, non-finite)."""
 
 
+def checkpoint_suffix(path: str | os.PathLike) -> str | None:
+    """The checkpoint suffix ``path``'s name ends with (the longest: ``.pth.tar``), in any case;
+    None for other files."""
+    name = Path(path).name.lower()
+    found = [s for s in CHECKPOINT_SUFFIXES if name.endswith(s) and len(name) > len(s)]
+    return max(found, key=len) if found else None
+
+
+def _is_broken_link(path: Path) -> bool:
+    return path.is_symlink() and not path.exists()
+
+
 def _is_checkpoint_file(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in CHECKPOINT_SUFFIXES
+    # A link to a checkpoint that is gone (a run's last.ckpt after cleanup) is listed, so that the
+    # audit reports it instead of silently measuring one checkpoint less.
+    return (path.is_file() or _is_broken_link(path)) and checkpoint_suffix(path) is not None
 
 
 def _checkpoints_in(folder: Path) -> list[Path]:
@@ -64,8 +93,9 @@ def find_checkpoints(specs: Iterable[str | os.PathLike]) -> list[Path]:
     """Expand files, directories and glob patterns into checkpoint files.
 
     - A file is taken as given, whatever its suffix.
-    - A directory gives its checkpoint files (suffixes ``CHECKPOINT_SUFFIXES``, in any case);
-      its subdirectories are not searched.
+    - A directory gives its checkpoint files (suffixes ``CHECKPOINT_SUFFIXES``, in any case,
+      symbolic links included: a broken one gets an error row); its subdirectories are not
+      searched.
     - A glob pattern (``*``, ``?``, ``[...]``; ``**`` matches any number of directories) gives the
       checkpoint files it matches, and those of the directories it matches; other files
       (``log.txt``) are left out, as in a directory.
@@ -126,21 +156,64 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def load_state_dict(path: str | os.PathLike, entry: str | None = None) -> dict[str, torch.Tensor]:
     """Read a checkpoint file into a flat ``{name: tensor}`` dict on the CPU.
 
-    Lightning-style files (a dict with ``"state_dict"``) and wrappers ``{"model": state_dict}`` /
-    ``{"model_state_dict": ...}`` are unwrapped; prefixes are stripped later by
+    Lightning-style files (a dict with ``"state_dict"``) and training scripts' wrappers
+    (``{"model": state_dict, "optimizer": ..., "epoch": 3}``, see :data:`WEIGHT_ENTRIES`) are
+    unwrapped, or ``entry`` is taken where given; prefixes are stripped later by
     :func:`fit_state_dict`, which knows the model's names.
     """
-    return load_checkpoint(path)[0]
+    return read_checkpoint(path, entry).state
 
 
-def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str]:
-    """``(state dict, sha256)``: :func:`load_state_dict`, and the hex SHA-256 of the very bytes the
-    tensors were read from (the file is read once), so that a file rewritten after it was hashed
-    (a training run still writing ``last.ckpt``) is never keyed by its former content."""
+def load_checkpoint(path: str | os.PathLike, entry: str | None = None) -> tuple[dict[str, torch.Tensor], str]:
+    """``(state dict, sha256)`` of :func:`read_checkpoint`."""
+    loaded = read_checkpoint(path, entry)
+    return loaded.state, loaded.sha256
+
+
+@dataclass
+class LoadedCheckpoint:
+    """What :func:`read_checkpoint` read from one file.
+
+    ``state``: the weights; ``sha256``: the hex SHA-256 of the very bytes they were read from;
+    ``entry``: the dict entry that held them (None: the file is the state dict itself);
+    ``others``: other entries holding weights, not taken (an EMA copy: ``"model_ema"``);
+    ``saved_step``/``saved_epoch``: the step and epoch stored beside the weights (None where absent).
+    """
+
+    state: dict[str, torch.Tensor]
+    sha256: str
+    entry: str | None = None
+    others: tuple[str, ...] = ()
+    saved_step: int | None = None
+    saved_epoch: int | None = None
+
+    @property
+    def weights(self) -> str | None:
+        """Where the weights were taken from, in words; None for a file that is a state dict."""
+        if self.entry is None:
+            return None
+        text = f"entry {self.entry!r}"
+        if self.others:
+            text += f" (also in the file, not measured: {', '.join(map(repr, self.others))})"
+        return text
+
+
+def read_checkpoint(path: str | os.PathLike, entry: str | None = None) -> LoadedCheckpoint:
+    """Read the weights of a checkpoint file, and what the file says about them.
+
+    The file is read once and hashed from those bytes, so that a file rewritten after it was hashed
+    (a training run still writing ``last.ckpt``) is never keyed by its former content.
+
+    ``entry``: the entry of a checkpoint dict holding the weights to measure (``"model_ema"``);
+    default None: the first of :data:`WEIGHT_ENTRIES` present, or the file itself where it is a
+    state dict.  A file without that entry is a :class:`CheckpointError` listing the entries it has.
+    """
     path = Path(path)
+    if _is_broken_link(path):
+        raise CheckpointError(f"{path}: broken symbolic link (its target {os.readlink(path)} does not exist)")
     if not path.exists():
         raise CheckpointError(f"{path}: file not found")
     if not os.access(path, os.R_OK):
@@ -149,14 +222,16 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], s
         data = path.read_bytes()
     sha = hashlib.sha256(data).hexdigest()
     try:
-        return _parse_checkpoint(path, data), sha
+        loaded = _parse_checkpoint(path, data, entry)
     except CheckpointError as exc:
         exc.sha256 = sha  # the content the error belongs to
         raise
+    loaded.sha256 = sha
+    return loaded
 
 
-def _parse_checkpoint(path: Path, data: bytes) -> dict[str, torch.Tensor]:
-    is_safetensors = path.suffix.lower() == ".safetensors"
+def _parse_checkpoint(path: Path, data: bytes, entry: str | None = None) -> LoadedCheckpoint:
+    is_safetensors = checkpoint_suffix(path) == ".safetensors"
     try:
         if is_safetensors:
             from safetensors.torch import load
@@ -169,14 +244,70 @@ def _parse_checkpoint(path: Path, data: bytes) -> dict[str, torch.Tensor]:
         reason = error_summary(exc)
         if not is_safetensors:
             raw = _load_without_objects(data)
-            if isinstance(raw, _Opaque):  # torch.save(model): the whole object, no state dict
-                reason = (f"the file pickles a {raw._global} object, not a state dict (weights_only=True does not "
+            pickled = _pickled_model(raw, entry)
+            if pickled is not None:  # torch.save(model) or {"model": model}: the object, no state dict
+                reason = (f"the file pickles a {pickled} not a state dict (weights_only=True does not "
                           "run the code that would rebuild it); save model.state_dict() instead")
-            elif _wrapped_state_dict(raw) is not None:  # the weights beside objects the audit does not need
-                return _tensors(path, _wrapped_state_dict(raw))
+            elif raw is not None and _weights(path, raw, entry, missing_ok=True) is not None:
+                return _weights(path, raw, entry)  # the weights beside objects the audit does not need
         raise CheckpointError(f"{path}: cannot load as {kind}: {reason}") from None
-    wrapped = _wrapped_state_dict(raw)
-    return _tensors(path, raw if wrapped is None else wrapped)
+    return _weights(path, raw, entry)
+
+
+def _pickled_model(raw, entry: str | None) -> str | None:
+    """How a whole pickled object stands where the weights should be (``"torch.nn...Sequential
+    object,"`` / ``"...Sequential object under 'model',"``), or None."""
+    if isinstance(raw, _Opaque):
+        return f"{raw._global} object,"
+    if isinstance(raw, Mapping):
+        for name in (entry,) if entry is not None else WEIGHT_ENTRIES:
+            if isinstance(raw.get(name), _Opaque):
+                return f"{raw[name]._global} object under {name!r},"
+    return None
+
+
+def _is_weights(value) -> bool:
+    return isinstance(value, Mapping) and bool(value) and all(isinstance(v, torch.Tensor) for v in value.values())
+
+
+def _saved_count(raw: Mapping, names: tuple[str, ...]) -> int | None:
+    for name in names:
+        value = raw.get(name)
+        if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+            value = int(value.item())
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+    return None
+
+
+def _weights(path: Path, raw, entry: str | None, missing_ok: bool = False) -> LoadedCheckpoint | None:
+    """The weights of a loaded file: the entry named, the first of :data:`WEIGHT_ENTRIES`, or the
+    file's own tensors; with the other entries that hold weights, and the saved step and epoch."""
+    if isinstance(raw, Mapping) and (entry is not None or any(_is_weights(raw.get(w)) for w in WEIGHT_ENTRIES)):
+        if entry is None:
+            entry = next(w for w in WEIGHT_ENTRIES if _is_weights(raw.get(w)))
+        elif not _is_weights(raw.get(entry)):
+            if missing_ok:
+                return None
+            holding = [str(k) for k, v in raw.items() if _is_weights(v)]
+            what = "no entry" if entry not in raw else "an entry that holds no weights,"
+            raise CheckpointError(
+                f"{path}: {what} {entry!r} (entries holding weights: {', '.join(map(repr, holding)) or 'none'}; "
+                f"all entries: {_listing(sorted(map(str, raw)))})"
+            )
+        others = tuple(str(k) for k, v in raw.items() if k != entry and _is_weights(v))
+        return LoadedCheckpoint(
+            _tensors(path, raw[entry]), "", entry, others,
+            _saved_count(raw, _SAVED_STEP_ENTRIES), _saved_count(raw, _SAVED_EPOCH_ENTRIES),
+        )
+    if entry is not None:
+        if missing_ok:
+            return None
+        raise CheckpointError(f"{path}: no entry {entry!r}: the file is not a dict of entries "
+                              f"(found {type(raw).__name__})")
+    if missing_ok:  # (objects beside tensors at the top: not a state dict the audit can trust)
+        return None
+    return LoadedCheckpoint(_tensors(path, raw), "")
 
 
 class _Opaque:
@@ -214,22 +345,13 @@ def _load_without_objects(data: bytes):
         return None
 
 
-def _wrapped_state_dict(raw) -> Mapping | None:
-    """The state dict under a Lightning-style ``"state_dict"`` (or ``"model_state_dict"``,
-    ``"model"``) entry of ``raw``: a non-empty mapping of tensors only; None where there is none."""
-    if isinstance(raw, Mapping):
-        for wrapper in ("state_dict", "model_state_dict", "model"):
-            inner = raw.get(wrapper)
-            if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
-                return inner
-    return None
-
-
 def _tensors(path: Path, raw) -> dict[str, torch.Tensor]:
     if not isinstance(raw, Mapping):
         raise CheckpointError(f"{path}: expected a state dict (name -> tensor), found {type(raw).__name__}")
     tensors = {str(k): v for k, v in raw.items() if isinstance(v, torch.Tensor)}
     if not tensors:
+        if {"state", "param_groups"} <= set(raw):  # the optimizer.pt beside a Hugging Face checkpoint
+            raise CheckpointError(f"{path}: holds an optimizer's state (param_groups, state), not a model's weights")
         raise CheckpointError(f"{path}: holds no tensors (keys: {_listing(sorted(map(str, raw)))})")
     return tensors
 
@@ -259,15 +381,16 @@ def _listing(names: list[str]) -> str:
     return shown + (f" and {len(names) - _MAX_LISTED} more" if len(names) > _MAX_LISTED else "")
 
 
-def _strip_prefix(state: dict[str, torch.Tensor], wanted: set[str], source: str) -> dict[str, torch.Tensor]:
-    """Remove the key prefix (``model.``, ``module.``, ``net.``...) that makes most names match.
+def _strip_prefix(state: dict[str, torch.Tensor], wanted: set[str], source: str) -> tuple[dict[str, torch.Tensor], str]:
+    """Remove the key prefix (``model.``, ``module.``, ``net.``...) that makes most names match:
+    ``(state, prefix removed)``.
 
     Raises :class:`CheckpointError` when several prefixes match equally well (a Lightning
     checkpoint holding ``model.`` and ``ema.`` copies): measuring either silently could measure
     the wrong weights.
     """
     if set(state) & wanted == wanted:
-        return state
+        return state, ""
     candidates = {""}
     for key in state:
         parts = key.split(".")
@@ -275,7 +398,7 @@ def _strip_prefix(state: dict[str, torch.Tensor], wanted: set[str], source: str)
     scores = {p: sum(1 for k in state if k.startswith(p) and k[len(p):] in wanted) for p in candidates}
     top = max(scores.values())
     if top <= scores[""]:
-        return state
+        return state, ""
     best = sorted(p for p, s in scores.items() if s == top)
     if len(best) > 1:
         raise CheckpointError(
@@ -283,11 +406,12 @@ def _strip_prefix(state: dict[str, torch.Tensor], wanted: set[str], source: str)
             "equally well matched; save the copy to measure on its own"
         )
     # Keys outside the prefix (a Lightning module's loss weights, say) are not the model's.
-    return {k[len(best[0]):]: v for k, v in state.items() if k.startswith(best[0])}
+    return {k[len(best[0]):]: v for k, v in state.items() if k.startswith(best[0])}, best[0]
 
 
 def fit_state_dict(
-    state: dict[str, torch.Tensor], model: nn.Module, source: str = "checkpoint", data_classes: int | None = None
+    state: dict[str, torch.Tensor], model: nn.Module, source: str = "checkpoint", data_classes: int | None = None,
+    notes: list[str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Match ``state`` to ``model.state_dict()``: strip a prefix, check names, shapes and finiteness.
 
@@ -300,9 +424,14 @@ def fit_state_dict(
     ``data_classes``: the classes the model was built for when they were counted from the data's
     labels (default None: not); a mis-shaped key with that many rows in the model gets the error
     to say so, since the data, not the checkpoint, then chose the output layer's size.
+
+    ``notes``: where given, a list that gets what was done to the names (``"prefix 'module.'
+    removed"``), so that a report can say how the weights were matched.
     """
     reference = model.state_dict()
-    state = _strip_prefix(state, set(reference), source)
+    state, prefix = _strip_prefix(state, set(reference), source)
+    if prefix and notes is not None:
+        notes.append(f"prefix {prefix!r} removed")
     state = {**{k: reference[k].clone() for k in reference if k not in state and _is_batch_count(k, model)}, **state}
     # A tied tensor saved under one of its names (safetensors' save_model keeps one name per
     # tensor): its other names take that value, as loading it into the model would.
@@ -328,6 +457,12 @@ def fit_state_dict(
             for k in reference if k in state and state[k].shape != reference[k].shape
         ):
             problems.append(f"the model was built for {data_classes} classes found in the data's labels")
+    reparametrized = [k for k in (*missing, *unexpected) if ".parametrizations." in k or k.endswith(("weight_g", "weight_v"))]
+    if missing and unexpected and reparametrized:
+        # weight_norm/spectral_norm store a weight as other tensors (original0/1, weight_g/v).
+        side = "checkpoint" if any(k in unexpected for k in reparametrized) else "model"
+        problems.append(f"the {side} has reparametrized weights ({reparametrized[0]}): build the model with the same "
+                        "torch.nn.utils.parametrizations (weight_norm, spectral_norm) the checkpoint was saved from")
     if problems:
         raise CheckpointError(f"{source}: state dict does not fit the model; " + "; ".join(problems))
     fitted = {}
@@ -436,8 +571,9 @@ def parse_step(path: str | os.PathLike) -> tuple[int | None, int | None]:
     """
     path = Path(path)
     stem = path.name
-    if path.suffix.lower() in CHECKPOINT_SUFFIXES:
-        stem = stem[: -len(path.suffix)]
+    suffix = checkpoint_suffix(path)
+    if suffix is not None:  # (both parts of "checkpoint_3.pth.tar")
+        stem = stem[: -len(suffix)]
     parent = path.parent.name
     step, epoch = _keywords(stem)
     name_has_keywords = step is not None or epoch is not None
@@ -495,6 +631,8 @@ def describe_checkpoint(path: Path, name: str | None = None) -> Checkpoint:
     ck = Checkpoint(path=path, name=name or "", step=step, epoch=epoch)
     suffixes = ", ".join(CHECKPOINT_SUFFIXES)
     try:
+        if _is_broken_link(path):
+            raise CheckpointError(f"{path}: broken symbolic link (its target {os.readlink(path)} does not exist)")
         if path.is_dir():
             raise CheckpointError(
                 f"{path}: directory holds no checkpoint files ({suffixes}); its subdirectories are not "

@@ -25,6 +25,13 @@ exit codes:
 A file, directory or pattern that yields no checkpoint file (missing, empty, matching nothing) gets
 an error row, like an unreadable checkpoint.
 
+Each row's step and epoch are read from the path (epoch=3-step=1200.ckpt, ckpt_step_500.pt,
+checkpoint-500/); where the path names none, from the "global_step"/"step" and "epoch" a checkpoint
+dict stores beside its weights (kept in --out as saved_step/saved_epoch).  The weights of a checkpoint
+dict are its "state_dict", "model_state_dict", "model", "net" or "network" entry (the first present),
+or --entry's; each row's "weights" in --out says which, and names other entries holding weights (an
+EMA copy), which are not measured.
+
 Results are appended to --out (JSONL), one line per checkpoint content and configuration, keyed by
 the file's SHA-256 and everything that changes the values (metric options, the data's content, the
 model's architecture, the loss): re-running the same command skips finished checkpoints.  Identical
@@ -129,6 +136,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="checkpoints measured together (default: from free memory, and 1 on a CPU with passes of "
                    "more than 400 samples; 1 = one at a time)")
     p.add_argument("--batch-size", type=int, default=None, help="split tensor data into batches of this size")
+    p.add_argument("--entry", default=None, metavar="NAME",
+                   help="the entry of the checkpoint dicts holding the weights to measure, e.g. model_ema or "
+                   "state_dict_ema for EMA copies (default: the file itself where it is a state dict, else the first "
+                   "of state_dict, model_state_dict, model, net, network)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(func=main)
     return p
@@ -168,7 +179,7 @@ def main(args: argparse.Namespace) -> int:
             lanczos_steps=args.lanczos_steps, trace_samples=args.trace_samples, seed=args.seed, bn=args.bn,
             device=args.device if args.device is not None else str(default_device()),
             dtype=args.dtype, group_size=args.group_size, batch_size=args.batch_size,
-            progress=args.progress,
+            progress=args.progress, entry=args.entry,
         )
     except (ValueError, TypeError, FileNotFoundError) as exc:
         print(f"sharpkit audit: error: {as_flags(str(exc))}", file=sys.stderr)
@@ -177,6 +188,10 @@ def main(args: argparse.Namespace) -> int:
     if not is_main_process():  # under torchrun every rank holds the same rows; rank 0 reports them
         return EXIT_FAILED_CHECKPOINTS if failed else EXIT_OK
     print(format_table(rows, metrics))
+    beside = [r for r in rows if r.get("weights") and "not measured" in r["weights"]]
+    if beside:  # an EMA copy the user may have meant
+        print(f"note: {len(beside)} checkpoint(s) hold other weights beside those measured, e.g. {beside[0]['name']}: "
+              f"{beside[0]['weights']}; --entry NAME measures another entry", file=sys.stderr)
     if args.report:
         path = write_html(args.report, rows, metrics)
         print(f"report: {path}", file=sys.stderr)
