@@ -26,7 +26,10 @@ Every solver first evaluates ``Y = 0`` (the unperturbed loss ``loss0``, which mu
 keeps the best point found per problem (never worse than ``Y = 0``) and returns an
 :class:`AscentResult`.  Evaluations count data passes: one at ``Y = 0``, ``max_iter`` per run and
 one at each random start point (with low-precision steps, below, also an exact pass at ``Y = 0``
-and one per run at its best point).
+and one per run at its best point).  A point whose loss is not finite (an overflow of the model's
+precision far out in a large set) is never the best: pga/apgd count it as a failed step, L-BFGS-B's
+line search backs off; ``info["nonfinite_evals"]`` counts them and a ``RuntimeWarning`` says that
+the value is then the maximum over the finite points only.
 
 * First step on the box (``first_step``).  ``"gradient"`` (default): ``U = clip(G / c, −1, 1)``
   with ``G`` the gradient in normalised coordinates and ``c`` the ``1 − FIRST_STEP_EDGE_FRACTION``
@@ -466,6 +469,14 @@ class _Stepper:
         return out
 
 
+def _warn_nonfinite(count: int, evals: int, dtype: torch.dtype, stacklevel: int) -> None:
+    """Say that ``count`` of ``evals`` evaluated points had a non-finite loss (skipped by the ascent)."""
+    warnings.warn(f"the loss was not finite (inf or NaN) at {count} of the {evals} points evaluated ({dtype}); the "
+                  "ascent skipped them, so the value is the maximum over the finite points only and can be far below "
+                  "the set's (0 where every step overflowed); a smaller radius or dtype=torch.float64 avoids an "
+                  "overflow", RuntimeWarning, stacklevel=stacklevel)
+
+
 def _finite_or_zero(losses: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
     """Problems whose loss overflowed get a zero gradient (their step is then a failure)."""
     bad = ~torch.isfinite(losses)
@@ -491,6 +502,8 @@ def _first_order(problem, scale, norm, max_iter, step_size, restarts, seed, call
         callback(evals, loss0, best_loss)
     gen = None
     final_eta, starts = [], []
+    # Points whose loss was inf/NaN (e.g. a float32 overflow): skipped as failed steps, and said so at the end.
+    nonfinite = 0
     checkpoints = set(apgd_checkpoints(max_iter))
     for start in _run_starts(restarts, norm, first_step):
         if start != "random":
@@ -500,7 +513,7 @@ def _first_order(problem, scale, norm, max_iter, step_size, restarts, seed, call
                 gen = torch.Generator(device=scale.device).manual_seed(int(seed))
             U = _random_unit(scale.shape, norm, gen, scale.dtype, scale.device)
             f, G = _evaluate(problem, scale * U)
-            _finite_or_zero(f, G)
+            nonfinite += int(_finite_or_zero(f, G).sum())
             evals += 1
         # This run's best point and the gradient there (to restart from it without a new pass).
         run_best_f = torch.where(torch.isfinite(f), f, torch.full_like(f, -math.inf))
@@ -524,6 +537,7 @@ def _first_order(problem, scale, norm, max_iter, step_size, restarts, seed, call
                      momentum=APGD_MOMENTUM if use_momentum else None)
             f_new, G_new = _evaluate(problem, scale * U_next)
             overflow = _finite_or_zero(f_new, G_new)
+            nonfinite += int(overflow.sum())
             evals += 1
             improved = (f_new > f) & ~overflow
             better = (f_new > run_best_f) & ~overflow
@@ -560,6 +574,7 @@ def _first_order(problem, scale, norm, max_iter, step_size, restarts, seed, call
         if estimates:
             # The steps' values only ranked this run's points; its best is valued exactly.
             run_best_f = _exact_loss(problem, scale * run_best_U)
+            nonfinite += int((~torch.isfinite(run_best_f)).sum())
             evals += 1
         better = (run_best_f > best_loss) & torch.isfinite(run_best_f)
         if bool(better.any()):
@@ -570,8 +585,12 @@ def _first_order(problem, scale, norm, max_iter, step_size, restarts, seed, call
         final_eta.append(list(eta))
         starts.append(start)
         del U, U_prev, U_next, G, run_best_G
-    return AscentResult(loss0=loss0, max_loss=best_loss, Y=scale * best_U, num_evals=evals,
-                        info={"final_step": final_eta, "norm": norm, "restarts": restarts, "starts": starts})
+    info = {"final_step": final_eta, "norm": norm, "restarts": restarts, "starts": starts}
+    if nonfinite:
+        info["nonfinite_evals"] = nonfinite
+        # (stack: _warn_nonfinite, _first_order, pga/apgd, maximize, the measure, its caller)
+        _warn_nonfinite(nonfinite, evals * B, problem.dtype if hasattr(problem, "dtype") else scale.dtype, 6)
+    return AscentResult(loss0=loss0, max_loss=best_loss, Y=scale * best_U, num_evals=evals, info=info)
 
 
 def pga(
@@ -648,7 +667,7 @@ def lbfgsb(
     bound = scale[0].double().cpu().numpy()
     loss0, _, g0, _ = _start(problem, scale)
     # The last point evaluated and its loss: scipy's final iterate is normally that point.
-    state = {"evals": 1, "best": loss0.clone(), "last": (np.zeros_like(bound), float(loss0[0]))}
+    state = {"evals": 1, "best": loss0.clone(), "last": (np.zeros_like(bound), float(loss0[0])), "nonfinite": 0}
     if callback is not None:
         callback(1, loss0, state["best"])
 
@@ -657,6 +676,7 @@ def lbfgsb(
         f, g = float(losses[0]), grads[0].double().cpu().numpy()
         state["evals"] += 1
         state["last"] = (y.copy(), f)
+        state["nonfinite"] += not math.isfinite(f)
         if math.isfinite(f) and f > float(state["best"][0]):
             state["best"] = losses.clone()
         if callback is not None:
@@ -676,6 +696,9 @@ def lbfgsb(
         state["evals"] += 1
         info["reevaluated"] = True
     max_loss = torch.tensor([final], dtype=torch.float64, device=loss0.device)
+    if state["nonfinite"]:
+        info["nonfinite_evals"] = state["nonfinite"]
+        _warn_nonfinite(state["nonfinite"], state["evals"], getattr(problem, "dtype", dtype), 5)
     if res.nit == 0 and res.success:
         # scipy's pgtol is absolute: at a well-converged minimum every coordinate of the gradient can be
         # below it, and L-BFGS-B then stops at y = 0 with "convergence" and a sharpness of exactly 0,
