@@ -22,12 +22,14 @@ sample weights.  Two engines exist:
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from typing import Any, Callable, Iterator, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 from torch.func import grad, jvp, vjp, vmap
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..data import to_device
 from ..objective import Objective, checked_loss
@@ -126,6 +128,61 @@ def check_hessian_computable(model: nn.Module) -> None:
             "the weight norm (torch.nn.utils.parametrize.remove_parametrizations) and measure the plain weight")
 
 
+class OutputLayout:
+    """How a model's output maps to the one vector whose Jacobian the GGN takes.
+
+    A tensor output is that vector itself.  A tuple, list or dict of tensors (HF-style
+    ``{"logits": ..., "hidden": ...}``; the loss then picks what it compares) contributes all its
+    floating-point tensors, flattened and concatenated: the GGN ``J^T H_out J`` of the whole output,
+    where the outputs the loss does not read add nothing.  Other leaves (integer tensors, None,
+    numbers) are handed to the loss unchanged.
+
+    Built from one output (for the tree structure and shapes); ``ValueError`` where no leaf is a
+    floating-point tensor."""
+
+    def __init__(self, out: Any):
+        self.single = isinstance(out, torch.Tensor)
+        leaves, self.spec = tree_flatten(out)
+        self.index = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        if not self.index:
+            kinds = sorted({type(t).__name__ if not isinstance(t, torch.Tensor) else f"{t.dtype} tensor" for t in leaves})
+            raise ValueError(f"the GGN needs the model's output to hold floating-point tensors; it returned "
+                             f"{type(out).__name__} of {', '.join(kinds) or 'nothing'}")
+        self.shapes = [tuple(leaves[i].shape) for i in self.index]
+        self.sizes = [math.prod(shape) for shape in self.shapes]
+        # Tensors that are not in the vector (integer outputs) come from each evaluation
+        # (:meth:`others`); anything else (None, numbers, strings) is kept from this one.
+        self.tensors = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor) and i not in self.index]
+        self.constants = [None if isinstance(t, torch.Tensor) else t for t in leaves]
+
+    def flatten(self, out: Any) -> torch.Tensor:
+        """The output's floating-point tensors as one vector (a tensor output: itself)."""
+        if self.single:
+            return out
+        leaves = tree_flatten(out)[0]
+        return torch.cat([leaves[i].reshape(-1) for i in self.index])
+
+    def others(self, out: Any) -> list[torch.Tensor]:
+        """The output's tensors that are not in the vector (a list of tensors only: torch.func's
+        ``has_aux`` takes nothing else)."""
+        if self.single:
+            return []
+        leaves = tree_flatten(out)[0]
+        return [leaves[i] for i in self.tensors]
+
+    def unflatten(self, flat: torch.Tensor, others: list[torch.Tensor]) -> Any:
+        """The output rebuilt around ``flat`` (what :meth:`flatten` gave, or a tensor like it) and
+        ``others`` (what :meth:`others` gave)."""
+        if self.single:
+            return flat
+        leaves = list(self.constants)
+        for i, t in zip(self.tensors, others):
+            leaves[i] = t
+        for i, part, shape in zip(self.index, flat.split(self.sizes), self.shapes):
+            leaves[i] = part.reshape(shape)
+        return tree_unflatten(leaves, self.spec)
+
+
 class GenericEngine:
     """Exact Hessian or GGN products of one batch's mean loss for any model, via :mod:`torch.func`.
 
@@ -211,15 +268,21 @@ class GenericEngine:
             g = grad(loss)
             return vmap(lambda v: jvp(g, (x,), (v,))[1], in_dims=1, out_dims=1)(V)
 
-        def model_out(p: torch.Tensor) -> torch.Tensor:
-            return obj.batch_output(p, inputs)
+        layout: list[OutputLayout] = []
 
-        out, pullback = vjp(model_out, x)
+        def model_out(p: torch.Tensor) -> tuple[torch.Tensor, list[Any]]:
+            # The output as one vector (tuple/dict outputs: OutputLayout); its other leaves as aux.
+            out = obj.batch_output(p, inputs)
+            if not layout:
+                layout.append(OutputLayout(out))
+            return layout[0].flatten(out), layout[0].others(out)
+
+        out, pullback, rest = vjp(model_out, x, has_aux=True)
         out = out.detach()
-        g_out = grad(lambda o: checked_loss(self.loss_fn, o, targets))
+        g_out = grad(lambda o: checked_loss(self.loss_fn, layout[0].unflatten(o, rest), targets))
 
         def one(v: torch.Tensor) -> torch.Tensor:
-            jv = jvp(model_out, (x,), (v,))[1]
+            jv = jvp(model_out, (x,), (v,), has_aux=True)[1]
             hjv = jvp(g_out, (out,), (jv,))[1]
             return pullback(hjv)[0]
 
@@ -255,12 +318,19 @@ class GenericEngine:
 
                 return hessian_mm
 
-            out = obj.batch_output(xr, inputs)
+            tree = obj.batch_output(xr, inputs)
+            layout = OutputLayout(tree)  # (a tuple/dict output: its floating tensors as one vector)
+            out, others = layout.flatten(tree), [t.detach() for t in layout.others(tree)]
+            if not out.requires_grad:  # no output depends on the parameters: zero GGN
+                return lambda V: torch.zeros_like(V)
             # J v through the "double vjp" trick: u -> J^T u is linear in u; differentiate it in u.
             u = torch.zeros_like(out, requires_grad=True)
             (jtu,) = torch.autograd.grad(out, xr, u, create_graph=True)
             o = out.detach().requires_grad_(True)
-            (g_out,) = torch.autograd.grad(checked_loss(self.loss_fn, o, targets), o, create_graph=True)
+            (g_out,) = torch.autograd.grad(checked_loss(self.loss_fn, layout.unflatten(o, others), targets), o,
+                                           create_graph=True, allow_unused=True)
+            if g_out is None:  # the loss reads none of the outputs that depend on the parameters
+                return lambda V: torch.zeros_like(V)
 
         def ggn_mm(V: torch.Tensor) -> torch.Tensor:
             jv = _batched_vjp(jtu, u, V)  # (*out.shape, k) laid out as columns

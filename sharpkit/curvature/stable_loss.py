@@ -52,6 +52,7 @@ class SaturationSafeCrossEntropy:
         if not (isinstance(outputs, torch.Tensor) and isinstance(targets, torch.Tensor)
                 and outputs.is_floating_point() and outputs.dim() >= 2 and targets.dtype == torch.int64
                 and targets.shape == outputs.shape[:1] + outputs.shape[2:]):
+            self._check(outputs, targets)
             return self.original(outputs, targets)
         c = outputs.shape[1]
         valid = targets != self.ignore_index
@@ -68,6 +69,21 @@ class SaturationSafeCrossEntropy:
         if self.weight is not None:
             w = w * self.weight.to(outputs.device, outputs.dtype)[t.squeeze(1)]
         return (per_entry * w).sum() / w.sum()
+
+    def _check(self, outputs: Any, targets: Any) -> None:
+        """The checks the objective makes of the original loss's arguments (it does not recognise
+        this wrapper as cross-entropy): ValueError naming the shapes where class targets do not
+        fit the outputs, and where the model's output is not a tensor (a tuple or dict: the loss
+        must pick the logits), instead of torch's messages, which name neither."""
+        from ..objective import _check_class_targets  # (the objective imports the curvature package)
+
+        if not isinstance(outputs, torch.Tensor):
+            keys = f" with keys {list(outputs)}" if isinstance(outputs, dict) else ""
+            raise ValueError(f"cross-entropy needs the model's output to be a tensor of logits, but the model returned "
+                             f"a {type(outputs).__name__}{keys}: pass a loss that picks the logits, e.g. "
+                             "loss_fn=lambda out, y: F.cross_entropy(out['logits'], y)")
+        if isinstance(targets, torch.Tensor) and outputs.dim() >= 2:
+            _check_class_targets(self.original, outputs, targets)
 
 
 def curvature_loss(loss_fn: Any) -> Any:
