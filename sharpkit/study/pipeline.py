@@ -45,7 +45,7 @@ from ..sharpness.solvers import SOLVERS
 from . import measure
 from .models import MODEL_NAMES, build_model, format_model_spec
 from .noise_scale import gradient_noise_scale
-from .store import StepCache, atomic_torch_save, key_id, load_weights_record, tensors_digest
+from .store import StepCache, atomic_torch_save, canonical, hold_folder, key_id, load_weights_record, tensors_digest
 from .train import TrainConfig, train
 
 __all__ = ["StudyConfig", "Study", "run_study", "default_config", "quick_config"]
@@ -61,6 +61,15 @@ BUILTIN_DATA = ("mnist1d", "digits", "sklearn-digits")
 MAX_SEED = 2**32 - 1
 # The data the study trains on, in DIR, for the measurement commands' --data (see write_train_split).
 TRAIN_SPLIT = "train.npz"
+# The version of what a training computes (study/train.py: the optimiser loop, the epoch loss, the
+# stopping rule), part of every training key: raise it when a change there alters a trajectory, so
+# that trainings of the old code are not reused.  Trainings are not keyed by sharpkit's version:
+# a release that changes only the measurements must not retrain hours of models (measurements are
+# keyed by sharpkit's version, see Study.cached).
+TRAINING_CODE = 1
+# Training-key entries that say what was observed along a training, not what was trained: the same
+# training with more observation (tracked, or keeping more snapshots) serves a request for less.
+OBSERVATIONS = ("track", "snapshots")
 
 
 @dataclass
@@ -261,8 +270,14 @@ class Study:
         self.device = _device(config.device)
         self.loss_fn = nn.CrossEntropyLoss()
         _refuse_file_as_output(self.out)
-        self.stats = {"trainings_run": 0, "trainings_reused": 0, "unavailable": []}
+        self.stats = {"trainings_run": 0, "trainings_reused": 0, "unavailable": [], "temporaries_removed": 0}
         self._epochs_trained: dict[str, int] = {}  # run key id -> epochs its training ran
+        self._dtypes: dict[str, list[str]] = {}  # model spec -> its parameters' dtypes
+        self._snapshot_files: dict[tuple[str, int], str] = {}  # (SB training id, epoch) -> snapshot, relative to DIR
+        self._training_sources: dict[str, int] = {}  # provenance (JSON) of each training used -> count
+        self._holding = 0
+        self.provenance = provenance(self.device)
+        self.train_env = training_environment(self.device)
         self._load_data()
         # Every model is built and run once before any training: a factory that fails or does not
         # fit the data is a usage error now, not a traceback after the first training.
@@ -270,7 +285,29 @@ class Study:
         # Only a study that can run creates anything in DIR: a bad --data or --model left an empty
         # DIR/cache behind (the cache folder is made when its first step is stored).
         _check_output_dir(self.out)
-        self.cache = StepCache(self.out / "cache")
+        self.cache = StepCache(self.out / "cache", provenance=self.provenance)
+
+    @contextlib.contextmanager
+    def holding_folder(self):
+        """Hold DIR's study lock for the block (re-entrant; rank 0 only: the other ranks write
+        nothing).  Taking it first removes the temporaries that killed writers left in DIR, when no
+        other live study holds the lock (:func:`~sharpkit.study.store.hold_folder`)."""
+        if self._holding or not _dist.is_main_process():
+            self._holding += 1
+            try:
+                yield
+            finally:
+                self._holding -= 1
+            return
+        with hold_folder(self.out) as removed:
+            if removed:
+                self.stats["temporaries_removed"] += len(removed)
+                self.log(f"removed {len(removed)} temporary file(s) left in {self.out} by an interrupted run")
+            self._holding += 1
+            try:
+                yield
+            finally:
+                self._holding -= 1
 
     # ------------------------------------------------------------------ data and models
     def _load_data(self) -> None:
@@ -371,7 +408,7 @@ class Study:
         training = {
             "batch": key["batch"], "seed": key["seed"], "max_epochs": key["max_epochs"], "lr": key["lr"],
             "warm_start": None if start is None else {
-                "run": Path(start["snapshot"]).parent.name, "epoch": start["epoch"]},
+                "run": Path(self._snapshot_file(start)).parent.name, "epoch": start["epoch"]},
         }
         info = {
             "model": spec, "spec": self.model_spec(spec), "training": training, "input_shape": list(self.input_shape),
@@ -379,6 +416,9 @@ class Study:
             "command": (f"sharpkit sharpness --model {shlex.quote(self.model_spec(spec))} --checkpoint "
                         f"{shlex.quote((run_dir / 'final.pt').as_posix())} "
                         f"--data {shlex.quote((self.out / TRAIN_SPLIT).as_posix())}"),
+            # The training's full key: lets a later study find this run when it needs the same
+            # training observed less (Study.reusable_key).
+            "key": canonical(key),
         }
         path = run_dir / "model.json"
         text = json.dumps(info, indent=1) + "\n"
@@ -413,6 +453,8 @@ class Study:
         n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         if n_params == 0:
             raise ValueError(f"model {spec!r} has no trainable parameters")
+        self._dtypes[spec] = sorted({str(t.dtype).replace("torch.", "") for t in model.state_dict().values()
+                                     if t.is_floating_point()})
         x = self.train_xy[0][:PROBE_SAMPLES]
         try:
             with torch.no_grad():
@@ -460,11 +502,58 @@ class Study:
             "min_rel_improvement": c.min_rel_improvement, "lr": c.lr, "start": start,
             "track": ({"every": every, "samples": self.curv_n, "tol": c.eig_tol, "bn": c.bn} if track else None),
             "snapshots": sorted(snapshots),
+            # Where and with what the model is trained: a trajectory of tens of epochs amplifies the
+            # rounding differences between devices, torch versions (other kernels) and dtypes into
+            # other models, so a training done on a GPU is not reused by a run on the CPU claiming to
+            # reproduce it.  The device's model (which GPU, which CPU) is not in the key, or a study
+            # folder could not move between machines: it is recorded with each training instead,
+            # and the report says when its runs come from more than one (results["provenance"]).
+            "env": {**self.train_env, "dtype": self.param_dtypes(spec)},
         }
         arch = self.architecture(spec)
-        if arch is not None:  # only for factories: f1/c1 keys stay as they were (their results resume)
+        if arch is not None:  # only for factories: f1/c1 are identified by their name and sizes
             key["architecture"] = arch
         return key
+
+    def param_dtypes(self, spec: str) -> list[str]:
+        """The floating dtypes of ``spec``'s parameters and buffers (float32 for f1/c1)."""
+        if spec not in self._dtypes:
+            self._check_model(spec)
+        return self._dtypes[spec]
+
+    def reusable_key(self, key: dict) -> dict:
+        """``key``, or the key of a finished training in DIR/runs that is the same training and
+        observed more: tracked where ``key`` is not, or keeping a superset of its snapshots.  Its
+        weights are those ``key`` would train (the observations do not touch the trajectory; see
+        _epoch_hook), so it is used instead of training again: the seed that is tracked changes
+        when the seed list does (``--seeds 1,2`` after ``--seeds 0,1,2``), and fewer warm starts
+        need fewer snapshots.  Under torch.distributed rank 0 decides."""
+        found = self._find_covering(key) if _dist.is_main_process() else None
+        return _dist.broadcast_object(found) or key
+
+    def _find_covering(self, key: dict) -> dict | None:
+        if (self.run_dir(key) / "final.pt").exists():
+            return None  # this very training (checked, or redone, by _trained)
+        want = canonical(key)
+        core = {k: v for k, v in want.items() if k not in OBSERVATIONS}
+        prefix = glob.escape(f"{key['model']}-b{key['batch']}-s{key['seed']}-")
+        for info in sorted((self.out / "runs").glob(f"{prefix}*/model.json")):
+            try:
+                stored = json.loads(info.read_text()).get("key")
+            except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+                continue
+            if not isinstance(stored, dict) or {k: v for k, v in stored.items() if k not in OBSERVATIONS} != core:
+                continue
+            if want["track"] is not None and stored.get("track") != want["track"]:
+                continue
+            if not set(want["snapshots"]) <= set(stored.get("snapshots") or []):
+                continue
+            # A folder renamed or copied under another name is not trusted (_trained checks the
+            # key inside final.pt as well).
+            if info.parent != self.run_dir(stored) or not (info.parent / "final.pt").is_file():
+                continue
+            return stored
+        return None
 
     def trained(self, key: dict) -> tuple[nn.Module, dict]:
         """The trained model for ``key`` (trained now or loaded from DIR/runs) and its run record.
@@ -489,13 +578,14 @@ class Study:
         model = self.new_model(key["model"], key["seed"])
         # A damaged final.pt, or one that does not fit the model, is a cache miss (warned).
         state = load_weights_record(final, model, self.device) if final.exists() else None
-        if state is not None and state.get("key") == key:
+        if state is not None and canonical(state.get("key")) == canonical(key):
             model.load_state_dict(state["model"])
             self.stats["trainings_reused"] += 1
+            self._count_training(state["record"].get("provenance"))
             self._write_run_info(run_dir, key)  # runs of studies from before model.json
             return model.eval(), state["record"]
         if key["start"] is not None:
-            snap = self.out / key["start"]["snapshot"]
+            snap = self.out / self._snapshot_file(key["start"])
             if not snap.exists():
                 raise FileNotFoundError(f"warm-start snapshot {snap} is missing; remove its SB run directory to redo it")
             model.load_state_dict(torch.load(snap, map_location=self.device, weights_only=True))
@@ -517,39 +607,61 @@ class Study:
         record = {
             "epochs": res.epochs, "stopped": res.stopped, "history": res.history,
             "seconds": time.perf_counter() - t, "resumed_from_epoch": res.resumed_from, "run_dir": run_dir.name,
+            "provenance": self.provenance,
         }
         atomic_torch_save({"key": key, "model": model.state_dict(), "record": record}, final)
         self._write_run_info(run_dir, key)
         self.stats["trainings_run"] += 1
+        self._count_training(self.provenance)
         return model.eval(), record
+
+    def _count_training(self, prov: dict | None) -> None:
+        source = json.dumps(canonical(prov), sort_keys=True)
+        self._training_sources[source] = self._training_sources.get(source, 0) + 1
+
+    def _snapshot_file(self, start: dict) -> str:
+        """The snapshot (relative to DIR) that the warm start ``start`` begins from."""
+        try:
+            return self._snapshot_files[(start["from"], start["epoch"])]
+        except KeyError:
+            raise RuntimeError(f"no SB snapshot is known for the warm start {start}: run_extras names it "
+                               "before training") from None
 
     def _epoch_hook(self, key: dict, run_dir: Path) -> tuple[Any, dict]:
         """The training's per-epoch hook (snapshots, Fig. 6 tracking) and the state it keeps between
         epochs: the last tracked top eigenvector, which warm-starts the next estimate.  The state
         goes into the training's checkpoints: a training resumed without it started that estimate
         cold, and its tracked λ_max differed from an uninterrupted run's (7.0263 against 7.0273)."""
-        c = self.config
         snapshots = set(key["snapshots"])
         track = key["track"] is not None
         state: dict[str, Any] = {"v0": None}
+        rng_devices = [self.device] if self.device.type == "cuda" else []
 
         def hook(epoch: int, model: nn.Module, entry: dict) -> dict | None:
             out: dict[str, Any] = {}
             if epoch in snapshots:
                 atomic_torch_save(model.state_dict(), run_dir / f"epoch{epoch}.pt")
             if track and epoch % key["track"]["every"] == 0:
-                loss, acc = evaluate(model, self.loss_fn, self.curv_xy, bn=c.bn)
-                out.update(eval_loss=loss, eval_acc=acc)
-                try:
-                    info, vec = measure.top_eigen(model, self.loss_fn, self.curv_xy, c.bn, c.eig_tol, seed=epoch,
-                                                  v0=state["v0"])
-                    state["v0"] = vec
-                    out.update(lambda_max=info["value"], matvecs=info["num_matvecs"], warm=info["warm"])
-                except measure.Unavailable as exc:
-                    self._unavailable(str(exc))
+                # Torch's global RNGs (the dropout masks) as they were: whatever a measurement draws,
+                # a tracked training follows the untracked one's trajectory (reusable_key relies on it).
+                with torch.random.fork_rng(devices=rng_devices):
+                    self._track(model, out, state, epoch)
             return out
 
         return hook, state
+
+    def _track(self, model: nn.Module, out: dict, state: dict, epoch: int) -> None:
+        """Fig. 6: loss, accuracy and top Hessian eigenvalue of ``model`` after ``epoch`` epochs, into ``out``."""
+        c = self.config
+        loss, acc = evaluate(model, self.loss_fn, self.curv_xy, bn=c.bn)
+        out.update(eval_loss=loss, eval_acc=acc)
+        try:
+            info, vec = measure.top_eigen(model, self.loss_fn, self.curv_xy, c.bn, c.eig_tol, seed=epoch,
+                                          v0=state["v0"])
+            state["v0"] = vec
+            out.update(lambda_max=info["value"], matvecs=info["num_matvecs"], warm=info["warm"])
+        except measure.Unavailable as exc:
+            self._unavailable(str(exc))
 
     def snapshots(self, sb_key: dict, epochs_trained: int) -> dict[int, Path]:
         """The weight snapshots (epoch -> path) of the SB run ``sb_key``, which trained
@@ -592,6 +704,10 @@ class Study:
 
     def cached(self, key: dict, compute) -> Any:
         """``compute()`` once per key (cached in DIR/cache); None when the API it needs is missing."""
+        # Measured numbers depend on sharpkit's measurement code (a fixed bug changes them): a
+        # result of another sharpkit version is measured again.  The device, torch version and
+        # dtype are in the key through the training's key ("run", "a", "b").
+        key = {**key, "sharpkit": __version__}
         # Under torch.distributed rank 0 decides (its cache is the one written), every rank computes.
         hit = _dist.broadcast_object(self.cache.get(key) if _dist.is_main_process() else None)
         if hit is not None:
@@ -646,14 +762,30 @@ class Study:
             "train_data": TRAIN_SPLIT,
             "models": {},
         }
-        if _dist.is_main_process():  # before training: an interrupted study's checkpoints can be measured too
-            self.write_train_split()
-        for spec in c.models:
-            results["models"][spec] = self.run_model(spec, spec in sweep_models)
+        with self.holding_folder():
+            if _dist.is_main_process():  # before training: an interrupted study's checkpoints can be measured too
+                self.write_train_split()
+            for spec in c.models:
+                results["models"][spec] = self.run_model(spec, spec in sweep_models)
         results["stats"] = dict(self.stats, measurements_run=self.cache.misses, measurements_reused=self.cache.hits)
+        results["provenance"] = self.provenance_summary()
         results["wall_seconds"] = time.perf_counter() - t0
         results["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         return results
+
+    def provenance_summary(self) -> dict:
+        """Where the trainings and measurements this run used were made (each distinct provenance
+        with its count): those reused from DIR may come from another sharpkit version (trainings)
+        or another GPU or CPU model than this run's.  ``mixed`` is True when they are not all this
+        run's own provenance."""
+
+        def listed(sources: dict[str, int]) -> list[dict]:
+            return [{"provenance": json.loads(s), "count": n} for s, n in sorted(sources.items())]
+
+        here = canonical(self.provenance)
+        trainings, measurements = listed(self._training_sources), listed(self.cache.sources)
+        mixed = any(e["provenance"] != here for e in trainings + measurements)
+        return {"this_run": here, "trainings": trainings, "measurements": measurements, "mixed": mixed}
 
     def sweep_models(self) -> list[str]:
         """The models that get the sweep, warm starts and noise scale (``config.sweep_models``,
@@ -666,14 +798,21 @@ class Study:
         c = self.config
         return tuple(k for k in c.warm_epochs if 0 < k <= c.max_epochs) if extras else ()
 
+    def representative_seed(self) -> int:
+        """The seed whose runs are tracked along training (Fig. 6), joined by curves and sliced
+        (Fig. 2/3, 7) and, for the sweep models, swept and warm-started (Fig. 4, 5): the smallest
+        configured seed.  Not the first listed: what is trained must not depend on the order of
+        the seeds (``--seeds 1,0`` after ``--seeds 0,1`` trained all of its 6 runs again)."""
+        return min(self.config.seeds)
+
     def run_key(self, spec: str, role: str, seed: int) -> dict:
         """The training key of the study's run of ``spec`` at ``role`` ("sb"/"lb") and ``seed``: the
-        first seed is tracked along training (Fig. 6) and, for the sweep models, its SB run keeps
-        the warm-start snapshots (Fig. 5)."""
+        representative seed is tracked along training (Fig. 6) and, for the sweep models, its SB
+        run keeps the warm-start snapshots (Fig. 5)."""
         if role not in ("sb", "lb"):
             raise ValueError(f"role must be 'sb' or 'lb', got {role!r}")
         c = self.config
-        first = seed == c.seeds[0]
+        first = seed == self.representative_seed()
         extras = spec in self.sweep_models()
         snaps = ()
         if first and role == "sb" and extras:
@@ -683,17 +822,18 @@ class Study:
     def run_model(self, spec: str, extras: bool) -> dict:
         c = self.config
         seeds = list(c.seeds)
-        n_params = FlatParams(self.new_model(spec, seeds[0])).n
+        rep = self.representative_seed()
+        n_params = FlatParams(self.new_model(spec, rep)).n
         out: dict[str, Any] = {"num_params": n_params, "model_kwargs": self.model_kwargs(spec),
                                "spec": self.model_spec(spec), "audit_command": self.audit_command(spec), "runs": [],
                                "sharpness": [], "curvature": []}
         ks = self.warm_start_epochs(extras)
         models: dict[tuple[str, int], tuple[nn.Module, dict]] = {}
         for seed in seeds:
-            first = seed == seeds[0]
+            first = seed == rep
             x0 = FlatParams(self.new_model(spec, seed)).get()
             for role, batch in (("sb", self.sb), ("lb", self.lb)):
-                tkey = self.run_key(spec, role, seed)
+                tkey = self.reusable_key(self.run_key(spec, role, seed))
                 model, rec = self.trained(tkey)
                 ev = self.measure_eval(model, tkey)
                 x = FlatParams(model).get()
@@ -721,8 +861,8 @@ class Study:
                 out["curvature"].append({"role": role, "seed": seed, "lambda_max": cur["lambda_max"], "trace": cur["trace"]})
                 bar.update(1)
         bar.close()
-        # Fig. 2/3 and 7: paths between the first seed's SB and LB minimizers.
-        (m_sb, k_sb), (m_lb, k_lb) = models[("sb", seeds[0])], models[("lb", seeds[0])]
+        # Fig. 2/3 and 7: paths between the representative seed's SB and LB minimizers.
+        (m_sb, k_sb), (m_lb, k_lb) = models[("sb", rep)], models[("lb", rep)]
         # The minimizers themselves (α = 0 and 1) are points of the curve whatever the count: the
         # report reads the loss there (5 points were -1, -0.25, 0.5, 1.25, 2).
         alphas = _grid_with(np.linspace(-1.0, 2.0, c.curve_points), (0.0, 1.0))
@@ -730,20 +870,23 @@ class Study:
         for path in ("linear", "sin"):
             out["curves"][path] = {}
             for split, xy in (("train", self.train_eval), ("test", self.test_eval)):
+                # The grid itself, not its length: 5 and 7 points both gave 7 alphas (0 and 1
+                # added to the first), and the second study read the first one's curve.
                 key = {"kind": "curve", "a": key_id(k_sb), "b": key_id(k_lb), "path": path, "split": split,
-                       "points": len(alphas)}
+                       "alphas": [float(a) for a in alphas]}
                 out["curves"][path][split] = self.cached(key, lambda xy=xy, path=path: _curve_dict(
                     interpolate(m_sb, m_lb, self.loss_fn, xy, alphas, path=path, bn="train")))
         # Li et al. (2018): filter-normalised random-direction slices around each minimizer.
         out["slices"] = {}
         steps = _grid_with(np.linspace(-1.0, 1.0, c.curve_points), (0.0,))  # the minimizer (α = 0) included
         for role, (m, k) in (("sb", (m_sb, k_sb)), ("lb", (m_lb, k_lb))):
-            key = {"kind": "slice", "run": key_id(k), "points": len(steps), "samples": self.curv_n, "bn": c.bn,
-                   "seed": seeds[0]}
+            key = {"kind": "slice", "run": key_id(k), "steps": [float(a) for a in steps], "samples": self.curv_n,
+                   "bn": c.bn, "seed": rep}
             out["slices"][role] = self.cached(key, lambda m=m: _curve_dict(slice_1d(
-                m, self.loss_fn, self.curv_xy, steps, seed=seeds[0], bn=c.bn)))
+                m, self.loss_fn, self.curv_xy, steps, seed=rep, bn=c.bn)))
+        out["representative_seed"] = rep
         if extras:
-            out.update(self.run_extras(spec, seeds[0], models, ks))
+            out.update(self.run_extras(spec, rep, models, ks))
         return out
 
     def run_extras(self, spec: str, seed: int, models: dict, ks: tuple[int, ...]) -> dict:
@@ -756,7 +899,7 @@ class Study:
             if batch == self.sb or batch == self.lb:
                 model, tkey = models[("sb" if batch == self.sb else "lb", seed)]
             else:
-                tkey = self.train_key(spec, batch, seed)
+                tkey = self.reusable_key(self.train_key(spec, batch, seed))
                 model, _ = self.trained(tkey)
             rows.append({"batch": batch, **self._point(model, tkey, sharp_eps, sharp_solver, seed)})
         sb_key = models[("sb", seed)][1]
@@ -768,8 +911,13 @@ class Study:
             elif k not in snaps:
                 continue  # the SB run converged before epoch k: there is no such iterate
             else:
-                start = {"from": key_id(sb_key), "epoch": k, "snapshot": str(self.snapshot_path(sb_key, k))}
-                tkey = self.train_key(spec, self.lb, seed, start=start)
+                # A warm start is the SB training's iterate after k epochs: keyed by that training
+                # without what was observed along it (OBSERVATIONS), whichever of its runs keeps
+                # the snapshot.
+                sb_id = key_id({n: v for n, v in sb_key.items() if n not in OBSERVATIONS})
+                start = {"from": sb_id, "epoch": k}
+                self._snapshot_files[(sb_id, k)] = self.snapshot_path(sb_key, k)
+                tkey = self.reusable_key(self.train_key(spec, self.lb, seed, start=start))
                 model, _ = self.trained(tkey)
             warm.append({"k": k, **self._point(model, tkey, sharp_eps, sharp_solver, seed)})
         noise = []
@@ -885,10 +1033,32 @@ def environment(device: torch.device) -> dict:
         "device": str(device), "threads": torch.get_num_threads(), "training_threads": TRAINING_THREADS,
         "cpu_count": os.cpu_count(),
     }
+    env["device_name"] = _device_name(device)
+    return env
+
+
+def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
-        env["device_name"] = torch.cuda.get_device_name(device)
-    else:
-        env["device_name"] = platform.processor() or platform.machine()
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()
+
+
+def provenance(device: torch.device) -> dict:
+    """What a stored training or measurement records about where it was made (versions, device
+    and its model): the report lists them when a study's results come from more than one."""
+    return {"sharpkit": __version__, "torch": torch.__version__, "device": device.type,
+            "device_name": _device_name(device)}
+
+
+def training_environment(device: torch.device) -> dict:
+    """The part of a training key that says how its floats are computed: the device type, torch's
+    version and its float32 matmul precision (and TF32 for convolutions on CUDA), and the training
+    code's version (TRAINING_CODE).  The parameters' dtype is added per model (train_key)."""
+    env = {"device": device.type, "torch": torch.__version__, "training_code": TRAINING_CODE,
+           "matmul_precision": torch.get_float32_matmul_precision()}
+    if device.type == "cuda":
+        env["tf32"] = {"matmul": bool(torch.backends.cuda.matmul.allow_tf32),
+                       "cudnn": bool(torch.backends.cudnn.allow_tf32)}
     return env
 
 
@@ -905,10 +1075,11 @@ def run_study(
 
     _set_threads(threads)
     study = Study(config, out_dir, progress=progress)
-    results = study.run()
-    if not _dist.is_main_process():  # rank 0 writes the report
-        return results
-    return write_outputs(results, Path(out_dir))
+    with study.holding_folder():  # the report's files are written under the lock too
+        results = study.run()
+        if not _dist.is_main_process():  # rank 0 writes the report
+            return results
+        return write_outputs(results, Path(out_dir))
 
 
 # Training runs on this many CPU threads whatever the study's thread setting: the float sums of

@@ -264,7 +264,7 @@ def summarize(results: dict) -> dict:
                              "measured": f"slope of train loss next to LB {rise['lb']:.3g}, next to SB {rise['sb']:.3g} per unit α; "
                                          f"barrier between them {barrier:.3g}",
                              "paper": "paper: flat around SB, sharp around LB",
-                             "statistic": "one seed (first)", "verdict": _one_seed(rise["lb"], rise["sb"])})
+                             "statistic": "one seed (the lowest)", "verdict": _one_seed(rise["lb"], rise["sb"])})
         # Li et al. slices: loss increase at the ends of the filter-normalised slice
         if m.get("slices") and all(m["slices"].get(r) for r in ("sb", "lb")):
             rise = {}
@@ -276,11 +276,11 @@ def summarize(results: dict) -> dict:
             verdicts.append({"claim": "Filter-normalised random-direction slices (Li et al.): loss rises more around LB",
                              "measured": f"mean loss increase for |α| ≥ 0.5: SB {rise['sb']:.3g}, LB {rise['lb']:.3g}",
                              "paper": "Li et al. 2018: LB minimizers look sharper under filter normalisation",
-                             "statistic": "one seed (first)",
+                             "statistic": "one seed (the lowest)",
                              "verdict": _one_seed(rise["lb"], rise["sb"])})
         # Fig 6: sharpness along training
-        # The pipeline tracks the first seed of the configured order (not the smallest): read the
-        # runs that carry tracking.
+        # The pipeline tracks one seed (the smallest; studies before that tracked the first listed):
+        # read the runs that carry tracking.
         track = {r["role"]: r["tracking"] for r in runs if "tracking" in r}
         lam_end = {role: next((h["lambda_max"] for h in reversed(track.get(role, [])) if h.get("lambda_max") is not None), None)
                    for role in ("sb", "lb")}
@@ -294,7 +294,7 @@ def summarize(results: dict) -> dict:
                              "measured": f"λ_max at end: SB {lam_end['sb']:.3g} (peak {_g3(lam_peak['sb'])}), LB {lam_end['lb']:.3g} "
                                          f"(peak {_g3(lam_peak['lb'])})",
                              "paper": "paper: SB sharpness falls late in training, LB stays high",
-                             "statistic": "one seed (first)", "verdict": _one_seed(lam_end["lb"], lam_end["sb"])})
+                             "statistic": "one seed (the lowest)", "verdict": _one_seed(lam_end["lb"], lam_end["sb"])})
         s["tracking"] = {"end": lam_end, "peak": lam_peak}
         # Fig 4 / 5 / noise scale
         if m.get("sweep"):
@@ -569,7 +569,7 @@ def make_figures(results: dict, out: Path) -> list[Path]:
             ax.set_yscale("log")
             ax.set_xlabel("α: step along a filter-normalised random direction d (x + α d)")
             ax.set_ylabel("training cross-entropy (log scale)")
-            ax.set_title(f"{spec}: 1-D random-direction slices (Li et al. 2018), first seed", fontsize=10)
+            ax.set_title(f"{spec}: 1-D random-direction slices (Li et al. 2018), lowest seed", fontsize=10)
             ax.legend()
             save(fig, f"fig_slice_{spec}.png")
         if m.get("sharpness"):
@@ -703,6 +703,32 @@ def _model_line(spec: str, m: dict) -> str:
     return f"{spec}{f' = {built}' if built != spec else ''} ({m['num_params']} parameters{sizes})"
 
 
+def _provenance_note(results: dict) -> str:
+    """A warning when the trainings or measurements that the tables use were not all made in this
+    run's environment (reused from DIR: another sharpkit version, another GPU or CPU model), with
+    each provenance and its count; nothing when they all were (or results predate provenance)."""
+    prov = results.get("provenance")
+    if not prov or not prov.get("mixed"):
+        return ""
+
+    def line(what: str, entries: list[dict]) -> str:
+        words = []
+        for e in entries:
+            p = e.get("provenance")
+            if not isinstance(p, dict):
+                where = "unknown (stored without provenance)"
+            else:
+                where = (f"sharpkit {p.get('sharpkit')}, torch {p.get('torch')}, {p.get('device')} "
+                         f"({p.get('device_name')})")
+            words.append(f"{e.get('count')} × {where}")
+        return f"{what}: " + "; ".join(words)
+
+    body = "; ".join(line(w, prov.get(w) or []) for w in ("trainings", "measurements") if prov.get(w))
+    return ("<p class='meh'>The results reused from this folder were not all made in this run's environment "
+            "(trainings are redone only for another device type, torch version or dtype, measurements also for "
+            f"another sharpkit version): {html.escape(body)}.</p>")
+
+
 def render_html(results: dict, figures: list[Path]) -> str:
     cfg, res, env = results["config"], results["resolved"], results["environment"]
     imgs = {p.name: base64.b64encode(p.read_bytes()).decode() for p in figures}
@@ -735,10 +761,11 @@ def render_html(results: dict, figures: list[Path]) -> str:
         {"setting": "seeds", "value": ", ".join(map(str, cfg["seeds"]))},
         {"setting": "ε-sharpness", "value": f"ε ∈ {cfg['eps']}, solvers {cfg['solvers']}, {cfg['sharpness_iters']} iterations, subspace p = {cfg['subspace_dim']} (Gaussian, Philox-seeded), on {res['sharpness_samples']} training samples, BN {cfg['bn']}"},
         {"setting": "Hessian", "value": f"λ_max by Lanczos (tol {cfg['eig_tol']}), trace by Hutch++ ({cfg['trace_matvecs']} matvecs), on {res['curvature_samples']} training samples"},
-        {"setting": "curves", "value": f"{_curve_points(results)} points, α ∈ [−1, 2] (α = 0 and 1 among them), between the first seed's SB and LB minimizers; BatchNorm with batch statistics (chunks of up to 4096 samples), as in the authors' code; random-direction slices on {res['curvature_samples']} training samples, BN {cfg['bn']}"},
+        {"setting": "curves", "value": f"{_curve_points(results)} points, α ∈ [−1, 2] (α = 0 and 1 among them), between the lowest seed's SB and LB minimizers; BatchNorm with batch statistics (chunks of up to 4096 samples), as in the authors' code; random-direction slices on {res['curvature_samples']} training samples, BN {cfg['bn']}"},
         {"setting": "environment", "value": f"sharpkit {env['sharpkit']}, torch {env['torch']}, device {env['device']} ({env['device_name']}), {env['threads']} threads"},
         {"setting": "wall time", "value": f"{results.get('wall_seconds', 0):.0f} s this invocation; trainings run {stats.get('trainings_run')}, reused {stats.get('trainings_reused')}; measurements run {stats.get('measurements_run')}, reused {stats.get('measurements_reused')}"},
     ]))
+    parts.append(_provenance_note(results))
     if stats.get("unavailable"):
         parts.append("<p class='bad'>Not measured (API missing): " + html.escape("; ".join(stats["unavailable"])) + "</p>")
     parts.append(_measure_section(results))
@@ -760,7 +787,7 @@ def render_html(results: dict, figures: list[Path]) -> str:
         parts.append(f"<p>‖x_SB − x₀‖ / ‖x_LB − x₀‖ = {_fmt(dr['mean_std'])} (paper: 3–10); {s['train_accuracy_note']}.</p>")
         parts.append(_table([{k: v for k, v in r.items() if k not in ("tracking", "key", "loss_history")} for r in m["runs"]]))
         if m.get("noise_scale"):
-            parts.append("<h3>Gradient noise scale (SB run, first seed)</h3>" + _table(m["noise_scale"]))
+            parts.append("<h3>Gradient noise scale (SB run, lowest seed)</h3>" + _table(m["noise_scale"]))
         for name in sorted(imgs):
             if name.endswith(f"_{spec}.png"):
                 parts.append(f"<figure><img alt='{html.escape(name)}' src='data:image/png;base64,{imgs[name]}'>"

@@ -7,11 +7,13 @@ different settings can share a directory without mixing results.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +24,112 @@ from ..audit.checkpoints import error_summary
 from ..files import atomic_torch_save, atomic_write_bytes, atomic_write_text
 
 __all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_torch_save", "StepCache", "key_id",
-           "tensors_digest", "load_weights_record"]
+           "tensors_digest", "load_weights_record", "canonical", "hold_folder", "remove_stale_temporaries",
+           "LOCK_NAME"]
+
+# The temporary files of sharpkit.files.atomic_write: ".<target>.<pid>.<12 hex>.tmp".  A writer
+# killed with SIGKILL (or a power cut) leaves one behind; nothing ever reads them.
+TEMP_NAME = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{12}\.tmp$")
+# The study's folder lock (DIR/.sharpkit-study.lock): every live study holds it shared, and a study
+# that starts while no other one holds it (it gets the lock exclusively) removes stale temporaries.
+LOCK_NAME = ".sharpkit-study.lock"
 
 
 def key_id(key: dict) -> str:
     """A short stable name for a step key (sha1 of its canonical JSON)."""
     return hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def canonical(obj: Any) -> Any:
+    """``obj`` as it reads back from JSON (tuples as lists, other objects as their str): keys built
+    in memory and keys read from a file compare equal exactly when their :func:`key_id` agree."""
+    return json.loads(json.dumps(obj, default=str))
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this machine (True when that cannot be told: the safe side)."""
+    if pid <= 0:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # someone else's process, or a platform without signal 0
+    return True
+
+
+def remove_stale_temporaries(root: str | os.PathLike) -> list[Path]:
+    """Remove the atomic writer's temporaries in ``root``, ``root/cache`` and ``root/runs/*``
+    whose writer process is not alive on this machine; returns the paths removed.
+
+    Call it only while holding ``root``'s lock exclusively (:func:`hold_folder` does): the lock
+    proves that no other study is writing there, the pid check guards against any other writer
+    on this machine (a study of an older sharpkit, which takes no lock).
+    """
+    root = Path(root)
+    folders = [root, root / "cache"]
+    runs = root / "runs"
+    if runs.is_dir():
+        folders += sorted(p for p in runs.iterdir() if p.is_dir())
+    removed = []
+    for folder in folders:
+        try:
+            names = sorted(os.listdir(folder))
+        except OSError:
+            continue
+        for name in names:
+            m = TEMP_NAME.match(name)
+            if m is None or _pid_alive(int(m.group(1))):
+                continue
+            path = folder / name
+            try:
+                if path.is_file() and not path.is_symlink():
+                    path.unlink()
+                    removed.append(path)
+            except OSError:
+                continue  # gone already, or not ours to remove: left as it is
+    return removed
+
+
+@contextlib.contextmanager
+def hold_folder(root: str | os.PathLike) -> Iterator[list[Path]]:
+    """Hold ``root``'s study lock (shared) for the block; yields the stale temporaries removed.
+
+    Several studies may share a folder (each holds the lock shared).  The one that starts while no
+    other holds it gets the lock exclusively for a moment and removes the temporaries that killed
+    writers left (:func:`remove_stale_temporaries`); while another study holds the lock nothing is
+    removed, since its temporaries may be in the middle of being written.  Where file locks are not
+    available (no ``fcntl``, a file system that refuses them) nothing is removed either.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows: nothing proves a temporary stale
+        yield []
+        return
+    root = Path(root)
+    try:
+        fd = os.open(root / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        yield []
+        return
+    removed: list[Path] = []
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # another live study: its temporaries are not ours to judge
+            exclusive = False
+        except OSError:  # no locks on this file system: nothing proves a temporary stale
+            exclusive = None
+        else:
+            exclusive = True
+        if exclusive:
+            removed = remove_stale_temporaries(root)
+        if exclusive is not None:
+            fcntl.flock(fd, fcntl.LOCK_SH)  # (from exclusive: a conversion; else waits out a cleanup)
+        yield removed
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
@@ -70,14 +172,22 @@ def _miss(path: str | os.PathLike, why: str) -> None:
 
 
 class StepCache:
-    """Finished measurements as one JSON file per step under ``root``: ``{"key": ..., "value": ...}``."""
+    """Finished measurements as one JSON file per step under ``root``:
+    ``{"key": ..., "value": ..., "provenance": ...}``.
 
-    def __init__(self, root: str | os.PathLike):
+    ``provenance`` (a dict: versions, device) is stored with each entry written here; the
+    provenances of the entries read back are counted in ``sources`` (canonical JSON -> count), so
+    that a report can say when its numbers come from more than one environment.
+    """
+
+    def __init__(self, root: str | os.PathLike, provenance: dict | None = None):
         # The folder is made by the first put (atomic_write_text creates it): a study that stops
         # before storing anything leaves no empty cache behind.
         self.root = Path(root)
+        self.provenance = provenance
         self.hits = 0
         self.misses = 0
+        self.sources: dict[str, int] = {}
 
     def path(self, key: dict) -> Path:
         return self.root / f"{key.get('kind', 'step')}-{key_id(key)}.json"
@@ -88,14 +198,19 @@ class StepCache:
             return None
         try:
             stored = json.loads(p.read_text())
-        except (OSError, json.JSONDecodeError):
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             return None  # a damaged entry is recomputed
-        if stored.get("key") != json.loads(json.dumps(key, default=str)):
+        if not isinstance(stored, dict) or "value" not in stored or stored.get("key") != canonical(key):
             return None
         self.hits += 1
+        source = json.dumps(stored.get("provenance"), sort_keys=True)
+        self.sources[source] = self.sources.get(source, 0) + 1
         return stored["value"]
 
     def put(self, key: dict, value: Any) -> Any:
-        atomic_write_text(self.path(key), json.dumps({"key": key, "value": value}, default=str, indent=1))
+        entry = {"key": key, "value": value, "provenance": self.provenance}
+        atomic_write_text(self.path(key), json.dumps(entry, default=str, indent=1))
         self.misses += 1
+        source = json.dumps(canonical(self.provenance), sort_keys=True)
+        self.sources[source] = self.sources.get(source, 0) + 1
         return value
