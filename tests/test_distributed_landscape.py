@@ -26,17 +26,18 @@ def curves() -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     (the pair is split by rows) and one whose samples interact (the pair stays whole on rank 0);
     and how many times each call asked ``batches_stay_whole``."""
     import sharpkit.landscape as landscape
+    import sharpkit.objective as objective  # (the landscape's Objective asks it)
 
     calls = {"n": 0}
     answers: dict[str, bool] = {}
-    probe = landscape.batches_stay_whole
+    probe = objective.batches_stay_whole
 
     def counting(*args, **kwargs):
         calls["n"] += 1
         answers[kind] = probe(*args, **kwargs)
         return answers[kind]
 
-    landscape.batches_stay_whole = counting
+    objective.batches_stay_whole = counting
     try:
         out: dict[str, torch.Tensor] = {}
         counts: dict[str, int] = {}
@@ -63,7 +64,7 @@ def curves() -> tuple[dict[str, torch.Tensor], dict[str, int]]:
         counts.update({f"{kind}/keeps_batches": int(keep) for kind, keep in answers.items()})
         return out, counts
     finally:
-        landscape.batches_stay_whole = probe
+        objective.batches_stay_whole = probe
 
 
 def test_split_probe_runs_once_per_curve_and_values_match_single_process(tmp_path):
