@@ -19,7 +19,7 @@ from torch import nn
 
 from . import distributed as _dist
 from .data import to_device
-from .objective import Objective, check_loss_reduction, checked_loss, ignore_index_of, is_torch_loss
+from .objective import Objective, checked_loss, ignore_index_of
 from .params import FlatParams, check_finite_parameters, measurement_mode, preserved, private_copy
 
 __all__ = ["Curve", "Surface", "interpolate", "evaluate", "random_direction", "slice_1d", "slice_2d"]
@@ -136,22 +136,19 @@ def _measurable(model: nn.Module) -> nn.Module:
     return copy
 
 
-def _loss_and_accuracy(objective: Objective, x: torch.Tensor, bn: str, first: bool = True) -> tuple[float, float]:
+def _loss_and_accuracy(objective: Objective, x: torch.Tensor, bn: str) -> tuple[float, float]:
     """``(mean loss, accuracy)`` at parameters ``x`` in one pass over ``objective``'s data: the loss is
     :meth:`Objective.loss <sharpkit.objective.Objective.loss>`'s (same batches, weights, shards and
     checks), computed here beside the accuracy because that needs the outputs, which ``loss``
-    does not return.  ``first``: the first point of a curve or slice (it checks the loss's
-    reduction).  Call inside the :func:`~sharpkit.params.measurement_mode` the objective was built in."""
+    does not return.  Call inside the :func:`~sharpkit.params.measurement_mode` the objective was built in."""
     ignore = ignore_index_of(objective.loss_fn)
     # Sums [loss * w, correct, batches that are not classification, targets scored, batches with
     # NaN outputs], reduced over ranks when the data are sharded (the point's digest travels with
     # them: ranks at different points are refused).
     sums = torch.zeros(5, dtype=torch.float64)
-    # A loss summing over the samples (a lambda around reduction='sum') is refused on the first
-    # batch of 2 samples or more: not by Objective.check_reduction, which looks at the first batch
-    # only and says nothing when that one holds a single sample.
-    check_reduction = first and not is_torch_loss(objective.loss_fn)
     with torch.no_grad(), _dist.sharded_pass([sums], enabled=objective.distributed, same=[x]):
+        # A loss summing over the samples (a lambda around reduction='sum') is refused (once per objective).
+        objective.check_reduction()
         for index, batch in enumerate(objective.batches):
             inputs, targets = to_device(batch, objective.device, objective.dtype)
             try:
@@ -164,11 +161,7 @@ def _loss_and_accuracy(objective: Objective, x: torch.Tensor, bn: str, first: bo
                 raise
             w = objective.weights.of(batch)
             if w > 0:  # (a batch whose every target is ignored has no mean loss)
-                loss = checked_loss(objective.loss_fn, out, targets)
-                if check_reduction and inputs.shape[0] > 1:
-                    check_loss_reduction(objective.loss_fn, (inputs, targets), out, whole=loss)
-                    check_reduction = False
-                sums[0] += float(loss) * w
+                sums[0] += float(checked_loss(objective.loss_fn, out, targets)) * w
             if isinstance(out, torch.Tensor) and isinstance(targets, torch.Tensor) and out.dim() == 2 \
                     and not targets.is_floating_point() and targets.dim() == 1:
                 if out.is_floating_point() and bool(torch.isnan(out).any()):
@@ -246,7 +239,7 @@ def interpolate(
                 for k, p in pw.items():
                     xa, xb = ends[k]
                     p.copy_(ca * xa + cb * xb)
-            loss, acc = _loss_and_accuracy(objective, objective.x0(), bn, first=not losses)
+            loss, acc = _loss_and_accuracy(objective, objective.x0(), bn)
             losses.append(loss)
             accs.append(acc)
             if on_point is not None:
@@ -372,8 +365,7 @@ def _grid(model, loss_fn, data, alphas, betas, d1, d2, seed, bn,
         objective = Objective(model, loss_fn, data)
         for i, a in enumerate(a_np):
             for j, b in enumerate(b_np):
-                loss[i, j], acc[i, j] = _loss_and_accuracy(objective, x + float(a) * d1 + float(b) * d2, bn,
-                                                            first=i == j == 0)
+                loss[i, j], acc[i, j] = _loss_and_accuracy(objective, x + float(a) * d1 + float(b) * d2, bn)
     return Surface(a_np, b_np, loss, acc)
 
 

@@ -167,21 +167,22 @@ class Objective:
         return checked_loss(self.loss_fn if loss_fn is None else loss_fn, self.batch_output(x, inputs), targets)
 
     def check_reduction(self, rows: int = 64) -> None:
-        """:func:`check_loss_reduction` on the first ``rows`` samples of this rank's first batch at
+        """:func:`check_loss_reduction` on the first ``rows`` samples of this rank's largest batch at
         the starting point, unless a pass has checked already: for work whose passes do not go
         through :meth:`loss` / :meth:`loss_and_grad` (curvature products, whose single-batch data
         nothing else checks).  One forward of ``rows`` samples, once."""
-        if self._reduction_checked or not self.survey.head:
+        if self._reduction_checked or self.survey.largest is None:
             return
-        x, y = self.survey.head[0]
+        x, y = self.survey.largest  # (the first batch may hold one sample, which tells nothing)
         inputs, targets = to_device((x[:rows], y[:rows]), self.device, self.dtype)
         with torch.no_grad():
             outputs = self.batch_output(self.x0(), inputs)
             self._check_reduction_on(inputs, targets, outputs, checked_loss(self.loss_fn, outputs, targets))
 
     def _check_reduction_on(self, inputs: torch.Tensor, targets: Any, outputs: Any, loss: torch.Tensor) -> None:
-        """:func:`check_loss_reduction` on one batch's outputs and loss; later passes skip it."""
-        self._reduction_checked = True
+        """:func:`check_loss_reduction` on one batch's outputs and loss; later passes skip it once
+        a batch of at least two samples has been checked (one sample cannot tell a sum from a mean)."""
+        self._reduction_checked = getattr(inputs, "shape", (0,))[0] >= 2
         if isinstance(outputs, torch.Tensor):
             check_loss_reduction(self.loss_fn, (inputs, targets), outputs.detach(), whole=loss.detach())
 

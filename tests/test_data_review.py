@@ -335,3 +335,26 @@ def test_batch_statistics_over_a_shuffling_loader_are_refused():
     fixed = DataLoader(TensorDataset(x, y), batch_size=5)
     with measurement_mode(model, "train"):
         assert len({_value(model, nn.CrossEntropyLoss(), fixed) for _ in range(3)}) == 1
+
+
+def test_summed_loss_found_when_the_first_batch_holds_one_sample():
+    """The first batch of one sample cannot tell a sum from a mean: the check waits for a batch
+    that can (the summed loss was taken for a mean, silently)."""
+    from sharpkit.objective import Objective
+    from sharpkit.params import FlatParams
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3).double()
+    x, y = torch.randn(9, 4, dtype=torch.float64), torch.randint(0, 3, (9,))
+    data = [(x[:1], y[:1]), (x[1:], y[1:])]
+    summed = lambda out, t: F.cross_entropy(out, t, reduction="sum")  # noqa: E731
+    x0 = FlatParams(model).get()
+    with pytest.raises(ValueError, match="sums over the samples"):
+        Objective(model, summed, data).loss(x0)
+    with pytest.raises(ValueError, match="sums over the samples"):
+        Objective(model, summed, data).check_reduction()
+    # A mean loss in a lambda passes on the same data and gives the float64 mean.
+    mean = lambda out, t: F.cross_entropy(out, t)  # noqa: E731
+    with torch.no_grad():
+        ref = F.cross_entropy(x @ model.weight.T + model.bias, y).item()
+    assert abs(Objective(model, mean, data).loss(x0).item() - ref) < 1e-12
