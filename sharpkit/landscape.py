@@ -89,36 +89,9 @@ def evaluate(
     Raises ``ValueError`` for inputs holding NaN or inf (naming the batch) and for empty data.
     """
     model = _measurable(model)
-    try:
-        check_finite_parameters(model)
-    except ValueError:
-        return _evaluate_diverged(model, loss_fn, data, bn, device)
     with measurement_mode(model, bn):
-        objective = Objective(model, loss_fn, data, device=device)
-        return _loss_and_accuracy(objective, objective.x0(), bn)
-
-
-def _evaluate_diverged(model: nn.Module, loss_fn, data: Any, bn: str,
-                       device: torch.device | str | None) -> tuple[float, float]:
-    """:func:`evaluate` of a model holding NaN or inf (a diverged training run, which evaluate
-    records, typically as NaN loss and accuracy).  The :class:`~sharpkit.objective.Objective`
-    refuses such a model, so a private copy on the evaluation device is built into one while those
-    entries read 0, and they are written back before the pass: the objective reads the copy's
-    tensors in place (they are already on its device and in its dtype)."""
-    work = private_copy(model)
-    if device is not None:
-        work.to(device)
-    with measurement_mode(work, bn):  # (first: bn='train' gives BatchNorm its private buffers)
-        bad = [t for t in list(work.parameters()) + list(work.buffers())
-               if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-        values = [t.detach().clone() for t in bad]
-        with torch.no_grad():
-            for t in bad:
-                t.nan_to_num_(0.0, 0.0, 0.0)
-        objective = Objective(work, loss_fn, data)
-        with torch.no_grad():
-            for t, v in zip(bad, values):
-                t.copy_(v)
+        # (a diverged training run is recorded: its NaN loss and accuracy are the answer)
+        objective = Objective(model, loss_fn, data, device=device, finite_parameters=False)
         return _loss_and_accuracy(objective, objective.x0(), bn)
 
 

@@ -71,6 +71,8 @@ class Objective:
             memory).  ``True`` does not join when BatchNorm uses batch statistics or the model's
             samples interact otherwise (:func:`samples_interact`), nor where joining would change
             a batch's loss (:func:`join_obstacle`); an int joins regardless.  Default False.
+        finite_parameters: refuse a model holding NaN or inf (:func:`check_finite_parameters`,
+            default True); False only to record a diverged model's (NaN) loss.
 
     Construction reads the data once (:attr:`survey`), plus forwards of the largest batch and
     of its halves when ``regroup=True``.
@@ -91,6 +93,7 @@ class Objective:
         dtype: torch.dtype | None = None,
         distributed: bool | None = None,
         regroup: bool | int = False,
+        finite_parameters: bool = True,
     ):
         batches = as_batches(data)
         self.distributed: bool = _dist.resolve(distributed) or batches.is_sharded
@@ -98,7 +101,8 @@ class Objective:
             # Ranks measuring different models or losses would sum a mixture of measurements; a
             # NaN parameter on one rank is then an error on every rank, not on that rank alone.
             _dist.check_same("the model and loss measured", model, loss_fn, dtype=dtype, device=device)
-        check_finite_parameters(model)
+        if finite_parameters:
+            check_finite_parameters(model)
         self.model = model
         self.flat = FlatParams(model)
         if device is not None:
