@@ -367,6 +367,13 @@ def checked_loss(loss_fn: LossFn, outputs: Any, targets: Any) -> torch.Tensor:
     must index the outputs' classes.  ValueError otherwise.
     Runs in every pass; the loss's reduction is checked once, where a measurement is set up
     (:func:`check_mean_reduced`)."""
+    if not isinstance(outputs, torch.Tensor) and is_torch_loss(loss_fn):
+        # (torch's own message, e.g. "'dict' object has no attribute 'size'", names neither side)
+        keys = f" with keys {list(outputs)}" if isinstance(outputs, dict) else ""
+        picks = "the logits" if is_class_index_loss(loss_fn) else "the output it compares"
+        raise ValueError(f"{_loss_name(loss_fn)} needs the model's output as a tensor, but the model returned a "
+                         f"{type(outputs).__name__}{keys}: pass a loss that picks {picks}, e.g. "
+                         "loss_fn=lambda out, y: F.cross_entropy(out['logits'], y)")
     func, _ = _unwrapped(loss_fn)
     elementwise = isinstance(func, _ELEMENTWISE_LOSSES) or any(func is f for f in _ELEMENTWISE_FUNCTIONS)
     tensors = isinstance(outputs, torch.Tensor) and isinstance(targets, torch.Tensor)

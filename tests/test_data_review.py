@@ -358,3 +358,33 @@ def test_summed_loss_found_when_the_first_batch_holds_one_sample():
     with torch.no_grad():
         ref = F.cross_entropy(x @ model.weight.T + model.bias, y).item()
     assert abs(Objective(model, mean, data).loss(x0).item() - ref) < 1e-12
+
+
+class _DictOutput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return {"pred": self.lin(x), "hidden": x}
+
+
+@pytest.mark.parametrize("loss_fn", [nn.MSELoss(), nn.functional.mse_loss, nn.CrossEntropyLoss()])
+def test_torch_loss_given_a_dict_output_is_a_clear_error(loss_fn):
+    """A model returning a dict (HF-style) with a torch loss that cannot read it: a ValueError
+    naming the output's keys and the remedy, in the objective, the curvature and the sharpness
+    (torch said "'dict' object has no attribute 'size'")."""
+    torch.manual_seed(0)
+    model = _DictOutput()
+    targets = torch.randint(0, 3, (6,)) if isinstance(loss_fn, nn.CrossEntropyLoss) else torch.randn(6, 3)
+    data = (torch.randn(6, 4), targets)
+    words = r"returned a dict with keys \['pred', 'hidden'\]: pass a loss that picks"
+    from sharpkit.objective import Objective
+    from sharpkit.params import FlatParams
+
+    with pytest.raises(ValueError, match=words):
+        Objective(model, loss_fn, data).loss(FlatParams(model).get())
+    with pytest.raises(ValueError, match=words):
+        sk.hessian(model, loss_fn, data) @ torch.ones(FlatParams(model).n)
+    with pytest.raises(ValueError, match=words):
+        sk.keskar_sharpness(model, loss_fn, data, epsilon=1e-3)

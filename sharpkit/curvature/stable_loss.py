@@ -39,7 +39,8 @@ class SaturationSafeCrossEntropy:
     saturation-safe form of the module docstring, for int64 targets (sharpkit's batches yield
     integer targets as int64: :func:`sharpkit.data.class_index_targets`).  Any other call
     (probability or other integer targets, unbatched or non-floating outputs, targets outside the
-    classes) goes to the original loss, which gives its own value or error."""
+    classes) goes to the original loss through the objective's checks of its arguments
+    (:func:`sharpkit.objective.checked_loss`), which give its value or a ValueError naming the problem."""
 
     reduction = "mean"
 
@@ -52,8 +53,10 @@ class SaturationSafeCrossEntropy:
         if not (isinstance(outputs, torch.Tensor) and isinstance(targets, torch.Tensor)
                 and outputs.is_floating_point() and outputs.dim() >= 2 and targets.dtype == torch.int64
                 and targets.shape == outputs.shape[:1] + outputs.shape[2:]):
-            self._check(outputs, targets)
-            return self.original(outputs, targets)
+            # (the objective's checks of the original loss: this wrapper is not cross-entropy to it)
+            from ..objective import checked_loss  # (the objective imports the curvature package)
+
+            return checked_loss(self.original, outputs, targets)
         c = outputs.shape[1]
         valid = targets != self.ignore_index
         # Targets outside the classes: the original's IndexError names the target.  Checked on the
@@ -69,21 +72,6 @@ class SaturationSafeCrossEntropy:
         if self.weight is not None:
             w = w * self.weight.to(outputs.device, outputs.dtype)[t.squeeze(1)]
         return (per_entry * w).sum() / w.sum()
-
-    def _check(self, outputs: Any, targets: Any) -> None:
-        """The checks the objective makes of the original loss's arguments (it does not recognise
-        this wrapper as cross-entropy): ValueError naming the shapes where class targets do not
-        fit the outputs, and where the model's output is not a tensor (a tuple or dict: the loss
-        must pick the logits), instead of torch's messages, which name neither."""
-        from ..objective import _check_class_targets  # (the objective imports the curvature package)
-
-        if not isinstance(outputs, torch.Tensor):
-            keys = f" with keys {list(outputs)}" if isinstance(outputs, dict) else ""
-            raise ValueError(f"cross-entropy needs the model's output to be a tensor of logits, but the model returned "
-                             f"a {type(outputs).__name__}{keys}: pass a loss that picks the logits, e.g. "
-                             "loss_fn=lambda out, y: F.cross_entropy(out['logits'], y)")
-        if isinstance(targets, torch.Tensor) and outputs.dim() >= 2:
-            _check_class_targets(self.original, outputs, targets)
 
 
 def curvature_loss(loss_fn: Any) -> Any:
