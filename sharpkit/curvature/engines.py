@@ -344,20 +344,32 @@ class GenericEngine:
 
 def _batched_vjp(y: torch.Tensor, x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     """Columns ``(dy/dx)^T w`` for the k columns of ``W`` (``(y.numel(), k)``) -> ``(x.numel(), k)``,
-    keeping the graph.  One batched backward (vmap) where autograd supports it, else a loop."""
+    keeping the graph.  On a GPU one batched backward (vmap) where autograd supports it; one
+    backward per column on a CPU, for one column, and where the batched one fails."""
     k = W.shape[1]
     cols = W.t().reshape(k, *y.shape)
+    if k == 1 or W.device.type == "cpu":
+        # On a CPU the vmapped double backward costs more per column than a loop of plain ones: the
+        # C1-style conv net (114 k parameters, 2048 MNIST-1D samples, 2 threads) 0.13 / 0.16 s per
+        # column in blocks of 4 / 16 against 0.053-0.068 s looped: its Hutch++ trace (30 products)
+        # 3.9 -> 1.7 s; the F1-style MLP's 0.71 -> 0.52 s (benchmarks/results/cpu_profile_20261130T072400Z.txt).
+        return _looped_vjp(y, x, cols)
     try:
         (res,) = torch.autograd.grad(y, x, cols, retain_graph=True, is_grads_batched=True, allow_unused=True)
         if res is None:
             return torch.zeros(x.numel(), k, dtype=W.dtype, device=W.device)
         return res.reshape(k, -1).t()
     except (RuntimeError, NotImplementedError):
-        out = []
-        for j in range(k):
-            (r,) = torch.autograd.grad(y, x, cols[j], retain_graph=True, allow_unused=True)
-            out.append(torch.zeros_like(x).reshape(-1) if r is None else r.reshape(-1))
-        return torch.stack(out, 1)
+        return _looped_vjp(y, x, cols)
+
+
+def _looped_vjp(y: torch.Tensor, x: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``(x.numel(), k)``: one backward through the kept graph per row of ``cols`` ``(k, *y.shape)``."""
+    out = []
+    for j in range(cols.shape[0]):
+        (r,) = torch.autograd.grad(y, x, cols[j], retain_graph=True, allow_unused=True)
+        out.append(torch.zeros_like(x).reshape(-1) if r is None else r.reshape(-1))
+    return torch.stack(out, 1)
 
 
 def make_engine(
