@@ -340,8 +340,11 @@ def _sharpness(args: argparse.Namespace) -> int:
             r = sk.adaptive_sharpness(model, loss_fn, data, rho=eps, kind=args.kind.split("-")[1],
                                       max_iter=args.max_iter, seed=args.seed, bn=args.bn, **options)
         radius = "epsilon" if args.kind == "keskar" else "rho"
+        # (points whose loss was not finite were left out of the maximum: the solver warned, and
+        # the saved results keep the count)
         rows.append({radius: eps, "value": r.value, "loss": r.loss, "max_loss": r.max_loss,
-                     "num_evals": r.num_evals, "seconds": time.perf_counter() - start})
+                     "num_evals": r.num_evals, "nonfinite_evals": r.info.get("nonfinite_evals", 0),
+                     "seconds": time.perf_counter() - start})
         _say(f"{args.kind} {radius}={eps:g}: value={r.value:.6g} (loss {r.loss:.6g} -> {r.max_loss:.6g})")
     _emit(args, {"measure": args.kind, "model": args.model, "checkpoint": args.checkpoint, "data": args.data,
                  "loss_fn": args.loss, "bn": args.bn, "seed": args.seed, "max_iter": args.max_iter, **options,
@@ -530,8 +533,21 @@ def _reported(command: str, fn: Callable[[argparse.Namespace], int]) -> Callable
     return run
 
 
+_EXIT_CODES = """\
+exit codes:
+  0  measured
+  1  out of memory (the inputs are fine, the device too small for them: --batch-size splits the
+     data), or another rank of a torchrun launch failed (that rank reports the cause)
+  2  bad input, one line naming it: arguments, data, model or checkpoint, a model that does not run
+     on the data, a loss that is not finite at the checkpoint ...
+  130 interrupted
+"""
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("sharpness", help="epsilon-sharpness (Keskar) or adaptive sharpness of one model")
+    documented = {"epilog": _EXIT_CODES, "formatter_class": argparse.RawDescriptionHelpFormatter}
+    p = sub.add_parser("sharpness", help="epsilon-sharpness (Keskar) or adaptive sharpness of one model",
+                       **documented)
     _common(p)
     p.add_argument("--kind", choices=("keskar", "adaptive-worst", "adaptive-average"), default="keskar")
     p.add_argument("--epsilon", type=_positive, nargs="+", default=[1e-3],
@@ -560,7 +576,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--standard", action="store_true", help="adaptive: c = 1 (standard sharpness) instead of c = |w|")
     p.set_defaults(func=_reported("sharpness", _sharpness))
 
-    p = sub.add_parser("spectrum", help="top eigenvalues, trace and spectral density of the Hessian or GGN")
+    p = sub.add_parser("spectrum", help="top eigenvalues, trace and spectral density of the Hessian or GGN",
+                       **documented)
     _common(p)
     p.add_argument("--operator", choices=("hessian", "ggn"), default="hessian",
                    help="the Hessian (default) or the generalized Gauss-Newton matrix")
@@ -578,7 +595,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="no progress bar of the curvature products on stderr")
     p.set_defaults(func=_reported("spectrum", _spectrum))
 
-    p = sub.add_parser("landscape", help="1-D loss/accuracy curve between two checkpoints (Keskar Fig. 2/3)")
+    p = sub.add_parser("landscape", help="1-D loss/accuracy curve between two checkpoints (Keskar Fig. 2/3)",
+                       **documented)
     # Batch statistics by default, the authors' protocol: running statistics of two networks do not
     # combine along a path, so sk.interpolate refuses "eval" unless A and B hold the same ones.
     _common(p, checkpoint=False, bn_default="train",

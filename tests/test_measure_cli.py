@@ -363,8 +363,12 @@ def test_outputs_are_strict_json_with_non_finite_numbers_as_null(setup, capsys):
     assert main(args) == 0  # to stdout
     row = _strict_json(capsys.readouterr().out)["results"][0]
     assert row["value"] is None and row["max_loss"] is None and row["loss"] > 0
+    assert row["nonfinite_evals"] >= 1  # the points left out of the maximum are counted in the results
     assert main(args + ["--out", str(out)]) == 0
     assert _strict_json(out.read_text())["results"][0]["max_loss"] is None
+    # A measurement whose losses are all finite says so.
+    assert main(args[:-1] + ["1e-3", "--out", str(out)]) == 0
+    assert _strict_json(out.read_text())["results"][0]["nonfinite_evals"] == 0
 
 
 def test_tensors_in_outputs_are_strict_json_too(capsys):

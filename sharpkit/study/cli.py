@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import textwrap
 import re
 import sys
 import time
@@ -16,12 +17,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "study",
         help="reproduce the large- vs small-batch sharpness study (MNIST-1D by default) with an HTML report",
-        description=(
+        description=textwrap.fill(
             "Train small-batch (SB) and large-batch (LB) models over several seeds, measure their "
             "ε-sharpness and Hessian spectrum, sweep batch sizes, warm-start LB from SB, track sharpness "
             "along training, and write results.json, CSV tables, PNG figures and report.html to --out. "
-            "Re-running with the same --out resumes."
+            "Re-running with the same --out resumes.", width=100
         ),
+        epilog=(
+            "exit codes:\n"
+            "  0  the study ran (a claim not reproduced is a result, not a failure)\n"
+            "  1  a training diverged (one line names it and its folder)\n"
+            "  2  unusable data, model or options, reported before any training\n"
+            "  130 interrupted (finished trainings and measurements are kept: re-run to resume)\n"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--data", default="mnist1d", help="mnist1d (default), digits, or a .npz/.pt file of tensors")
     p.add_argument("--num-samples", type=int, default=None,
