@@ -20,10 +20,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import sharpkit as sk
+from test_curvature_architectures import _functional as _architectures_functional
 
 F64 = torch.float64
 
@@ -31,21 +31,10 @@ F64 = torch.float64
 # -- references ----------------------------------------------------------------------------------------
 
 def _functional(model: nn.Module, select=None):
-    """(x0, out(x, inputs)) of a float64 eval copy over the parameters with requires_grad."""
-    m = copy.deepcopy(model).to(F64).eval()
-    named = [(n, p) for n, p in m.named_parameters() if p.requires_grad]
-    fixed = {n: t.detach() for n, t in list(m.named_parameters()) + list(m.named_buffers()) if not t.requires_grad}
-    x0 = torch.cat([p.detach().reshape(-1) for _, p in named])
-
-    def out(x, inputs):
-        tensors, off = dict(fixed), 0
-        for n, p in named:
-            tensors[n] = x[off:off + p.numel()].view(p.shape)
-            off += p.numel()
-        o = functional_call(m, tensors, (inputs.to(F64) if inputs.is_floating_point() else inputs,))
-        return o if select is None else select(o)
-
-    return x0, out
+    """(x0, out(x, inputs)) of a float64 eval copy over the parameters with requires_grad (the
+    architectures' reference), the output picked by ``select`` where given."""
+    x0, out = _architectures_functional(model)
+    return x0, (out if select is None else (lambda x, inputs: select(out(x, inputs))))
 
 
 def _targets(Y):
