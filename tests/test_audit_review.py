@@ -205,3 +205,27 @@ def test_whole_pickled_model_is_refused_with_a_clear_message(tmp_path):
     assert row["status"] == "error"
     assert "pickles a torch.nn.modules.container.Sequential object, not a state dict" in row["error"]
     assert "save model.state_dict() instead" in row["error"]
+
+
+def _relu_regressor() -> nn.Module:
+    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+
+
+@pytest.mark.parametrize("group_size", [1, 2])
+def test_rows_say_where_the_ascent_met_a_loss_that_was_not_finite(tmp_path, group_size):
+    """At epsilon = 1e8 a float32 ReLU regressor's squared error overflows at the box's corners:
+    the value is then the maximum over the finite points only.  The solver warns; each row's
+    details count that checkpoint's skipped points (they said nothing before)."""
+    _save(tmp_path / "ck", _relu_regressor, count=2)
+    g = torch.Generator().manual_seed(2)
+    data = (torch.randn(30, 6, generator=g), torch.randn(30, 2, generator=g))
+    with pytest.warns(RuntimeWarning, match="not finite"):
+        rows = audit(tmp_path / "ck", _relu_regressor, data, loss_fn="mse", metrics="keskar,adaptive",
+                     epsilon=1e8, rho=1e8, max_iter=3, group_size=group_size)
+    for row in rows:
+        assert row["status"] == "ok", row.get("error")
+        assert row["details"]["keskar"]["nonfinite_evals"] >= 1
+        assert row["details"]["adaptive"]["nonfinite_evals"] >= 1
+    rows = audit(tmp_path / "ck", _relu_regressor, data, loss_fn="mse", metrics="keskar", epsilon=1e-3,
+                 max_iter=3, group_size=group_size)
+    assert all("nonfinite_evals" not in row["details"]["keskar"] for row in rows)

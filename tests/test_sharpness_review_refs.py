@@ -483,3 +483,24 @@ def test_adaptive_worst_case_that_overflows_is_said():
     with pytest.warns(RuntimeWarning, match="not finite"):
         res = sk.adaptive_sharpness(model, nn.MSELoss(), data, rho=1e8)
     assert res.info["nonfinite_evals"] >= 1
+
+
+def test_nonfinite_points_are_counted_per_problem():
+    """Two problems stacked, the loss of the first infinite away from its start: the count says
+    which problem met it."""
+    from sharpkit.sharpness import solvers
+
+    class TwoBowls:
+        num_problems, dim, dtype = 2, 3, torch.float64
+
+        def loss_and_grad(self, Y):
+            f = (Y**2 + Y).sum(1)
+            f[0] = torch.where(Y[0].abs().max() > 0.25, torch.tensor(math.inf, dtype=Y.dtype), f[0])
+            return f, 2 * Y + 1
+
+    with pytest.warns(RuntimeWarning, match="not finite"):
+        res = solvers.maximize(TwoBowls(), torch.ones(2, 3, dtype=torch.float64), solver="apgd", max_iter=4)
+    first, second = res.info["nonfinite_evals_per_problem"]
+    assert first >= 1 and second == 0
+    assert res.info["nonfinite_evals"] == first
+    assert float(res.max_loss[1]) == pytest.approx(6.0)  # the finite bowl reaches its best corner

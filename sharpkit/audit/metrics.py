@@ -204,6 +204,18 @@ def _ascend(problem, scale: torch.Tensor, norm: str, config: "MetricConfig", met
                             restarts=config.restarts, seed=config.seed, first_step=config.first_step)
 
 
+def _ascent_details(res, b: int, **extra: Any) -> dict[str, Any]:
+    """A row's details of one ascent: its best loss, evaluation count, and where the loss was not
+    finite at points tried (skipped: the value is then the maximum over the finite ones), how many."""
+    details = {"max_loss": float(res.max_loss[b]), **extra, "num_evals": res.num_evals}
+    per_problem = res.info.get("nonfinite_evals_per_problem")
+    if per_problem is not None and per_problem[b]:
+        details["nonfinite_evals"] = int(per_problem[b])
+    elif "nonfinite_evals" in res.info and len(res.max_loss) == 1:  # (L-BFGS-B: one problem)
+        details["nonfinite_evals"] = int(res.info["nonfinite_evals"])
+    return details
+
+
 def lanczos_top(engine, k: int, steps: int, seed: int) -> torch.Tensor:
     """The k largest Ritz values (``(B, k)`` float64) of each problem's Hessian after ``steps``
     Lanczos iterations with full reorthogonalisation, all problems from the same seeded start:
@@ -268,7 +280,7 @@ def run_metrics(engine, config: MetricConfig, loss0: torch.Tensor | None = None)
         f0 = res.loss0
         for b in range(B):
             out[b]["keskar"] = float(100 * (res.max_loss[b] - res.loss0[b]) / (1 + res.loss0[b]))
-            out[b]["details"]["keskar"] = {"max_loss": float(res.max_loss[b]), "num_evals": res.num_evals}
+            out[b]["details"]["keskar"] = _ascent_details(res, b)
     if "keskar-subspace" in ms:
         A = _DenseSubspace(engine.dim, config.subspace_dim, config.seed, X.dtype, X.device)
         scale = solvers.keskar_bound(A.centers(X), config.epsilon).to(X.dtype)
@@ -276,16 +288,14 @@ def run_metrics(engine, config: MetricConfig, loss0: torch.Tensor | None = None)
         f0 = res.loss0 if f0 is None else f0
         for b in range(B):
             out[b]["keskar-subspace"] = float(100 * (res.max_loss[b] - res.loss0[b]) / (1 + res.loss0[b]))
-            out[b]["details"]["keskar-subspace"] = {"max_loss": float(res.max_loss[b]), "p": config.subspace_dim,
-                                                    "num_evals": res.num_evals}
+            out[b]["details"]["keskar-subspace"] = _ascent_details(res, b, p=config.subspace_dim)
     if "adaptive" in ms:
         scale = config.rho * (X.abs() if config.adaptive_scale else torch.ones_like(X))
         res = _ascend(solvers.ShiftedProblem(steps, X), scale, config.adaptive_norm, config, "adaptive")
         f0 = res.loss0 if f0 is None else f0
         for b in range(B):
             out[b]["adaptive"] = float(res.max_loss[b] - res.loss0[b])
-            out[b]["details"]["adaptive"] = {"max_loss": float(res.max_loss[b]), "norm": config.adaptive_norm,
-                                             "num_evals": res.num_evals}
+            out[b]["details"]["adaptive"] = _ascent_details(res, b, norm=config.adaptive_norm)
     if "top-eig" in ms:
         values = lanczos_top(engine, config.k, config.lanczos_steps, config.seed)
         for b in range(B):

@@ -28,7 +28,8 @@ keeps the best point found per problem (never worse than ``Y = 0``) and returns 
 one at each random start point (with low-precision steps, below, also an exact pass at ``Y = 0``
 and one per run at its best point).  A point whose loss is not finite (an overflow of the model's
 precision far out in a large set) is never the best: pga/apgd count it as a failed step, L-BFGS-B's
-line search backs off; ``info["nonfinite_evals"]`` counts them and a ``RuntimeWarning`` says that
+line search backs off; ``info["nonfinite_evals"]`` counts them (pga/apgd also per problem:
+``info["nonfinite_evals_per_problem"]``) and a ``RuntimeWarning`` says that
 the value is then the maximum over the finite points only.
 
 * First step on the box (``first_step``).  ``"gradient"`` (default): ``U = clip(G / c, −1, 1)``
@@ -503,7 +504,7 @@ def _first_order(problem, scale, norm, max_iter, step_size, restarts, seed, call
     gen = None
     final_eta, starts = [], []
     # Points whose loss was inf/NaN (e.g. a float32 overflow): skipped as failed steps, and said so at the end.
-    nonfinite = 0
+    nonfinite = torch.zeros(B, dtype=torch.long)  # per problem: an audit row says which checkpoint
     checkpoints = set(apgd_checkpoints(max_iter))
     for start in _run_starts(restarts, norm, first_step):
         if start != "random":
@@ -513,7 +514,7 @@ def _first_order(problem, scale, norm, max_iter, step_size, restarts, seed, call
                 gen = torch.Generator(device=scale.device).manual_seed(int(seed))
             U = _random_unit(scale.shape, norm, gen, scale.dtype, scale.device)
             f, G = _evaluate(problem, scale * U)
-            nonfinite += int(_finite_or_zero(f, G).sum())
+            nonfinite += _finite_or_zero(f, G).cpu()
             evals += 1
         # This run's best point and the gradient there (to restart from it without a new pass).
         run_best_f = torch.where(torch.isfinite(f), f, torch.full_like(f, -math.inf))
@@ -537,7 +538,7 @@ def _first_order(problem, scale, norm, max_iter, step_size, restarts, seed, call
                      momentum=APGD_MOMENTUM if use_momentum else None)
             f_new, G_new = _evaluate(problem, scale * U_next)
             overflow = _finite_or_zero(f_new, G_new)
-            nonfinite += int(overflow.sum())
+            nonfinite += overflow.cpu()
             evals += 1
             improved = (f_new > f) & ~overflow
             better = (f_new > run_best_f) & ~overflow
@@ -574,7 +575,7 @@ def _first_order(problem, scale, norm, max_iter, step_size, restarts, seed, call
         if estimates:
             # The steps' values only ranked this run's points; its best is valued exactly.
             run_best_f = _exact_loss(problem, scale * run_best_U)
-            nonfinite += int((~torch.isfinite(run_best_f)).sum())
+            nonfinite += (~torch.isfinite(run_best_f)).cpu()
             evals += 1
         better = (run_best_f > best_loss) & torch.isfinite(run_best_f)
         if bool(better.any()):
@@ -586,10 +587,11 @@ def _first_order(problem, scale, norm, max_iter, step_size, restarts, seed, call
         starts.append(start)
         del U, U_prev, U_next, G, run_best_G
     info = {"final_step": final_eta, "norm": norm, "restarts": restarts, "starts": starts}
-    if nonfinite:
-        info["nonfinite_evals"] = nonfinite
+    if bool(nonfinite.any()):
+        info["nonfinite_evals"] = int(nonfinite.sum())
+        info["nonfinite_evals_per_problem"] = nonfinite.tolist()
         # (stack: _warn_nonfinite, _first_order, pga/apgd, maximize, the measure, its caller)
-        _warn_nonfinite(nonfinite, evals * B, problem.dtype if hasattr(problem, "dtype") else scale.dtype, 6)
+        _warn_nonfinite(int(nonfinite.sum()), evals * B, problem.dtype if hasattr(problem, "dtype") else scale.dtype, 6)
     return AscentResult(loss0=loss0, max_loss=best_loss, Y=scale * best_U, num_evals=evals, info=info)
 
 
