@@ -125,7 +125,9 @@ def audit(
     Returns:
         One dict per checkpoint path in the order found: ``key``, ``checkpoint``, ``name`` (the
         shortest path suffix telling the files apart), ``sha256``, ``step``, ``epoch``, ``status``
-        (``"ok"`` or ``"error"``), ``error``, ``loss``, one entry per metric, ``details``,
+        (``"ok"`` or ``"error"``), ``error``, ``loss``, one entry per metric, ``details`` (per
+        metric: evaluation counts, eigenvalues, ``nonfinite_evals`` where an ascent skipped points whose
+        loss was not finite),
         ``config``, ``weights`` (where in the file the weights were found and how their names were
         matched, e.g. ``"entry 'model' (also in the file, not measured: 'model_ema'); prefix
         'module.' removed"``; None for a plain state dict) and ``saved_step``/``saved_epoch``
