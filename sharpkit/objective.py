@@ -144,6 +144,7 @@ class Objective:
         # A lambda or wrapper summing over the samples is found on the first batch of the first
         # pass (torch's own losses: their reduction was read above).
         self._reduction_checked = is_torch_loss(loss_fn)
+        self._head_checked = False  # (check_reduction's forward, done once)
 
     @property
     def n(self) -> int:
@@ -171,17 +172,21 @@ class Objective:
         return checked_loss(self.loss_fn if loss_fn is None else loss_fn, self.batch_output(x, inputs), targets)
 
     def check_reduction(self, rows: int = 64) -> None:
-        """:func:`check_loss_reduction` on the first ``rows`` samples of this rank's largest batch at
-        the starting point, unless a pass has checked already: for work whose passes do not go
-        through :meth:`loss` / :meth:`loss_and_grad` (curvature products, whose single-batch data
-        nothing else checks).  One forward of ``rows`` samples, once."""
-        if self._reduction_checked or self.survey.largest is None:
+        """The loss's arguments (:func:`checked_loss`: target shapes and classes) and, unless a pass
+        has checked already, its reduction (:func:`check_loss_reduction`) on the first ``rows``
+        samples of this rank's largest batch at the starting point: for work whose passes do not go
+        through :meth:`loss` / :meth:`loss_and_grad` (curvature products), so that bad input is
+        named where the work is set up.  One forward of ``rows`` samples, once."""
+        if self._head_checked or self.survey.largest is None:
             return
+        self._head_checked = True
         x, y = self.survey.largest  # (the first batch may hold one sample, which tells nothing)
         inputs, targets = to_device((x[:rows], y[:rows]), self.device, self.dtype)
         with torch.no_grad():
             outputs = self.batch_output(self.x0(), inputs)
-            self._check_reduction_on(inputs, targets, outputs, checked_loss(self.loss_fn, outputs, targets))
+            loss = checked_loss(self.loss_fn, outputs, targets)
+            if not self._reduction_checked:
+                self._check_reduction_on(inputs, targets, outputs, loss)
 
     def _check_reduction_on(self, inputs: torch.Tensor, targets: Any, outputs: Any, loss: torch.Tensor) -> None:
         """:func:`check_loss_reduction` on one batch's outputs and loss; later passes skip it once

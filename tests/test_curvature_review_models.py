@@ -347,12 +347,11 @@ def test_a_dict_output_given_to_cross_entropy_is_a_clear_error():
 def test_sequence_targets_of_the_wrong_shape_or_type_are_named(bad, words, build):
     """Before: torch's "Expected target size [5, 4], got [5, 4, 1]" / "expected target dtype to be
     Long or Byte" from the first product (the objective's own target checks were skipped on the
-    curvature engines' form of the loss)."""
+    curvature engines' form of the loss); named now where the operator is built."""
     model = TinyLM()
     ids, tg = _tokens()
-    op = build(model, nn.CrossEntropyLoss(), (ids, bad(tg)))
     with pytest.raises(ValueError, match=words):
-        op @ torch.randn(op.n)
+        build(model, nn.CrossEntropyLoss(), (ids, bad(tg)))
 
 
 def test_frozen_parameters_and_integer_buffers_in_both_precisions(one_thread):
@@ -395,9 +394,8 @@ def test_mse_with_multidimensional_targets(cache, one_thread):
         evals = np.linalg.eigvalsh(ref.numpy())
         assert sk.trace(op, num_matvecs=3 * op.n).value == pytest.approx(evals.sum(), rel=1e-9)
     for wrong in (torch.randn(7, 6), torch.randn(7, 2, 1)):
-        op = sk.hessian(model, nn.MSELoss(), (X, wrong))
         with pytest.raises(ValueError, match=r"outputs of shape \(7, 2, 3\) with targets of shape"):
-            op @ torch.randn(op.n)
+            sk.hessian(model, nn.MSELoss(), (X, wrong))
 
 
 def test_auto_names_why_each_model_is_not_fused_and_fused_refuses():

@@ -388,3 +388,15 @@ def test_torch_loss_given_a_dict_output_is_a_clear_error(loss_fn):
         sk.hessian(model, loss_fn, data) @ torch.ones(FlatParams(model).n)
     with pytest.raises(ValueError, match=words):
         sk.keskar_sharpness(model, loss_fn, data, epsilon=1e-3)
+
+
+def test_curvature_names_mismatched_targets_where_it_is_set_up():
+    """sk.hessian with MSE targets of another shape than the outputs: the ValueError comes when the
+    operator is built, not at its first product."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    x = torch.randn(10, 4)
+    with pytest.raises(ValueError, match=r"outputs of shape \(10, 3\) with targets of shape \(10, 2\)"):
+        sk.hessian(model, nn.MSELoss(), (x, torch.randn(10, 2)))
+    with pytest.raises(ValueError, match="class-index targets of shape"):
+        sk.hessian(model, nn.CrossEntropyLoss(), (x, torch.randint(0, 3, (10, 1))))
