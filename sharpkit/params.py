@@ -132,8 +132,7 @@ def model_tensors(model: nn.Module, device: torch.device, dtype: torch.dtype) ->
     and mat2 must have the same dtype")."""
     cast = working_dtypes(model)
     named = list(model.named_parameters()) + list(model.named_buffers())
-    out = {k: v.detach().to(device, dtype if v.is_floating_point() and (cast is None or v.dtype in cast) else None)
-           for k, v in named}
+    out = {k: v.detach().to(device, dtype if converts(v.dtype, cast) else None) for k, v in named}
     # A model built or loaded under torch.inference_mode() holds inference tensors, which autograd
     # cannot save for backward: the measurement gets normal copies.
     return {k: v.clone() if v.is_inference() else v for k, v in out.items()}
@@ -159,6 +158,28 @@ def working_dtypes(model: nn.Module) -> set[torch.dtype] | None:
         if found:
             return found
     return None
+
+
+def converts(own: torch.dtype, cast: set[torch.dtype] | None) -> bool:
+    """Whether a measurement in another precision converts a tensor of dtype ``own``, ``cast``
+    being the model's :func:`working_dtypes`: floating tensors in the working precision (all
+    floating ones where ``cast`` is None); a part kept in another precision keeps it."""
+    return own.is_floating_point and (cast is None or own in cast)
+
+
+def convert_working_precision(model: nn.Module, dtype: torch.dtype) -> None:
+    """Convert ``model`` in place to ``dtype`` where a measurement in ``dtype`` would
+    (:func:`converts`), so that a state dict of that precision loaded into it keeps its values.
+    Parameters keep their objects (tied weights stay tied).  Only for a private copy of the user's
+    model (:func:`private_copy`)."""
+    cast = working_dtypes(model)
+    for module in model.modules():
+        for p in module._parameters.values():
+            if p is not None and converts(p.dtype, cast) and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+        for name, b in module._buffers.items():
+            if b is not None and converts(b.dtype, cast) and b.dtype != dtype:
+                module._buffers[name] = b.to(dtype)
 
 
 def has_shared_modules(model: nn.Module) -> bool:

@@ -35,7 +35,7 @@ from ..inputs import (
     resolve_model_classes,
 )
 from ..objective import REGROUP_MAX_ROWS, batches_stay_whole, survey_weights
-from ..params import FlatParams, measurement_mode, private_copy, working_dtypes
+from ..params import FlatParams, convert_working_precision, measurement_mode, private_copy
 from ..sharpness._checks import measured_dtype
 from ..sharpness.solvers import check_autocast
 from .checkpoints import (
@@ -196,8 +196,10 @@ def audit(
         # rounding noise, often exactly 0), and an explicit 16-bit dtype refused: measured_dtype.
         explicit = dtype is not None
         dtype = measured_dtype(net, dtype) or FlatParams(net).dtype
-        if explicit:  # checkpoints are loaded in the precision asked for, not rounded to the model's first
-            _convert_to(net, dtype)
+        if explicit:
+            # Checkpoints are loaded in the precision asked for, not rounded to the model's first: a
+            # float64 checkpoint audited with dtype=float64 through a float32 factory was 4.6e-11 off.
+            convert_working_precision(net, dtype)
         if ascent_dtype is not None:
             check_autocast(ascent_dtype, device, dtype)
         check_model_runs(net, loss_fn, batches, device, dtype, bn)
@@ -213,23 +215,6 @@ def audit(
     finally:
         if store is not None:
             store.close()
-
-
-def _convert_to(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Convert ``model`` (the audit's own copy) to an explicitly requested precision where a
-    measurement would (:func:`sharpkit.params.working_dtypes`: frozen parts of another precision
-    keep theirs), so that checkpoints loaded into it keep their values: a float64 checkpoint audited
-    with dtype=float64 passed through a float32 factory's weights on the way, rounded to float32
-    (loss 4.6e-11 off the float64 one).  Without an explicit dtype checkpoints are loaded in the
-    model's own precision, as ``model.load_state_dict`` would."""
-    cast = working_dtypes(model)
-    for module in model.modules():
-        for name, p in module._parameters.items():
-            if p is not None and p.is_floating_point() and (cast is None or p.dtype in cast) and p.dtype != dtype:
-                p.data = p.data.to(dtype)  # (the Parameter object stays: tied weights stay tied)
-        for name, b in module._buffers.items():
-            if b is not None and b.is_floating_point() and (cast is None or b.dtype in cast) and b.dtype != dtype:
-                module._buffers[name] = b.to(dtype)
 
 
 # Rows (checkpoints x samples) of one evaluation pass where samples are independent (bn="eval"):

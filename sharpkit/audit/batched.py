@@ -30,7 +30,7 @@ from ..data import Batches, BatchSurvey, regroup_batches, survey_batches, to_dev
 from ..objective import DataWeights, Objective, check_mean_reduced, checked_loss, probe_largest_batch, survey_weights
 from ..curvature.engines import twice_differentiable_attention
 from ..curvature.stable_loss import curvature_loss
-from ..params import FlatParams, working_dtypes
+from ..params import FlatParams, converts, working_dtypes
 
 __all__ = ["StackedObjective", "SingleObjective", "stack_checkpoints", "estimate_group_size", "GroupPlan"]
 
@@ -67,7 +67,7 @@ def stack_checkpoints(
         if name in trainable or name in aliases:
             continue
         own = named[name].dtype if name in named else states[0][name].dtype
-        to = (dtype if cast is None or own in cast else own) if own.is_floating_point else None
+        to = (dtype if converts(own, cast) else own) if own.is_floating_point else None
         frozen[name] = torch.stack([s[name].to(device, to) for s in states])
     return X, frozen
 

@@ -79,6 +79,12 @@ def _is_broken_link(path: Path) -> bool:
     return path.is_symlink() and not path.exists()
 
 
+def _refuse_broken_link(path: Path) -> None:
+    """CheckpointError for a symbolic link whose target is gone (a run's last.ckpt after cleanup)."""
+    if _is_broken_link(path):
+        raise CheckpointError(f"{path}: broken symbolic link (its target {os.readlink(path)} does not exist)")
+
+
 def _is_checkpoint_file(path: Path) -> bool:
     # A link to a checkpoint that is gone (a run's last.ckpt after cleanup) is listed, so that the
     # audit reports it instead of silently measuring one checkpoint less.
@@ -212,8 +218,7 @@ def read_checkpoint(path: str | os.PathLike, entry: str | None = None) -> Loaded
     state dict.  A file without that entry is a :class:`CheckpointError` listing the entries it has.
     """
     path = Path(path)
-    if _is_broken_link(path):
-        raise CheckpointError(f"{path}: broken symbolic link (its target {os.readlink(path)} does not exist)")
+    _refuse_broken_link(path)
     if not path.exists():
         raise CheckpointError(f"{path}: file not found")
     if not os.access(path, os.R_OK):
@@ -248,8 +253,10 @@ def _parse_checkpoint(path: Path, data: bytes, entry: str | None = None) -> Load
             if pickled is not None:  # torch.save(model) or {"model": model}: the object, no state dict
                 reason = (f"the file pickles a {pickled} not a state dict (weights_only=True does not "
                           "run the code that would rebuild it); save model.state_dict() instead")
-            elif raw is not None and _weights(path, raw, entry, missing_ok=True) is not None:
-                return _weights(path, raw, entry)  # the weights beside objects the audit does not need
+            elif raw is not None:
+                found = _weights(path, raw, entry, missing_ok=True)
+                if found is not None:  # the weights beside objects the audit does not need
+                    return found
         raise CheckpointError(f"{path}: cannot load as {kind}: {reason}") from None
     return _weights(path, raw, entry)
 
@@ -631,8 +638,7 @@ def describe_checkpoint(path: Path, name: str | None = None) -> Checkpoint:
     ck = Checkpoint(path=path, name=name or "", step=step, epoch=epoch)
     suffixes = ", ".join(CHECKPOINT_SUFFIXES)
     try:
-        if _is_broken_link(path):
-            raise CheckpointError(f"{path}: broken symbolic link (its target {os.readlink(path)} does not exist)")
+        _refuse_broken_link(path)
         if path.is_dir():
             raise CheckpointError(
                 f"{path}: directory holds no checkpoint files ({suffixes}); its subdirectories are not "
