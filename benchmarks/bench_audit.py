@@ -20,11 +20,21 @@ checkpoints, as arithmetic rates: one at a time (:class:`sharpkit.objective.Obje
 batched GEMMs, and one large float32 GEMM (4000 x 512 by 512 x 512, the machine's practical peak).
 The peak over the one-at-a-time rate bounds what stacking can gain for compute-bound checkpoints.
 
+``--bound`` bounds the whole audit the same way, per metric and for all of them together.  It
+records the matrix products of the one-at-a-time audit (shapes and counts, forward and backward;
+batching the same checkpoints runs the same products, stacked) and puts two floors under the
+time of any audit doing that arithmetic: all of it at the fastest float32 GEMM rate this machine
+reaches (large square products), and each product shape at the best rate its stacked copies reach
+in any of four arrangements.  Both leave every elementwise operation out, and the rates are the
+best seen between the audits (this machine's speed drifts), so the one-at-a-time time over a
+floor is an upper bound on what batching can gain.
+
 Under pytest (``pytest benchmarks/bench_audit.py``) a small pytest-benchmark case times each variant.
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import statistics
 import sys
 import tempfile
@@ -152,6 +162,102 @@ def pass_rates(count: int, hidden: int) -> None:
           "(the GEMM peak over the one-at-a-time rate)")
 
 
+def _best_rate(fn, flops: float, seconds: float = 0.3) -> float:
+    """The best GFLOP/s of ``fn`` (doing ``flops``) over repeated calls for about ``seconds``."""
+    fn()
+    best, runs, t0 = 0.0, 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds or runs < 3:
+        t = time.perf_counter()
+        fn()
+        best = max(best, flops / (time.perf_counter() - t) / 1e9)
+        runs += 1
+    return best
+
+
+def gemm_peak() -> float:
+    """The fastest float32 matrix-product rate seen here, in GFLOP/s (best of several large shapes)."""
+    best = 0.0
+    for m, k, n in ((4000, 512, 512), (4096, 1024, 1024), (2048, 2048, 2048)):
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        best = max(best, _best_rate(lambda: a @ b, 2 * m * k * n))
+    return best
+
+
+def stacked_shape_rate(m: int, k: int, n: int, count: int) -> float:
+    """The best GFLOP/s of ``count`` products ``(m, k) @ (k, n)`` in any of four arrangements: one
+    batched product, a loop, and one product with a shared right or left factor (rows or columns
+    stacked).  The shared-factor forms are only open to products with a common operand, such as
+    the first layer's input; taking them for every product makes the rate an optimistic one."""
+    a, b = torch.randn(count, m, k), torch.randn(count, k, n)
+    flops = 2 * count * m * k * n
+    return max(_best_rate(lambda: torch.bmm(a, b), flops),
+               _best_rate(lambda: [a[i] @ b[i] for i in range(count)], flops),
+               _best_rate(lambda: a.reshape(count * m, k) @ b[0], flops),
+               _best_rate(lambda: a[0] @ b.transpose(0, 1).reshape(k, count * n), flops))
+
+
+def matrix_products(run) -> collections.Counter:
+    """``{(m, k, n): calls}`` of the float matrix products (mm, addmm, bmm per batch entry) ``run()`` makes."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    aten = torch.ops.aten
+    seen: collections.Counter = collections.Counter()
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            op = func.overloadpacket
+            if op in (aten.mm, aten.addmm, aten.bmm):
+                a, b = args[-2:] if op is aten.addmm else args[:2]
+                batch = a.shape[0] if op is aten.bmm else 1
+                seen[tuple(a.shape[-2:]) + (b.shape[-1],)] += batch
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        run()
+    return seen
+
+
+def audit_bound(count: int, hidden: int, metrics: str, repeats: int) -> None:
+    """Per metric (and all together): the one-at-a-time audit's matrix-product arithmetic and
+    time, two floors on the time of any audit doing that arithmetic for the ``count``
+    checkpoints, and the batched audit's time."""
+    print(f"# bound: {count} checkpoints of MLP 40-{hidden}-{hidden}-10, MNIST-1D 4000 samples in one batch, "
+          f"{torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    print("# floor at peak: the products' GFLOP at the best large-GEMM rate; floor by shape: each product shape")
+    print("# at the best rate its count stacked copies reach (optimistic arrangements, see stacked_shape_rate);")
+    print("# both leave out every elementwise operation.  most gain = one-at-a-time s / floor.")
+    print(f"{'metrics':>28}  {'GFLOP':>6}  {'one-at-a-time s':>15}  {'GFLOP/s':>7}  {'peak':>5}  "
+          f"{'floor at peak s':>15}  {'most gain':>9}  {'floor by shape s':>16}  {'most gain':>9}  "
+          f"{'batched s':>9}  {'batched gain':>12}")
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = make_checkpoints(Path(tmp), count, hidden)
+        for names in [*metrics.split(","), metrics]:
+            products = matrix_products(lambda: run_variant(paths, hidden, names, 1))
+            flops = {shape: 2 * shape[0] * shape[1] * shape[2] * calls for shape, calls in products.items()}
+            total = sum(flops.values()) / 1e9
+            rates = {shape: 0.0 for shape in products}
+            single_t, batched_t, peaks = [], [], []
+            for _ in range(repeats):
+                peaks.append(gemm_peak())
+                for shape in rates:
+                    rates[shape] = max(rates[shape], stacked_shape_rate(*shape, count))
+                single_t.append(run_variant(paths, hidden, names, 1)[0])
+                batched_t.append(run_variant(paths, hidden, names, count)[0])
+            # the best rates seen at any time and the one-at-a-time time at its best: the bounds
+            # err towards more gain, not less
+            peak, single, batched = max(peaks), min(single_t), min(batched_t)
+            at_peak = total / peak
+            by_shape = sum(f / 1e9 / rates[shape] for shape, f in flops.items())
+            print(f"{names:>28}  {total:6.1f}  {single:15.2f}  {total / single:7.1f}  {peak:5.0f}  "
+                  f"{at_peak:15.2f}  {single / at_peak:8.2f}x  {by_shape:16.2f}  {single / by_shape:8.2f}x  "
+                  f"{batched:9.2f}  {single / batched:11.2f}x", flush=True)
+            print(f"{'':>28}  runs one-at-a-time {['%.2f' % t for t in single_t]}, batched "
+                  f"{['%.2f' % t for t in batched_t]}, GEMM peaks {['%.0f' % p for p in peaks]}")
+            heavy = sorted(flops, key=flops.get, reverse=True)[:7]
+            print(f"{'':>28}  products (m, k, n): GFLOP at best stacked GFLOP/s: "
+                  + ", ".join(f"{shape} {flops[shape] / 1e9:.1f} at {rates[shape]:.0f}" for shape in heavy))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--counts", type=int, nargs="+", default=[16, 64])
@@ -163,12 +269,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--device", default="cpu", help="where the audits run (cpu, cuda)")
     parser.add_argument("--pass-rates", action="store_true", help="time single passes instead (see above)")
+    parser.add_argument("--bound", action="store_true",
+                        help="bound what batching can gain on this machine, per metric (see above)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.pass_rates:
         for count in args.counts:
             pass_rates(count, args.hidden)
+        return 0
+    if args.bound:
+        for count in args.counts:
+            audit_bound(count, args.hidden, args.metrics, args.repeats)
         return 0
     names = ["loss", *args.metrics.split(",")]
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, metrics {args.metrics}, "
