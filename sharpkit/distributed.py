@@ -547,24 +547,55 @@ def _tensor_digest(t: torch.Tensor, sample: int | None = None) -> int:
 
 
 def _function_digest(fn: Any, depth: int) -> int:
-    """A function by its module, name, byte code, constants and defaults (not the values it closes
-    over: a loss that counts its calls or knows its rank is still the same loss)."""
+    """A function by its module, name and code: byte code, the names it reads (``torch.relu`` and
+    ``torch.tanh`` differ there only), constants and defaults; not the values it closes over (a
+    loss that counts its calls or knows its rank is still the same loss)."""
     code = getattr(fn, "__code__", None)
     parts = [getattr(fn, "__module__", None), getattr(fn, "__qualname__", type(fn).__qualname__)]
     if code is not None:
-        parts += [code.co_code.hex(), digest(code.co_consts, depth + 1),
-                  digest(getattr(fn, "__defaults__", None), depth + 1),
+        parts += [_code_digest(code, depth), digest(getattr(fn, "__defaults__", None), depth + 1),
                   digest(getattr(fn, "__kwdefaults__", None), depth + 1)]
     return _mix("function", *parts)
+
+
+def _code_digest(code: types.CodeType, depth: int) -> int:
+    """A code object by content (byte code, names, constants with nested code), not by the file and
+    line it was compiled from."""
+    return _mix("code", code.co_code.hex(), code.co_names, code.co_varnames, digest(code.co_consts, depth + 1))
+
+
+def is_torch_code(obj: Any) -> bool:
+    """Whether a class or function is torch's own (or Python's): its code goes with the torch
+    version, so results keys name it without digesting its code."""
+    return (getattr(obj, "__module__", None) or "").split(".")[0] in ("torch", "builtins")
+
+
+def class_digest(cls: type, _depth: int = 0) -> int:
+    """A class by its qualified name and the code of every method defined in it and in its bases
+    outside torch (``forward`` and the helpers it calls on ``self``): an edited model or loss class
+    changes it.  torch's own classes count by name only (the torch version decides their code)."""
+    parts = []
+    for klass in cls.__mro__:
+        if is_torch_code(klass):
+            continue
+        for name, attr in sorted(vars(klass).items()):
+            if isinstance(attr, (staticmethod, classmethod)):
+                attr = attr.__func__
+            elif isinstance(attr, property):
+                attr = attr.fget
+            if isinstance(attr, types.FunctionType):
+                parts.append((klass.__qualname__, name, _function_digest(attr, _depth + 1)))
+    return _mix("class", cls.__module__, cls.__qualname__, parts)
 
 
 def digest(value: Any, _depth: int = 0) -> int:
     """A 52-bit digest of ``value`` that is equal on two ranks exactly when they hold the same thing
     (up to hash collisions): tensors by dtype, shape and bits (wherever they live); numbers,
     strings and dtypes by value; devices by type only (ranks use one GPU each); lists, tuples,
-    dicts and sets by their items; functions by code, constants and defaults; ``functools.partial``
-    by function and arguments; modules and other objects by type and attributes (a module's
-    tensors, its public settings such as ``reduction``, ``ignore_index``, ``label_smoothing``).
+    dicts and sets by their items; functions by code, names read, constants and defaults;
+    ``functools.partial`` by function and arguments; modules and other objects by class (with the
+    code of its methods outside torch, :func:`class_digest`) and attributes (a module's tensors, its
+    public settings such as ``reduction``, ``ignore_index``, ``label_smoothing``).
     Used by :func:`check_same` and :func:`sharded_pass`'s ``same``."""
     if _depth > _DIGEST_DEPTH:
         return _mix("deep", type(value).__qualname__)
@@ -580,6 +611,8 @@ def digest(value: Any, _depth: int = 0) -> int:
         return _mix("dtype", str(value))
     if isinstance(value, torch.device):
         return _mix("device", value.type)
+    if isinstance(value, types.CodeType):
+        return _code_digest(value, d)
     if isinstance(value, (list, tuple)):
         return _mix(type(value).__name__, [digest(v, d) for v in value])
     if isinstance(value, (set, frozenset)):
@@ -595,10 +628,9 @@ def digest(value: Any, _depth: int = 0) -> int:
     if isinstance(value, torch.nn.Module):
         settings = {k: v for k, v in vars(value).items() if not k.startswith("_") and k != "training"}
         tensors = {k: _tensor_digest(t) for k, t in value.state_dict(keep_vars=True).items()}
-        return _mix("module", type(value).__qualname__, digest(settings, d), sorted(tensors.items()),
-                    _function_digest(type(value).forward, d))
+        return _mix("module", class_digest(type(value), d), digest(settings, d), sorted(tensors.items()))
     if hasattr(value, "__dict__"):
-        return _mix("object", type(value).__module__, type(value).__qualname__,
+        return _mix("object", class_digest(type(value), d),
                     digest({k: v for k, v in vars(value).items() if not k.startswith("_")}, d))
     return _mix("other", type(value).__qualname__, without_addresses(repr(value)))
 

@@ -19,7 +19,7 @@ from torch.func import functional_call
 
 from .audit.checkpoints import error_summary, file_sha256
 from .data import Batches, as_batches, load_dataset, to_device
-from .distributed import without_addresses
+from .distributed import class_digest, digest, is_torch_code, without_addresses
 from .objective import check_loss_reduction, check_mean_reduced, checked_loss, is_class_index_loss, loss_on_device
 from .params import measurement_mode, model_tensors
 
@@ -184,22 +184,33 @@ def identity(obj: Any, tensors: bool = False) -> str:
     """What identifies a model or a loss in the results key (memory addresses left out).
 
     A module: ``Class[digest]`` of its class, its repr (layers, activations), every submodule's
-    plain attributes, its tensors' names and shapes, and with ``tensors`` their values (a loss's
-    class weights; a model's come from each checkpoint instead).  A function: its qualified name.
-    Anything else: its repr and plain attributes.
+    plain attributes and the functions it holds (a lambda layer's), the code of every class in it
+    outside torch (:func:`~sharpkit.distributed.class_digest`: an edited ``forward`` is another
+    model), its tensors' names and shapes, and with ``tensors`` their values (a loss's class
+    weights; a model's come from each checkpoint instead).  A function: its qualified name, and a
+    digest of its code unless it is torch's.  Anything else: its repr and plain attributes, and a digest of its class's
+    code and its attributes (a ``functools.partial``'s function and arguments).
+    Code is digested as compiled, so another Python version gives other keys.
     """
     if isinstance(obj, nn.Module):
         h = hashlib.sha256(f"{type(obj).__module__}.{type(obj).__qualname__}\n{obj!r}".encode())
         for name, module in obj.named_modules():
             h.update(without_addresses(f"\n{name}: {_plain_attributes(module)}").encode())
+            held = {k: v for k, v in vars(module).items()
+                    if not k.startswith("_") and callable(v) and not isinstance(v, (nn.Module, type))}
+            if held:
+                h.update(f"\n{name} holds: {digest(held):x}".encode())
+        for cls in sorted({type(m) for m in obj.modules()}, key=lambda c: (c.__module__, c.__qualname__)):
+            h.update(f"\n{cls.__module__}.{cls.__qualname__}: {class_digest(cls):x}".encode())
         for name, t in obj.state_dict().items():
             h.update(f"\n{name}: {tuple(t.shape)} {t.dtype}".encode())
             if tensors:
                 h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         return f"{type(obj).__name__}[{h.hexdigest()[:12]}]"
     if hasattr(obj, "__qualname__"):
-        return f"{getattr(obj, '__module__', None)}.{obj.__qualname__}"
-    return without_addresses(f"{obj!r} {_plain_attributes(obj)}")
+        name = f"{getattr(obj, '__module__', None)}.{obj.__qualname__}"
+        return name if is_torch_code(obj) else f"{name}[{digest(obj):x}]"
+    return f"{without_addresses(f'{obj!r} {_plain_attributes(obj)}')}[{digest(obj):x}]"
 
 
 def default_device() -> torch.device:

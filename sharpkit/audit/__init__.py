@@ -96,7 +96,9 @@ def audit(
         metrics: names from ``METRICS`` (``keskar``, ``keskar-subspace``, ``adaptive``,
             ``top-eig``, ``trace``), a list or a comma-separated string.
         out: JSONL results file; rows already there (same checkpoint content, same
-            configuration, data, model and loss) are reused, not recomputed.  A file that is not
+            configuration, data, model and loss) are reused, not recomputed.  The model and loss
+            match by their layers, settings and the code of their classes and functions outside
+            torch (:func:`~sharpkit.inputs.identity`): an edited ``forward`` is measured anew.  A file that is not
             an audit results file is refused (``ValueError``), never truncated.  The file is
             locked while the audit runs: another audit of it is refused (``ValueError``) at once.
             ``None``: nothing is written.
