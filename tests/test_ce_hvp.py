@@ -149,3 +149,34 @@ def test_gpu_half_precision_error_is_that_of_the_plain_half_reference():
                 continue
             got = ce_hvp(z.to(dtype), r.to(dtype), s, backend=backend).double()
             assert (got - exact).abs().max() <= 2 * err_plain + 1e-6
+
+
+def test_an_interpreter_that_cannot_run_the_kernels_is_named(monkeypatch):
+    """Triton 3.6's interpreter under NumPy 2.4 failed inside every kernel with 'only 0-dimensional
+    arrays can be converted to Python scalars'; the backend is now reported unusable, saying why."""
+    pytest.importorskip("triton")
+    if not _backend.triton_interpreted():
+        pytest.skip("the interpreter is probed only under TRITON_INTERPRET=1")
+    from sharpkit.kernels import _triton
+
+    z = torch.randn(2, 5, dtype=torch.float64)
+    r, s = torch.randn(2, 1, 5, dtype=torch.float64), torch.ones(2, dtype=torch.float64)
+    # The probe's verdict holds for the real kernels in this environment, whichever it is.
+    if _backend._interpreter_reason() == "ok":
+        torch.testing.assert_close(ce_hvp(z, r, s, backend="triton"), ce_hvp(z, r, s, backend="torch"))
+    else:
+        with pytest.raises(Exception, match="CPU interpreter cannot run"):
+            ce_hvp(z, r, s, backend="triton")
+
+    def failing_probe():
+        raise TypeError("only 0-dimensional arrays can be converted to Python scalars")
+
+    monkeypatch.setattr(_triton, "interpreter_probe", failing_probe)
+    _backend._interpreter_reason.cache_clear()
+    try:
+        why = _backend.triton_reason()
+        assert "CPU interpreter cannot run sharpkit's kernels" in why and "0-dimensional" in why
+        with pytest.raises(Exception, match="CPU interpreter cannot run"):
+            ce_hvp(z, r, s, backend="triton")
+    finally:
+        _backend._interpreter_reason.cache_clear()

@@ -296,8 +296,8 @@ def test_triton_refuses_bfloat16_cpu_tensors():
     """Triton's interpreter rounds float32 -> bfloat16 toward zero: box_ascent_step gave y twice as far
     from the float64 result as the plain bfloat16 torch chain (9.6e-4 against 5.9e-4).  Refused, by
     name; "auto" never picks Triton for CPU tensors."""
-    if _backend._triton_import_reason() != "ok" or not _backend.triton_interpreted():
-        pytest.skip("needs Triton under TRITON_INTERPRET=1")
+    if _backend.triton_reason() != "ok" or not _backend.triton_interpreted():
+        pytest.skip("needs Triton running under TRITON_INTERPRET=1")
     x = torch.randn(8, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="backend 'triton' cannot take bfloat16 CPU tensors"):
         sk.ops.box_ascent_step(x, torch.zeros_like(x), x, 0.1, 0.1, backend="triton")

@@ -120,11 +120,29 @@ def _triton_import_reason() -> str:
     return "ok"
 
 
+@functools.lru_cache(maxsize=None)
+def _interpreter_reason() -> str:
+    """"ok" where Triton's CPU interpreter runs a probe kernel (once per process), else why not."""
+    import numpy
+    import triton
+
+    from . import _triton
+    try:
+        _triton.interpreter_probe()
+    except Exception as exc:  # the interpreter's own failure, named with the versions that cause it
+        return (f"Triton {triton.__version__}'s CPU interpreter cannot run sharpkit's kernels under NumPy "
+                f"{numpy.__version__} ({type(exc).__name__}: {exc}); Triton 3.8 runs them, "
+                "as does NumPy below 2.4")
+    return "ok"
+
+
 def triton_reason() -> str:
     why = _triton_import_reason()
     if why != "ok":
         return why
-    if torch.cuda.is_available() or triton_interpreted():
+    if triton_interpreted():
+        return _interpreter_reason()
+    if torch.cuda.is_available():
         return "ok"
     return "needs a CUDA GPU (or TRITON_INTERPRET=1 to test on CPU tensors)"
 

@@ -23,6 +23,25 @@ MAX_GRID_Y = 65535
 
 
 @triton.jit
+def _runtime_loop_probe(out_ptr, n, BLOCK: tl.constexpr):
+    """Counts the steps of a loop over a runtime bound, the pattern every kernel here uses."""
+    acc = tl.zeros([BLOCK], tl.float32)
+    for _ in range(0, n, BLOCK):
+        acc += 1.0
+    tl.store(out_ptr + tl.arange(0, BLOCK), acc)
+
+
+def interpreter_probe() -> None:
+    """Raises where Triton's CPU interpreter cannot run the kernels here (Triton 3.6 and older
+    fail on loops over runtime bounds under NumPy 2.4 and newer: 'only 0-dimensional arrays can
+    be converted to Python scalars')."""
+    out = torch.zeros(4)
+    _runtime_loop_probe[(1,)](out, 9, BLOCK=4)
+    if out.tolist() != [3.0] * 4:
+        raise RuntimeError(f"a loop of 3 steps counted {out.tolist()}")
+
+
+@triton.jit
 def _philox4x32_10(c0, c1, c2, c3, k0, k1):
     """Ten Philox-4x32 rounds on uint32 tensors (counter c0..c3, key k0, k1)."""
     for _ in tl.static_range(10):
