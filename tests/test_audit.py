@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -1085,6 +1086,26 @@ def test_report_table_and_html(tmp_path):
     assert "<td>a.pt</td>" in doc and "file not found" in doc and "src=\"http" not in doc
     assert not list((tmp_path / "r").glob(".*tmp*"))
     assert render_html([], ["keskar"]).startswith("<!DOCTYPE html>")
+
+
+def test_report_says_what_each_column_measures_with_the_audits_settings(tmp_path, nets):
+    paths = save_checkpoints(tmp_path / "ck", nets.make_mlp, count=1)
+    metrics = ["keskar", "keskar-subspace", "adaptive", "top-eig", "trace"]
+    rows = audit(paths, nets.make_mlp, toy_data(), metrics=metrics, epsilon=5e-4, subspace_dim=7, rho=0.05,
+                 adaptive_norm="l2", max_iter=2, k=2, lanczos_steps=6, trace_samples=3)
+    doc = render_html(rows, metrics)
+    terms = dict(re.findall(r"<dt>(.*?)</dt><dd>(.*?)</dd>", doc))
+    assert list(terms) == ["loss", *metrics]
+    assert "in percent" in terms["keskar"] and "ε = 0.0005" in terms["keskar"] and "2 steps of apgd" in terms["keskar"]
+    assert "p = 7" in terms["keskar-subspace"] and "ε = 0.0005" in terms["keskar-subspace"]
+    assert "loss units" in terms["adaptive"] and "ρ = 0.05" in terms["adaptive"] and "‖δ ⊘ c‖₂" in terms["adaptive"]
+    assert "2 steps of apgd" in terms["adaptive"]  # its own max_iter: 2 given for every ascent
+    assert "6 steps" in terms["top-eig"] and "k = 2" in terms["top-eig"]
+    assert "3 Rademacher probes" in terms["trace"]
+    # the l∞ box and standard sharpness read as such
+    rows = audit(paths, nets.make_mlp, toy_data(), metrics=["adaptive"], adaptive_scale=False, max_iter=1)
+    (text,) = re.findall(r"<dt>adaptive</dt><dd>(.*?)</dd>", render_html(rows, ["adaptive"]))
+    assert "|δ_i| ≤ ρ c_i with c_i = 1" in text and "1 step of apgd" in text
 
 
 def test_cli_end_to_end(tmp_path, nets, capsys):

@@ -121,6 +121,41 @@ def _plot(rows: list[dict[str, Any]], metric: str, axis: str | None) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def definitions(metrics: Sequence[str], config: dict[str, Any]) -> list[tuple[str, str]]:
+    """``(column, what it measures, in which units, with which settings)`` for the loss and each
+    metric, the settings read from a row's ``config`` (absent ones left out)."""
+    def opt(name: str, fmt: str = "{}") -> str:
+        return fmt.format(config[name]) if name in config else ""
+
+    def steps(name: str) -> str:
+        n = config.get(name)
+        return "" if n is None else f"{n} step{'' if n == 1 else 's'} of "
+
+    solver = f"; {steps('max_iter')}{opt('solver')}" if "solver" in config else ""
+    adaptive_solver = f"; {steps('adaptive_max_iter')}{opt('solver')}" if "solver" in config else ""
+    c = "|x_i|" if config.get("adaptive_scale", True) else "1"
+    ball = (f"‖δ ⊘ c‖₂ ≤ ρ with c_i = {c}" if config.get("adaptive_norm") == "l2"
+            else f"|δ_i| ≤ ρ c_i with c_i = {c}")
+    text = {
+        "loss": "mean training loss f(x) at the checkpoint, over the audit's data",
+        "keskar": ("ε-sharpness of Keskar et al. (2017, Eq. 4) in the full space, in percent: "
+                   "100 (max f(x + y) − f(x)) / (1 + f(x)) over the box |y_i| ≤ ε (|x_i| + 1)"
+                   f"{opt('epsilon', ', ε = {}')}{solver}"),
+        "keskar-subspace": ("the same in a random subspace, in percent: y = A z with A an n × p Gaussian "
+                            "matrix and the box |z_i| ≤ ε (|(A⁺x)_i| + 1)"
+                            f"{opt('epsilon', ', ε = {}')}{opt('subspace_dim', ', p = {}')}{solver}"),
+        "adaptive": ("worst-case adaptive sharpness (Kwon et al. 2021; Andriushchenko et al. 2023), in loss "
+                     f"units: max f(x + δ) − f(x) over {ball}{opt('rho', ', ρ = {}')}{adaptive_solver}"),
+        "top-eig": ("largest eigenvalue of the training loss's Hessian, by Lanczos"
+                    f"{opt('lanczos_steps', ' ({} steps)')}; the k{opt('k', ' = {}')} largest are in the results "
+                    "file's details"),
+        "trace": ("trace of the training loss's Hessian by Hutchinson's estimator"
+                  f"{opt('trace_samples', ' ({} Rademacher probes)')}; its standard error is in the results "
+                  "file's details"),
+    }
+    return [(m, text[m]) for m in ("loss", *metrics) if m in text]
+
+
 def render_html(rows: Sequence[dict[str, Any]], metrics: Sequence[str], title: str = "sharpkit audit") -> str:
     """The report as one HTML string: table of all rows, then one figure per metric (ok rows)."""
     ordered = sort_rows(rows)
@@ -155,6 +190,9 @@ code {{ font-size: 90%; }}
 <h1>{html.escape(title)}</h1>
 <p>{len(ordered)} checkpoints, {len(ordered) - n_err} measured, {n_err} with errors.</p>
 <p>Configuration: <code>{html.escape(str(config))}</code></p>
+<dl>
+{chr(10).join(f"<dt>{html.escape(m)}</dt><dd>{html.escape(t)}</dd>" for m, t in definitions(metrics, config))}
+</dl>
 <table><thead><tr>{head}</tr></thead><tbody>
 {chr(10).join(body)}
 </tbody></table>
