@@ -180,6 +180,14 @@ def _plain_attributes(obj: Any) -> dict[str, Any]:
             if not k.startswith("_") and k != "training" and isinstance(v, _PLAIN_TYPES)}
 
 
+def _held_function(fn: Any) -> str:
+    """A function a layer holds: torch's by name (their code goes with the torch version), others by
+    a digest of their code (and a partial's arguments)."""
+    if is_torch_code(fn) and hasattr(fn, "__qualname__"):
+        return f"{fn.__module__}.{fn.__qualname__}"
+    return f"{digest(fn):x}"
+
+
 def identity(obj: Any, tensors: bool = False) -> str:
     """What identifies a model or a loss in the results key (memory addresses left out).
 
@@ -196,11 +204,13 @@ def identity(obj: Any, tensors: bool = False) -> str:
         h = hashlib.sha256(f"{type(obj).__module__}.{type(obj).__qualname__}\n{obj!r}".encode())
         for name, module in obj.named_modules():
             h.update(without_addresses(f"\n{name}: {_plain_attributes(module)}").encode())
-            held = {k: v for k, v in vars(module).items()
+            held = {k: _held_function(v) for k, v in sorted(vars(module).items())
                     if not k.startswith("_") and callable(v) and not isinstance(v, (nn.Module, type))}
-            if held:
-                h.update(f"\n{name} holds: {digest(held):x}".encode())
-        for cls in sorted({type(m) for m in obj.modules()}, key=lambda c: (c.__module__, c.__qualname__)):
+            if held:  # (a TransformerEncoderLayer's activation is not in its repr)
+                h.update(f"\n{name} holds: {held}".encode())
+        # (torch's classes by name only, in the repr: keys of models built from them are unchanged)
+        own = {type(m) for m in obj.modules() if not is_torch_code(type(m))}
+        for cls in sorted(own, key=lambda c: (c.__module__, c.__qualname__)):
             h.update(f"\n{cls.__module__}.{cls.__qualname__}: {class_digest(cls):x}".encode())
         for name, t in obj.state_dict().items():
             h.update(f"\n{name}: {tuple(t.shape)} {t.dtype}".encode())

@@ -135,3 +135,16 @@ def test_audit_remeasures_a_model_whose_forward_changed(tmp_path):
     again = audit(load())  # the first version again: its stored row
     assert again["loss"] == first["loss"] and again["top-eig"] == first["top-eig"]
     assert len(out.read_text().splitlines()) == 2
+
+
+def test_a_torch_layers_activation_function_counts_and_torch_models_keep_their_keys():
+    def layer(act):
+        torch.manual_seed(0)
+        return nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, activation=act, batch_first=True)
+
+    assert identity(layer(nn.functional.relu)) == identity(layer(nn.functional.relu))
+    assert identity(layer(nn.functional.relu)) != identity(layer(nn.functional.gelu))  # not in its repr
+    # a model of torch's layers only: the key it had before code was part of keys
+    mlp = nn.Sequential(nn.Linear(40, 100), nn.ReLU(), nn.Linear(100, 10))
+    assert identity(mlp) == "Sequential[d71fb999fbe3]"
+    assert identity(nn.CrossEntropyLoss(), tensors=True) == "CrossEntropyLoss[af8e6029505e]"
