@@ -237,7 +237,7 @@ def test_cli_ascent_dtype(tmp_path, capsys, trained32):
         base = ["sharpness", "--model", "nets8:make", "--checkpoint", str(ck), "--data", str(tmp_path / "data.pt")]
         out = tmp_path / "s.json"
         assert main(base + ["--solver", "apgd", "--ascent-dtype", "bfloat16", "--out", str(out)]) == 0
-        result = json.loads(out.read_text())
+        result = json.loads(out.read_text(encoding="utf-8"))
         assert result["ascent_dtype"] == "bfloat16"
         ref = sk.keskar_sharpness(model, nn.CrossEntropyLoss(), data, solver="apgd", ascent_dtype="bfloat16")
         assert result["results"][0]["loss"] == pytest.approx(ref.loss, rel=1e-6)

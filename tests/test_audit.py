@@ -397,7 +397,7 @@ def test_bad_checkpoint_gets_error_row_others_measured(tmp_path, kind, monkeypat
     assert str(bad) in by_name["step_99.pt"]["error"]
     for p in good:
         assert by_name[p.name]["status"] == "ok" and math.isfinite(by_name[p.name]["keskar"])
-    stored = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+    stored = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text(encoding="utf-8").splitlines()]
     assert sorted(r["name"] for r in stored) == sorted(by_name)
 
 
@@ -807,14 +807,14 @@ def test_store_skips_done_and_never_duplicates(tmp_path):
     paths = save_checkpoints(tmp_path / "ck", count=3)
     out = tmp_path / "a.jsonl"
     first = audit(paths, make_mlp, toy_data(), out=out, max_iter=2)
-    text = out.read_text()
+    text = out.read_text(encoding="utf-8")
     again = audit(paths + [paths[0]], make_mlp, toy_data(), out=out, max_iter=2)
-    assert out.read_text() == text  # nothing recomputed, nothing appended
+    assert out.read_text(encoding="utf-8") == text  # nothing recomputed, nothing appended
     assert [r["key"] for r in again] == [r["key"] for r in first]
     assert [r["finished_at"] for r in again] == [r["finished_at"] for r in first]
     # Another configuration is another key: new rows, the old ones kept.
     audit(paths, make_mlp, toy_data(), out=out, max_iter=2, epsilon=5e-4)
-    lines = out.read_text().splitlines()
+    lines = out.read_text(encoding="utf-8").splitlines()
     keys = [json.loads(line)["key"] for line in lines]
     assert len(lines) == 6 and len(set(keys)) == 6
     # A copy of a checkpoint under another name has the same content hash: measured once, stored
@@ -825,7 +825,7 @@ def test_store_skips_done_and_never_duplicates(tmp_path):
     assert [r["key"] for r in rows] == [first[0]["key"]] * 2
     assert [r["checkpoint"] for r in rows] == [str(paths[0]), str(copy)]
     assert [r["name"] for r in rows] == ["step_10.pt", "copy.pt"]
-    assert len(out.read_text().splitlines()) == 6
+    assert len(out.read_text(encoding="utf-8").splitlines()) == 6
 
 
 @pytest.mark.parametrize("tail", [b'{"key": "abc", "status": "o', b'{"key": "x"', b'{"'])
@@ -842,7 +842,7 @@ def test_store_repairs_torn_last_line(tmp_path, tail):
     assert path.read_bytes() == good
     assert [r["key"] for r in reopened.rows()] == ["k1", "k2"] and reopened.get("k2")["v"] is None
     reopened.append({"key": "k3"})
-    assert [json.loads(line)["key"] for line in path.read_text().splitlines()] == ["k1", "k2", "k3"]
+    assert [json.loads(line)["key"] for line in path.read_text(encoding="utf-8").splitlines()] == ["k1", "k2", "k3"]
 
 
 FOREIGN_FILES = {
@@ -929,7 +929,7 @@ def test_open_store_locks_its_file(tmp_path, nets, capsys):
     with pytest.raises(ValueError, match="data is empty"):
         audit(paths, make_mlp, (torch.zeros(0, 6), torch.zeros(0, dtype=torch.long)), out=path)
     assert len(audit(paths, make_mlp, toy_data(), out=path, max_iter=1)) == 1
-    assert len(path.read_text().splitlines()) == 2
+    assert len(path.read_text(encoding="utf-8").splitlines()) == 2
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="no flock on Windows: the store works unlocked")
@@ -952,7 +952,7 @@ def test_second_audit_process_on_one_out_file_is_refused(tmp_path, nets, capsys)
     finally:
         holder.stdin.close()
         holder.wait(timeout=60)
-    assert main(args) == 0 and len(out.read_text().splitlines()) == 2
+    assert main(args) == 0 and len(out.read_text(encoding="utf-8").splitlines()) == 2
 
 
 def test_store_created_for_an_audit_that_stops_is_removed(tmp_path):
@@ -973,7 +973,7 @@ def test_store_keeps_a_whole_row_missing_its_newline(tmp_path):
     store = ResultStore(path)
     assert store.repaired_bytes == 0 and [r["key"] for r in store.rows()] == ["k1", "k2"]
     store.append({"key": "k3"})
-    assert [json.loads(line)["key"] for line in path.read_text().splitlines()] == ["k1", "k2", "k3"]
+    assert [json.loads(line)["key"] for line in path.read_text(encoding="utf-8").splitlines()] == ["k1", "k2", "k3"]
 
 
 def test_store_writes_strict_json(tmp_path):
@@ -982,7 +982,7 @@ def test_store_writes_strict_json(tmp_path):
 
     path = tmp_path / "s.jsonl"
     ResultStore(path).append({"key": "k", "loss": float("nan"), "details": {"values": [1.0, float("inf"), -float("inf")]}})
-    row = json.loads(path.read_text(), parse_constant=strict)
+    row = json.loads(path.read_text(encoding="utf-8"), parse_constant=strict)
     assert row["loss"] is None and row["details"]["values"] == [1.0, None, None]
 
 
@@ -1009,13 +1009,13 @@ def test_identical_files_under_several_paths_each_get_their_row(tmp_path):
     assert [r["epoch"] for r in rows] == [0, 20, 0, 20]
     shared = [r for r in rows if r["name"].endswith("epoch_0.pt")]
     assert shared[0]["key"] == shared[1]["key"] and shared[0]["keskar"] == shared[1]["keskar"]
-    assert len(out.read_text().splitlines()) == 3  # measured and stored once
+    assert len(out.read_text(encoding="utf-8").splitlines()) == 3  # measured and stored once
     assert "4 checkpoints" in render_html(rows, ["keskar"])
     # Resumed in another order: every row still carries its own path.
     again = audit([runs / "sb" / "epoch_0.pt", runs / "lb" / "epoch_0.pt"], make_mlp, toy_data(), out=out, max_iter=2)
     assert [r["checkpoint"] for r in again] == [str(runs / "sb" / "epoch_0.pt"), str(runs / "lb" / "epoch_0.pt")]
     assert [r["name"] for r in again] == ["sb/epoch_0.pt", "lb/epoch_0.pt"]
-    assert len(out.read_text().splitlines()) == 3
+    assert len(out.read_text(encoding="utf-8").splitlines()) == 3
 
 
 def test_identical_bad_files_get_errors_naming_their_own_path(tmp_path):
@@ -1081,7 +1081,7 @@ def test_report_table_and_html(tmp_path):
     assert lines[2].split() == ["a.pt", "-", "100", "ok", "0.7", "1"]
     assert "error: z.pt: file not found" in table  # the row's name, then the reason: the path once
     path = write_html(tmp_path / "r" / "audit.html", rows, ["keskar"])
-    doc = path.read_text()
+    doc = path.read_text(encoding="utf-8")
     assert doc.count("data:image/png;base64,") == 2  # loss and keskar against step
     assert "<td>a.pt</td>" in doc and "file not found" in doc and "src=\"http" not in doc
     assert not list((tmp_path / "r").glob(".*tmp*"))
@@ -1122,9 +1122,9 @@ def test_cli_end_to_end(tmp_path, nets, capsys):
     captured = capsys.readouterr()
     assert "keskar" in captured.out and "top-eig" in captured.out
     assert "ckpt" in captured.err  # tqdm progress bar on stderr
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert sorted(r["step"] for r in rows) == [10, 20, 30] and {r["epoch"] for r in rows} == {1}
-    assert "data:image/png;base64," in report.read_text()
+    assert "data:image/png;base64," in report.read_text(encoding="utf-8")
     # Same rows through the Python API (same configuration -> same keys, nothing appended).
     api = sk.audit(paths, "auditnets:make_mlp", str(tmp_path / "data.pt"), metrics=["keskar", "top-eig"],
                    out=out, max_iter=2, lanczos_steps=4, dtype="float64")
@@ -1239,7 +1239,7 @@ def test_num_classes_counted_over_all_batches(tmp_path, nets):
 
 
 def _stored_keys(out: Path) -> list[str]:
-    return [json.loads(line)["key"] for line in out.read_text().splitlines()]
+    return [json.loads(line)["key"] for line in out.read_text(encoding="utf-8").splitlines()]
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".npz"])
@@ -1280,7 +1280,7 @@ def test_renamed_or_copied_data_file_keeps_its_rows(tmp_path, suffix):
     else:
         np.savez(data_file, x_train=x.numpy(), y_train=y.numpy())
     first = audit(paths, make_mlp, str(data_file), out=out, max_iter=1)
-    text = out.read_text()
+    text = out.read_text(encoding="utf-8")
     copy = tmp_path / "elsewhere" / f"copy{suffix}"
     copy.parent.mkdir()
     copy.write_bytes(data_file.read_bytes())
@@ -1288,7 +1288,7 @@ def test_renamed_or_copied_data_file_keeps_its_rows(tmp_path, suffix):
     for moved in (copy, tmp_path / f"renamed{suffix}"):
         again = audit(paths, make_mlp, str(moved), out=out, max_iter=1)
         assert again[0]["key"] == first[0]["key"] and again[0]["finished_at"] == first[0]["finished_at"]
-    assert out.read_text() == text  # nothing measured again
+    assert out.read_text(encoding="utf-8") == text  # nothing measured again
 
 
 def test_data_descriptions_of_other_specs_keep_their_keys(nets):

@@ -103,7 +103,7 @@ def test_ema_copy_beside_the_model_is_named_and_entry_measures_it(tmp_path):
     assert rows["deit.pth"]["weights"] == "entry 'model_ema' (also in the file, not measured: 'model')"
     assert rows["timm.pth.tar"]["status"] == "error"
     assert "no entry 'model_ema' (entries holding weights: 'state_dict', 'state_dict_ema'" in rows["timm.pth.tar"]["error"]
-    assert len(out.read_text().splitlines()) == 4
+    assert len(out.read_text(encoding="utf-8").splitlines()) == 4
 
 
 def test_step_and_epoch_saved_in_the_file_fill_in_what_the_name_lacks(tmp_path):
@@ -247,7 +247,7 @@ def test_cli_entry_flag_and_note_on_other_weights(tmp_path, mlp_factory_module, 
     assert main(args) == 0
     assert "hold other weights beside those measured, e.g. run.pt: entry 'model'" in capsys.readouterr().err
     assert main(args + ["--entry", "model_ema"]) == 0
-    rows = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [r["config"].get("entry") for r in rows] == [None, "model_ema"]
     assert [r["loss"] for r in rows] == pytest.approx([reference_loss(make_mlp, sd), reference_loss(make_mlp, ema)],
                                                       rel=1e-13)

@@ -129,7 +129,7 @@ def test_checkpoint_rewritten_during_the_audit_is_keyed_by_the_content_read(tmp_
         assert by_name["step_10.pt"]["keskar"] == pytest.approx(truth[a], rel=1e-12)
     # Every stored row holds the numbers of the content its sha256 names.
     sha = {hashlib.sha256(p.read_bytes()).hexdigest(): truth[p] for p in (a, b)}
-    stored = [json.loads(line) for line in out.read_text().splitlines()]
+    stored = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert len(stored) == (2 if duplicate else 1)
     for r in stored:
         assert r["status"] == "ok" and r["keskar"] == pytest.approx(sha[r["sha256"]], rel=1e-12)

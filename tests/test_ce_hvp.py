@@ -180,3 +180,20 @@ def test_an_interpreter_that_cannot_run_the_kernels_is_named(monkeypatch):
             ce_hvp(z, r, s, backend="triton")
     finally:
         _backend._interpreter_reason.cache_clear()
+
+
+def test_a_triton_older_than_the_kernels_is_named(monkeypatch):
+    """torch 2.5 pins Triton 3.1, below the [triton] extra's 3.2: its interpreter failed inside the
+    kernels ('Shape element 0 must have type constexpr'), and a GPU compile on an API it lacks."""
+    triton = pytest.importorskip("triton")
+    monkeypatch.setattr(triton, "__version__", "3.1.0")
+    _backend._triton_import_reason.cache_clear()
+    try:
+        why = _backend.triton_reason()
+        assert why.startswith("Triton 3.1.0 is older than 3.2")
+        with pytest.raises(Exception, match="older than 3.2"):
+            ce_hvp(torch.randn(2, 5), torch.randn(2, 1, 5), torch.ones(2), backend="triton")
+    finally:
+        monkeypatch.undo()
+        _backend._triton_import_reason.cache_clear()
+    assert _backend._triton_import_reason() == "ok"

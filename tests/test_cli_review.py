@@ -111,7 +111,7 @@ def test_adaptive_sharpness_prints_rho_as_its_json_does(tiny, capsys):
                  "--out", str(out)]) == 0
     err = capsys.readouterr().err
     assert "adaptive-average rho=0.05:" in err and "eps=" not in err
-    assert json.loads(out.read_text())["results"][0]["rho"] == 0.05
+    assert json.loads(out.read_text(encoding="utf-8"))["results"][0]["rho"] == 0.05
 
 
 def test_density_progress_bar_has_a_total(tiny, capsys):
@@ -123,7 +123,7 @@ def test_density_progress_bar_has_a_total(tiny, capsys):
     last = [line for line in err.splitlines() if line.startswith("density:")][-1]
     done = re.search(r" (\d+)/(\d+) ", last)  # (the bound 2n, or the products done where Lanczos broke down)
     assert "100%" in last and done and done[1] == done[2] and 0 < int(done[2]) <= 2 * n
-    assert len(json.loads(out.read_text())["density"]["grid"]) > 0
+    assert len(json.loads(out.read_text(encoding="utf-8"))["density"]["grid"]) > 0
 
 
 # ------------------------------------------------------------------ out of memory

@@ -44,9 +44,9 @@ def test_float64_data_file_is_measured_in_float64_without_rounding(files):
             "--data", str(tmp / "d64.pt"), "--alpha-min", "0", "--alpha-max", "1", "--points", "2",
             "--out", str(out), "--no-progress"]
     assert main(args + ["--dtype", "float64"]) == 0
-    assert json.loads(out.read_text())["loss"] == pytest.approx([ref, ref], rel=1e-14, abs=0)
+    assert json.loads(out.read_text(encoding="utf-8"))["loss"] == pytest.approx([ref, ref], rel=1e-14, abs=0)
     assert main(args) == 0  # the default float32 measurement casts the inputs
-    assert json.loads(out.read_text())["loss"] == pytest.approx([ref, ref], rel=1e-5)
+    assert json.loads(out.read_text(encoding="utf-8"))["loss"] == pytest.approx([ref, ref], rel=1e-5)
 
 
 def test_study_rounds_a_float64_data_file_to_float32_once(tmp_path):

@@ -189,7 +189,7 @@ def test_non_finite_frozen_parameters_buffers_and_data_are_named_before_any_pass
     torch.save(mlp.state_dict(), tmp_path / "ck.pt")
     with pytest.raises(ValueError, match="inputs hold inf"):
         sk.audit([tmp_path / "ck.pt"], _mlp, batches, metrics="trace", out=tmp_path / "a.jsonl", progress=False)
-    assert not (tmp_path / "a.jsonl").exists() or (tmp_path / "a.jsonl").read_text() == ""
+    assert not (tmp_path / "a.jsonl").exists() or (tmp_path / "a.jsonl").read_text(encoding="utf-8") == ""
 
 
 def test_targets_outside_the_models_classes_are_named(tmp_path):

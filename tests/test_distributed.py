@@ -161,7 +161,7 @@ def _commands(tmp: Path) -> dict[str, torch.Tensor]:
         assert main([name, *common, *args, "--out", str(out_file)]) == 0
         _barrier()
         assert out_file.exists()
-        result = json.loads(out_file.read_text())
+        result = json.loads(out_file.read_text(encoding="utf-8"))
         if name == "spectrum":
             res["cli/spectrum"] = torch.tensor(result["eigenvalues"] + [result["trace"]["value"]], dtype=torch.float64)
         else:
@@ -515,7 +515,7 @@ def test_measurements_match_single_process(tmp_path):
     assert single["empty_rank/num_samples"].item() == 5
     _compare(dist_results, single)
     for group, count in ((2, 2), (1, 1)):
-        lines = (tmp_path / f"audit-{group}.jsonl").read_text().splitlines()
+        lines = (tmp_path / f"audit-{group}.jsonl").read_text(encoding="utf-8").splitlines()
         assert len(lines) == count  # one row per checkpoint: rank 1 wrote nothing
 
 
@@ -609,7 +609,7 @@ def test_torchrun_audit_command_matches_single_process(tmp_path):
     assert out.count("keskar") == 1  # the table is printed by rank 0 only
     rows = {}
     for name in ("single", "dist"):
-        lines = (tmp_path / f"{name}.jsonl").read_text().splitlines()
+        lines = (tmp_path / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()
         assert len(lines) == 2
         rows[name] = {r["name"]: r for r in map(json.loads, lines)}
     for ck_name, ref in rows["single"].items():

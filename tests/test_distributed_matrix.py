@@ -231,7 +231,7 @@ def commands(tmp: Path) -> dict[str, torch.Tensor]:
         _rng_apart()
         assert main([name, *common, *args, "--out", str(out)]) == 0
         barrier()
-        result = json.loads(out.read_text())
+        result = json.loads(out.read_text(encoding="utf-8"))
         if name == "landscape":
             res["cli/landscape"] = torch.cat([_t(result["loss"]), _t(result["accuracy"])])
         else:

@@ -28,7 +28,7 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
 
     with pytest.raises(RuntimeError, match="disk full"):
         atomic_write(target, half_then_fail)
-    assert target.read_text() == "old"
+    assert target.read_text(encoding="utf-8") == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
 
 

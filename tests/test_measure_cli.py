@@ -50,7 +50,7 @@ def test_sharpness_command_matches_api(setup):
     rc = main(["sharpness", "--model", "tiny_nets:make", "--checkpoint", str(ckpts[0][0]), "--data",
                str(tmp / "data.pt"), "--epsilon", "1e-3", "5e-4", "--dtype", "float64", "--out", str(out)])
     assert rc == 0
-    rows = json.loads(out.read_text())["results"]
+    rows = json.loads(out.read_text(encoding="utf-8"))["results"]
     model = ckpts[0][1].double()
     for row in rows:
         ref = sk.keskar_sharpness(model, nn.CrossEntropyLoss(), (x.double(), y), epsilon=row["epsilon"])
@@ -66,7 +66,7 @@ def _sharpness_json(setup, *options: str) -> dict:
     rc = main(["sharpness", "--model", "tiny_nets:make", "--checkpoint", str(ckpts[0][0]), "--data",
                str(tmp / "data.pt"), *options, "--dtype", "float64", "--out", str(out)])
     assert rc == 0
-    return json.loads(out.read_text())
+    return json.loads(out.read_text(encoding="utf-8"))
 
 
 def test_sharpness_command_passes_the_apgd_start_options(setup):
@@ -88,7 +88,7 @@ def test_spectrum_shows_its_products_on_stderr(setup, capsys, progress):
             "--trace", "12", "--density", "1", "--out", str(out)]
     assert main(args + ([] if progress else ["--no-progress"])) == 0
     err = capsys.readouterr().err
-    result = json.loads(out.read_text())
+    result = json.loads(out.read_text(encoding="utf-8"))
     if progress:
         assert "eigenvalues" in err and "trace" in err and "density" in err
         assert "12/12" in err  # the trace's bar counts its products against the budget
@@ -104,7 +104,7 @@ def test_spectrum_command_matches_explicit_hessian(setup):
                str(tmp / "data.pt"), "--k", "2", "--tol", "1e-8", "--dtype", "float64", "--trace", "20",
                "--out", str(out)])
     assert rc == 0
-    result = json.loads(out.read_text())
+    result = json.loads(out.read_text(encoding="utf-8"))
     model = ckpts[0][1].double()
     params = {k: v.detach() for k, v in model.named_parameters()}
     names = list(params)
@@ -130,7 +130,7 @@ def test_landscape_command_writes_curve_and_plot(setup):
                "--data", str(tmp / "data.pt"), "--points", "5", "--dtype", "float64", "--out", str(out),
                "--plot", str(png)])
     assert rc == 0
-    curve = json.loads(out.read_text())
+    curve = json.loads(out.read_text(encoding="utf-8"))
     assert curve["alphas"] == pytest.approx([-1.0, -0.25, 0.5, 1.25, 2.0])
     a, b = ckpts[0][1].double(), ckpts[1][1].double()
     with torch.no_grad():
@@ -189,7 +189,7 @@ def test_landscape_command_passes_bn_and_records_it(setup):
             torch.save(model_b.float().state_dict(), b)
             model_b.double()
         assert main(base + (["--bn", bn] if bn == "eval" else [])) == 0  # train is the default
-        curves[bn] = json.loads((tmp / "l.json").read_text())
+        curves[bn] = json.loads((tmp / "l.json").read_text(encoding="utf-8"))
         ref = sk.interpolate(model_a, model_b, nn.CrossEntropyLoss(), (x.double(), y), [-1.0, 0.5, 2.0], bn=bn)
         assert curves[bn]["bn"] == bn
         assert curves[bn]["loss"] == pytest.approx(ref.loss.tolist(), rel=1e-9)
@@ -227,7 +227,7 @@ def test_sharpness_json_records_only_the_options_used(setup, kind, absent):
     out = tmp / "s.json"
     assert main(["sharpness", "--model", "tiny_nets:make", "--data", str(tmp / "data.pt"), "--kind", kind,
                  "--out", str(out)]) == 0
-    result = json.loads(out.read_text())
+    result = json.loads(out.read_text(encoding="utf-8"))
     assert not set(absent) & set(result)
 
 
@@ -351,7 +351,7 @@ def test_outputs_are_strict_json_with_non_finite_numbers_as_null(setup, capsys):
     out = tmp / "s.json"
     assert main(["spectrum", "--model", "tiny_nets:make", "--data", str(tmp / "data.pt"), "--trace", "3",
                  "--no-progress", "--out", str(out)]) == 0
-    trace = _strict_json(out.read_text())["trace"]
+    trace = _strict_json(out.read_text(encoding="utf-8"))["trace"]
     assert trace["stderr"] is None and trace["num_matvecs"] == 3
     # The loss overflows inside the box: max_loss and value are inf.
     g = torch.Generator().manual_seed(0)
@@ -365,10 +365,10 @@ def test_outputs_are_strict_json_with_non_finite_numbers_as_null(setup, capsys):
     assert row["value"] is None and row["max_loss"] is None and row["loss"] > 0
     assert row["nonfinite_evals"] >= 1  # the points left out of the maximum are counted in the results
     assert main(args + ["--out", str(out)]) == 0
-    assert _strict_json(out.read_text())["results"][0]["max_loss"] is None
+    assert _strict_json(out.read_text(encoding="utf-8"))["results"][0]["max_loss"] is None
     # A measurement whose losses are all finite says so.
     assert main(args[:-1] + ["1e-3", "--out", str(out)]) == 0
-    assert _strict_json(out.read_text())["results"][0]["nonfinite_evals"] == 0
+    assert _strict_json(out.read_text(encoding="utf-8"))["results"][0]["nonfinite_evals"] == 0
 
 
 def test_tensors_in_outputs_are_strict_json_too(capsys):

@@ -34,10 +34,10 @@ def test_float64_checkpoints_are_measured_without_float32_rounding(setup):
     assert main(["landscape", "--model", "ckpt_nets:make", "--a", str(tmp / "w1.pt"), "--b", str(tmp / "w2.pt"),
                  "--data", str(tmp / "data.pt"), "--dtype", "float64", "--alpha-min", "0", "--alpha-max", "1",
                  "--points", "2", "--out", str(out)]) == 0
-    assert json.loads(out.read_text())["loss"] == pytest.approx(refs, rel=1e-14, abs=0)
+    assert json.loads(out.read_text(encoding="utf-8"))["loss"] == pytest.approx(refs, rel=1e-14, abs=0)
     assert main(["sharpness", "--model", "ckpt_nets:make", "--checkpoint", str(tmp / "w1.pt"), "--data",
                  str(tmp / "data.pt"), "--dtype", "float64", "--max-iter", "1", "--out", str(out)]) == 0
-    assert json.loads(out.read_text())["results"][0]["loss"] == pytest.approx(refs[0], rel=1e-14, abs=0)
+    assert json.loads(out.read_text(encoding="utf-8"))["results"][0]["loss"] == pytest.approx(refs[0], rel=1e-14, abs=0)
 
 
 def test_a_checkpoint_for_other_classes_than_the_labels_says_so(setup, capsys):

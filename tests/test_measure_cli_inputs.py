@@ -67,4 +67,4 @@ def test_batches_of_different_widths_run_where_the_model_takes_them(tmp):
     out = tmp / "r.json"
     assert main(["sharpness", "--model", "ragged_data:pool", "--data", "ragged_data:ragged", "--max-iter", "1",
                  "--out", str(out)]) == 0
-    assert json.loads(out.read_text())["results"][0]["loss"] > 0
+    assert json.loads(out.read_text(encoding="utf-8"))["results"][0]["loss"] > 0

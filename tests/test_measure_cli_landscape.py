@@ -67,7 +67,7 @@ def test_alphas_are_the_decimal_ones_asked_for(setup):
     rc, out = _landscape(tmp, "--model", "landscape_nets:make", "--alpha-min", "0", "--alpha-max", "1",
                          "--points", "11")
     assert rc == 0
-    curve = json.loads(out.read_text())
+    curve = json.loads(out.read_text(encoding="utf-8"))
     assert curve["alphas"] == np.linspace(0.0, 1.0, 11).tolist()  # 0.1, not float32's 0.10000000149
     for alpha, loss, acc in zip(curve["alphas"], curve["loss"], curve["accuracy"]):
         with torch.no_grad():
@@ -81,7 +81,7 @@ def test_uneven_batches_are_sample_weighted_and_bn_uses_each_batch(setup):
     # 60 samples in batches of 13: the last has 8.  Without BatchNorm, batching changes nothing.
     rc, out = _landscape(tmp, "--model", "landscape_nets:make", "--points", "4", "--batch-size", "13")
     assert rc == 0
-    curve = json.loads(out.read_text())
+    curve = json.loads(out.read_text(encoding="utf-8"))
     for alpha, loss in zip(curve["alphas"], curve["loss"]):
         with torch.no_grad():
             ref = float(nn.functional.cross_entropy(_point(models, alpha, False)(x), y))
@@ -91,7 +91,7 @@ def test_uneven_batches_are_sample_weighted_and_bn_uses_each_batch(setup):
     assert main(["landscape", "--model", "landscape_nets:make_bn", "--a", str(tmp / "bn1.pt"), "--b",
                  str(tmp / "bn2.pt"), "--data", str(tmp / "data.pt"), "--dtype", "float64", "--points", "3",
                  "--batch-size", "13", "--out", str(out)]) == 0
-    curve = json.loads(out.read_text())
+    curve = json.loads(out.read_text(encoding="utf-8"))
     for alpha, loss, acc in zip(curve["alphas"], curve["loss"], curve["accuracy"]):
         m = _point(models, alpha, True)
         total, correct = 0.0, 0
@@ -132,7 +132,7 @@ def test_regression_curve_has_null_accuracy_and_still_plots(setup):
                "--data", str(tmp / "reg.pt"), "--loss", "mse", "--dtype", "float64", "--points", "3",
                "--out", str(out), "--plot", str(png)])
     assert rc == 0
-    curve = json.loads(out.read_text())
+    curve = json.loads(out.read_text(encoding="utf-8"))
     assert curve["accuracy"] is None
     with torch.no_grad():
         ref = float(nn.functional.mse_loss(_point(models, 0.5, False)(x), targets))
@@ -189,5 +189,5 @@ def test_landscape_shows_its_points_on_stderr(setup, capsys, progress):
     rc, out = _landscape(tmp, "--model", "landscape_nets:make", "--points", "5",
                          *([] if progress else ["--no-progress"]))
     err = capsys.readouterr().err
-    assert rc == 0 and len(json.loads(out.read_text())["loss"]) == 5
+    assert rc == 0 and len(json.loads(out.read_text(encoding="utf-8"))["loss"]) == 5
     assert ("5/5" in err) == progress and ("point/s" in err) == progress, err

@@ -62,13 +62,13 @@ def test_plain_import_does_not_load_triton():
 
 
 def _kernel_names(source: Path) -> set[str]:
-    return set(re.findall(r'extern "C" __global__ void (?:__launch_bounds__\(\w+\)\s*)?(\w+)', source.read_text())
+    return set(re.findall(r'extern "C" __global__ void (?:__launch_bounds__\(\w+\)\s*)?(\w+)', source.read_text(encoding="utf-8"))
                ) | _macro_kernel_names(source)
 
 
 def _macro_kernel_names(source: Path) -> set[str]:
     # Entry points stamped out per dtype by SK_FOR_EACH_DTYPE: registered names are the contract.
-    return set(re.findall(r"SK_KERNEL\((\w+)\)", source.read_text()))
+    return set(re.findall(r"SK_KERNEL\((\w+)\)", source.read_text(encoding="utf-8")))
 
 
 def test_kernel_sources_are_found_and_register_their_kernels():

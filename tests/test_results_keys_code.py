@@ -134,7 +134,7 @@ def test_audit_remeasures_a_model_whose_forward_changed(tmp_path):
     assert edited["top-eig"] == pytest.approx(fresh["top-eig"], rel=1e-4)
     again = audit(load())  # the first version again: its stored row
     assert again["loss"] == first["loss"] and again["top-eig"] == first["top-eig"]
-    assert len(out.read_text().splitlines()) == 2
+    assert len(out.read_text(encoding="utf-8").splitlines()) == 2
 
 
 def test_a_torch_layers_activation_function_counts_and_torch_models_keep_their_keys():

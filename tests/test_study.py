@@ -96,7 +96,7 @@ def test_quick_pipeline_end_to_end(tmp_path, npz, api):
     out = tmp_path / "study"
     results = run_study(_tiny(npz), out, progress=False, threads=1)
     # results.json: every number, config, environment, seeds
-    data = json.loads((out / "results.json").read_text())
+    data = json.loads((out / "results.json").read_text(encoding="utf-8"))
     assert data["config"]["seeds"] == [0, 1, 2]
     assert data["environment"]["torch"] == torch.__version__ and data["environment"]["device"] == "cpu"
     assert data["resolved"]["sb"] == 8 and data["resolved"]["lb"] == 32
@@ -108,7 +108,7 @@ def test_quick_pipeline_end_to_end(tmp_path, npz, api):
     assert [r["k"] for r in f1["warm_start"]] == [0, 1, 2]
     # Each run's model.json tells the trainings of one batch and seed apart: LB, and the warm starts
     # from the SB run's epoch-k weights.
-    infos = [json.loads(p.read_text()) for p in sorted(out.glob("runs/f1-b32-s0-*/model.json"))]
+    infos = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(out.glob("runs/f1-b32-s0-*/model.json"))]
     starts = sorted((i["training"]["warm_start"] or {"epoch": 0})["epoch"] for i in infos)
     assert starts == [0, 1, 2] and all(i["training"]["batch"] == 32 and i["training"]["seed"] == 0 for i in infos)
     sb_run = [i for i in infos if i["training"]["warm_start"]][0]["training"]["warm_start"]["run"]
@@ -125,11 +125,11 @@ def test_quick_pipeline_end_to_end(tmp_path, npz, api):
     assert all(v["verdict"] for v in verdicts)
     assert results["summary"]["models"].keys() == {"f1", "c1"}
     # CSV tables parse and hold the rows
-    with open(out / "sharpness.csv") as fh:
+    with open(out / "sharpness.csv", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 48 * 2 and float(rows[0]["value"]) == pytest.approx(f1["sharpness"][0]["value"])
     for name in ("table2_accuracy_f1.csv", "table3_sharpness_full_c1.csv", "verdicts.csv", "sweep.csv", "runs.csv"):
-        with open(out / name) as fh:
+        with open(out / name, encoding="utf-8") as fh:
             assert len(list(csv.DictReader(fh))) > 0, name
     # PNG figures and a self-contained HTML report embedding them
     pngs = sorted(p.name for p in out.glob("fig_*.png"))
@@ -137,7 +137,7 @@ def test_quick_pipeline_end_to_end(tmp_path, npz, api):
     assert {"fig_slice_c1.png", "fig_interp_linear_f1.png", "fig_sweep_f1.png", "fig_warm_f1.png", "fig_tracking_f1.png",
             "fig_sharpness_c1.png"} <= set(pngs)
     assert all((out / p).read_bytes().startswith(PNG) for p in pngs)
-    page = (out / "report.html").read_text()
+    page = (out / "report.html").read_text(encoding="utf-8")
     embedded = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", page)
     assert len(embedded) == len(pngs)
     assert all(base64.b64decode(e).startswith(PNG) for e in embedded)
@@ -284,7 +284,7 @@ def test_cli_runs_a_user_setting(capsys, tmp_path, npz, api):
     assert code == 0
     printed = capsys.readouterr().out
     assert "report.html" in printed and "[f1]" in printed
-    data = json.loads((out / "results.json").read_text())
+    data = json.loads((out / "results.json").read_text(encoding="utf-8"))
     assert data["config"]["seeds"] == [0, 5] and data["config"]["solvers"] == ["pga"]
     assert {r["solver"] for r in data["models"]["f1"]["sharpness"]} == {"pga"}
 
@@ -536,7 +536,7 @@ def test_unsorted_seeds_noise_order_and_epoch_caps(tmp_path, npz, api):
     assert any(v["claim"].startswith("Fig. 6") for v in s["verdicts"])
     assert s["tracking"]["end"]["sb"] is not None and s["tracking"]["end"]["lb"] is not None
     assert [n["epoch"] for n in results["models"]["f1"]["noise_scale"]][-1] == "final"
-    assert "capped at 3 epochs at SB and 6 at LB" in (out / "report.html").read_text()
+    assert "capped at 3 epochs at SB and 6 at LB" in (out / "report.html").read_text(encoding="utf-8")
 
 
 # ---------------------------------------------------------------------- the study's checkpoints, measured elsewhere
@@ -551,13 +551,13 @@ def test_recorded_commands_measure_the_study_checkpoints(tmp_path, npz, api, cap
                  "--solvers", "apgd", "--sweep", "8,32", "--warm-epochs", "0", "--out", str(out), "--no-progress",
                  "--threads", "1"]) == 0
     printed = [line.strip() for line in capsys.readouterr().out.splitlines() if line.strip().startswith("sharpkit audit")]
-    results = json.loads((out / "results.json").read_text())
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
     models = results["models"]
     assert printed == [models["f1"]["audit_command"], models["c1"]["audit_command"]]
     assert models["f1"]["spec"] == "f1(width=128,depth=5)" and models["c1"]["spec"] == "c1(channels=32,hidden=256x128)"
     assert printed[0] == (f"sharpkit audit '{out.as_posix()}/runs/f1-b*/final.pt' --model 'f1(width=128,depth=5)' "
                           f"--data {out.as_posix()}/train.npz")
-    html_page = (out / "report.html").read_text()
+    html_page = (out / "report.html").read_text(encoding="utf-8")
     assert "Measuring these checkpoints" in html_page and "c1(channels=32,hidden=256x128)" in html_page
     # train.npz is the study's data: the training split it trained on (and its test split).
     saved, d = np.load(out / "train.npz"), np.load(npz)
@@ -570,7 +570,7 @@ def test_recorded_commands_measure_the_study_checkpoints(tmp_path, npz, api, cap
         argv = shlex.split(line)
         assert argv[0] == "sharpkit"
         assert main(argv[1:] + ["--out", str(tmp_path / "audit.jsonl"), "--no-progress"]) == 0
-    rows = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text(encoding="utf-8").splitlines()]
     assert len(rows) == 4 and all(r["status"] == "ok" for r in rows)
     for r in rows:
         ckpt = Path(r["checkpoint"]).relative_to(out).as_posix()
@@ -578,12 +578,12 @@ def test_recorded_commands_measure_the_study_checkpoints(tmp_path, npz, api, cap
 
     # Each run folder's model.json: the spec, the data (relative to the folder) and a sharpness command.
     run = models["c1"]["runs"][1]
-    info = json.loads((out / Path(run["checkpoint"]).parent / "model.json").read_text())
+    info = json.loads((out / Path(run["checkpoint"]).parent / "model.json").read_text(encoding="utf-8"))
     assert info["spec"] == models["c1"]["spec"] and info["model"] == "c1"
     assert (out / Path(run["checkpoint"]).parent / info["train_data"]).resolve() == (out / "train.npz").resolve()
     argv = shlex.split(info["command"])
     assert main(argv[1:] + ["--device", "cpu", "--max-iter", "2", "--out", str(tmp_path / "s.json")]) == 0
-    measured = json.loads((tmp_path / "s.json").read_text())
+    measured = json.loads((tmp_path / "s.json").read_text(encoding="utf-8"))
     assert measured["results"][0]["loss"] == pytest.approx(run["train_loss"], rel=1e-5)
 
     # The paper-sized plain spec does not fit them (the reviewer's failed attempt), reported in one line.

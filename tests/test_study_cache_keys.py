@@ -65,7 +65,7 @@ def test_measurements_of_another_sharpkit_are_redone_and_mixed_provenance_is_rep
     assert [(e["provenance"]["sharpkit"], e["provenance"]["device_name"], e["count"]) for e in prov["trainings"]] == [
         ("0.0.9", "another CPU", 2)]
     assert {e["provenance"]["sharpkit"] for e in prov["measurements"]} == {sharpkit.__version__}
-    page = (out / "report.html").read_text()
+    page = (out / "report.html").read_text(encoding="utf-8")
     assert "not all made in this run's environment" in page and "2 × sharpkit 0.0.9" in page
     again = run_study(_small(npz), out, progress=False, threads=1)  # the trainings are still the old ones
     assert again["provenance"]["mixed"] is True and again["stats"]["measurements_run"] == 0

@@ -71,7 +71,7 @@ def test_temporaries_of_a_killed_run_are_removed_by_the_next(tmp_path, npz, api)
         p.write_text("the user's")
     again = run_study(_small(npz), out, progress=False, threads=1)
     assert not any(p.exists() for p in left)
-    assert all(p.read_text() == "the user's" for p in mine)
+    assert all(p.read_text(encoding="utf-8") == "the user's" for p in mine)
     assert again["stats"]["temporaries_removed"] == 3
     assert again["stats"]["trainings_run"] == 0 and again["stats"]["measurements_run"] == 0  # nothing mistaken
     same = ("key", "checkpoint", "train_loss", "test_acc", "dist_from_init")

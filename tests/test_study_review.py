@@ -127,7 +127,7 @@ def test_tables_are_the_stored_runs_mean_and_std(tmp_path, npz, api):
     spec = "f1(width=16,depth=2)"
     cfg = _tiny(npz, models=(spec,), seeds=(0, 1, 2), eps=(1e-3, 5e-4), solvers=("pga",), sweep_models=(), curve_points=2)
     run_study(cfg, tmp_path / "s", progress=False, threads=1)
-    saved = json.loads((tmp_path / "s" / "results.json").read_text())
+    saved = json.loads((tmp_path / "s" / "results.json").read_text(encoding="utf-8"))
     m, tables = saved["models"][spec], saved["summary"]["models"][spec]["tables"]
 
     def cell(values):
@@ -150,7 +150,7 @@ def test_tables_are_the_stored_runs_mean_and_std(tmp_path, npz, api):
                     assert r["value"] == pytest.approx(100 * (r["max_loss"] - r["loss"]) / (1 + r["loss"]), rel=1e-12)
                 assert row[role] == cell([r["value"] for r in rows])
         assert tables[tname][0]["paper_lb"] == ("205.14 ± 69.52" if space == "full" else "9.22 ± 0.56")
-    page = (tmp_path / "s" / "report.html").read_text()
+    page = (tmp_path / "s" / "report.html").read_text(encoding="utf-8")
     assert f"{spec} ({m['num_params']} parameters)" in page and "parameters, {})" not in page
 
 

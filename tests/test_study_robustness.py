@@ -147,7 +147,7 @@ def test_rerun_with_other_settings_leaves_no_stale_tables_or_figures(tmp_path, n
     on_disk = {p.name for p in out.iterdir() if p.suffix in (".png", ".csv")}
     assert on_disk == listed | {"fig_mine.png"}
     assert "fig_sweep_c1.png" in on_disk and not any("f1" in name for name in on_disk)
-    saved = json.loads((out / "results.json").read_text())
+    saved = json.loads((out / "results.json").read_text(encoding="utf-8"))
     assert set(saved["tables"]) == set(results["tables"]) and "runs.csv" in saved["tables"]
 
 
@@ -163,7 +163,7 @@ def test_damaged_or_missing_warm_start_snapshot_is_redone(tmp_path, npz, api):
     (sb_dir / "epoch1.pt").write_bytes(b"garbage")
     (sb_dir / "epoch2.pt").unlink()
     for info in out.glob("runs/f1-b32-s0-*/model.json"):  # the warm starts are to be trained again
-        if json.loads(info.read_text())["training"]["warm_start"]:
+        if json.loads(info.read_text(encoding="utf-8"))["training"]["warm_start"]:
             (info.parent / "final.pt").unlink()
     for p in (out / "cache").glob("noise-*.json"):
         p.unlink()

@@ -18,6 +18,7 @@ import importlib
 import importlib.metadata
 import importlib.util
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -106,6 +107,9 @@ def cuda_module() -> tuple[Any, str]:
     return (mod, "ok") if status == "ok" else (None, status)
 
 
+MIN_TRITON = (3, 2)  # as the [triton] extra of pyproject.toml
+
+
 def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -113,10 +117,15 @@ def triton_interpreted() -> bool:
 @functools.lru_cache(maxsize=None)
 def _triton_import_reason() -> str:
     try:
-        import triton  # noqa: F401
+        import triton
         import triton.language  # noqa: F401
     except Exception as exc:
         return f"cannot import triton: {exc}"
+    # torch pins its own Triton (torch 2.5: 3.1), which may be older than the [triton] extra asks
+    version = tuple(int(part) for part in re.findall(r"\d+", triton.__version__)[:2])
+    if version < MIN_TRITON:
+        return (f"Triton {triton.__version__} is older than {'.'.join(map(str, MIN_TRITON))}, the oldest "
+                "sharpkit's kernels are written for (torch 2.6 and newer bring a recent enough Triton)")
     return "ok"
 
 
@@ -131,8 +140,8 @@ def _interpreter_reason() -> str:
         _triton.interpreter_probe()
     except Exception as exc:  # the interpreter's own failure, named with the versions that cause it
         return (f"Triton {triton.__version__}'s CPU interpreter cannot run sharpkit's kernels under NumPy "
-                f"{numpy.__version__} ({type(exc).__name__}: {exc}); Triton 3.8 runs them, "
-                "as does NumPy below 2.4")
+                f"{numpy.__version__} ({type(exc).__name__}: {exc}); Triton 3.8 runs them (Triton 3.6 "
+                "and older fail on loops over runtime bounds under NumPy 2.4 and newer)")
     return "ok"
 
 
@@ -317,7 +326,7 @@ def _cupy_module(source: str, device_index: int):
     import cupy
 
     folder = kernel_source_dir()
-    code = (folder / source).read_text()
+    code = (folder / source).read_text(encoding="utf-8")
     with cupy.cuda.Device(device_index):
         module = cupy.RawModule(code=code, options=("-I" + str(folder), "--std=c++17"))
         module.compile()

@@ -539,7 +539,7 @@ class Study:
         prefix = glob.escape(f"{key['model']}-b{key['batch']}-s{key['seed']}-")
         for info in sorted((self.out / "runs").glob(f"{prefix}*/model.json")):
             try:
-                stored = json.loads(info.read_text()).get("key")
+                stored = json.loads(info.read_text(encoding="utf-8")).get("key")
             except (OSError, UnicodeDecodeError, ValueError, AttributeError):
                 continue
             if not isinstance(stored, dict) or {k: v for k, v in stored.items() if k not in OBSERVATIONS} != core:

@@ -481,7 +481,7 @@ def _previous_outputs(out: Path) -> set[str]:
     """The tables and figures the results.json in ``out`` lists (an unreadable one: none), as plain
     file names.  Results from before the ``tables`` list name their per-model tables in their summary."""
     try:
-        prev = json.loads((out / "results.json").read_text())
+        prev = json.loads((out / "results.json").read_text(encoding="utf-8"))
         names = set(prev.get("figures") or []) | set(prev.get("tables") or [])
         if "tables" not in prev:
             for spec, s in prev.get("summary", {}).get("models", {}).items():

@@ -197,7 +197,7 @@ class StepCache:
         if not p.exists():
             return None
         try:
-            stored = json.loads(p.read_text())
+            stored = json.loads(p.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             return None  # a damaged entry is recomputed
         if not isinstance(stored, dict) or "value" not in stored or stored.get("key") != canonical(key):
