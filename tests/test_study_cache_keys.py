@@ -106,3 +106,20 @@ def test_curves_and_slices_of_another_grid_are_not_reused(tmp_path, npz, api):
     assert alphas == [-1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0] and steps == pytest.approx([-1, -2 / 3, -1 / 3, 0, 1 / 3, 2 / 3, 1])
     alphas, steps = curves(4)
     assert alphas == [-1.0, 0.0, 1.0, 2.0] and steps == pytest.approx([-1.0, -1 / 3, 0.0, 1 / 3, 1.0])
+
+
+def test_study_files_hold_only_globals_every_supported_torch_loads(tmp_path, npz, api):
+    """The study stored ``torch.__version__`` itself, a ``TorchVersion``: torch 2.5 refuses that global
+    under ``weights_only=True``, so the audit commands the study prints failed on every checkpoint
+    it had written ("Unsupported global: GLOBAL torch.torch_version.TorchVersion")."""
+    import zipfile
+
+    out = tmp_path / "study"
+    Study(_small(npz), out, progress=False).run()
+    files = sorted(out.rglob("*.pt"))
+    assert files
+    for path in files:
+        with zipfile.ZipFile(path) as z:
+            pickled = b"".join(z.read(name) for name in z.namelist() if name.endswith(".pkl"))
+        assert b"torch_version" not in pickled, path
+        torch.load(path, weights_only=True)

@@ -1028,7 +1028,7 @@ def environment(device: torch.device) -> dict:
     import scipy
 
     env = {
-        "sharpkit": __version__, "torch": torch.__version__, "numpy": np.__version__, "scipy": scipy.__version__,
+        "sharpkit": __version__, "torch": str(torch.__version__), "numpy": np.__version__, "scipy": scipy.__version__,
         "matplotlib": matplotlib.__version__, "python": platform.python_version(), "platform": platform.platform(),
         "device": str(device), "threads": torch.get_num_threads(), "training_threads": TRAINING_THREADS,
         "cpu_count": os.cpu_count(),
@@ -1046,7 +1046,7 @@ def _device_name(device: torch.device) -> str:
 def provenance(device: torch.device) -> dict:
     """What a stored training or measurement records about where it was made (versions, device
     and its model): the report lists them when a study's results come from more than one."""
-    return {"sharpkit": __version__, "torch": torch.__version__, "device": device.type,
+    return {"sharpkit": __version__, "torch": str(torch.__version__), "device": device.type,
             "device_name": _device_name(device)}
 
 
@@ -1054,7 +1054,7 @@ def training_environment(device: torch.device) -> dict:
     """The part of a training key that says how its floats are computed: the device type, torch's
     version and its float32 matmul precision (and TF32 for convolutions on CUDA), and the training
     code's version (TRAINING_CODE).  The parameters' dtype is added per model (train_key)."""
-    env = {"device": device.type, "torch": torch.__version__, "training_code": TRAINING_CODE,
+    env = {"device": device.type, "torch": str(torch.__version__), "training_code": TRAINING_CODE,
            "matmul_precision": torch.get_float32_matmul_precision()}
     if device.type == "cuda":
         env["tf32"] = {"matmul": bool(torch.backends.cuda.matmul.allow_tf32),
