@@ -196,9 +196,9 @@ def identity(obj: Any, tensors: bool = False) -> str:
     outside torch (:func:`~sharpkit.distributed.class_digest`: an edited ``forward`` is another
     model), its tensors' names and shapes, and with ``tensors`` their values (a loss's class
     weights; a model's come from each checkpoint instead).  A function: its qualified name, and a
-    digest of its code unless it is torch's.  Anything else: its repr and plain attributes, and a digest of its class's
-    code and its attributes (a ``functools.partial``'s function and arguments).
-    Code is digested as compiled, so another Python version gives other keys.
+    digest of its code unless it is torch's.  Anything else: its repr and plain attributes, and a
+    digest of its class's code and its attributes (a ``functools.partial``'s function and
+    arguments).  Code is digested as compiled, so another Python version gives other keys.
     """
     if isinstance(obj, nn.Module):
         h = hashlib.sha256(f"{type(obj).__module__}.{type(obj).__qualname__}\n{obj!r}".encode())

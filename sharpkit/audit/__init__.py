@@ -98,9 +98,10 @@ def audit(
         out: JSONL results file; rows already there (same checkpoint content, same
             configuration, data, model and loss) are reused, not recomputed.  The model and loss
             match by their layers, settings and the code of their classes and functions outside
-            torch (:func:`~sharpkit.inputs.identity`): an edited ``forward`` is measured anew.  A file that is not
-            an audit results file is refused (``ValueError``), never truncated.  The file is
-            locked while the audit runs: another audit of it is refused (``ValueError``) at once.
+            torch (:func:`~sharpkit.inputs.identity`): an edited ``forward`` is measured anew.
+            A file that is not an audit results file is refused (``ValueError``), never truncated.
+            The file is locked while the audit runs: another audit of it is refused
+            (``ValueError``) at once.
             ``None``: nothing is written.
         loss_fn: mean-reduced ``loss_fn(outputs, targets)`` or ``"cross_entropy"`` / ``"mse"``.
         epsilon, subspace_dim, rho, adaptive_scale, adaptive_norm, solver, max_iter, restarts, first_step,
