@@ -504,7 +504,8 @@ def _first_order(problem, scale, norm, max_iter, step_size, restarts, seed, call
     gen = None
     final_eta, starts = [], []
     # Points whose loss was inf/NaN (e.g. a float32 overflow): skipped as failed steps, and said so at the end.
-    nonfinite = torch.zeros(B, dtype=torch.long)  # per problem: an audit row says which checkpoint
+    # (per problem: an audit row says which checkpoint)
+    nonfinite = torch.zeros(B, dtype=torch.long, device=scale.device)
     checkpoints = set(apgd_checkpoints(max_iter))
     for start in _run_starts(restarts, norm, first_step):
         if start != "random":
@@ -514,7 +515,7 @@ def _first_order(problem, scale, norm, max_iter, step_size, restarts, seed, call
                 gen = torch.Generator(device=scale.device).manual_seed(int(seed))
             U = _random_unit(scale.shape, norm, gen, scale.dtype, scale.device)
             f, G = _evaluate(problem, scale * U)
-            nonfinite += _finite_or_zero(f, G).cpu()
+            nonfinite += _finite_or_zero(f, G)
             evals += 1
         # This run's best point and the gradient there (to restart from it without a new pass).
         run_best_f = torch.where(torch.isfinite(f), f, torch.full_like(f, -math.inf))
@@ -538,7 +539,7 @@ def _first_order(problem, scale, norm, max_iter, step_size, restarts, seed, call
                      momentum=APGD_MOMENTUM if use_momentum else None)
             f_new, G_new = _evaluate(problem, scale * U_next)
             overflow = _finite_or_zero(f_new, G_new)
-            nonfinite += overflow.cpu()
+            nonfinite += overflow
             evals += 1
             improved = (f_new > f) & ~overflow
             better = (f_new > run_best_f) & ~overflow
@@ -575,7 +576,7 @@ def _first_order(problem, scale, norm, max_iter, step_size, restarts, seed, call
         if estimates:
             # The steps' values only ranked this run's points; its best is valued exactly.
             run_best_f = _exact_loss(problem, scale * run_best_U)
-            nonfinite += (~torch.isfinite(run_best_f)).cpu()
+            nonfinite += ~torch.isfinite(run_best_f)
             evals += 1
         better = (run_best_f > best_loss) & torch.isfinite(run_best_f)
         if bool(better.any()):
@@ -587,6 +588,7 @@ def _first_order(problem, scale, norm, max_iter, step_size, restarts, seed, call
         starts.append(start)
         del U, U_prev, U_next, G, run_best_G
     info = {"final_step": final_eta, "norm": norm, "restarts": restarts, "starts": starts}
+    nonfinite = nonfinite.cpu()  # (counted where the losses are, moved once)
     if bool(nonfinite.any()):
         info["nonfinite_evals"] = int(nonfinite.sum())
         info["nonfinite_evals_per_problem"] = nonfinite.tolist()

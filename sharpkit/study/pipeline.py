@@ -67,6 +67,10 @@ TRAIN_SPLIT = "train.npz"
 # a release that changes only the measurements must not retrain hours of models (measurements are
 # keyed by sharpkit's version, see Study.cached).
 TRAINING_CODE = 1
+# torch.__version__ is a TorchVersion, a global that torch 2.5 refuses to load under weights_only=True:
+# the study stores a plain string.
+TORCH_VERSION = str(torch.__version__)
+
 # Training-key entries that say what was observed along a training, not what was trained: the same
 # training with more observation (tracked, or keeping more snapshots) serves a request for less.
 OBSERVATIONS = ("track", "snapshots")
@@ -1028,7 +1032,7 @@ def environment(device: torch.device) -> dict:
     import scipy
 
     env = {
-        "sharpkit": __version__, "torch": str(torch.__version__), "numpy": np.__version__, "scipy": scipy.__version__,
+        "sharpkit": __version__, "torch": TORCH_VERSION, "numpy": np.__version__, "scipy": scipy.__version__,
         "matplotlib": matplotlib.__version__, "python": platform.python_version(), "platform": platform.platform(),
         "device": str(device), "threads": torch.get_num_threads(), "training_threads": TRAINING_THREADS,
         "cpu_count": os.cpu_count(),
@@ -1046,7 +1050,7 @@ def _device_name(device: torch.device) -> str:
 def provenance(device: torch.device) -> dict:
     """What a stored training or measurement records about where it was made (versions, device
     and its model): the report lists them when a study's results come from more than one."""
-    return {"sharpkit": __version__, "torch": str(torch.__version__), "device": device.type,
+    return {"sharpkit": __version__, "torch": TORCH_VERSION, "device": device.type,
             "device_name": _device_name(device)}
 
 
@@ -1054,7 +1058,7 @@ def training_environment(device: torch.device) -> dict:
     """The part of a training key that says how its floats are computed: the device type, torch's
     version and its float32 matmul precision (and TF32 for convolutions on CUDA), and the training
     code's version (TRAINING_CODE).  The parameters' dtype is added per model (train_key)."""
-    env = {"device": device.type, "torch": str(torch.__version__), "training_code": TRAINING_CODE,
+    env = {"device": device.type, "torch": TORCH_VERSION, "training_code": TRAINING_CODE,
            "matmul_precision": torch.get_float32_matmul_precision()}
     if device.type == "cuda":
         env["tf32"] = {"matmul": bool(torch.backends.cuda.matmul.allow_tf32),
